@@ -1,0 +1,32 @@
+# `make test` and `make bench` each do the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A CPU build of torch is on disk on the project machines; users get their own build
+# through the package's own range (torch>=2.4).
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: test bench bench-quick install clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -c "import fastattn; print(fastattn.backends())"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(VENV)/bin/fastattn-bench --out bench/results
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/fastattn-bench --quick --out bench/results
+
+clean:
+	rm -rf build $(VENV) src/fastattn/*.so src/*.egg-info

@@ -1,0 +1,160 @@
+"""Pure-PyTorch definition of every fastattn op: the spec in code.
+
+Every backend is tested against these functions, and they are the last-resort backend
+(``FASTATTN_BACKEND=torch``). They favour clarity over speed, but never copy a shared
+history B times (they index it through ``hist_index``).
+
+Inputs here are assumed valid (the op layer in :mod:`fastattn.ops` checks them);
+``lengths`` and ``hist_index`` may be ``None`` with the meaning of DESIGN.md §3.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "words_for_bits", "sentinel_distance", "default_hist_index", "default_lengths",
+    "make_planes", "simhash_sign", "popcount64", "hamming_distance", "hamming_topk",
+    "topk_gather", "topk_gather_backward",
+]
+
+
+def words_for_bits(nbits: int) -> int:
+    """W = ceil(NB / 64): int64 words per signature."""
+    return (nbits + 63) // 64
+
+
+def sentinel_distance(words: int) -> int:
+    """Distance reported for empty top-k slots: 64·W + 1, larger than any real distance."""
+    return 64 * words + 1
+
+
+def default_hist_index(batch: int, histories: int, device) -> Tensor:
+    """hist_index when None: row b reads history b (U == B) or the shared history 0 (U == 1)."""
+    if histories == batch:
+        return torch.arange(batch, dtype=torch.int64, device=device)
+    if histories == 1:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    raise ValueError(f"hist_index is None, so the number of histories U={histories} must equal "
+                     f"the number of queries B={batch} or be 1")
+
+
+def default_lengths(histories: int, length: int, device) -> Tensor:
+    return torch.full((histories,), length, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- SimHash
+
+def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = None,
+                dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`."""
+    return torch.randn(dim, nbits, generator=generator, dtype=dtype, device=device)
+
+
+# Bit weights 2**j for j in [0, 64) as int64 (bit 63 is the sign bit: -2**63).
+def _bit_weights(device) -> Tensor:
+    w = torch.ones(64, dtype=torch.int64, device=device) << torch.arange(64, device=device)
+    return w
+
+
+def simhash_sign(x: Tensor, planes: Tensor) -> Tensor:
+    """x (..., D) float, planes (D, NB) float -> (..., W) int64.
+
+    Bit j (word j // 64, bit j % 64, LSB first) is 1 iff (x @ planes)[..., j] > 0, computed
+    with fp32 accumulation (fp64 for fp64 inputs). Bits at positions >= NB are 0. NaN
+    projections compare false, so a NaN input gives 0 bits.
+    """
+    acc = torch.float64 if (x.dtype == torch.float64 or planes.dtype == torch.float64) \
+        else torch.float32
+    nbits = planes.shape[1]
+    words = words_for_bits(nbits)
+    proj = x.to(acc) @ planes.to(acc)                          # (..., NB)
+    bits = (proj > 0).to(torch.int64)
+    pad = words * 64 - nbits
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    bits = bits.reshape(*bits.shape[:-1], words, 64)
+    # Sum of distinct powers of two == bitwise OR; int64 wraps for bit 63 as intended.
+    return (bits * _bit_weights(x.device)).sum(-1)
+
+
+# --------------------------------------------------------------------------- Hamming
+
+_POPCOUNT8 = None
+
+
+def popcount64(x: Tensor) -> Tensor:
+    """Popcount of each int64 element, as int32 (torch has no popcount op)."""
+    global _POPCOUNT8
+    if _POPCOUNT8 is None or _POPCOUNT8.device != x.device:
+        table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+        _POPCOUNT8 = table.to(x.device)
+    b = x.contiguous().view(torch.uint8).to(torch.int64)
+    return _POPCOUNT8[b].reshape(*x.shape, 8).sum(-1, dtype=torch.int32)
+
+
+def hamming_distance(q_sig: Tensor, k_sig: Tensor) -> Tensor:
+    """q_sig (..., W), k_sig (..., L, W) -> (..., L) int32, broadcasting the leading dims."""
+    x = torch.bitwise_xor(q_sig.unsqueeze(-2), k_sig)          # (..., L, W)
+    return popcount64(x).sum(-1, dtype=torch.int32)
+
+
+def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor] = None,
+                 hist_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """q_sig (B, W), k_sig (U, L, W) -> (dist (B, k) int32, idx (B, k) int64).
+
+    The k valid positions of each query's history with the smallest Hamming distance,
+    ordered by (distance, position) ascending. Missing slots: idx = -1, dist = 64·W + 1.
+    """
+    B, W = q_sig.shape
+    U, L, _ = k_sig.shape
+    dev = q_sig.device
+    hist = default_hist_index(B, U, dev) if hist_index is None else hist_index
+    lens = default_lengths(U, L, dev) if lengths is None else lengths
+    sentinel = sentinel_distance(W)
+    dist = torch.full((B, k), sentinel, dtype=torch.int32, device=dev)
+    idx = torch.full((B, k), -1, dtype=torch.int64, device=dev)
+    if B == 0 or L == 0:
+        return dist, idx
+    # Row by row over histories avoids materialising (B, L, W); (B, L) is fine in the oracle.
+    d = torch.empty(B, L, dtype=torch.int64, device=dev)
+    for u in torch.unique(hist).tolist():
+        rows = (hist == u).nonzero().squeeze(1)
+        d[rows] = hamming_distance(q_sig[rows], k_sig[u].unsqueeze(0)).to(torch.int64)
+    pos = torch.arange(L, device=dev)
+    valid = pos.unsqueeze(0) < lens[hist].unsqueeze(1)         # (B, L)
+    # Unique sort key (distance, position); invalid positions go past every valid one.
+    key = torch.where(valid, d * L + pos, torch.full_like(d, (sentinel + 1) * L))
+    kk = min(k, L)
+    top_key, top_pos = torch.topk(key, kk, dim=1, largest=False, sorted=True)
+    ok = top_key < (sentinel + 1) * L
+    dist[:, :kk] = torch.where(ok, top_key // L, torch.full_like(top_key, sentinel)).to(torch.int32)
+    idx[:, :kk] = torch.where(ok, top_pos, torch.full_like(top_pos, -1))
+    return dist, idx
+
+
+# --------------------------------------------------------------------------- gather
+
+def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None) -> Tensor:
+    """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row."""
+    B = idx.shape[0]
+    U = values.shape[0]
+    hist = default_hist_index(B, U, values.device) if hist_index is None else hist_index
+    ok = idx >= 0
+    rows = values[hist.unsqueeze(1), idx.clamp(min=0)]         # (B, k, Dv)
+    return rows * ok.unsqueeze(-1).to(values.dtype)
+
+
+def topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor],
+                         U: int, L: int) -> Tensor:
+    """grad (B, k, Dv) -> grad of values (U, L, Dv): scatter-add of the rows with idx >= 0."""
+    B, K, Dv = grad.shape
+    hist = default_hist_index(B, U, grad.device) if hist_index is None else hist_index
+    out = torch.zeros(U * L, Dv, dtype=grad.dtype, device=grad.device)
+    ok = (idx >= 0).reshape(-1)
+    flat = (hist.unsqueeze(1) * L + idx.clamp(min=0)).reshape(-1)
+    out.index_add_(0, flat[ok], grad.reshape(B * K, Dv)[ok])
+    return out.reshape(U, L, Dv)
