@@ -1,0 +1,12 @@
+"""fastattn: fused kernels for long user-behaviour sequence models (ETA, MIMN).
+
+Ops run on the best backend available for their tensors (see :func:`backends`).
+"""
+from . import reference
+from .backends import BackendUnavailableError, backends
+from .ops import hamming_distance, hamming_topk, make_planes, simhash_sign, topk_gather
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "BackendUnavailableError", "reference", "simhash_sign", "make_planes",
+           "hamming_distance", "hamming_topk", "topk_gather", "__version__"]

@@ -9,7 +9,6 @@ Inputs here are assumed valid (the op layer in :mod:`fastattn.ops` checks them);
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -92,6 +91,8 @@ def popcount64(x: Tensor) -> Tensor:
     if _POPCOUNT8 is None or _POPCOUNT8.device != x.device:
         table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
         _POPCOUNT8 = table.to(x.device)
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.int32, device=x.device)
     b = x.contiguous().view(torch.uint8).to(torch.int64)
     return _POPCOUNT8[b].reshape(*x.shape, 8).sum(-1, dtype=torch.int32)
 
@@ -141,11 +142,12 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor]
 def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None) -> Tensor:
     """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row."""
     B = idx.shape[0]
-    U = values.shape[0]
+    U, L, Dv = values.shape
     hist = default_hist_index(B, U, values.device) if hist_index is None else hist_index
-    ok = idx >= 0
-    rows = values[hist.unsqueeze(1), idx.clamp(min=0)]         # (B, k, Dv)
-    return rows * ok.unsqueeze(-1).to(values.dtype)
+    # Row U·L of the flattened table is an appended zero row: the target of idx = -1.
+    table = torch.cat([values.reshape(U * L, Dv), values.new_zeros(1, Dv)])
+    flat = torch.where(idx >= 0, hist.unsqueeze(1) * L + idx, U * L)
+    return table[flat]
 
 
 def topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor],

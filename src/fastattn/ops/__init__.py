@@ -1,0 +1,10 @@
+"""The fastattn ops: torch.library custom ops (``torch.ops.fastattn.*``) with checked wrappers.
+
+One module per op family; each holds the custom op, its fake (meta) implementation, its
+autograd formula, its input checks and its backend dispatch.
+"""
+from .gather import topk_gather
+from .hamming import hamming_distance, hamming_topk
+from .simhash import make_planes, simhash_sign
+
+__all__ = ["simhash_sign", "make_planes", "hamming_distance", "hamming_topk", "topk_gather"]

@@ -1,0 +1,143 @@
+"""Hamming distance between packed signatures, and the fused Hamming top-k retrieval."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..backends import cpu_threads
+from ._common import (backend_for, check_hist_index, check_k, check_lengths, check_same_device,
+                      check_signature, kernels, layout, np, set_numba_threads)
+
+__all__ = ["hamming_distance", "hamming_topk"]
+
+
+def _broadcast_rows(shape, lead) -> Tensor:
+    """Row of the contiguous (prod(shape), ...) view that each row of the broadcast uses."""
+    n = math.prod(shape)
+    return torch.arange(n, dtype=torch.int64).reshape(shape).expand(lead).reshape(-1)
+
+
+@torch.library.custom_op("fastattn::hamming_distance", mutates_args=())
+def _hamming_distance(q_sig: Tensor, k_sig: Tensor, backend: str) -> Tensor:
+    if backend == "torch":
+        return ref.hamming_distance(q_sig, k_sig)
+    W = q_sig.shape[-1]
+    L = k_sig.shape[-2]
+    lead = torch.broadcast_shapes(q_sig.shape[:-1], k_sig.shape[:-2])
+    # Broadcasting goes through row maps, so an expanded side is never copied.
+    qi = _broadcast_rows(q_sig.shape[:-1], lead).to(q_sig.device)
+    ki = _broadcast_rows(k_sig.shape[:-2], lead).to(q_sig.device)
+    q = q_sig.contiguous().reshape(-1, W)
+    k = k_sig.contiguous().reshape(-1, L, W)
+    if backend == "triton":
+        out = kernels("triton").hamming_distance(q, k, qi, ki)
+    else:
+        out = torch.empty(qi.shape[0], L, dtype=torch.int32)
+        if out.numel():
+            if backend == "cpp":
+                kernels("cpp").hamming_distance(np(q), np(k), np(qi), np(ki), np(out),
+                                                cpu_threads())
+            else:
+                set_numba_threads()
+                kernels("numba").hamming_distance(np(q), np(k), np(qi), np(ki), np(out))
+    return out.reshape(*lead, L)
+
+
+@_hamming_distance.register_fake
+def _(q_sig, k_sig, backend):
+    lead = torch.broadcast_shapes(q_sig.shape[:-1], k_sig.shape[:-2])
+    return q_sig.new_empty(*lead, k_sig.shape[-2], dtype=torch.int32)
+
+
+def hamming_distance(q_sig: Tensor, k_sig: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """popcount(q XOR k) summed over words.
+
+    Args:
+        q_sig: (..., W) int64 signatures.
+        k_sig: (..., L, W) int64 signatures; leading dims broadcast against ``q_sig``'s.
+
+    Returns:
+        (..., L) int32 distances.
+    """
+    check_signature("q_sig", q_sig, shape="shape (..., W)")
+    check_signature("k_sig", k_sig, shape="shape (..., L, W)")
+    if q_sig.dim() < 1 or k_sig.dim() < 2:
+        raise ValueError(f"q_sig must be (..., W) and k_sig (..., L, W), got shapes "
+                         f"{tuple(q_sig.shape)} and {tuple(k_sig.shape)}")
+    if q_sig.shape[-1] != k_sig.shape[-1]:
+        raise ValueError(f"q_sig and k_sig must have the same number of words W, got "
+                         f"{q_sig.shape[-1]} and {k_sig.shape[-1]}")
+    try:
+        torch.broadcast_shapes(q_sig.shape[:-1], k_sig.shape[:-2])
+    except RuntimeError as exc:
+        raise ValueError(f"leading dims of q_sig {tuple(q_sig.shape[:-1])} and k_sig "
+                         f"{tuple(k_sig.shape[:-2])} do not broadcast") from exc
+    dev = check_same_device(q_sig=q_sig, k_sig=k_sig)
+    return torch.ops.fastattn.hamming_distance(q_sig, k_sig, backend_for(dev, backend))
+
+
+@torch.library.custom_op("fastattn::hamming_topk", mutates_args=())
+def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
+                  hist_index: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    B, W = q_sig.shape
+    U, L, _ = k_sig.shape
+    lens, hist = layout(B, U, L, lengths, hist_index, q_sig.device)
+    if backend == "torch":
+        return ref.hamming_topk(q_sig, k_sig, k, lens, hist)
+    q, ks = q_sig.contiguous(), k_sig.contiguous()
+    if backend == "triton":
+        return kernels("triton").hamming_topk(q, ks, lens, hist, k)
+    dist = torch.empty(B, k, dtype=torch.int32)
+    idx = torch.empty(B, k, dtype=torch.int64)
+    if B:
+        if backend == "cpp":
+            kernels("cpp").hamming_topk(np(q), np(ks), np(lens), np(hist), k, np(dist), np(idx),
+                                        cpu_threads())
+        else:
+            set_numba_threads()
+            kernels("numba").hamming_topk(np(q), np(ks), np(lens), np(hist), k, np(dist),
+                                          np(idx))
+    return dist, idx
+
+
+@_hamming_topk.register_fake
+def _(q_sig, k_sig, k, lengths, hist_index, backend):
+    B = q_sig.shape[0]
+    return (q_sig.new_empty(B, k, dtype=torch.int32), q_sig.new_empty(B, k, dtype=torch.int64))
+
+
+def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, *, lengths: Optional[Tensor] = None,
+                 hist_index: Optional[Tensor] = None,
+                 backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """The k nearest valid behaviours of each query by Hamming distance (fused).
+
+    Args:
+        q_sig: (B, W) int64 query signatures.
+        k_sig: (U, L, W) int64 behaviour signatures, right-padded histories.
+        k: number of neighbours (>= 1; may exceed the history length).
+        lengths: (U,) int valid length of each history in [0, L] (default L).
+        hist_index: (B,) int history row of each query (default: row b when U == B, the
+            shared row 0 when U == 1). A shared history is read in place, never copied.
+
+    Returns:
+        ``(dist (B, k) int32, idx (B, k) int64)`` ordered by (distance, position) ascending,
+        ties to the smaller position. Slots past the number of valid positions hold
+        idx = -1 and dist = 64·W + 1. No (B, L) distance matrix is built (except by the
+        ``torch`` reference backend).
+    """
+    check_signature("q_sig", q_sig, ndim=2, shape="shape (B, W)")
+    check_signature("k_sig", k_sig, ndim=3, shape="shape (U, L, W)")
+    if q_sig.shape[1] != k_sig.shape[2]:
+        raise ValueError(f"q_sig (B, W) and k_sig (U, L, W) must have the same number of words "
+                         f"W, got {q_sig.shape[1]} and {k_sig.shape[2]}")
+    check_k(k)
+    B, U, L = q_sig.shape[0], k_sig.shape[0], k_sig.shape[1]
+    check_lengths(lengths, U)
+    check_hist_index(hist_index, B, U)
+    dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index)
+    return torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index,
+                                           backend_for(dev, backend))

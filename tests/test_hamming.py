@@ -1,0 +1,154 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastattn
+from fastattn import reference as ref
+
+from helpers import random_sigs
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("L", [0, 1, 129])
+def test_distance_matches_reference(backend, W, L):
+    q = random_sigs(6, W)
+    k = random_sigs(6, L, W)
+    got = fastattn.hamming_distance(q, k, backend=backend)
+    assert got.dtype == torch.int32 and got.shape == (6, L)
+    assert torch.equal(got, ref.hamming_distance(q, k))
+
+
+def test_distance_broadcasts_without_copy(backend):
+    q = random_sigs(3, 1, 2)
+    k = random_sigs(4, 7, 2)                       # leading (4,) vs (3, 1) -> (3, 4)
+    got = fastattn.hamming_distance(q, k, backend=backend)
+    assert got.shape == (3, 4, 7)
+    assert torch.equal(got, ref.hamming_distance(q, k))
+    shared = random_sigs(1, 7, 2).expand(5, 7, 2)  # expanded (stride 0) input
+    q5 = random_sigs(5, 2)
+    assert torch.equal(fastattn.hamming_distance(q5, shared, backend=backend),
+                       ref.hamming_distance(q5, shared))
+
+
+def test_distance_known_values():
+    q = torch.tensor([[0, 0]])
+    k = torch.tensor([[[0, 0], [-1, 0], [1, 3], [-1, -1]]])
+    assert fastattn.hamming_distance(q, k, backend="torch").tolist() == [[0, 64, 3, 128]]
+
+
+def _check_topk(backend, q, k, topk, lengths=None, hist_index=None):
+    got = fastattn.hamming_topk(q, k, topk, lengths=lengths, hist_index=hist_index,
+                                backend=backend)
+    want = ref.hamming_topk(q, k, topk, lengths, hist_index)
+    assert got[0].dtype == torch.int32 and got[1].dtype == torch.int64
+    assert torch.equal(got[1], want[1]), (got[1], want[1])
+    assert torch.equal(got[0], want[0])
+    return got
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("L", [0, 1, 129])
+@pytest.mark.parametrize("topk", [1, 7, 200])
+def test_topk_training_layout(backend, W, L, topk):
+    B = 5
+    q, k = random_sigs(B, W), random_sigs(B, L, W)
+    lengths = torch.tensor([L, 0, L // 2, max(L - 1, 0), min(3, L)])
+    _check_topk(backend, q, k, topk, lengths=lengths)
+    _check_topk(backend, q, k, topk)
+
+
+@pytest.mark.parametrize("nbits", [1, 8])
+def test_topk_heavy_ties(backend, nbits):
+    """8-bit signatures: thousands of equal distances, ties must go to the smaller position."""
+    q, k = random_sigs(9, 1, nbits=nbits), random_sigs(1, 300, 1, nbits=nbits)
+    dist, idx = _check_topk(backend, q, k, 50)
+    assert (idx >= 0).all()
+
+
+def test_topk_shared_history_and_hist_index(backend):
+    q = random_sigs(7, 3, nbits=150)
+    k = random_sigs(1, 257, 3, nbits=150)
+    _check_topk(backend, q, k, 16)                           # U == 1: shared, not copied
+    _check_topk(backend, q, k, 16, lengths=torch.tensor([100]))
+    k3 = random_sigs(3, 257, 3, nbits=150)
+    hist = torch.tensor([2, 0, 0, 1, 2, 2, 1])
+    _check_topk(backend, q, k3, 300, lengths=torch.tensor([257, 0, 5], dtype=torch.int32),
+                hist_index=hist)
+
+
+def test_topk_all_padding(backend):
+    q, k = random_sigs(4, 2), random_sigs(4, 10, 2)
+    dist, idx = _check_topk(backend, q, k, 3, lengths=torch.zeros(4, dtype=torch.int64))
+    assert (idx == -1).all() and (dist == 64 * 2 + 1).all()
+
+
+def test_topk_noncontiguous(backend):
+    q = random_sigs(6, 4)[::2]
+    k = random_sigs(3, 40, 4).transpose(0, 1).contiguous().transpose(0, 1)
+    _check_topk(backend, q, k, 5)
+
+
+def test_topk_empty_batch(backend):
+    dist, idx = fastattn.hamming_topk(random_sigs(0, 2), random_sigs(1, 10, 2), 4,
+                                      backend=backend)
+    assert dist.shape == (0, 4) and idx.shape == (0, 4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 6), U=st.integers(1, 3), L=st.integers(0, 70), W=st.integers(1, 3),
+       nbits=st.integers(1, 12), topk=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_topk_property(B, U, L, W, nbits, topk, seed):
+    """Against the oracle and against first principles (sorted, valid, complete)."""
+    g = torch.Generator().manual_seed(seed)
+    q = random_sigs(B, W, nbits=nbits, generator=g)
+    k = random_sigs(U, L, W, nbits=nbits, generator=g)
+    lengths = torch.randint(0, L + 1, (U,), generator=g)
+    hist = torch.randint(0, U, (B,), generator=g)
+    for name in ("torch",) + tuple(b for b in ("cpp", "numba")
+                                   if fastattn.backends()["available"][b]):
+        dist, idx = _check_topk(name, q, k, topk, lengths=lengths, hist_index=hist)
+    full = ref.hamming_distance(q, k[hist])
+    for b in range(B):
+        n = min(topk, int(lengths[hist[b]]))
+        assert (idx[b, n:] == -1).all() and (idx[b, :n] >= 0).all()
+        sel = idx[b, :n]
+        assert torch.equal(dist[b, :n], full[b, sel])
+        keys = dist[b, :n].long() * (L + 1) + sel
+        assert (keys[1:] > keys[:-1]).all()                  # strictly (dist, pos) ascending
+        if n:                                                # nothing better was left out
+            rest = torch.ones(L, dtype=torch.bool)
+            rest[sel] = False
+            rest[int(lengths[hist[b]]):] = False
+            if rest.any():
+                assert full[b, rest].min() >= dist[b, n - 1]
+
+
+def test_bad_input():
+    q, k = random_sigs(3, 2), random_sigs(3, 10, 2)
+    with pytest.raises(TypeError, match="q_sig"):
+        fastattn.hamming_topk(q.float(), k, 2)
+    with pytest.raises(TypeError, match="k_sig"):
+        fastattn.hamming_distance(q, k.to(torch.int32))
+    with pytest.raises(ValueError, match="number of words"):
+        fastattn.hamming_topk(q, random_sigs(3, 10, 3), 2)
+    with pytest.raises(ValueError, match="number of words"):
+        fastattn.hamming_distance(q, random_sigs(3, 10, 3))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        fastattn.hamming_topk(q, k, 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        fastattn.hamming_topk(q, k, 2.0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, L=10\]"):
+        fastattn.hamming_topk(q, k, 2, lengths=torch.tensor([1, 11, 2]))
+    with pytest.raises(ValueError, match=r"lengths must lie"):
+        fastattn.hamming_topk(q, k, 2, lengths=torch.tensor([1, -1, 2]))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        fastattn.hamming_topk(q, k, 2, lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"hist_index must lie in \[0, U=3\)"):
+        fastattn.hamming_topk(q, k, 2, hist_index=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="U=2 must equal"):
+        fastattn.hamming_topk(q, random_sigs(2, 10, 2), 2)
+    with pytest.raises(ValueError, match="device"):
+        fastattn.hamming_topk(q, k.to("meta"), 2)
+    with pytest.raises(ValueError, match="broadcast"):
+        fastattn.hamming_distance(random_sigs(3, 2), random_sigs(4, 10, 2))
