@@ -82,25 +82,29 @@ def simhash_sign(x: Tensor, planes: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- Hamming
 
-_POPCOUNT8 = None
+_M1, _M2, _M4, _H01 = (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F,
+                       0x0101010101010101)
 
 
 def popcount64(x: Tensor) -> Tensor:
-    """Popcount of each int64 element, as int32 (torch has no popcount op)."""
-    global _POPCOUNT8
-    if _POPCOUNT8 is None or _POPCOUNT8.device != x.device:
-        table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
-        _POPCOUNT8 = table.to(x.device)
-    if x.numel() == 0:
-        return torch.zeros(x.shape, dtype=torch.int32, device=x.device)
-    b = x.contiguous().view(torch.uint8).to(torch.int64)
-    return _POPCOUNT8[b].reshape(*x.shape, 8).sum(-1, dtype=torch.int32)
+    """Popcount of each int64 element, as int32 (torch has no popcount op).
+
+    SWAR bit count: the masks have bit 63 clear, so arithmetic right shifts are harmless,
+    and the final byte sum (<= 64) cannot reach the sign bit.
+    """
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    return ((x * _H01) >> 56).to(torch.int32)
 
 
 def hamming_distance(q_sig: Tensor, k_sig: Tensor) -> Tensor:
     """q_sig (..., W), k_sig (..., L, W) -> (..., L) int32, broadcasting the leading dims."""
     x = torch.bitwise_xor(q_sig.unsqueeze(-2), k_sig)          # (..., L, W)
     return popcount64(x).sum(-1, dtype=torch.int32)
+
+
+_CHUNK = 64  # queries per distance chunk in the oracle: bounds its (chunk, L, W) temporaries
 
 
 def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor] = None,
@@ -120,11 +124,13 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor]
     idx = torch.full((B, k), -1, dtype=torch.int64, device=dev)
     if B == 0 or L == 0:
         return dist, idx
-    # Row by row over histories avoids materialising (B, L, W); (B, L) is fine in the oracle.
+    # Distances per history in query chunks: never (B, L, W), and (B, L) only in the oracle.
     d = torch.empty(B, L, dtype=torch.int64, device=dev)
     for u in torch.unique(hist).tolist():
         rows = (hist == u).nonzero().squeeze(1)
-        d[rows] = hamming_distance(q_sig[rows], k_sig[u].unsqueeze(0)).to(torch.int64)
+        for c in range(0, rows.numel(), _CHUNK):
+            r = rows[c:c + _CHUNK]
+            d[r] = hamming_distance(q_sig[r], k_sig[u].unsqueeze(0)).to(torch.int64)
     pos = torch.arange(L, device=dev)
     valid = pos.unsqueeze(0) < lens[hist].unsqueeze(1)         # (B, L)
     # Unique sort key (distance, position); invalid positions go past every valid one.

@@ -18,7 +18,8 @@ __all__ = ["hamming_distance", "hamming_topk"]
 def _broadcast_rows(shape, lead) -> Tensor:
     """Row of the contiguous (prod(shape), ...) view that each row of the broadcast uses."""
     n = math.prod(shape)
-    return torch.arange(n, dtype=torch.int64).reshape(shape).expand(lead).reshape(-1)
+    rows = torch.arange(n, dtype=torch.int64).reshape(shape).expand(lead)
+    return rows.reshape(-1).contiguous()  # reshape may keep stride 0; kernels index densely
 
 
 @torch.library.custom_op("fastattn::hamming_distance", mutates_args=())
@@ -31,8 +32,8 @@ def _hamming_distance(q_sig: Tensor, k_sig: Tensor, backend: str) -> Tensor:
     # Broadcasting goes through row maps, so an expanded side is never copied.
     qi = _broadcast_rows(q_sig.shape[:-1], lead).to(q_sig.device)
     ki = _broadcast_rows(k_sig.shape[:-2], lead).to(q_sig.device)
-    q = q_sig.contiguous().reshape(-1, W)
-    k = k_sig.contiguous().reshape(-1, L, W)
+    q = q_sig.contiguous().reshape(math.prod(q_sig.shape[:-1]), W)
+    k = k_sig.contiguous().reshape(math.prod(k_sig.shape[:-2]), L, W)
     if backend == "triton":
         out = kernels("triton").hamming_distance(q, k, qi, ki)
     else:
