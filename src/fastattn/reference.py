@@ -166,3 +166,113 @@ def topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor]
     flat = (hist.unsqueeze(1) * L + idx.clamp(min=0)).reshape(-1)
     out.index_add_(0, flat[ok], grad.reshape(B * K, Dv)[ok])
     return out.reshape(U, L, Dv)
+
+
+# --------------------------------------------------------------------------- attention
+
+def default_scale(head_dim: int) -> float:
+    return head_dim ** -0.5
+
+
+def _masked_softmax(s: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+    """Softmax over the last dim restricted to ``valid``; rows with no valid entry give
+    zeros (and logsumexp -inf) instead of NaN, in value and in gradient."""
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], float("-inf"))
+    s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m).masked_fill(~valid, 0.0)
+    z = e.sum(-1, keepdim=True)
+    p = e / torch.where(z > 0, z, torch.ones_like(z))
+    return p, (m + torch.log(z)).squeeze(-1)
+
+
+def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
+                   hist_index: Optional[Tensor] = None,
+                   scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Exact softmax attention of each query over its selected behaviours.
+
+    q (B, H, Dh), keys (U, L, H, Dh), values (U, L, H, Dv), idx (B, K) with -1 for empty
+    slots -> (out (B, H, Dv), lse (B, H)): out = Σ_j softmax_j(scale·q·k_j)·v_j over the
+    slots with idx >= 0; a query with none gets zeros and lse = -inf.
+    """
+    B, H, Dh = q.shape
+    U, L = keys.shape[:2]
+    Dv = values.shape[-1]
+    scale = default_scale(Dh) if scale is None else scale
+    K = idx.shape[1]
+    kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh)
+    vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv)
+    s = torch.einsum("bhd,bkhd->bhk", q, kg) * scale
+    p, lse = _masked_softmax(s, (idx >= 0).unsqueeze(1))
+    return torch.einsum("bhk,bkhd->bhd", p, vg), lse
+
+
+def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig: Tensor, k: int,
+                  lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
+                  scale: Optional[float] = None) -> Tensor:
+    """ETA: Hamming top-k retrieval, then exact attention over the k retrieved behaviours.
+
+    q (B, D) | (B, H, Dh); keys (U, L, D) | (U, L, H, Dh); values (U, L, Dv) | (U, L, H, Dv);
+    q_sig (B, W), k_sig (U, L, W) -> (B, Dv) | (B, H, Dv).
+    """
+    _, idx = hamming_topk(q_sig, k_sig, k, lengths, hist_index)
+    single = q.dim() == 2
+    if single:
+        q, keys, values = q.unsqueeze(1), keys.unsqueeze(2), values.unsqueeze(2)
+    out, _ = topk_attention(q, keys, values, idx, hist_index, scale)
+    return out.squeeze(1) if single else out
+
+
+def target_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Optional[Tensor] = None,
+                     hist_index: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Dense target attention over every valid position (the baseline ETA approximates).
+
+    Shapes as in :func:`eta_attention`. Each history is read once for all its queries.
+    """
+    single = q.dim() == 2
+    if single:
+        q, keys, values = q.unsqueeze(1), keys.unsqueeze(2), values.unsqueeze(2)
+    B, H, Dh = q.shape
+    U, L = keys.shape[:2]
+    scale = default_scale(Dh) if scale is None else scale
+    hist = default_hist_index(B, U, q.device) if hist_index is None else hist_index
+    lens = default_lengths(U, L, q.device) if lengths is None else lengths
+    out = q.new_zeros(B, H, values.shape[-1])
+    pos = torch.arange(L, device=q.device)
+    for u in torch.unique(hist).tolist():
+        rows = (hist == u).nonzero().squeeze(1)
+        s = torch.einsum("bhd,lhd->bhl", q[rows], keys[u]) * scale
+        p, _ = _masked_softmax(s, (pos < lens[u]).view(1, 1, L))
+        out = out.index_copy(0, rows, torch.einsum("bhl,lhd->bhd", p, values[u]))
+    return out.squeeze(1) if single else out
+
+
+def topk_attention_backward_slots(grad_out: Tensor, q: Tensor, keys: Tensor, values: Tensor,
+                                  idx: Tensor, hist_index: Optional[Tensor], out: Tensor,
+                                  lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Analytic backward of :func:`topk_attention`, one gradient per selected row.
+
+    Returns dq (B, H, Dh), dk_slots (B, K, H, Dh), dv_slots (B, K, H, Dv) (zero for empty
+    slots); scatter-adding the slots through (hist_index, idx) gives d keys / d values.
+    With p_j = exp(scale·q·k_j − lse): dv_j = p_j·g, ds_j = p_j·(g·v_j − g·out),
+    dq = scale·Σ_j ds_j·k_j, dk_j = scale·ds_j·q.
+    """
+    B, H, Dh = q.shape
+    U, L = keys.shape[:2]
+    Dv = values.shape[-1]
+    K = idx.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g, q, keys, values, out, lse = (t.to(acc) for t in (grad_out, q, keys, values, out, lse))
+    kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh)
+    vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv)
+    s = torch.einsum("bhd,bkhd->bhk", q, kg) * scale
+    valid = (idx >= 0).unsqueeze(1)
+    p = torch.where(valid, torch.exp(s - lse.unsqueeze(-1)), torch.zeros_like(s))
+    dv_slots = torch.einsum("bhk,bhd->bkhd", p, g)
+    dp = torch.einsum("bhd,bkhd->bhk", g, vg)
+    ds = p * (dp - (g * out).sum(-1, keepdim=True))
+    dq = torch.einsum("bhk,bkhd->bhd", ds, kg) * scale
+    dk_slots = torch.einsum("bhk,bhd->bkhd", ds, q) * scale
+    return dq, dk_slots, dv_slots

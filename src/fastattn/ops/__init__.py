@@ -3,8 +3,10 @@
 One module per op family; each holds the custom op, its fake (meta) implementation, its
 autograd formula, its input checks and its backend dispatch.
 """
+from .attention import eta_attention, target_attention, topk_attention
 from .gather import topk_gather
 from .hamming import hamming_distance, hamming_topk
 from .simhash import make_planes, simhash_sign
 
-__all__ = ["simhash_sign", "make_planes", "hamming_distance", "hamming_topk", "topk_gather"]
+__all__ = ["simhash_sign", "make_planes", "hamming_distance", "hamming_topk", "topk_gather",
+           "topk_attention", "eta_attention", "target_attention"]

@@ -11,10 +11,10 @@ from ..backends import cpu_threads
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_same_device,
                       check_tensor, kernels, layout, np, set_numba_threads)
 
-__all__ = ["topk_gather"]
+__all__ = ["topk_gather", "scatter_add_rows"]
 
 
-def _check_idx(idx: Tensor, L: int) -> None:
+def check_idx_range(idx: Tensor, L: int) -> None:
     if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= L):
         raise ValueError(f"idx must lie in [-1, L={L}) (-1 marks an empty slot), got values in "
                          f"[{int(idx.min())}, {int(idx.max())}]")
@@ -26,7 +26,7 @@ def _topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor],
     U, L, Dv = values.shape
     B, K = idx.shape
     _, hist = layout(B, U, L, None, hist_index, values.device)
-    _check_idx(idx, L)
+    check_idx_range(idx, L)
     if backend == "torch":
         return ref.topk_gather(values, idx, hist)
     v, ix = values.contiguous(), idx.contiguous()
@@ -49,11 +49,14 @@ def _(values, idx, hist_index, backend):
     return values.new_empty(idx.shape[0], idx.shape[1], values.shape[2])
 
 
-@torch.library.custom_op("fastattn::topk_gather_backward", mutates_args=())
-def _topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor], U: int,
-                          L: int, backend: str) -> Tensor:
-    B, K, Dv = grad.shape
-    _, hist = layout(B, U, L, None, hist_index, grad.device)
+def scatter_add_rows(grad: Tensor, idx: Tensor, hist: Tensor, U: int, L: int,
+                     backend: str) -> Tensor:
+    """grad (B, K, R) -> (U, L, R): row (b, j) added at (hist[b], idx[b, j]) when idx >= 0.
+
+    The adjoint of the gather; also the last step of every backward that produces one
+    gradient per selected row (the attention backward). ``hist`` is materialised.
+    """
+    B, K, R = grad.shape
     if backend == "torch":
         return ref.topk_gather_backward(grad, idx, hist, U, L)
     ix = idx.contiguous()
@@ -62,7 +65,7 @@ def _topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor
     # The CPU kernels accumulate in fp32/fp64; half grads are widened, then narrowed back.
     acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
     g = grad.to(acc).contiguous()
-    out = torch.zeros(U, L, Dv, dtype=acc)
+    out = torch.zeros(U, L, R, dtype=acc)
     if g.numel() and out.numel():
         if backend == "cpp":
             kernels("cpp").scatter_add_rows(np(g), np(ix), np(hist), np(out), cpu_threads())
@@ -70,6 +73,13 @@ def _topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor
             set_numba_threads()
             kernels("numba").scatter_add_rows(np(g), np(ix), np(hist), np(out))
     return out.to(grad.dtype)
+
+
+@torch.library.custom_op("fastattn::topk_gather_backward", mutates_args=())
+def _topk_gather_backward(grad: Tensor, idx: Tensor, hist_index: Optional[Tensor], U: int,
+                          L: int, backend: str) -> Tensor:
+    _, hist = layout(grad.shape[0], U, L, None, hist_index, grad.device)
+    return scatter_add_rows(grad, idx, hist, U, L, backend)
 
 
 @_topk_gather_backward.register_fake
