@@ -2,13 +2,13 @@
 
 Ops run on the best backend available for their tensors (see :func:`backends`).
 """
-from . import reference
+from . import nn, reference
 from .backends import BackendUnavailableError, backends
 from .ops import (eta_attention, hamming_distance, hamming_topk, make_planes, simhash_sign,
                   target_attention, topk_attention, topk_gather)
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "BackendUnavailableError", "reference", "simhash_sign", "make_planes",
+__all__ = ["nn", "backends", "BackendUnavailableError", "reference", "simhash_sign", "make_planes",
            "hamming_distance", "hamming_topk", "topk_gather", "topk_attention", "eta_attention",
            "target_attention", "__version__"]

@@ -1,0 +1,131 @@
+"""Drop-in target-attention modules: dense (DIN-style) and ETA (SimHash top-k).
+
+Both own the same Q/K/V projections (and, with several heads, the same output projection),
+so a trained ``TargetAttention`` state dict loads into an ``ETAAttention`` and the model
+switches from dense to retrieval attention without retraining its projections.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import eta_attention, make_planes, simhash_sign, target_attention
+
+__all__ = ["TargetAttention", "ETAAttention"]
+
+
+class TargetAttention(nn.Module):
+    """Dense target attention of candidate items over behaviour histories.
+
+    Args:
+        embed_dim: attention width E (split into ``heads`` heads of E / heads).
+        heads: number of heads; with more than one, an output projection E -> E is added.
+        query_dim, key_dim, value_dim: input widths (default E; ``value_dim`` defaults to
+            ``key_dim``).
+        bias: whether the projections have a bias.
+
+    ``forward(query (B, query_dim), keys (U, L, key_dim), values=None (U, L, value_dim),
+    lengths=None (U,), hist_index=None (B,)) -> (B, E)``; ``values`` default to ``keys``.
+    A history with no valid position gives a zero vector (then the output projection).
+    """
+
+    def __init__(self, embed_dim: int, heads: int = 1, *, query_dim: Optional[int] = None,
+                 key_dim: Optional[int] = None, value_dim: Optional[int] = None,
+                 bias: bool = True):
+        super().__init__()
+        if embed_dim < 1 or heads < 1 or embed_dim % heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of heads "
+                             f"({heads})")
+        query_dim = query_dim or embed_dim
+        key_dim = key_dim or embed_dim
+        value_dim = value_dim or key_dim
+        self.embed_dim, self.heads = embed_dim, heads
+        self.q_proj = nn.Linear(query_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(key_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(value_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias) if heads > 1 else None
+
+    def _split(self, x: Tensor) -> Tensor:
+        """(..., E) -> (..., H, E/H), or unchanged with one head (the single-head op path)."""
+        if self.heads == 1:
+            return x
+        return x.unflatten(-1, (self.heads, self.embed_dim // self.heads))
+
+    def _merge(self, out: Tensor) -> Tensor:
+        if self.heads == 1:
+            return out
+        return self.out_proj(out.flatten(-2))
+
+    def project(self, query: Tensor, keys: Tensor, values: Optional[Tensor]):
+        q = self.q_proj(query)
+        k = self.k_proj(keys)
+        v = self.v_proj(keys if values is None else values)
+        return q, k, v
+
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
+                lengths: Optional[Tensor] = None,
+                hist_index: Optional[Tensor] = None) -> Tensor:
+        q, k, v = self.project(query, keys, values)
+        out = target_attention(self._split(q), self._split(k), self._split(v),
+                               lengths=lengths, hist_index=hist_index)
+        return self._merge(out)
+
+
+class ETAAttention(TargetAttention):
+    """ETA target attention: SimHash the projected query and keys, keep each query's ``topk``
+    nearest behaviours by Hamming distance, and attend exactly over those.
+
+    Args (beyond :class:`TargetAttention`):
+        topk: behaviours attended per query.
+        hash_bits: SimHash bits per signature (one signature per query / behaviour, shared
+            by all heads).
+        seed: seed of the hashing hyperplanes, a (E, hash_bits) buffer saved in the state dict.
+        backend: force a kernel backend (default: the best for the tensors' device).
+
+    When the history is no longer than ``topk`` (L <= topk) every valid behaviour would be
+    retrieved, so the module runs exact dense attention instead: same result, no hashing.
+    For serving (ETA+), :meth:`precompute_key_signatures` hashes item embeddings once; pass
+    the gathered signatures as ``key_signatures`` while the weights stay frozen.
+    """
+
+    def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
+                 seed: int = 0, backend: Optional[str] = None, **kwargs):
+        super().__init__(embed_dim, heads, **kwargs)
+        if topk < 1 or hash_bits < 1:
+            raise ValueError(f"topk ({topk}) and hash_bits ({hash_bits}) must be >= 1")
+        self.topk, self.hash_bits, self.backend = topk, hash_bits, backend
+        planes = make_planes(embed_dim, hash_bits, torch.Generator().manual_seed(seed))
+        self.register_buffer("planes", planes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A TargetAttention checkpoint has the same projections and no planes: keep ours.
+        state_dict.setdefault(prefix + "planes", self.planes)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sign(self, x: Tensor) -> Tensor:
+        """SimHash signatures (..., W) of projected vectors x (..., E)."""
+        return simhash_sign(x, self.planes.to(x.dtype), backend=self.backend)
+
+    @torch.no_grad()
+    def precompute_key_signatures(self, item_embeddings: Tensor) -> Tensor:
+        """ETA+: signatures (N, W) of the projected keys of item embeddings (N, key_dim).
+
+        Valid as long as ``k_proj`` and ``planes`` do not change; gather them per behaviour
+        into ``key_signatures`` (U, L, W) for :meth:`forward`.
+        """
+        return self.sign(self.k_proj(item_embeddings))
+
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
+                lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
+                key_signatures: Optional[Tensor] = None) -> Tensor:
+        if keys.shape[1] <= self.topk:
+            return super().forward(query, keys, values, lengths=lengths, hist_index=hist_index)
+        q, k, v = self.project(query, keys, values)
+        q_sig = self.sign(q.detach())
+        k_sig = self.sign(k.detach()) if key_signatures is None else key_signatures
+        out = eta_attention(self._split(q), self._split(k), self._split(v), q_sig, k_sig,
+                            self.topk, lengths=lengths, hist_index=hist_index,
+                            backend=self.backend)
+        return self._merge(out)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+import fastattn
+from fastattn.nn import ETAAttention, TargetAttention
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_state_dict_moves_from_dense_to_eta(heads):
+    dense = TargetAttention(32, heads, query_dim=12, key_dim=20)
+    eta = ETAAttention(32, heads, query_dim=12, key_dim=20, topk=300, hash_bits=64)
+    eta.load_state_dict(dense.state_dict())                   # strict: planes kept
+    assert set(eta.state_dict()) == set(dense.state_dict()) | {"planes"}
+    query, keys = torch.randn(6, 12), torch.randn(1, 200, 20)
+    lengths = torch.tensor([150])
+    # topk >= L: the fallback is dense attention, identical to the dense module.
+    torch.testing.assert_close(eta(query, keys, lengths=lengths),
+                               dense(query, keys, lengths=lengths))
+    eta.topk = 150                       # every valid position retrieved through the kernels
+    torch.testing.assert_close(eta(query, keys, lengths=lengths),
+                               dense(query, keys, lengths=lengths), rtol=1e-4, atol=1e-5)
+
+
+def test_planes_seeded_and_saved():
+    a, b = ETAAttention(16, seed=3, hash_bits=100), ETAAttention(16, seed=3, hash_bits=100)
+    assert torch.equal(a.planes, b.planes) and a.planes.shape == (16, 100)
+    c = ETAAttention(16, seed=4, hash_bits=100)
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.planes, a.planes)
+
+
+def test_eta_module_trains_and_matches_functional():
+    torch.manual_seed(0)
+    m = ETAAttention(16, 2, key_dim=8, topk=5, hash_bits=128)
+    query, keys = torch.randn(4, 16), torch.randn(4, 30, 8)
+    lengths = torch.tensor([30, 2, 0, 17])
+    out = m(query, keys, lengths=lengths)
+    assert out.shape == (4, 16) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in (m.q_proj.weight, m.k_proj.weight, m.v_proj.weight))
+    q, k, v = m.project(query, keys, None)
+    want = fastattn.reference.eta_attention(
+        q.view(4, 2, 8), k.view(4, 30, 2, 8), v.view(4, 30, 2, 8), m.sign(q), m.sign(k), 5,
+        lengths)
+    torch.testing.assert_close(out, m.out_proj(want.flatten(-2)))
+
+
+def test_precomputed_key_signatures_eta_plus():
+    m = ETAAttention(16, key_dim=8, topk=4, hash_bits=64)
+    items = torch.randn(50, 8)
+    table = m.precompute_key_signatures(items)               # (N, W), once per item
+    history = torch.randint(0, 50, (1, 40))
+    keys = items[history]
+    query = torch.randn(7, 16)
+    torch.testing.assert_close(m(query, keys, key_signatures=table[history]), m(query, keys))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="multiple of heads"):
+        TargetAttention(10, 3)
+    with pytest.raises(ValueError, match="topk"):
+        ETAAttention(8, topk=0)
