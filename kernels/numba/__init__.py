@@ -1,0 +1,16 @@
+"""numba CPU fallback kernels of fastattn (used when the C++ extension ``fastattn._C`` is absent).
+
+Same names and arguments as the C++ kernels in docs/kernel_api.md, minus ``nthreads``: the op
+layer sets the thread count with ``numba.set_num_threads``. Every kernel takes contiguous,
+already-validated numpy arrays and writes into preallocated outputs.
+
+Each kernel is compiled lazily on its first call for the argument types it sees (int64
+indices, f32 or f64 floats, uint8 rows), and cached on disk (``cache=True``), so a process
+pays the compile cost once per machine, not once per import.
+"""
+from .gather import gather_rows, scatter_add_rows
+from .hamming import hamming_distance, hamming_topk
+from .simhash import simhash_sign
+
+__all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "gather_rows",
+           "scatter_add_rows"]

@@ -1,0 +1,1 @@
+"""Profiling sweeps behind the ``fastattn-bench`` command (see :mod:`fastattn.bench.cli`)."""
