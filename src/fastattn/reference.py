@@ -9,7 +9,7 @@ Inputs here are assumed valid (the op layer in :mod:`fastattn.ops` checks them);
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -276,3 +276,165 @@ def topk_attention_backward_slots(grad_out: Tensor, q: Tensor, keys: Tensor, val
     dq = torch.einsum("bhk,bkhd->bhd", ds, kg) * scale
     dk_slots = torch.einsum("bhk,bhd->bkhd", ds, q) * scale
     return dq, dk_slots, dv_slots
+
+
+# --------------------------------------------------------------------------- MIMN
+#
+# One MIMN step (DESIGN.md §5) for every batch row; rows whose step is padding keep their
+# state. Shapes: x_t (B, Dx); controller state h (B, Hc); read r (B, D); memory M (B, m, D);
+# cumulative write weights g (B, m); MIU channel states S (B, m, Hs).
+
+class MIMNState(NamedTuple):
+    h: Tensor   # (B, Hc) controller GRU state
+    r: Tensor   # (B, D) last read vector
+    M: Tensor   # (B, m, D) memory
+    g: Tensor   # (B, m) cumulative (MUR-adjusted) write weights
+    S: Tensor   # (B, m, Hs) MIU channel states
+
+
+class MIMNParams(NamedTuple):
+    """The weights of ``fastattn.nn.MIMNEncoder``, in its submodules' own layouts."""
+    ctrl_w_ih: Tensor   # (3Hc, Dx + D) controller nn.GRUCell, gates (r, z, n)
+    ctrl_w_hh: Tensor   # (3Hc, Hc)
+    ctrl_b_ih: Tensor   # (3Hc,)
+    ctrl_b_hh: Tensor   # (3Hc,)
+    heads_w: Tensor     # (4D + 2, Hc) columns [k_r (D), beta_r, k_w (D), beta_w, e (D), a (D)]
+    heads_b: Tensor     # (4D + 2,)
+    mem0: Tensor        # (m, D) initial memory
+    mur_w: Optional[Tensor]     # (m, m) MUR nn.Linear, or None without MUR
+    mur_b: Optional[Tensor]     # (m,)
+    miu_w_ih: Optional[Tensor]  # (3Hs, D + Dx) MIU nn.GRUCell fed [M_t(i), x_t], or None
+    miu_w_hh: Optional[Tensor]  # (3Hs, Hs)
+    miu_b_ih: Optional[Tensor]  # (3Hs,)
+    miu_b_hh: Optional[Tensor]  # (3Hs,)
+    miu_k: int                  # channels the MIU updates per step (0: no MIU)
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+             b_hh: Tensor) -> Tensor:
+    """torch.nn.GRUCell: gates (r, z, n); the reset gate multiplies the hidden projection."""
+    gi = x @ w_ih.t() + b_ih
+    gh = h @ w_hh.t() + b_hh
+    ir, iz, in_ = gi.chunk(3, -1)
+    hr, hz, hn = gh.chunk(3, -1)
+    r = torch.sigmoid(ir + hr)
+    z = torch.sigmoid(iz + hz)
+    n = torch.tanh(in_ + r * hn)
+    return (1 - z) * n + z * h
+
+
+def split_heads(head: Tensor, D: int):
+    """Raw head outputs (B, 4D + 2) -> k_r, beta_r, k_w, beta_w, e, a, activated."""
+    kr, br, kw, bw, e, a = torch.split(head, [D, 1, D, 1, D, D], dim=-1)
+    softplus = torch.nn.functional.softplus
+    return (torch.tanh(kr), softplus(br) + 1, torch.tanh(kw), softplus(bw) + 1,
+            torch.sigmoid(e), torch.tanh(a))
+
+
+def content_weights(key: Tensor, beta: Tensor, memory: Tensor) -> Tensor:
+    """softmax_i(beta · cos(key, M(i))), cos(u, v) = u·v / max(|u||v|, 1e-8).
+
+    key (B, D), beta (B, 1), memory (B, m, D) -> (B, m). Zero rows or keys give cos = 0.
+    """
+    norm = torch.linalg.vector_norm   # its gradient at 0 is 0 (a bare sqrt's is NaN)
+    dots = torch.einsum("bd,bmd->bm", key, memory)
+    denom = torch.clamp(norm(key, dim=-1, keepdim=True) * norm(memory, dim=-1), min=1e-8)
+    return torch.softmax(beta * dots / denom, dim=-1)
+
+
+def ntm_read_write(memory: Tensor, usage: Tensor, head: Tensor,
+                   mur_w: Optional[Tensor] = None,
+                   mur_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 3–6 of a MIMN step: content addressing, read, MUR, erase/add write.
+
+    memory (B, m, D), usage g (B, m), head (B, 4D + 2) raw outputs of the heads Linear,
+    mur_w (m, m) / mur_b (m,) or None -> (read (B, D), memory' (B, m, D), usage' (B, m),
+    read_weights (B, m)).
+    """
+    D = memory.shape[-1]
+    kr, br, kw, bw, e, a = split_heads(head, D)
+    wr = content_weights(kr, br, memory)
+    ww = content_weights(kw, bw, memory)
+    read = torch.einsum("bm,bmd->bd", wr, memory)
+    if mur_w is not None:
+        P = torch.softmax(usage @ mur_w.t() + mur_b, dim=-1)
+        ww = ww * P
+        ww = ww / ww.sum(-1, keepdim=True)
+    usage = usage + ww
+    memory = memory * (1 - ww.unsqueeze(-1) * e.unsqueeze(1)) + ww.unsqueeze(-1) * a.unsqueeze(1)
+    return read, memory, usage, wr
+
+
+def miu_channels(read_weights: Tensor, k: int) -> Tensor:
+    """(B, m) bool: the k channels with the largest read weight, ties to the smaller index."""
+    order = torch.sort(read_weights, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(read_weights, dtype=torch.bool).scatter(1, order, True)
+
+
+def miu_gather_gru(memory: Tensor, x: Tensor, S: Tensor, read_weights: Tensor, k: int,
+                   w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """Step 7: the k channels with the largest read weight update their state with one GRU
+    shared by all channels, fed [M_t(i), x_t]; the other channels keep theirs.
+
+    memory (B, m, D) (after this step's write), x (B, Dx), S (B, m, Hs), read_weights (B, m)
+    -> S' (B, m, Hs). The selection is discrete: no gradient flows to read_weights.
+    """
+    if k < 1:
+        return S
+    B, m, D = memory.shape
+    inp = torch.cat([memory, x.unsqueeze(1).expand(B, m, x.shape[-1])], dim=-1)
+    new = gru_cell(inp.reshape(B * m, -1), S.reshape(B * m, -1), w_ih, w_hh, b_ih,
+                   b_hh).reshape(S.shape)
+    return torch.where(miu_channels(read_weights, k).unsqueeze(-1), new, S)
+
+
+def mimn_step(x_t: Tensor, state: MIMNState, p: MIMNParams,
+              valid: Optional[Tensor] = None) -> Tuple[Tensor, MIMNState]:
+    """Steps 1–7 for one event per row. valid (B,) bool: rows with False keep their state
+    and read zeros. Returns (read (B, D), state')."""
+    h = gru_cell(torch.cat([x_t, state.r], -1), state.h, p.ctrl_w_ih, p.ctrl_w_hh,
+                 p.ctrl_b_ih, p.ctrl_b_hh)
+    head = h @ p.heads_w.t() + p.heads_b
+    r, M, g, wr = ntm_read_write(state.M, state.g, head, p.mur_w, p.mur_b)
+    S = state.S
+    if p.miu_k >= 1:
+        S = miu_gather_gru(M, x_t, S, wr, p.miu_k, p.miu_w_ih, p.miu_w_hh, p.miu_b_ih,
+                           p.miu_b_hh)
+    new = MIMNState(h, r, M, g, S)
+    if valid is None:
+        return r, new
+    keep = [valid.view(-1, *([1] * (t.dim() - 1))) for t in new]
+    new = MIMNState(*(torch.where(v, n, o) for v, n, o in zip(keep, new, state)))
+    return torch.where(valid.unsqueeze(-1), r, torch.zeros_like(r)), new
+
+
+def mimn_initial_state(p: MIMNParams, batch: int, Hs: int) -> MIMNState:
+    """h = r = g = 0, S = 0, M = mem0 broadcast over the batch (a view, no copy)."""
+    m, D = p.mem0.shape
+    Hc = p.ctrl_w_hh.shape[1]
+    z = p.mem0.new_zeros
+    return MIMNState(z(batch, Hc), z(batch, D), p.mem0.expand(batch, m, D), z(batch, m),
+                     z(batch, m, Hs))
+
+
+def mimn_scan(x: Tensor, lengths: Optional[Tensor], p: MIMNParams,
+              state0: MIMNState) -> Tuple[Tensor, MIMNState]:
+    """All T steps: x (B, T, Dx), lengths (B,) (default T) -> (reads (B, T, D), state_T).
+
+    Steps t >= lengths[b] are padding: row b's state is unchanged and its read is 0.
+    """
+    B, T, _ = x.shape
+    state = state0
+    reads = []
+    for t in range(T):
+        valid = None if lengths is None else (lengths > t)
+        r, state = mimn_step(x[:, t], state, p, valid)
+        reads.append(r)
+    D = p.mem0.shape[1]
+    out = torch.stack(reads, 1) if reads else x.new_zeros(B, 0, D)
+    return out, state
+
+
+def mimn_reg_loss(g: Tensor) -> Tensor:
+    """Memory Utilization Regularization: mean over rows of Σ_i (g(i) − mean_i g)², g (B, m)."""
+    return (g - g.mean(-1, keepdim=True)).square().sum(-1).mean()
