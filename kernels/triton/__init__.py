@@ -3,9 +3,11 @@
 Launchers take and return torch tensors; calling convention in docs/kernel_api.md. Inputs
 are contiguous and already checked by the op layer (src/fastattn/ops).
 """
+from .attention import topk_attention_bwd, topk_attention_fwd
 from .gather import gather_rows, scatter_add_rows
 from .hamming import hamming_distance, hamming_topk
 from .simhash import simhash_sign
 
 __all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "gather_rows",
            "scatter_add_rows"]
+__all__ += ["topk_attention_fwd", "topk_attention_bwd"]

@@ -1,4 +1,5 @@
 """Drop-in nn.Modules built on the fastattn ops."""
 from .attention import ETAAttention, TargetAttention
+from .mimn import MIMNEncoder
 
-__all__ = ["TargetAttention", "ETAAttention"]
+__all__ = ["TargetAttention", "ETAAttention", "MIMNEncoder"]

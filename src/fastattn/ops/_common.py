@@ -123,3 +123,16 @@ def set_numba_threads() -> None:
 
 def contiguous(*ts: Tensor) -> Iterable[Tensor]:
     return tuple(t.contiguous() for t in ts)
+
+
+def cpu_call(backend: str, name: str, *args):
+    """Call CPU kernel ``name`` of ``backend`` ("cpp" or "numba") with tensors as numpy views.
+
+    Tensors must be contiguous CPU tensors (outputs preallocated); the C++ kernels get the
+    thread count as their last argument, numba gets it through numba.set_num_threads.
+    """
+    conv = [np(a) if isinstance(a, Tensor) else a for a in args]
+    if backend == "cpp":
+        return getattr(kernels("cpp"), name)(*conv, cpu_threads())
+    set_numba_threads()
+    return getattr(kernels("numba"), name)(*conv)
