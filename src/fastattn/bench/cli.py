@@ -37,9 +37,10 @@ def run_sweep(sweep: Sweep, budget_s: float, progress) -> List[Dict[str, object]
                 row["peak_extra_bytes"] = peak_extra_bytes(fn)
             timings[name] = t["median_s"]
             rows.append(row)
-        base = timings.get(sweep.baseline)
         for row in rows[-len(impls):]:
-            row["speedup_vs_" + sweep.baseline] = base / row["median_s"] if base else None
+            row["baseline"] = sweep.baseline_for(row["impl"])
+            base = timings.get(row["baseline"])
+            row["speedup"] = base / row["median_s"] if base else None
         del impls
         gc.collect()
         progress.update(1)
@@ -50,7 +51,6 @@ def print_table(sweep: Sweep, rows: List[Dict[str, object]]) -> None:
     xs = sorted({r[sweep.x] for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     cell = {(r["impl"], r[sweep.x]): r for r in rows}
-    key = "speedup_vs_" + sweep.baseline
     print(f"\n{sweep.title}\nmedian ms (speed-up vs {sweep.baseline})")
     print(f"{'impl':<24}" + "".join(f"{sweep.x + '=' + str(x):>22}" for x in xs))
     for impl in impls:
@@ -58,7 +58,7 @@ def print_table(sweep: Sweep, rows: List[Dict[str, object]]) -> None:
         for x in xs:
             r = cell.get((impl, x))
             line += f"{'-':>22}" if r is None else \
-                f"{r['median_s'] * 1e3:>12.2f} ({r[key]:>6.2f}x)"
+                f"{r['median_s'] * 1e3:>12.2f} ({r['speedup'] or 0:>6.2f}x)"
         print(line)
 
 

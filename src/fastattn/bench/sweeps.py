@@ -35,6 +35,11 @@ class Sweep:
     baseline: str               # speed-ups are reported against this implementation
     points: List[Point] = field(default_factory=list)
     memory: bool = False        # also record the peak memory each call adds
+    # impl -> the baseline it is compared with, where that is not ``baseline``
+    baseline_of: Optional[Callable[[str], str]] = None
+
+    def baseline_for(self, impl: str) -> str:
+        return self.baseline_of(impl) if self.baseline_of else self.baseline
 
 
 def _cpu_backends(include_torch: bool = True) -> List[str]:
@@ -178,11 +183,87 @@ def eta_training_sweep(quick: bool) -> Sweep:
     return sweep
 
 
+# --------------------------------------------------------------------------- MIMN
+
+def _mimn_encoder(backend: str):
+    from ..nn import MIMNEncoder
+    torch.manual_seed(0)
+    return MIMNEncoder(32, 32, 8, 32, 32, mur=True, miu_k=1, backend=backend)
+
+
+def mimn_sweep(quick: bool) -> Sweep:
+    """MIMNEncoder over whole sequences, fused kernels vs the eager per-step equations (the
+    torch reference: one torch op per equation per step). Forward and forward+backward."""
+    B = 256
+    steps = [200] if quick else [200, 1000]
+    sweep = Sweep("mimn", f"MIMNEncoder B={B}, x_dim=D=32, slots=8, ctrl=miu=32, MUR, miu_k=1",
+                  x="T", baseline="eager_torch_fwd",
+                  baseline_of=lambda impl: "eager_torch_fwd_bwd" if impl.endswith("_fwd_bwd")
+                  else "eager_torch_fwd")
+
+    def build(T: int):
+        def make():
+            x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(T))
+            impls = {}
+            for be in _cpu_backends(include_torch=False) + ["torch"]:
+                enc = _mimn_encoder(be)
+                name = "eager_torch" if be == "torch" else be
+
+                def fwd(enc=enc):
+                    with torch.no_grad():
+                        return enc(x)
+
+                def fwd_bwd(enc=enc):
+                    reads, st = enc(x)
+                    (reads.sum() + enc.reg_loss(st)).backward()
+
+                impls[name + "_fwd"] = fwd
+                impls[name + "_fwd_bwd"] = fwd_bwd
+            return impls
+        return make
+
+    sweep.points = [Point({"T": T, "B": B}, build(T), pairs=B * T) for T in steps]
+    return sweep
+
+
+def mimn_step_sweep(quick: bool) -> Sweep:
+    """Serving: one event applied to one user's state (mimn_step) vs re-running the user's
+    whole history of T events; the step's cost must not depend on T."""
+    steps = [1000] if quick else [100, 1000, 10000]
+    sweep = Sweep("mimn_step", "MIMN per-event update of one user (B=1) vs re-running the "
+                  "history", x="T", baseline="rerun_history")
+    be = _cpu_backends(include_torch=False)[0] if _cpu_backends(False) else "torch"
+
+    def build(T: int):
+        def make():
+            enc = _mimn_encoder(be)
+            x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
+            with torch.no_grad():
+                _, state = enc(x)
+            event = torch.randn(1, 32)
+
+            def step():
+                with torch.no_grad():
+                    return enc.step(event, state)
+
+            def rerun():
+                with torch.no_grad():
+                    return enc(torch.cat([x, event.unsqueeze(1)], 1))
+
+            return {f"step_{be}": step, "rerun_history": rerun}
+        return make
+
+    sweep.points = [Point({"T": T}, build(T), pairs=1) for T in steps]
+    return sweep
+
+
 SWEEPS: Dict[str, Callable[[bool], Sweep]] = {
     "hamming_topk": hamming_topk_sweep,
     "simhash_sign": simhash_sweep,
     "eta_serving": eta_serving_sweep,
     "eta_training": eta_training_sweep,
+    "mimn": mimn_sweep,
+    "mimn_step": mimn_step_sweep,
 }
 
 
