@@ -83,3 +83,30 @@ def test_default_dispatch_is_used_by_ops():
     got = fastattn.hamming_topk(q, k, 4)
     want = fastattn.reference.hamming_topk(q, k, 4)
     assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("isa", ["default", "popcnt", "avx2"])
+def test_cpp_fallback_isa_paths(isa):
+    """A wheel must run on x86-64 CPUs without AVX-512: each run-time path (capped with
+    FASTATTN_CPU_ISA) matches the reference."""
+    if not fastattn.backends()["available"]["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    code = (
+        "import torch, fastattn\n"
+        "from fastattn import reference as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q = torch.randint(-2**63, 2**63 - 1, (37, 3), generator=g)\n"
+        "k = torch.randint(-2**63, 2**63 - 1, (1, 300, 3), generator=g) & 0xFF\n"
+        "for kk in (5, 400):\n"
+        "    got = fastattn.hamming_topk(q & 0xFF, k, kk, lengths=torch.tensor([250]), backend='cpp')\n"
+        "    want = ref.hamming_topk(q & 0xFF, k, kk, torch.tensor([250]))\n"
+        "    assert all(torch.equal(a, b) for a, b in zip(got, want))\n"
+        "x, planes = torch.randn(50, 30, generator=g), torch.randn(30, 130, generator=g)\n"
+        "assert torch.equal(fastattn.simhash_sign(x, planes, backend='cpp'),\n"
+        "                   ref.simhash_sign(x.double(), planes.double()))\n"
+        "print(fastattn.backends()['cpu_features'])\n"
+    )
+    env = dict(os.environ, FASTATTN_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"'isa_cap': '{isa}'" in out.stdout
