@@ -1,0 +1,86 @@
+// Run-time CPU feature detection for the kernels' ISA dispatch.
+//
+// The extension is built with portable flags only (no -march), so that one binary runs on
+// any x86-64 CPU. Hot loops are compiled a second time inside functions carrying a
+// __attribute__((target(...))) and picked at run time from the flags below. Non-x86 builds
+// (aarch64, ...) compile only the plain C++ paths.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__)
+#define FASTATTN_X86 1
+#include <immintrin.h>
+// Hamming kernels: VPOPCNTQ on 8 words at once.
+#define FA_TARGET_AVX512_VPOPCNT \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
+// SimHash microkernel: FMA and compare-into-mask only need AVX-512F.
+#define FA_TARGET_AVX512F __attribute__((target("avx512f,fma")))
+#define FA_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#define FA_TARGET_POPCNT __attribute__((target("popcnt")))
+#else
+#define FASTATTN_X86 0
+#endif
+
+// Lets a generic kernel body be inlined into each ISA-specific wrapper, where it is then
+// compiled (and auto-vectorised) for that wrapper's target.
+#define FA_INLINE inline __attribute__((always_inline))
+
+namespace fastattn {
+
+struct CpuFeatures {
+    bool popcnt = false;
+    bool avx2 = false;
+    bool fma = false;
+    bool avx512f = false;
+    bool avx512bw = false;
+    bool avx512vl = false;
+    bool avx512vpopcntdq = false;
+    std::string isa_cap;  // value of FASTATTN_CPU_ISA, "" when unset
+};
+
+// What the dispatch may use: the CPU's features, capped by the environment variable
+// FASTATTN_CPU_ISA = default | popcnt | avx2 | avx512 (read once, at first use). The cap
+// exists so that tests on a fast machine can exercise every fallback path.
+inline const CpuFeatures& cpu_features() {
+    static const CpuFeatures features = [] {
+        CpuFeatures f;
+#if FASTATTN_X86
+        // __builtin_cpu_supports also checks (via XGETBV) that the OS saves the wide
+        // registers, so a "true" here is safe to execute.
+        __builtin_cpu_init();
+        f.popcnt = __builtin_cpu_supports("popcnt");
+        f.avx2 = __builtin_cpu_supports("avx2");
+        f.fma = __builtin_cpu_supports("fma");
+        f.avx512f = __builtin_cpu_supports("avx512f");
+        f.avx512bw = __builtin_cpu_supports("avx512bw");
+        f.avx512vl = __builtin_cpu_supports("avx512vl");
+        f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+        const char* cap = std::getenv("FASTATTN_CPU_ISA");
+        if (cap != nullptr && *cap != '\0') {
+            f.isa_cap = cap;
+            const int level = std::strcmp(cap, "default") == 0 ? 0
+                            : std::strcmp(cap, "popcnt") == 0  ? 1
+                            : std::strcmp(cap, "avx2") == 0    ? 2
+                                                               : 3;  // "avx512" or unknown: no cap
+            if (level < 3) f.avx512f = f.avx512bw = f.avx512vl = f.avx512vpopcntdq = false;
+            if (level < 2) f.avx2 = f.fma = false;
+            if (level < 1) f.popcnt = false;
+        }
+        return f;
+    }();
+    return features;
+}
+
+inline bool use_avx512_vpopcnt() {
+    const CpuFeatures& f = cpu_features();
+    return f.avx512f && f.avx512bw && f.avx512vl && f.avx512vpopcntdq && f.popcnt;
+}
+inline bool use_avx512f() { return cpu_features().avx512f && cpu_features().fma; }
+inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma && cpu_features().popcnt; }
+inline bool use_popcnt() { return cpu_features().popcnt; }
+
+}  // namespace fastattn

@@ -1,0 +1,80 @@
+// Row gather (forward of topk_gather) and its deterministic scatter-add (backward).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace fastattn {
+namespace {
+
+void check_indices(const int64_t* idx, const int64_t* hist_index, int64_t B, int64_t K,
+                   int64_t U, int64_t L, const char* fn) {
+    check_range(hist_index, B, 0, U, fn, "hist_index");
+    check_range(idx, B * K, -1, L, fn, "idx");
+}
+
+// Each output element (u, l, c) belongs to exactly one task, which adds the rows that hit
+// it in increasing (query, slot) order: the result is bitwise the same for every thread
+// count, and no two threads write the same memory. Tasks are (history, slice of positions);
+// histories are sliced only as much as needed to give every thread work.
+template <typename T>
+void scatter_add_impl(const T* grad, const int64_t* idx, const int64_t* hist_index, int64_t B,
+                      int64_t K, int64_t Dv, int64_t U, int64_t L, T* out, int nthreads) {
+    check_indices(idx, hist_index, B, K, U, L, "scatter_add_rows");
+    if (B == 0 || K == 0 || Dv == 0 || L == 0) return;
+    const HistoryGroups g = group_by_history(hist_index, B, U);
+    const int64_t slices = std::min<int64_t>(L, std::max<int64_t>(1, (4 * nthreads + U - 1) / U));
+    const int64_t slice_len = (L + slices - 1) / slices;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < U * slices; ++task) {
+        const int64_t u = task / slices;
+        const int64_t lo = (task % slices) * slice_len;
+        const int64_t hi = std::min(L, lo + slice_len);
+        for (int64_t i = g.start[u]; i < g.start[u + 1]; ++i) {
+            const int64_t b = g.order[i];
+            for (int64_t j = 0; j < K; ++j) {
+                const int64_t l = idx[b * K + j];
+                if (l < lo || l >= hi) continue;  // also skips l = -1
+                T* dst = out + (u * L + l) * Dv;
+                const T* src = grad + (b * K + j) * Dv;
+                for (int64_t c = 0; c < Dv; ++c) dst[c] += src[c];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void gather_rows(const uint8_t* values, const int64_t* idx, const int64_t* hist_index,
+                 int64_t U, int64_t L, int64_t R, int64_t B, int64_t K, uint8_t* out,
+                 int nthreads) {
+    check_indices(idx, hist_index, B, K, U, L, "gather_rows");
+    if (R == 0) return;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < B * K; ++r) {
+        const int64_t l = idx[r];
+        uint8_t* dst = out + r * R;
+        if (l < 0) {
+            std::memset(dst, 0, R);
+        } else {
+            std::memcpy(dst, values + (hist_index[r / K] * L + l) * R, R);
+        }
+    }
+}
+
+void scatter_add_rows(const float* grad, const int64_t* idx, const int64_t* hist_index,
+                      int64_t B, int64_t K, int64_t Dv, int64_t U, int64_t L, float* out,
+                      int nthreads) {
+    scatter_add_impl(grad, idx, hist_index, B, K, Dv, U, L, out, nthreads);
+}
+
+void scatter_add_rows(const double* grad, const int64_t* idx, const int64_t* hist_index,
+                      int64_t B, int64_t K, int64_t Dv, int64_t U, int64_t L, double* out,
+                      int nthreads) {
+    scatter_add_impl(grad, idx, hist_index, B, K, Dv, U, L, out, nthreads);
+}
+
+}  // namespace fastattn

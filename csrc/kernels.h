@@ -1,0 +1,66 @@
+// Raw-pointer entry points of the CPU kernels. bindings.cpp checks dtypes, shapes and
+// contiguity before calling them; the kernels check index values (they come from Python
+// and would otherwise address memory out of bounds). All arrays are C-contiguous.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "mimn.h"  // MIMN kernels (ntm_read_write, miu_gather_gru, mimn_scan)
+
+namespace fastattn {
+
+// x (N, D), planes (D, NB) -> out (N, W) packed sign bits, W = ceil(NB / 64).
+void simhash_sign(const float* x, const float* planes, int64_t N, int64_t D, int64_t NB,
+                  int64_t* out, int nthreads);
+void simhash_sign(const double* x, const double* planes, int64_t N, int64_t D, int64_t NB,
+                  int64_t* out, int nthreads);
+std::string simhash_impl();  // which ISA path simhash_sign runs
+
+// out[n, l] = popcount(q[qi[n]] ^ k[ki[n], l]) summed over the W words; out (N, L).
+void hamming_distance(const int64_t* q, const int64_t* k, const int64_t* qi, const int64_t* ki,
+                      int64_t Nq, int64_t Nk, int64_t N, int64_t L, int64_t W, int32_t* out,
+                      int nthreads);
+// q (B, W), k (U, L, W) -> out_dist (B, topk), out_idx (B, topk): see DESIGN.md §4.
+void hamming_topk(const int64_t* q, const int64_t* k, const int64_t* lengths,
+                  const int64_t* hist_index, int64_t B, int64_t U, int64_t L, int64_t W,
+                  int64_t topk, int32_t* out_dist, int64_t* out_idx, int nthreads);
+std::string hamming_impl();  // which ISA path the Hamming kernels run
+
+// values (U, L, R) bytes, idx (B, K) -> out (B, K, R); idx = -1 gives zero bytes.
+void gather_rows(const uint8_t* values, const int64_t* idx, const int64_t* hist_index,
+                 int64_t U, int64_t L, int64_t R, int64_t B, int64_t K, uint8_t* out,
+                 int nthreads);
+// out (U, L, Dv) += grad (B, K, Dv) scattered through idx; deterministic.
+void scatter_add_rows(const float* grad, const int64_t* idx, const int64_t* hist_index,
+                      int64_t B, int64_t K, int64_t Dv, int64_t U, int64_t L, float* out,
+                      int nthreads);
+void scatter_add_rows(const double* grad, const int64_t* idx, const int64_t* hist_index,
+                      int64_t B, int64_t K, int64_t Dv, int64_t U, int64_t L, double* out,
+                      int nthreads);
+
+// Attention of q (B, H, Dh) over the rows idx (B, K) (-1 = empty) of its history
+// hist_index[b] in keys (U, L, H, Dh) / values (U, L, H, Dv) -> out (B, H, Dv), lse (B, H).
+void topk_attention_fwd(const float* q, const float* keys, const float* values,
+                        const int64_t* idx, const int64_t* hist_index, int64_t B, int64_t H,
+                        int64_t Dh, int64_t Dv, int64_t U, int64_t L, int64_t K, double scale,
+                        float* out, float* lse, int nthreads);
+void topk_attention_fwd(const double* q, const double* keys, const double* values,
+                        const int64_t* idx, const int64_t* hist_index, int64_t B, int64_t H,
+                        int64_t Dh, int64_t Dv, int64_t U, int64_t L, int64_t K, double scale,
+                        double* out, double* lse, int nthreads);
+// Its backward: dq (B, H, Dh) and one gradient per slot, dk_slots (B, K, H, Dh) and
+// dv_slots (B, K, H, Dv) (zeros for empty slots).
+void topk_attention_bwd(const float* grad_out, const float* q, const float* keys,
+                        const float* values, const int64_t* idx, const int64_t* hist_index,
+                        const float* out, const float* lse, int64_t B, int64_t H, int64_t Dh,
+                        int64_t Dv, int64_t U, int64_t L, int64_t K, double scale, float* dq,
+                        float* dk_slots, float* dv_slots, int nthreads);
+void topk_attention_bwd(const double* grad_out, const double* q, const double* keys,
+                        const double* values, const int64_t* idx, const int64_t* hist_index,
+                        const double* out, const double* lse, int64_t B, int64_t H, int64_t Dh,
+                        int64_t Dv, int64_t U, int64_t L, int64_t K, double scale, double* dq,
+                        double* dk_slots, double* dv_slots, int nthreads);
+std::string attention_impl();  // which ISA path the attention kernels run
+
+}  // namespace fastattn

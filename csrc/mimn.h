@@ -1,0 +1,76 @@
+// Raw-pointer entry points of the fused MIMN kernels (DESIGN.md §5, docs/kernel_api.md "MIMN").
+// bindings.cpp checks dtypes and shapes; these functions trust them. Templates are
+// instantiated for float and double in mimn.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn {
+
+// Sizes of one MIMN call. P = 4D + 2 head outputs; miu_k = 0 disables the MIU.
+struct MimnDims {
+    int64_t B = 0, T = 0, Dx = 0, D = 0, m = 0, Hc = 0, Hs = 0;
+    bool has_mur = false;
+    int64_t miu_k = 0;
+};
+
+// The twelve parameter arrays in the order of docs/kernel_api.md (torch module layouts).
+// Absent modules (no MUR, no MIU) may hold null or empty pointers: they are not read.
+template <typename T>
+struct MimnWeights {
+    const T *ctrl_w_ih, *ctrl_w_hh, *ctrl_b_ih, *ctrl_b_hh, *heads_w, *heads_b, *mur_w, *mur_b,
+        *miu_w_ih, *miu_w_hh, *miu_b_ih, *miu_b_hh;
+};
+
+// Per-row parameter gradients, each (B, *param.shape), same order; absent ones untouched.
+template <typename T>
+struct MimnWeightGrads {
+    T *ctrl_w_ih, *ctrl_w_hh, *ctrl_b_ih, *ctrl_b_hh, *heads_w, *heads_b, *mur_w, *mur_b,
+        *miu_w_ih, *miu_w_hh, *miu_b_ih, *miu_b_hh;
+};
+
+// A batch of MIMN states h (B, Hc), r (B, D), M (B, m, D), g (B, m), S (B, m, Hs); for
+// checkpoints every array has an extra chunk axis after B. U is T or const T.
+template <typename U>
+struct MimnStates {
+    U *h, *r, *M, *g, *S;
+};
+
+// Steps 3-6 for one step: M (B, m, D), g (B, m), head (B, P) -> read (B, D), M_out, g_out, wr.
+template <typename T>
+void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head,
+                        const T* mur_w, const T* mur_b, T* read, T* M_out, T* g_out, T* wr,
+                        int nthreads);
+// Its backward; d_wr may be null (no gradient on the read weights). Writes dM, dg, dhead and
+// (with MUR) the per-row dmur_w_rows (B, m, m), dmur_b_rows (B, m).
+template <typename T>
+void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, const T* d_g_out,
+                        const T* d_wr, const T* M, const T* g, const T* head, const T* mur_w,
+                        const T* mur_b, T* dM, T* dg, T* dhead, T* dmur_w_rows,
+                        T* dmur_b_rows, int nthreads);
+
+// Step 7 for one step: M (B, m, D) after the write, x (B, Dx), S (B, m, Hs), wr (B, m).
+template <typename T>
+void miu_gather_gru_fwd(const MimnDims& d, const T* M, const T* x, const T* S, const T* wr,
+                        const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* S_out,
+                        int nthreads);
+template <typename T>
+void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T* x,
+                        const T* S, const T* wr, const T* w_ih, const T* w_hh, const T* b_ih,
+                        const T* b_hh, T* dM, T* dx, T* dS, T* dw_ih_rows, T* dw_hh_rows,
+                        T* db_ih_rows, T* db_hh_rows, int nthreads);
+
+// Steps 1-7 over all T steps. x (B, T, Dx), lengths (B,) in [0, T]. Writes reads (B, T, D),
+// the final state and the checkpoints (the state at the start of every chunk, NC chunks).
+template <typename T>
+void mimn_scan_fwd(const MimnDims& d, const T* x, const int64_t* lengths,
+                   const MimnWeights<T>& w, MimnStates<const T> state0, int64_t chunk,
+                   T* reads, MimnStates<T> final_state, MimnStates<T> ck, int nthreads);
+// Backpropagation through time by chunked recomputation from the checkpoints.
+template <typename T>
+void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_final,
+                   const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,
+                   MimnStates<const T> ck, T* dx, MimnStates<T> d_state0,
+                   const MimnWeightGrads<T>& dw_rows, int nthreads);
+
+}  // namespace fastattn
