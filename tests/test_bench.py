@@ -40,6 +40,8 @@ def test_tiny_sweep_writes_csv_json_png(tmp_path):
     assert data["machine"]["threads"] == torch.get_num_threads()
     assert data["rows"][0]["pairs_per_s"] > 0
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = cli.markdown(str(tmp_path / "tiny.json"))
+    assert "| cpu |" in table and "(1.00×)" in table
 
 
 def test_every_sweep_builds_quick_points():

@@ -62,6 +62,32 @@ def print_table(sweep: Sweep, rows: List[Dict[str, object]]) -> None:
         print(line)
 
 
+def markdown(path: str) -> str:
+    """A README table from a results JSON: median ms and speed-up per implementation and x."""
+    with open(path) as f:
+        data = json.load(f)
+    rows, x = data["rows"], data["x"]
+    xs = sorted({r[x] for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    cell = {(r["impl"], r[x]): r for r in rows}
+    m = data["machine"]
+    out = [f"**{data['title']}** — median ms (speed-up vs "
+           f"{', '.join(sorted({r['baseline'] for r in rows}))})", "",
+           "| impl | " + " | ".join(f"{x}={v}" for v in xs) + " |",
+           "|---|" + "---:|" * len(xs)]
+    for impl in impls:
+        cells = []
+        for v in xs:
+            r = cell.get((impl, v))
+            cells.append("–" if r is None else
+                         f"{r['median_s'] * 1e3:.2f} ({r['speedup']:.2f}×)" if r["speedup"]
+                         else f"{r['median_s'] * 1e3:.2f}")
+        out.append(f"| {impl} | " + " | ".join(cells) + " |")
+    out += ["", f"<sub>{m['host_cpu']}, {m['threads']} threads, torch {m['torch']}, commit "
+            f"{m['fastattn_commit']}, {m.get('date', '')}: `{m['command']}`</sub>", ""]
+    return "\n".join(out)
+
+
 def write_results(out_dir: str, sweep: Sweep, rows, meta) -> None:
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, sweep.name)
@@ -88,7 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of repeats per measurement (default 1.0, quick 0.3)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the results already in --out as markdown tables, run nothing")
     args = p.parse_args(argv)
+    if args.markdown:
+        for name in args.sweeps or list(SWEEPS):
+            path = os.path.join(args.out, name + ".json")
+            if os.path.exists(path):
+                print(markdown(path))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = args.budget or (0.3 if args.quick else 1.0)
