@@ -21,16 +21,25 @@ def _usable(name):
     return info["missing"][name]
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
-    """Every backend, on CPU tensors (triton through the interpreter)."""
-    name = request.param
+def _require(name):
     reason = _usable(name)
     if reason is not None:
         if name in REQUIRED:
             pytest.fail(f"required backend {name} is missing: {reason}")
         pytest.skip(f"backend {name} not installed here: {reason}")
     return name
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Every backend, on CPU tensors (triton through the interpreter)."""
+    return _require(request.param)
+
+
+@pytest.fixture(params=[b for b in ALL_BACKENDS if b != "torch"])
+def kernel_backend(request):
+    """The backends with kernels of their own (the torch one runs the reference directly)."""
+    return _require(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -156,9 +156,8 @@ def test_step_ops_match_reference(backend):
                        S[:, 2])
 
 
-def test_opcheck(backend):
-    if backend == "torch":
-        pytest.skip("the torch backend runs the reference equations, not a custom op")
+def test_opcheck(kernel_backend):
+    backend = kernel_backend
     enc = _encoder(backend=backend)
     p = enc.params()
     x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
