@@ -1,19 +1,21 @@
 // Hamming distance and fused Hamming top-k over packed SimHash signatures.
 //
-// hamming_topk never materialises the B x L distance matrix. Each query streams its
-// history once through a TopkSelector: a candidate buffer that admits a key only if its
-// distance beats the current threshold, and that is periodically cut back to the k best.
-// Distances are small integers (<= 64 W), so cutting and the final ordering are counting
-// sorts; keys enter the buffer in position order and every step is stable, which gives the
-// (distance, position) order of the spec, ties included, with no comparison sort.
+// hamming_topk never materialises the B x L distance matrix. Distances are small integers
+// (<= 64 W), so every selection is a counting sort over candidates kept in position order,
+// which gives the (distance, position) order of the spec, ties included, with no
+// comparison sort.
+//
+// Portable paths stream each query's history through a TopkSelector, which admits a key
+// only if it beats the exact running k-th distance.
 //
 // The AVX-512 path computes the distances of 8 keys at once as W x (XOR, VPOPCNTQ, ADD) on
-// vectors that hold one word of each of the 8 keys, so no horizontal reduction is needed.
-// A history read by many queries (the serving layout) is first re-laid out by all threads
-// together as such blocks ("tile": word w of keys 8j..8j+7 is one 512-bit vector), and then
-// its queries are split between threads. A history read by few queries (the training
-// layout) goes whole to one thread, which gathers the words from the row-major keys.
-// Up to 4 queries share each loaded key vector.
+// vectors that hold one word of each of the 8 keys, so no horizontal reduction is needed,
+// and selects in two passes (see scan_dist_avx512) so that the per-key work stays
+// branch-free vector code. A history read by many queries (the serving layout) is first
+// re-laid out by all threads together as such blocks ("tile": word w of keys 8j..8j+7 is
+// one 512-bit vector), and then its queries are split between threads. A history read by
+// few queries (the training layout) goes whole to one thread, which gathers the words from
+// the row-major keys. Up to 4 queries share each loaded key vector.
 #include <omp.h>
 
 #include <algorithm>
@@ -33,79 +35,77 @@ constexpr int kMaxStaticW = 5;   // W = 1..5 get fully unrolled kernels; larger 
 
 // Candidates are packed as (distance << 32) | position, so that the AVX-512 scan appends
 // a whole vector of them with one compress + store.
+//
+// The threshold is kept exact at every step: t is the k-th smallest distance admitted so
+// far (64 W + 1 until k keys are in), and count_[d] counts the admitted keys of distance
+// d < t. Keys arrive in position order, so a later key displaces an admitted one only if its
+// distance is < t (a tie loses on position). Admitting one key is O(1) amortised (t only
+// goes down), so no key is admitted on a stale threshold and no per-query work scales with
+// the buffer: the buffer keeps admitted entries that a later drop of t made useless (those
+// with d > t, and the excess at d == t), which finish() skips; it is compacted only if it
+// fills up, which takes an adversarial key order.
 class TopkSelector {
    public:
-    TopkSelector(int64_t k, int64_t L, int64_t W) : k_(k), bins_(64 * W + 1), count_(bins_) {
-        // Slack between cuts: larger means fewer cuts, smaller a tighter threshold sooner.
-        // When the buffer could never fill (k + slack > L) it is sized for all of L instead.
-        const int64_t slack = 2 * std::max<int64_t>(k, 64);
-        cap_ = k + slack <= L ? k + slack : L + 1;
+    TopkSelector(int64_t k, int64_t L, int64_t W) : k_(k), bins_(64 * W + 1), count_(bins_ + 1) {
+        // A random key order admits about k (1 + ln(L / k)) keys, well under this.
+        cap_ = k + std::max<int64_t>(k, 512);
         // + one block: a vector append stores 8 entries at size() < capacity.
         buf_.resize(static_cast<size_t>(std::min(cap_, L) + kBlockKeys));
     }
 
     void reset() {
         n_ = 0;
-        threshold_ = static_cast<uint64_t>(bins_);  // 64 W + 1: admits every distance
+        t_ = bins_;  // 64 W + 1: admits every distance
+        below_ = 0;
+        std::fill(count_.begin(), count_.end(), 0);  // ~1 KiB at W = 4
     }
 
-    // Keys with distance >= threshold() can no longer enter the top k (see cut()).
-    uint64_t threshold() const { return threshold_; }
-
-    // Raw append interface for vector scans: write entries at end(), then grow(); call
-    // cut() as soon as full().
-    uint64_t* end() { return buf_.data() + n_; }
-    void grow(int64_t m) { n_ += m; }
-    bool full() const { return n_ >= cap_; }
+    // Keys with distance >= threshold() can no longer enter the top k.
+    uint64_t threshold() const { return static_cast<uint64_t>(t_); }
 
     // Keys must arrive in increasing position order.
     FA_INLINE void push(uint64_t d, int64_t p) {
-        if (d < threshold_) {
-            buf_.data()[n_] = (d << 32) | static_cast<uint64_t>(p);
-            if (++n_ == cap_) cut();
+        if (d < threshold()) {
+            buf_.data()[n_++] = (d << 32) | static_cast<uint64_t>(p);
+            count(d);
+            if (n_ >= cap_) compact();
         }
     }
 
-    // Keeps the k best entries (still in position order) and lowers the threshold to the
-    // k-th distance t: the k kept entries all have distance <= t and earlier positions than
-    // any later key, so a later key needs distance < t to displace one of them.
-    void cut() {
-        int64_t below = 0;
-        const uint64_t t = kth_distance(k_, &below);
-        int64_t ties = k_ - below;
-        uint64_t* const e = buf_.data();
-        const int64_t n = n_;
-        int64_t m = 0;
-        for (int64_t i = 0; i < n; ++i) {  // branch-free stable compaction
-            const uint64_t x = e[i];
-            const uint64_t d = x >> 32;
-            const bool keep = d < t || (d == t && ties > 0);
-            ties -= d == t;
-            e[m] = x;
-            m += keep;
-        }
-        n_ = m;
-        threshold_ = t;
+    // Vector appends: store up to kBlockKeys entries at end() (in position order, each with
+    // distance < threshold() when the block was scanned), then admit(m) takes the first m.
+    uint64_t* end() { return buf_.data() + n_; }
+    FA_INLINE void admit(int m) {
+        // Every entry of the block beat the threshold it was scanned with, so all are
+        // counted (a count for a bin >= t is never read again) and t is lowered once per
+        // block: no per-entry branch.
+        const uint64_t* const e = buf_.data() + n_;
+        int32_t* const count = count_.data();
+        for (int i = 0; i < m; ++i) ++count[e[i] >> 32];
+        n_ += m;
+        below_ += m;
+        lower();
+        if (n_ >= cap_) compact();
     }
 
     // Writes the k best, ordered by (distance, position), then the empty-slot tail.
     void finish(int32_t* out_dist, int64_t* out_idx) {
-        const int64_t take = std::min(k_, n_);
-        int64_t below = 0;
-        const uint64_t t = kth_distance(take, &below);
-        // count_[d] becomes the next output slot of distance d (a stable counting sort).
+        // Fewer than k admitted: t never dropped, every entry counts and has d < t.
+        const int64_t take = t_ == bins_ ? below_ : k_;
+        // count_[d] becomes the next output slot of distance d (a stable counting sort);
+        // distance t takes the remaining take - below_ slots, earliest positions first.
         int64_t offset = 0;
-        for (uint64_t d = 0; d <= t && take > 0; ++d) {
+        for (int64_t d = 0; d < t_; ++d) {
             const int64_t c = count_[d];
-            count_[d] = offset;
+            count_[d] = static_cast<int32_t>(offset);
             offset += c;
         }
+        count_[t_] = static_cast<int32_t>(below_);
         const uint64_t* const e = buf_.data();
-        int64_t* const slot = count_.data();
-        const int64_t n = n_;
-        for (int64_t i = 0; i < n; ++i) {
+        int32_t* const slot = count_.data();
+        const uint64_t t = threshold();
+        for (int64_t i = 0; i < n_; ++i) {
             const uint64_t d = e[i] >> 32;
-            // Ties at t fill their slots in position order until `take` slots are used.
             if (d < t || (d == t && slot[t] < take)) {
                 const int64_t s = slot[d]++;
                 out_dist[s] = static_cast<int32_t>(d);
@@ -119,32 +119,41 @@ class TopkSelector {
     }
 
    private:
-    // Histogram of the buffer; returns the distance t of the take-th smallest entry and the
-    // number of entries strictly below t.
-    uint64_t kth_distance(int64_t take, int64_t* below) {
-        // Every entry has distance <= threshold_ (<= 64 W), so only those bins are used.
-        const uint64_t hi = std::min<uint64_t>(threshold_, bins_ - 1);
-        int64_t* const count = count_.data();
-        std::fill(count, count + hi + 1, 0);
-        const uint64_t* const e = buf_.data();
-        const int64_t n = n_;
-        for (int64_t i = 0; i < n; ++i) ++count[e[i] >> 32];
-        uint64_t t = 0;
-        int64_t b = 0;
-        if (take > 0) {
-            while (b + count[t] < take) b += count[t++];
+    // Counts an entry with d < t, then lowers t while at least k entries lie below it.
+    FA_INLINE void count(uint64_t d) {
+        ++count_[d];
+        ++below_;
+        lower();
+    }
+    FA_INLINE void lower() {
+        while (below_ >= k_) below_ -= count_[--t_];
+    }
+
+    // Drops the entries finish() would skip: d > t, and those at d == t past the first
+    // k - below_. Leaves k entries (the buffer only fills once k were admitted).
+    __attribute__((noinline)) void compact() {
+        uint64_t* const e = buf_.data();
+        const uint64_t t = threshold();
+        int64_t ties = k_ - below_;
+        int64_t m = 0;
+        for (int64_t i = 0; i < n_; ++i) {
+            const uint64_t d = e[i] >> 32;
+            const bool keep = d < t || (d == t && ties > 0);
+            ties -= d == t;
+            e[m] = e[i];
+            m += keep;
         }
-        *below = b;
-        return t;
+        n_ = m;
     }
 
     int64_t k_;
     int64_t bins_;
     int64_t cap_;
     int64_t n_ = 0;
-    uint64_t threshold_ = 0;
+    int64_t t_ = 0;
+    int64_t below_ = 0;  // entries with d < t_ (all counted in count_)
     AlignedBuffer<uint64_t> buf_;
-    std::vector<int64_t> count_;
+    std::vector<int32_t> count_;  // bins 0 .. 64 W + 1
 };
 
 // ------------------------------------------------------------------ portable row scans
@@ -239,8 +248,21 @@ void tile_block(const uint64_t* keys, int64_t n, int64_t W, int64_t block, uint6
 }
 
 #if FASTATTN_X86
-using ScanTileFn = int64_t (*)(const uint64_t*, int64_t, int64_t, int64_t,
-                               const uint64_t* const*, TopkSelector* const*);
+// The AVX-512 top-k makes two passes per block of up to kMaxQueries queries, so that no
+// branch or scalar work depends on how often a key beats a running threshold (the
+// k (1 + ln(L / k)) "records" of a streaming top-k each cost a mispredicted branch and a
+// buffer update, which was most of the time at L ~ 1000):
+//  1. one scan over the keys writes every distance as uint16 and, per lane of the 8-key
+//     blocks and per group of R consecutive blocks, the minimum distance;
+//  2. the k-th smallest of those minima, g, bounds the k-th distance (the minima belong to
+//     distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
+//     only ~k keys have d <= g. A vector pass over the stored distances lists them in
+//     position order, and a counting sort of that short list gives the exact answer.
+using ScanDistFn = int64_t (*)(const uint64_t*, int64_t, int64_t, int64_t,
+                               const uint64_t* const*, uint16_t* const*, uint16_t* const*);
+
+constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane past the last key
+constexpr int kVec16 = 32;           // uint16 lanes of one zmm
 
 // Word w of a block's 8 keys: one load from a tile, or a gather from row-major keys
 // (masked, so that the last block never reads past key n - 1).
@@ -254,15 +276,18 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i load_words(const uint64_t* t, int64_t
     }
 }
 
-// Scans key blocks [blk, nblocks) for QB queries and appends every key that beats a
-// query's threshold to its selector. A leaf loop with no calls, so that query words,
-// thresholds and accumulators stay in registers; it returns early (with the next block to
-// scan) as soon as a selector is full and must be cut.
+// 8 distances to uint16. (The maskz forms, here and for the minimum, avoid GCC's
+// maybe-uninitialized warning on the unmasked intrinsics' undefined pass-through operand.)
+FA_INLINE FA_TARGET_AVX512_VPOPCNT __m128i narrow(__m512i x) { return _mm512_maskz_cvtepi64_epi16(0xFF, x); }
+
+// Pass 1 for QB queries over n keys: dist[j][l] = distance of key l (kNoKey for the tail
+// lanes of the last block), and mins[j] gets, for every group of R blocks, the 8 per-lane
+// minima. Returns the number of minima written per query. A leaf loop with no calls, so
+// that query words and accumulators stay in registers.
 template <int WT, int QB, bool kRows>
-FA_TARGET_AVX512_VPOPCNT int64_t scan_tile_avx512(const uint64_t* tile, int64_t blk,
-                                                  int64_t n, int64_t W_rt,
-                                                  const uint64_t* const* q,
-                                                  TopkSelector* const* sel) {
+FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* tile, int64_t n, int64_t W_rt,
+                                                  int64_t R, const uint64_t* const* q,
+                                                  uint16_t* const* dist, uint16_t* const* mins) {
     const int64_t W = WT ? WT : W_rt;
     // Query words as broadcast vectors; the runtime-W variant broadcasts them on the fly.
     __m512i qv[QB][WT ? WT : 1];
@@ -270,15 +295,15 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_tile_avx512(const uint64_t* tile, int64_t 
         for (int j = 0; j < QB; ++j)
             for (int w = 0; w < WT; ++w) qv[j][w] = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
     }
-    __m512i thr[QB];
-    for (int j = 0; j < QB; ++j) thr[j] = _mm512_set1_epi64(static_cast<long long>(sel[j]->threshold()));
-    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i none = _mm512_set1_epi64(kNoKey);
+    __m512i mn[QB];
+    for (int j = 0; j < QB; ++j) mn[j] = none;
     const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
     const int64_t nfull = n / kBlockKeys;
     const __mmask8 tail = static_cast<__mmask8>((1u << (n % kBlockKeys)) - 1);
     const __m512i row_words = _mm512_set_epi64(7 * W, 6 * W, 5 * W, 4 * W, 3 * W, 2 * W, W, 0);
-
-    for (; blk < nblocks; ++blk) {
+    int64_t nm = 0, r = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
         const uint64_t* t = tile + blk * kBlockKeys * W;
         const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
         __m512i acc[QB];
@@ -300,58 +325,110 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_tile_avx512(const uint64_t* tile, int64_t 
                 }
             }
         }
-        __mmask8 m[QB];
-        unsigned any = 0;
         for (int j = 0; j < QB; ++j) {
-            m[j] = _mm512_mask_cmplt_epu64_mask(valid, acc[j], thr[j]);
-            any |= m[j];
+            if (blk >= nfull) acc[j] = _mm512_mask_mov_epi64(none, valid, acc[j]);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dist[j] + blk * kBlockKeys),
+                             narrow(acc[j]));
+            mn[j] = _mm512_maskz_min_epu64(0xFF, mn[j], acc[j]);
         }
-        if (__builtin_expect(any == 0, 1)) continue;
-        // Append the hits as (distance << 32 | position), in position order.
-        const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(blk * kBlockKeys), lane);
-        // No per-query branches: a query without hits stores an empty vector and grows by 0.
-        bool cut = false;
-        for (int j = 0; j < QB; ++j) {
-            const __m512i e = _mm512_or_si512(_mm512_maskz_slli_epi64(m[j], acc[j], 32), pos);
-            _mm512_storeu_si512(sel[j]->end(), _mm512_maskz_compress_epi64(m[j], e));
-            sel[j]->grow(__builtin_popcount(m[j]));
-            cut |= sel[j]->full();
+        if (++r == R || blk == nblocks - 1) {
+            for (int j = 0; j < QB; ++j) {
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(mins[j] + nm), narrow(mn[j]));
+                mn[j] = none;
+            }
+            nm += kBlockKeys;
+            r = 0;
         }
-        if (cut) return blk + 1;
     }
-    return nblocks;
+    return nm;
 }
 
 template <int WT, bool kRows>
-ScanTileFn scan_tile_for(int qb) {
+ScanDistFn scan_dist_for(int qb) {
     switch (qb) {
-        case 1: return scan_tile_avx512<WT, 1, kRows>;
-        case 2: return scan_tile_avx512<WT, 2, kRows>;
-        case 3: return scan_tile_avx512<WT, 3, kRows>;
-        default: return scan_tile_avx512<WT, 4, kRows>;
+        case 1: return scan_dist_avx512<WT, 1, kRows>;
+        case 2: return scan_dist_avx512<WT, 2, kRows>;
+        case 3: return scan_dist_avx512<WT, 3, kRows>;
+        default: return scan_dist_avx512<WT, 4, kRows>;
     }
 }
 
 template <bool kRows>
-ScanTileFn pick_scan_tile(int64_t W, int qb) {
+ScanDistFn pick_scan_dist(int64_t W, int qb) {
     static_assert(kMaxQueries == 4 && kMaxStaticW == 5, "update the dispatch tables");
     switch (W) {
-        case 1: return scan_tile_for<1, kRows>(qb);
-        case 2: return scan_tile_for<2, kRows>(qb);
-        case 3: return scan_tile_for<3, kRows>(qb);
-        case 4: return scan_tile_for<4, kRows>(qb);
-        case 5: return scan_tile_for<5, kRows>(qb);
-        default: return scan_tile_for<0, kRows>(qb);
+        case 1: return scan_dist_for<1, kRows>(qb);
+        case 2: return scan_dist_for<2, kRows>(qb);
+        case 3: return scan_dist_for<3, kRows>(qb);
+        case 4: return scan_dist_for<4, kRows>(qb);
+        case 5: return scan_dist_for<5, kRows>(qb);
+        default: return scan_dist_for<0, kRows>(qb);
     }
 }
 
-// Per-thread state of the AVX-512 top-k: one selector per query of a block.
+// Number of a[0..n) <= v; n is a multiple of kVec16.
+FA_TARGET_AVX512_VPOPCNT int64_t count_le(const uint16_t* a, int64_t n, uint16_t v) {
+    const __m512i vv = _mm512_set1_epi16(static_cast<short>(v));
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i += kVec16)
+        c += __builtin_popcount(_mm512_cmple_epu16_mask(_mm512_loadu_si512(a + i), vv));
+    return c;
+}
+
+// Pass 2 for one query: the exact top-k from its n32 stored distances (a multiple of kVec16,
+// padded with kNoKey) given the bound g (every key of the top k has d <= g).
+FA_TARGET_AVX512_VPOPCNT void select_topk(const uint16_t* dist, int64_t n32, uint16_t g,
+                                          int64_t k, int64_t W, uint32_t* cand, int32_t* count,
+                                          int32_t* out_dist, int64_t* out_idx) {
+    // Positions with d <= g, in position order.
+    const __m512i gv = _mm512_set1_epi16(static_cast<short>(g));
+    int64_t nc = 0;
+    for (int64_t i = 0; i < n32; i += kVec16) {
+        for (uint32_t m = _mm512_cmple_epu16_mask(_mm512_loadu_si512(dist + i), gv); m; m &= m - 1)
+            cand[nc++] = static_cast<uint32_t>(i + __builtin_ctz(m));
+    }
+    // Counting sort: t = distance of the take-th candidate, below = candidates under t.
+    const int64_t take = std::min(k, nc);
+    std::fill(count, count + g + 1, 0);
+    for (int64_t i = 0; i < nc; ++i) ++count[dist[cand[i]]];
+    int64_t t = 0, below = 0;
+    if (take > 0) {
+        while (below + count[t] < take) below += count[t++];
+    }
+    // count[d] becomes the next output slot of distance d; ties at t fill the remaining
+    // take - below slots in position order.
+    int64_t offset = 0;
+    for (int64_t d = 0; d < t; ++d) {
+        const int64_t c = count[d];
+        count[d] = static_cast<int32_t>(offset);
+        offset += c;
+    }
+    count[t] = static_cast<int32_t>(below);
+    for (int64_t i = 0; i < nc; ++i) {
+        const int64_t d = dist[cand[i]];
+        if (d < t || (d == t && count[t] < take)) {
+            const int64_t s = count[d]++;
+            out_dist[s] = static_cast<int32_t>(d);
+            out_idx[s] = cand[i];
+        }
+    }
+    for (int64_t s = take; s < k; ++s) {
+        out_dist[s] = static_cast<int32_t>(64 * W + 1);
+        out_idx[s] = -1;
+    }
+}
+
+// Per-thread scratch of the AVX-512 top-k.
 class TileWorker {
    public:
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
-        : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx) {
-        for (int j = 0; j < kMaxQueries; ++j) sels_.emplace_back(topk, L, W);
+        : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
+          stride_(round_up((L + kBlockKeys - 1) / kBlockKeys * kBlockKeys, kVec16)),
+          count_(64 * W + 2) {
+        dist_.resize(static_cast<size_t>(kMaxQueries * stride_));
+        mins_.resize(static_cast<size_t>(kMaxQueries * stride_));
+        cand_.resize(static_cast<size_t>(stride_));
     }
 
     // Top-k of queries ids[0..count) (count <= kMaxQueries) against the first n keys of a
@@ -359,29 +436,48 @@ class TileWorker {
     template <bool kRows>
     void run(const uint64_t* keys, int64_t n, const int64_t* ids, int count) {
         const uint64_t* qs[kMaxQueries];
-        TopkSelector* sel[kMaxQueries];
+        uint16_t* dist[kMaxQueries];
+        uint16_t* mins[kMaxQueries];
         for (int j = 0; j < count; ++j) {
             qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
-            sel[j] = &sels_[j];
-            sel[j]->reset();
+            dist[j] = dist_.data() + j * stride_;
+            mins[j] = mins_.data() + j * stride_;
         }
-        const ScanTileFn scan = pick_scan_tile<kRows>(W_, count);
+        // Groups of R blocks give about 4k minima: enough that the k-th of them is close
+        // to the k-th distance, few enough that finding it is cheap.
         const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
-        for (int64_t blk = 0; blk < nblocks;) {
-            blk = scan(keys, blk, n, W_, qs, sel);
-            for (int j = 0; j < count; ++j)
-                if (sel[j]->full()) sel[j]->cut();
+        const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
+        const int64_t nm = pick_scan_dist<kRows>(W_, count)(keys, n, W_, R, qs, dist, mins);
+        const int64_t n32 = round_up(nblocks * kBlockKeys, kVec16);
+        const int64_t m32 = round_up(nm, kVec16);
+        const uint16_t max_d = static_cast<uint16_t>(64 * W_);
+        for (int j = 0; j < count; ++j) {
+            std::fill(dist[j] + nblocks * kBlockKeys, dist[j] + n32, kNoKey);
+            std::fill(mins[j] + nm, mins[j] + m32, kNoKey);
+            // g = the k-th smallest minimum, found by bisection on vector counts; 64 W
+            // (every key) when fewer than k keys exist.
+            uint16_t lo = 0, hi = max_d;
+            while (lo < hi) {
+                const uint16_t mid = static_cast<uint16_t>((lo + hi) / 2);
+                if (count_le(mins[j], m32, mid) >= topk_) hi = mid;
+                else lo = static_cast<uint16_t>(mid + 1);
+            }
+            select_topk(dist[j], n32, lo, topk_, W_, cand_.data(), count_.data(),
+                        out_dist_ + ids[j] * topk_, out_idx_ + ids[j] * topk_);
         }
-        for (int j = 0; j < count; ++j)
-            sel[j]->finish(out_dist_ + ids[j] * topk_, out_idx_ + ids[j] * topk_);
     }
 
    private:
+    static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
     const int64_t* q_;
     int64_t W_, topk_;
     int32_t* out_dist_;
     int64_t* out_idx_;
-    std::vector<TopkSelector> sels_;
+    int64_t stride_;  // uint16 slots per query: L rounded up to whole blocks and vectors
+    AlignedBuffer<uint16_t> dist_, mins_;
+    AlignedBuffer<uint32_t> cand_;
+    std::vector<int32_t> count_;
 };
 
 void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* lengths,
