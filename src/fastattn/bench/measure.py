@@ -1,6 +1,7 @@
 """Timing, peak-memory and machine description for the benchmark sweeps."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -51,9 +52,15 @@ def _status_kb(field: str) -> Optional[int]:
 def peak_extra_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Peak resident memory ``fn()`` adds on top of what is resident when it starts.
 
-    Linux only: resets the high-water mark through /proc/self/clear_refs, runs ``fn`` once
-    and reads VmHWM. Returns None where that is not possible.
+    Linux only: returns freed heap pages to the kernel (glibc ``malloc_trim``; otherwise
+    memory freed by earlier runs stays resident and hides the call's own peak), resets the
+    high-water mark through /proc/self/clear_refs, runs ``fn`` once and reads VmHWM.
+    Returns None where that is not possible.
     """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

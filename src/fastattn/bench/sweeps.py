@@ -145,6 +145,9 @@ def eta_serving_sweep(quick: bool) -> Sweep:
             qh, kh, vh = q.view(1, 1, B, D), keys.view(1, 1, L, D), values.view(1, 1, L, D)
             impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
             impls["dense_target_attention"] = lambda: fastattn.target_attention(q, keys, values)
+            # What a straightforward dense attention costs: the (B, L) scores in memory.
+            scale = D ** -0.5
+            impls["dense_naive"] = lambda: torch.softmax(q @ keys[0].T * scale, -1) @ values[0]
             return impls
         return make
 

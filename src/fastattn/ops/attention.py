@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
-from ..backends import cpu_threads
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_k, check_lengths,
-                      check_same_device, check_signature, check_tensor, kernels, layout, np,
-                      set_numba_threads)
+                      check_same_device, check_signature, check_tensor, cpu_call, kernels, layout)
 from .gather import check_idx_range, scatter_add_rows
 
 __all__ = ["topk_attention", "eta_attention", "target_attention"]
@@ -51,12 +49,7 @@ def _topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
     out = torch.zeros(B, H, values.shape[-1], dtype=acc)
     lse = torch.full((B, H), float("-inf"), dtype=acc)
     if B and H:
-        args = (np(qc), np(kc), np(vc), np(ix), np(hist), float(scale), np(out), np(lse))
-        if backend == "cpp":
-            kernels("cpp").topk_attention_fwd(*args, cpu_threads())
-        else:
-            set_numba_threads()
-            kernels("numba").topk_attention_fwd(*args)
+        cpu_call(backend, "topk_attention_fwd", qc, kc, vc, ix, hist, float(scale), out, lse)
     return out.to(q.dtype), lse
 
 
@@ -91,14 +84,8 @@ def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor, values: 
         dk_slots = torch.zeros(B, K, H, Dh, dtype=acc)
         dv_slots = torch.zeros(B, K, H, Dv, dtype=acc)
         if B and H:
-            args = (np(g), np(qc), np(kc), np(vc), np(ix), np(hist), np(oc),
-                    np(lse.to(acc).contiguous()), float(scale), np(dq), np(dk_slots),
-                    np(dv_slots))
-            if backend == "cpp":
-                kernels("cpp").topk_attention_bwd(*args, cpu_threads())
-            else:
-                set_numba_threads()
-                kernels("numba").topk_attention_bwd(*args)
+            cpu_call(backend, "topk_attention_bwd", g, qc, kc, vc, ix, hist, oc,
+                     lse.to(acc).contiguous(), float(scale), dq, dk_slots, dv_slots)
     dk = scatter_add_rows(dk_slots.reshape(B, K, H * Dh), ix, hist, U, L, backend)
     dv = scatter_add_rows(dv_slots.reshape(B, K, H * Dv), ix, hist, U, L, backend)
     return (dq.to(q.dtype), dk.reshape(U, L, H, Dh).to(keys.dtype),

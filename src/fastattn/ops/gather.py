@@ -7,9 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ..backends import cpu_threads
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_same_device,
-                      check_tensor, kernels, layout, np, set_numba_threads)
+                      check_tensor, cpu_call, kernels, layout)
 
 __all__ = ["topk_gather", "scatter_add_rows"]
 
@@ -35,12 +34,7 @@ def _topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor],
     out = torch.empty(B, K, Dv, dtype=values.dtype)
     if out.numel():
         # Rows are copied as raw bytes, so one kernel serves every dtype.
-        vb, ob = v.view(torch.uint8), out.view(torch.uint8)
-        if backend == "cpp":
-            kernels("cpp").gather_rows(np(vb), np(ix), np(hist), np(ob), cpu_threads())
-        else:
-            set_numba_threads()
-            kernels("numba").gather_rows(np(vb), np(ix), np(hist), np(ob))
+        cpu_call(backend, "gather_rows", v.view(torch.uint8), ix, hist, out.view(torch.uint8))
     return out
 
 
@@ -67,11 +61,7 @@ def scatter_add_rows(grad: Tensor, idx: Tensor, hist: Tensor, U: int, L: int,
     g = grad.to(acc).contiguous()
     out = torch.zeros(U, L, R, dtype=acc)
     if g.numel() and out.numel():
-        if backend == "cpp":
-            kernels("cpp").scatter_add_rows(np(g), np(ix), np(hist), np(out), cpu_threads())
-        else:
-            set_numba_threads()
-            kernels("numba").scatter_add_rows(np(g), np(ix), np(hist), np(out))
+        cpu_call(backend, "scatter_add_rows", g, ix, hist, out)
     return out.to(grad.dtype)
 
 

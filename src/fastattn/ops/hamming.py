@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ..backends import cpu_threads
 from ._common import (backend_for, check_hist_index, check_k, check_lengths, check_same_device,
-                      check_signature, kernels, layout, np, set_numba_threads)
+                      check_signature, cpu_call, kernels, layout)
 
 __all__ = ["hamming_distance", "hamming_topk"]
 
@@ -39,12 +38,7 @@ def _hamming_distance(q_sig: Tensor, k_sig: Tensor, backend: str) -> Tensor:
     else:
         out = torch.empty(qi.shape[0], L, dtype=torch.int32)
         if out.numel():
-            if backend == "cpp":
-                kernels("cpp").hamming_distance(np(q), np(k), np(qi), np(ki), np(out),
-                                                cpu_threads())
-            else:
-                set_numba_threads()
-                kernels("numba").hamming_distance(np(q), np(k), np(qi), np(ki), np(out))
+            cpu_call(backend, "hamming_distance", q, k, qi, ki, out)
     return out.reshape(*lead, L)
 
 
@@ -95,13 +89,7 @@ def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor
     dist = torch.empty(B, k, dtype=torch.int32)
     idx = torch.empty(B, k, dtype=torch.int64)
     if B:
-        if backend == "cpp":
-            kernels("cpp").hamming_topk(np(q), np(ks), np(lens), np(hist), k, np(dist), np(idx),
-                                        cpu_threads())
-        else:
-            set_numba_threads()
-            kernels("numba").hamming_topk(np(q), np(ks), np(lens), np(hist), k, np(dist),
-                                          np(idx))
+        cpu_call(backend, "hamming_topk", q, ks, lens, hist, k, dist, idx)
     return dist, idx
 
 
@@ -136,7 +124,7 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, *, lengths: Optional[Tens
         raise ValueError(f"q_sig (B, W) and k_sig (U, L, W) must have the same number of words "
                          f"W, got {q_sig.shape[1]} and {k_sig.shape[2]}")
     check_k(k)
-    B, U, L = q_sig.shape[0], k_sig.shape[0], k_sig.shape[1]
+    B, U = q_sig.shape[0], k_sig.shape[0]
     check_lengths(lengths, U)
     check_hist_index(hist_index, B, U)
     dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index)

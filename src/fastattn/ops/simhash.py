@@ -7,9 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ._common import (FLOAT_DTYPES, backend_for, check_same_device, check_tensor, kernels, np,
-                      set_numba_threads)
-from ..backends import cpu_threads
+from ._common import FLOAT_DTYPES, backend_for, check_same_device, check_tensor, cpu_call, kernels
 
 __all__ = ["simhash_sign", "make_planes"]
 
@@ -45,11 +43,7 @@ def _simhash_sign(x: Tensor, planes: Tensor, backend: str) -> Tensor:
     else:
         out = torch.empty(xs.shape[0], W, dtype=torch.int64, device=x.device)
         if xs.shape[0]:
-            if backend == "cpp":
-                kernels("cpp").simhash_sign(np(xs), np(ps), np(out), cpu_threads())
-            else:
-                set_numba_threads()
-                kernels("numba").simhash_sign(np(xs), np(ps), np(out))
+            cpu_call(backend, "simhash_sign", xs, ps, out)
     return out.reshape(*lead, W)
 
 
