@@ -763,7 +763,6 @@ def _scan_bwd_row(b, d_reads, d_h, d_r, d_M, d_g, d_S, x, L, cwi, cwh, cbi, cbh,
                   mw, mb, uwi, uwh, ubi, ubh, has_mur, miu_k, chunk,
                   ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0, dg0, dS0,
                   dcwi, dcwh, dcbi, dcbh, dhw, dhb, dmw, dmb, duwi, duwh, dubi, dubh):
-    T = x.shape[1]
     Dx = x.shape[2]
     Hc = ck_h.shape[2]
     D = ck_r.shape[2]
