@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_features.h"
 #include "kernels.h"
 #include "mimn.h"
 
@@ -60,8 +61,8 @@ inline T dot(const T* a, const T* b, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
     return s;
 }
-// y = W x + bias, W (rows, K) row-major: contiguous dot products, four rows at a time so
-// that each load of x feeds four multiply-adds and the loop overhead is shared.
+// y = W x + bias, W (rows, K) row-major: contiguous dot products, four rows at a time. Only
+// the tiny MUR mat-vec (m x m) uses it; the big ones go through gemv_t below.
 template <typename T>
 inline void matvec(const T* W, const T* bias, const T* x, int64_t rows, int64_t K, T* y) {
     int64_t j = 0;
@@ -81,32 +82,154 @@ inline void matvec(const T* W, const T* bias, const T* x, int64_t rows, int64_t 
     }
     for (; j < rows; ++j) y[j] = bias[j] + dot(W + j * K, x, K);
 }
-// y += Wᵀ v: axpys over the rows of W, four at a time (one load/store of y per four rows).
+
+// y[c] = init[c] + Σ_r x[r] A[r, c], A (R, C) row-major: broadcast-FMAs over the outputs,
+// whose inner loop is contiguous and fills whole vectors even at these small sizes. With A
+// a transposed weight (K, N) it is the forward mat-vec W x + b; with A = W (N, K) it is the
+// backward's dX += Wᵀ dY (init = y). y may equal init, must not alias A or x. The summation
+// order depends on the ISA path (the AVX-512 float kernel keeps even and odd r in separate
+// accumulators) but never on the thread count.
 template <typename T>
-inline void matvec_t_acc(const T* W, const T* v, int64_t rows, int64_t K, T* y) {
-    int64_t j = 0;
-    for (; j + 4 <= rows; j += 4) {
-        const T *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        const T v0 = v[j], v1 = v[j + 1], v2 = v[j + 2], v3 = v[j + 3];
+FA_INLINE void gemv_t_body(const T* A, const T* init, const T* x, int64_t R, int64_t C, T* y) {
+    if (y != init && C > 0) std::memcpy(y, init, sizeof(T) * C);
+    for (int64_t r = 0; r < R; ++r) {
+        const T xr = x[r];
+        const T* a = A + r * C;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) y[k] += w0[k] * v0 + w1[k] * v1 + w2[k] * v2 + w3[k] * v3;
-    }
-    for (; j < rows; ++j) {
-        const T vj = v[j];
-        const T* wj = W + j * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) y[k] += wj[k] * vj;
+        for (int64_t c = 0; c < C; ++c) y[c] += xr * a[c];
     }
 }
-// G += v xᵀ, G (rows, K).
 template <typename T>
-inline void outer_acc(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
+FA_INLINE void outer_acc_body(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
     for (int64_t j = 0; j < rows; ++j) {
         const T vj = v[j];
         T* gj = G + j * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) gj[k] += vj * x[k];
     }
+}
+template <typename T>
+void gemv_t_default(const T* A, const T* init, const T* x, int64_t R, int64_t C, T* y) {
+    gemv_t_body(A, init, x, R, C, y);
+}
+template <typename T>
+void outer_acc_default(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
+    outer_acc_body(G, v, x, rows, K);
+}
+#if FASTATTN_X86
+template <typename T>
+FA_TARGET_AVX2 void gemv_t_avx2(const T* A, const T* init, const T* x, int64_t R, int64_t C,
+                                T* y) {
+    gemv_t_body(A, init, x, R, C, y);
+}
+template <typename T>
+FA_TARGET_AVX2 void outer_acc_avx2(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
+    outer_acc_body(G, v, x, rows, K);
+}
+template <typename T>
+FA_TARGET_AVX512F void outer_acc_avx512(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
+    outer_acc_body(G, v, x, rows, K);
+}
+// NB column blocks of 16 floats (the last one masked by `tail`) held in registers over all R.
+template <int NB>
+FA_TARGET_AVX512F inline void gemv_t_block_f32(const float* A, const float* init,
+                                               const float* x, int64_t R, int64_t C, float* y,
+                                               __mmask16 tail) {
+    // two accumulator sets (even / odd r) halve the FMA latency chain
+    __m512 acc[NB], acc1[NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) {
+        acc[i] = _mm512_maskz_loadu_ps(i == NB - 1 ? tail : __mmask16(0xFFFF), init + 16 * i);
+        acc1[i] = _mm512_setzero_ps();
+    }
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) {
+        const __m512 x0 = _mm512_set1_ps(x[r]);
+        const __m512 x1 = _mm512_set1_ps(x[r + 1]);
+        const float* a0 = A + r * C;
+        const float* a1 = a0 + C;
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) {
+            const __mmask16 mk = i == NB - 1 ? tail : __mmask16(0xFFFF);
+            acc[i] = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mk, a0 + 16 * i), acc[i]);
+            acc1[i] = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(mk, a1 + 16 * i), acc1[i]);
+        }
+    }
+    if (r < R) {
+        const __m512 x0 = _mm512_set1_ps(x[r]);
+        const float* a0 = A + r * C;
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) {
+            const __mmask16 mk = i == NB - 1 ? tail : __mmask16(0xFFFF);
+            acc[i] = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mk, a0 + 16 * i), acc[i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i)
+        _mm512_mask_storeu_ps(y + 16 * i, i == NB - 1 ? tail : __mmask16(0xFFFF),
+                              _mm512_add_ps(acc[i], acc1[i]));
+}
+template <typename T>
+FA_TARGET_AVX512F void gemv_t_avx512(const T* A, const T* init, const T* x, int64_t R, int64_t C,
+                                     T* y) {
+    gemv_t_body(A, init, x, R, C, y);
+}
+template <>
+FA_TARGET_AVX512F void gemv_t_avx512<float>(const float* A, const float* init, const float* x,
+                                            int64_t R, int64_t C, float* y) {
+    for (int64_t c0 = 0; c0 < C; c0 += 128) {
+        const int64_t n = std::min<int64_t>(C - c0, 128);
+        const int nb = static_cast<int>((n + 15) / 16);
+        const int last = static_cast<int>(n - 16 * (nb - 1));
+        const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
+        const float* a = A + c0;
+        const float* in = init + c0;
+        float* out = y + c0;
+        switch (nb) {
+            case 1: gemv_t_block_f32<1>(a, in, x, R, C, out, tail); break;
+            case 2: gemv_t_block_f32<2>(a, in, x, R, C, out, tail); break;
+            case 3: gemv_t_block_f32<3>(a, in, x, R, C, out, tail); break;
+            case 4: gemv_t_block_f32<4>(a, in, x, R, C, out, tail); break;
+            case 5: gemv_t_block_f32<5>(a, in, x, R, C, out, tail); break;
+            case 6: gemv_t_block_f32<6>(a, in, x, R, C, out, tail); break;
+            case 7: gemv_t_block_f32<7>(a, in, x, R, C, out, tail); break;
+            default: gemv_t_block_f32<8>(a, in, x, R, C, out, tail); break;
+        }
+    }
+}
+#endif
+// 0 default, 1 AVX2+FMA, 2 AVX-512F+FMA (FASTATTN_CPU_ISA caps it).
+inline int mimn_isa() {
+#if FASTATTN_X86
+    static const int isa = use_avx512f() ? 2 : (cpu_features().avx2 && cpu_features().fma) ? 1 : 0;
+    return isa;
+#else
+    return 0;
+#endif
+}
+template <typename T>
+inline void gemv_t(const T* A, const T* init, const T* x, int64_t R, int64_t C, T* y) {
+#if FASTATTN_X86
+    const int isa = mimn_isa();
+    if (isa == 2) return gemv_t_avx512(A, init, x, R, C, y);
+    if (isa == 1) return gemv_t_avx2(A, init, x, R, C, y);
+#endif
+    gemv_t_default(A, init, x, R, C, y);
+}
+// y += Wᵀ v, W (rows, K).
+template <typename T>
+inline void matvec_t_acc(const T* W, const T* v, int64_t rows, int64_t K, T* y) {
+    gemv_t(W, y, v, rows, K, y);
+}
+// G += v xᵀ, G (rows, K).
+template <typename T>
+inline void outer_acc(T* G, const T* v, const T* x, int64_t rows, int64_t K) {
+#if FASTATTN_X86
+    const int isa = mimn_isa();
+    if (isa == 2) return outer_acc_avx512(G, v, x, rows, K);
+    if (isa == 1) return outer_acc_avx2(G, v, x, rows, K);
+#endif
+    outer_acc_default(G, v, x, rows, K);
 }
 template <typename T>
 inline void add_to(T* y, const T* x, int64_t n) {
@@ -159,10 +282,39 @@ struct Layout {
 
 // ----------------------------------------------------------------------------- GRU cell
 
+// W (rows, K) -> (K, rows).
+template <typename T>
+std::vector<T> transposed(const T* W, int64_t rows, int64_t K) {
+    std::vector<T> t(static_cast<size_t>(rows * K));
+    for (int64_t j = 0; j < rows; ++j)
+        for (int64_t k = 0; k < K; ++k) t[k * rows + j] = W[j * K + k];
+    return t;
+}
+
+// w_ih_t / w_hh_t: the transposed weights (K, 3H) / (H, 3H) for the forward mat-vecs.
 template <typename T>
 struct Gru {
     const T *w_ih, *w_hh, *b_ih, *b_hh;
     int64_t H, K;  // hidden and input width
+    const T *w_ih_t, *w_hh_t;
+};
+// A Gru that owns its transposed weights (made once per kernel call, before the parallel
+// region); not copyable, since c points into it.
+template <typename T>
+struct GruT {
+    std::vector<T> ih_t, hh_t;
+    Gru<T> c;
+    GruT(const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, int64_t H, int64_t K,
+         bool active)
+        : c{w_ih, w_hh, b_ih, b_hh, H, K, nullptr, nullptr} {
+        if (!active) return;
+        ih_t = transposed(w_ih, 3 * H, K);
+        hh_t = transposed(w_hh, 3 * H, H);
+        c.w_ih_t = ih_t.data();
+        c.w_hh_t = hh_t.data();
+    }
+    GruT(const GruT&) = delete;
+    GruT& operator=(const GruT&) = delete;
 };
 template <typename T>
 struct GruGrad {
@@ -175,8 +327,8 @@ void gru_fwd(const Gru<T>& c, const T* x, const T* h, T* h_out, T* tape, T* work
     const int64_t H = c.H;
     T* gi = work;
     T* gh = work + 3 * H;
-    matvec(c.w_ih, c.b_ih, x, 3 * H, c.K, gi);
-    matvec(c.w_hh, c.b_hh, h, 3 * H, H, gh);
+    gemv_t(c.w_ih_t, c.b_ih, x, c.K, 3 * H, gi);
+    gemv_t(c.w_hh_t, c.b_hh, h, H, 3 * H, gh);
     T *rg = tape, *z = tape + H, *n = tape + 2 * H, *ghn = tape + 3 * H;
     for (int64_t j = 0; j < H; ++j) {
         rg[j] = sigmoid(gi[j] + gh[j]);
@@ -464,19 +616,29 @@ void miu_bwd(const Layout& L, const Gru<T>& c, const GruGrad<T>& gr, const T* Mt
 
 // ----------------------------------------------------------------------------- scan step
 
+// Built once per kernel call, before the parallel region (it transposes the weights).
 template <typename T>
 struct Model {
     Layout L;
-    Gru<T> ctrl, miu;
+    GruT<T> ctrl_t, miu_t;
+    const Gru<T>&ctrl, &miu;
     const T *heads_w, *heads_b, *mur_w, *mur_b;
+    std::vector<T> heads_t_buf;
+    const T* heads_t;  // (Hc, P)
     Model(const MimnDims& d, const MimnWeights<T>& w)
         : L(d),
-          ctrl{w.ctrl_w_ih, w.ctrl_w_hh, w.ctrl_b_ih, w.ctrl_b_hh, d.Hc, d.Dx + d.D},
-          miu{w.miu_w_ih, w.miu_w_hh, w.miu_b_ih, w.miu_b_hh, d.Hs, d.D + d.Dx},
+          ctrl_t(w.ctrl_w_ih, w.ctrl_w_hh, w.ctrl_b_ih, w.ctrl_b_hh, d.Hc, d.Dx + d.D, true),
+          miu_t(w.miu_w_ih, w.miu_w_hh, w.miu_b_ih, w.miu_b_hh, d.Hs, d.D + d.Dx, L.k > 0),
+          ctrl(ctrl_t.c),
+          miu(miu_t.c),
           heads_w(w.heads_w),
           heads_b(w.heads_b),
           mur_w(w.mur_w),
-          mur_b(w.mur_b) {}
+          mur_b(w.mur_b),
+          heads_t_buf(transposed(w.heads_w, L.P, d.Hc)),
+          heads_t(heads_t_buf.data()) {}
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
 };
 
 // Steps 1-7 of one valid step of one row: state `s` -> `s1` (no aliasing), tape written.
@@ -490,7 +652,7 @@ void scan_step_fwd(const Model<T>& md, const T* x, const T* s, T* s1, T* tape, T
     copy(xin, x, L.Dx);
     copy(xin + L.Dx, s + L.s_r, L.D);
     gru_fwd(md.ctrl, xin, s + L.s_h, s1 + L.s_h, tape + L.t_ctrl, w2);
-    matvec(md.heads_w, md.heads_b, s1 + L.s_h, L.P, L.Hc, head);
+    gemv_t(md.heads_t, md.heads_b, s1 + L.s_h, L.Hc, L.P, head);
     T* rec = tape + L.t_ntm;
     ntm_fwd(L, md.mur_w, md.mur_b, s + L.s_M, s + L.s_g, head, s1 + L.s_r, s1 + L.s_M,
             s1 + L.s_g, rec);
@@ -634,7 +796,8 @@ void miu_gather_gru_fwd(const MimnDims& d, const T* M, const T* x, const T* S, c
                         const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* S_out,
                         int nthreads) {
     const Layout L(d);
-    const Gru<T> c{w_ih, w_hh, b_ih, b_hh, d.Hs, d.D + d.Dx};
+    const GruT<T> ct(w_ih, w_hh, b_ih, b_hh, d.Hs, d.D + d.Dx, L.k > 0);
+    const Gru<T>& c = ct.c;
     const int64_t rec_n = L.k * (1 + 4 * L.Hs);
     Scratch<T> sc(nthreads, rec_n + L.work, L.m);
 #pragma omp parallel num_threads(nthreads)
@@ -661,7 +824,8 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
                         const T* b_hh, T* dM, T* dx, T* dS, T* dw_ih_rows, T* dw_hh_rows,
                         T* db_ih_rows, T* db_hh_rows, int nthreads) {
     const Layout L(d);
-    const Gru<T> c{w_ih, w_hh, b_ih, b_hh, d.Hs, d.D + d.Dx};
+    const GruT<T> ct(w_ih, w_hh, b_ih, b_hh, d.Hs, d.D + d.Dx, L.k > 0);
+    const Gru<T>& c = ct.c;
     const int64_t rec_n = L.k * (1 + 4 * L.Hs);
     const int64_t mh = L.m * L.Hs, K = L.D + L.Dx, G = 3 * L.Hs;
     Scratch<T> sc(nthreads, rec_n + L.work + mh, L.m);
