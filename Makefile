@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick install clean
+.PHONY: test bench bench-quick bench-pytest install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/fastattn-bench --quick --out bench/results
+
+# pytest-benchmark suites, grouped per op and size (compare runs with --benchmark-compare).
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only \
+		--benchmark-json=bench/results/pytest_benchmark.json --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf build $(VENV) src/fastattn/*.so src/*.egg-info
