@@ -106,7 +106,7 @@ class ETAAttention(TargetAttention):
 
     def sign(self, x: Tensor) -> Tensor:
         """SimHash signatures (..., W) of projected vectors x (..., E)."""
-        return simhash_sign(x, self.planes.to(x.dtype), backend=self.backend)
+        return simhash_sign(x, self.planes, backend=self.backend)
 
     @torch.no_grad()
     def precompute_key_signatures(self, item_embeddings: Tensor) -> Tensor:
