@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.bench.sweeps import eta_inputs, faiss_search
 
 CPU_BACKENDS = [b for b in ("cpp", "numba") if fastattn.backends()["available"][b]]
 
@@ -12,11 +13,7 @@ LENGTHS = [1024, 16384]
 
 
 def _signed(L):
-    g = torch.Generator().manual_seed(L)
-    q, keys, values = (torch.randn(B, D, generator=g), torch.randn(1, L, D, generator=g),
-                       torch.randn(1, L, D, generator=g))
-    planes = fastattn.make_planes(D, BITS, g)
-    return q, keys, values, fastattn.simhash_sign(q, planes), fastattn.simhash_sign(keys, planes)
+    return eta_inputs(B, 1, L, D, BITS, torch.Generator().manual_seed(L))
 
 
 @pytest.mark.parametrize("L", LENGTHS)
@@ -41,12 +38,10 @@ def test_hamming_topk(benchmark, impl, L):
     benchmark.group = f"hamming_topk B={B} L={L}"
     _, _, _, qs, ks = _signed(L)
     if impl == "faiss":
-        faiss = pytest.importorskip("faiss", reason="faiss-cpu is in the [bench] extra")
-        faiss.omp_set_num_threads(torch.get_num_threads())
-        index = faiss.IndexBinaryFlat(BITS)
-        index.add(ks[0].numpy().view("uint8"))
-        qb = qs.numpy().view("uint8")
-        benchmark(lambda: index.search(qb, K))
+        search = faiss_search(qs, ks[0], K)
+        if search is None:
+            pytest.skip("faiss-cpu is not installed (it is in the [bench] extra)")
+        benchmark(search)
     elif impl == "torch_xor_popcount_topk":
         benchmark(lambda: fastattn.hamming_topk(qs, ks, K, backend="torch"))
     else:

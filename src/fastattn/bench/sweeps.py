@@ -51,6 +51,20 @@ def _sigs(n: int, words: int, g: torch.Generator) -> torch.Tensor:
     return torch.randint(-2**63, 2**63 - 1, (n, words), dtype=torch.int64, generator=g)
 
 
+def faiss_search(q_sig: torch.Tensor, k_sig: torch.Tensor, k: int):
+    """FAISS ``IndexBinaryFlat`` over the signatures k_sig (L, W), at torch's thread count:
+    a callable searching the k nearest for q_sig (B, W), or None without faiss-cpu."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexBinaryFlat(k_sig.shape[1] * 64)
+    index.add(k_sig.numpy().view("uint8"))
+    qb = q_sig.numpy().view("uint8")
+    return lambda: index.search(qb, k)
+
+
 # --------------------------------------------------------------------------- hamming_topk
 
 def hamming_topk_sweep(quick: bool) -> Sweep:
@@ -70,15 +84,9 @@ def hamming_topk_sweep(quick: bool) -> Sweep:
             impls = {}
             for be in _cpu_backends(include_torch=L <= torch_max):
                 impls[be] = lambda be=be: fastattn.hamming_topk(q, k, K, backend=be)
-            try:
-                import faiss
-                faiss.omp_set_num_threads(torch.get_num_threads())
-                index = faiss.IndexBinaryFlat(NB)
-                index.add(k[0].numpy().view("uint8"))
-                qb = q.numpy().view("uint8")
-                impls["faiss"] = lambda: index.search(qb, K)
-            except ImportError:
-                pass
+            search = faiss_search(q, k[0], K)
+            if search is not None:
+                impls["faiss"] = search
             qf = torch.randn(1, 1, B, D, generator=g)
             kf = torch.randn(1, 1, L, D, generator=g)
             impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qf, kf, kf)
@@ -114,7 +122,7 @@ def simhash_sweep(quick: bool) -> Sweep:
 
 # --------------------------------------------------------------------------- eta_attention
 
-def _eta_inputs(B: int, U: int, L: int, D: int, NB: int, g: torch.Generator,
+def eta_inputs(B: int, U: int, L: int, D: int, NB: int, g: torch.Generator,
                 requires_grad: bool = False):
     q = torch.randn(B, D, generator=g)
     keys = torch.randn(U, L, D, generator=g)
@@ -138,7 +146,7 @@ def eta_serving_sweep(quick: bool) -> Sweep:
     def build(L: int):
         def make():
             g = torch.Generator().manual_seed(L)
-            q, keys, values, q_sig, k_sig = _eta_inputs(B, 1, L, D, NB, g)
+            q, keys, values, q_sig, k_sig = eta_inputs(B, 1, L, D, NB, g)
             impls = {be: (lambda be=be: fastattn.eta_attention(q, keys, values, q_sig, k_sig, K,
                                                                backend=be))
                      for be in _cpu_backends(include_torch=L <= torch_max)}
@@ -166,7 +174,7 @@ def eta_training_sweep(quick: bool) -> Sweep:
     def build(L: int):
         def make():
             g = torch.Generator().manual_seed(L)
-            q, keys, values, q_sig, k_sig = _eta_inputs(B, B, L, D, NB, g, requires_grad=True)
+            q, keys, values, q_sig, k_sig = eta_inputs(B, B, L, D, NB, g, requires_grad=True)
 
             def step(f):
                 out = f()
