@@ -30,9 +30,10 @@ def _tiles(rows: int, Dv: int, elem_size: int):
 
 
 @triton.jit
-def _gather_kernel(v_ptr, idx_ptr, hist_ptr, out_ptr, R, K, L, Dv,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Rows r = b * K + j of the flattened (B * K, Dv) output.
+def _tile_rows(idx_ptr, hist_ptr, R, K, L, Dv, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of the flattened (B * K, Dv) slot rows r = b * K + j: the rows,
+    the columns, their masks, which rows hold a real slot (idx >= 0), and the offset of
+    each slot's history row (hist_index[b], idx[b, j]) in the (U, L, Dv) table."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_r = r < R
@@ -40,7 +41,15 @@ def _gather_kernel(v_ptr, idx_ptr, hist_ptr, out_ptr, R, K, L, Dv,
     pos = tl.load(idx_ptr + r, mask=mask_r, other=-1)
     u = tl.load(hist_ptr + r // K, mask=mask_r, other=0)
     take = mask_r & (pos >= 0)
-    src = (u * L + tl.where(take, pos, 0)) * Dv
+    row = (u * L + tl.where(take, pos, 0)) * Dv
+    return r, offs_d, mask_r, mask_d, take, row
+
+
+@triton.jit
+def _gather_kernel(v_ptr, idx_ptr, hist_ptr, out_ptr, R, K, L, Dv,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r, offs_d, mask_r, mask_d, take, src = _tile_rows(idx_ptr, hist_ptr, R, K, L, Dv,
+                                                      BLOCK_R, BLOCK_D)
     # idx = -1 rows load nothing and store zeros (not 0 * row: that would keep NaN/inf).
     vals = tl.load(v_ptr + src[:, None] + offs_d[None, :],
                    mask=take[:, None] & mask_d[None, :], other=0)
@@ -70,16 +79,10 @@ def gather_rows(values: torch.Tensor, idx: torch.Tensor,
 @triton.jit
 def _scatter_add_kernel(g_ptr, idx_ptr, hist_ptr, out_ptr, R, K, L, Dv,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_r = r < R
-    mask_d = offs_d < Dv
-    pos = tl.load(idx_ptr + r, mask=mask_r, other=-1)
-    u = tl.load(hist_ptr + r // K, mask=mask_r, other=0)
-    take = mask_r & (pos >= 0)
+    r, offs_d, mask_r, mask_d, take, dst = _tile_rows(idx_ptr, hist_ptr, R, K, L, Dv,
+                                                      BLOCK_R, BLOCK_D)
     m = take[:, None] & mask_d[None, :]
     g = tl.load(g_ptr + r[:, None] * Dv + offs_d[None, :], mask=m, other=0)
-    dst = (u * L + tl.where(take, pos, 0)) * Dv
     # The destination buffer's dtype decides the add (fp32 for half grads).
     g = g.to(out_ptr.dtype.element_ty)
     tl.atomic_add(out_ptr + dst[:, None] + offs_d[None, :], g, mask=m, sem="relaxed")
