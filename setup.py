@@ -13,7 +13,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 PACKAGES = [
-    "fastattn", "fastattn.ops", "fastattn.nn", "fastattn.bench",
+    "fastattn", "fastattn.ops", "fastattn.nn", "fastattn.bench", "fastattn.data",
+    "fastattn.models", "fastattn.serving",
     "fastattn.kernels", "fastattn.kernels.triton", "fastattn.kernels.numba",
 ]
 PACKAGE_DIR = {"": "src", "fastattn.kernels": "kernels"}

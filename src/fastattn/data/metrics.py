@@ -1,0 +1,102 @@
+"""CTR metrics: rank AUC (ties averaged), group AUC (per-user, as in DIN) and log loss.
+
+All vectorised torch: one sort by (group, score), tie runs averaged with scatter-adds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["auc", "gauc", "log_loss"]
+
+
+def _check(scores: Tensor, labels: Tensor, groups: Optional[Tensor] = None) -> None:
+    for name, t in (("scores", scores), ("labels", labels)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-d tensor (S,), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must "
+                         "have the same shape (S,)")
+    if not scores.dtype.is_floating_point and scores.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"scores must be a float or integer tensor, got {scores.dtype}")
+    if scores.dtype.is_floating_point and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN")
+    if bool(((labels != 0) & (labels != 1)).any()):
+        raise ValueError("labels must hold only 0 and 1")
+    if groups is not None:
+        if not isinstance(groups, Tensor) or groups.shape != scores.shape or \
+                groups.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"groups must be an int tensor of shape {tuple(scores.shape)}")
+
+
+def _group_auc(scores: Tensor, labels: Tensor,
+               groups: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-group rank AUC: (auc (G,) float64, positives (G,), negatives (G,)); groups are
+    the distinct values of ``groups`` in ascending order; AUC is NaN where a class is
+    missing. Tied scores within a group share their average rank (Mann-Whitney U)."""
+    scores, labels, groups = scores.cpu(), labels.cpu().double(), groups.cpu().long()
+    order = torch.argsort(scores, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    g, s, y = groups[order], scores[order], labels[order]
+    n = g.shape[0]
+    new_group = torch.ones(n, dtype=torch.bool)
+    new_group[1:] = g[1:] != g[:-1]
+    new_run = new_group.clone()
+    new_run[1:] |= s[1:] != s[:-1]
+    grp = torch.cumsum(new_group, 0) - 1
+    run = torch.cumsum(new_run, 0) - 1
+    starts = new_group.nonzero().flatten()
+    rank = (torch.arange(n) - starts[grp] + 1).double()               # 1-based within group
+    n_runs, G = int(run[-1]) + 1, starts.shape[0]
+    run_mean = (torch.zeros(n_runs, dtype=torch.float64).scatter_add_(0, run, rank)
+                / torch.bincount(run, minlength=n_runs).double())
+    rank = run_mean[run]
+    pos = torch.zeros(G, dtype=torch.float64).scatter_add_(0, grp, y)
+    size = torch.bincount(grp, minlength=G).double()
+    neg = size - pos
+    rank_sum = torch.zeros(G, dtype=torch.float64).scatter_add_(0, grp, y * rank)
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg), pos, neg
+
+
+def auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` (S,) against ``labels`` (S,) in {0, 1}: the
+    probability that a random positive outscores a random negative, ties counting 1/2.
+    ValueError if either class is absent."""
+    _check(scores, labels)
+    if scores.numel() == 0:
+        raise ValueError("auc needs at least one positive and one negative label, got none")
+    value, pos, neg = _group_auc(scores, labels, torch.zeros_like(scores, dtype=torch.int64))
+    if pos[0] == 0 or neg[0] == 0:
+        raise ValueError(f"auc needs both classes, got {int(pos[0])} positives and "
+                         f"{int(neg[0])} negatives")
+    return float(value[0])
+
+
+def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
+    """Group AUC (DIN): the mean of per-group AUCs weighted by group size, over the
+    groups (e.g. users) that have both a positive and a negative. ValueError if none has."""
+    _check(scores, labels, groups)
+    if scores.numel() == 0:
+        raise ValueError("gauc needs a group with both a positive and a negative label, got none")
+    value, pos, neg = _group_auc(scores, labels, groups)
+    ok = (pos > 0) & (neg > 0)
+    if not bool(ok.any()):
+        raise ValueError("gauc needs a group with both a positive and a negative label")
+    weight = (pos + neg)[ok]
+    return float((value[ok] * weight).sum() / weight.sum())
+
+
+def log_loss(probs: Tensor, labels: Tensor, *, logits: bool = False, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of ``probs`` (S,) in [0, 1] (clamped to [eps, 1 - eps]),
+    or of raw ``logits`` when ``logits=True`` (numerically stable), against labels (S,)."""
+    _check(probs, labels)
+    x, y = probs.double(), labels.double()
+    if logits:
+        return float(F.binary_cross_entropy_with_logits(x, y))
+    if bool(((x < 0) | (x > 1)).any()):
+        raise ValueError("probs must lie in [0, 1] (pass logits=True for raw scores)")
+    return float(F.binary_cross_entropy(x.clamp(eps, 1 - eps), y))

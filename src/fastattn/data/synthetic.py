@@ -1,0 +1,286 @@
+"""Synthetic long-history CTR data whose signal only long histories reveal.
+
+Generative model (every draw from one ``numpy.random.Generator`` seeded by ``config.seed``,
+so one seed gives identical tensors):
+
+1. **Items.** ``n_items`` items; item i has popularity ∝ rank(i)^(-zipf_exponent) with the
+   ranks a random permutation (so ids carry no popularity), and a category in
+   1..n_cats, assigned by a random permutation of ``i mod n_cats`` (every category has
+   ⌊n_items / n_cats⌋ or one more items). "An item of category c" below is drawn from the
+   items of c in proportion to popularity; "a popular item" from all items likewise.
+2. **Users.** User u has K_u ~ U{min_interests..max_interests} long-term interests:
+   distinct categories drawn uniformly, with weights w_u ~ Dirichlet(interest_concentration)
+   (summing to 1), and a history length n_u = ⌊exp(U(log min_len, log(max_len + 1)))⌋
+   (log-uniform in [min_len, max_len]).
+3. **Behaviours**, oldest → newest. The history is cut into sessions, each with its own
+   short-term interest (a category drawn uniformly): a new session starts at each position
+   with probability 1 / session_len, and the last ``recent_len`` positions form the final
+   session, whose category is the user's **current interest** c*_u. Each behaviour is
+   independently
+     - long-term: an item of an interest category drawn by w_u, with probability p_long
+       (p_long_recent inside the final ``recent_len`` positions);
+     - short-term: an item of the session's category, with probability p_session
+       (p_current_recent inside the final window);
+     - otherwise a popular item (noise).
+   So the long-term interests are spread sparsely over the whole history, while the
+   most recent behaviours are dominated by the current interest: with the defaults the last
+   50 behaviours hold about one long-term behaviour, a history of 1,000 about 450.
+   Timestamps: a random start per user plus geometric gaps (mean ``mean_gap``), strictly
+   increasing.
+4. **Samples.** ``candidates_per_user`` candidates per user, scored after the last
+   behaviour (``sample_hist_len = n_u``): with probability cand_long an item of an interest
+   category (drawn by w_u), with probability cand_current an item of c*_u, otherwise a
+   popular item. The label is Bernoulli(sigmoid(logit)) with
+       logit = label_bias + w_long · w_u[c] + w_current · [c = c*_u]
+               + w_pop · z(log popularity of the item) + label_noise · ε,   ε ~ N(0, 1),
+   where c is the candidate's category, w_u[c] = 0 outside the user's interests and z
+   standardises over items. The long-term term is the strongest one, and only the full
+   history estimates w_u (its category shares are ≈ p_long · w_u); the last 50 behaviours
+   mostly reveal c*_u. A count-based oracle (share of the candidate's category in the
+   history) therefore ranks clearly better on the full history than on the last 50
+   (tests/test_data.py checks the AUC gap). The default positive rate is about 0.4.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .dataset import CTRDataset
+
+__all__ = ["SyntheticConfig", "make_synthetic"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the generative model in the module docstring.
+
+    Sizes: n_users, n_items, n_cats (n_items >= n_cats), candidates_per_user (samples per
+        user), min_len / max_len (history length range, log-uniform; default up to 10,000).
+    seed: the only source of randomness.
+    zipf_exponent: item popularity ∝ rank^(-zipf_exponent).
+    min_interests / max_interests: long-term interest categories per user (<= n_cats);
+        interest_concentration: the Dirichlet parameter of their weights (smaller = more
+        skewed).
+    p_long / p_session: share of long-term / session behaviours before the final window
+        (the rest are popular items); session_len: mean session length.
+    recent_len: length of the final window dominated by the current interest;
+        p_long_recent / p_current_recent: the long-term / current-interest shares inside it.
+    cand_long / cand_current: share of candidates from the long-term interests / the
+        current interest (the rest are popular items).
+    label_bias, w_long, w_current, w_pop, label_noise: the hidden click model's logit.
+    mean_gap: mean time between behaviours (timestamp units).
+    """
+
+    n_users: int = 2000
+    n_items: int = 20000
+    n_cats: int = 200
+    min_len: int = 50
+    max_len: int = 10000
+    candidates_per_user: int = 8
+    seed: int = 0
+    zipf_exponent: float = 1.0
+    min_interests: int = 3
+    max_interests: int = 5
+    interest_concentration: float = 1.0
+    p_long: float = 0.5
+    p_session: float = 0.3
+    session_len: float = 40.0
+    recent_len: int = 100
+    p_long_recent: float = 0.02
+    p_current_recent: float = 0.8
+    cand_long: float = 0.4
+    cand_current: float = 0.2
+    label_bias: float = -1.6
+    w_long: float = 6.0
+    w_current: float = 1.5
+    w_pop: float = 0.3
+    label_noise: float = 0.5
+    mean_gap: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_users", "n_items", "n_cats", "min_len", "max_len",
+                     "candidates_per_user", "min_interests", "max_interests", "recent_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SyntheticConfig.{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SyntheticConfig.seed must be an int, got {self.seed!r}")
+        if self.n_items < self.n_cats:
+            raise ValueError(f"n_items ({self.n_items}) must be >= n_cats ({self.n_cats}) "
+                             "so that every category has an item")
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+        if not self.min_interests <= self.max_interests <= self.n_cats:
+            raise ValueError("need min_interests <= max_interests <= n_cats, got "
+                             f"{self.min_interests}, {self.max_interests}, {self.n_cats}")
+        for a, b in (("p_long", "p_session"), ("p_long_recent", "p_current_recent"),
+                     ("cand_long", "cand_current")):
+            pa, pb = getattr(self, a), getattr(self, b)
+            if pa < 0 or pb < 0 or pa + pb > 1:
+                raise ValueError(f"{a} and {b} must be >= 0 with a sum <= 1, got {pa}, {pb}")
+        for name in ("zipf_exponent", "label_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SyntheticConfig.{name} must be >= 0")
+        for name in ("interest_concentration", "mean_gap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SyntheticConfig.{name} must be > 0")
+        if self.session_len < 1:
+            raise ValueError(f"session_len must be >= 1, got {self.session_len}")
+
+
+class _BlockSampler:
+    """Draws an index from block b (a contiguous range of a flat array) in proportion to
+    the weights there, for many b at once: one searchsorted over ``b + cumulative share``."""
+
+    def __init__(self, weights: np.ndarray, block: np.ndarray, n_blocks: int):
+        # weights, block: (M,), entries grouped by block (block non-decreasing)
+        self.start = np.searchsorted(block, np.arange(n_blocks), side="left")
+        self.end = np.searchsorted(block, np.arange(n_blocks), side="right")
+        cum = np.cumsum(weights)
+        before = np.concatenate([[0.0], cum])[self.start][block]
+        total = (cum[self.end - 1] - np.concatenate([[0.0], cum])[self.start])[block]
+        self.key = block + (cum - before) / total
+        self.key[self.end[self.end > self.start] - 1] = np.flatnonzero(self.end > self.start) + 1.0
+
+    def draw(self, rng: np.random.Generator, b: np.ndarray) -> np.ndarray:
+        x = b + (1.0 - rng.random(b.shape[0]))          # in (b, b + 1]
+        idx = np.searchsorted(self.key, x, side="left")
+        # rounding at the block edges can land one off: stay inside the block
+        return np.clip(idx, self.start[b], self.end[b] - 1)
+
+
+def _distinct_categories(rng, n_users: int, k: int, n_cats: int) -> np.ndarray:
+    """(n_users, k) distinct categories per user, uniform, in chunks to bound memory."""
+    out = np.empty((n_users, k), dtype=np.int64)
+    chunk = max(1, (1 << 22) // n_cats)
+    for lo in range(0, n_users, chunk):
+        keys = rng.random((min(chunk, n_users - lo), n_cats))
+        out[lo:lo + chunk] = np.argpartition(keys, k - 1, axis=1)[:, :k] + 1
+    return out
+
+
+def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bool = False,
+                   **overrides):
+    """A :class:`CTRDataset` drawn from the model in the module docstring.
+
+    ``config`` (default ``SyntheticConfig()``) with any field replaced by ``overrides``, e.g.
+    ``make_synthetic(n_users=200, seed=3)``. With ``return_truth`` also returns a dict of the
+    hidden variables: click_prob (S,) float32, interests (n_users, max_interests) int64
+    (0 = unused slot), interest_weights (n_users, max_interests) float32, current_cat
+    (n_users,) int64.
+    """
+    cfg = config if config is not None else SyntheticConfig()
+    if not isinstance(cfg, SyntheticConfig):
+        raise TypeError(f"config must be a SyntheticConfig, got {type(cfg).__name__}")
+    unknown = set(overrides) - {f.name for f in fields(SyntheticConfig)}
+    if unknown:
+        raise TypeError(f"unknown SyntheticConfig fields: {sorted(unknown)}")
+    cfg = replace(cfg, **overrides)
+    rng = np.random.default_rng(cfg.seed)
+    U, I, C, Kmax = cfg.n_users, cfg.n_items, cfg.n_cats, cfg.max_interests
+
+    # 1. items: Zipf popularity over shuffled ranks; balanced random categories
+    pop = (rng.permutation(I) + 1.0) ** -cfg.zipf_exponent
+    pop /= pop.sum()
+    item_cat = rng.permutation(np.arange(I) % C) + 1                  # (I,) in 1..C
+    by_cat = np.argsort(item_cat, kind="stable")                      # items grouped by cat
+    in_cat = _BlockSampler(pop[by_cat], item_cat[by_cat] - 1, C)
+    overall = _BlockSampler(pop, np.zeros(I, dtype=np.int64), 1)
+
+    def item_of_cat(cats):          # cats in 1..C -> item ids in 1..I
+        return by_cat[in_cat.draw(rng, cats - 1)] + 1
+
+    def popular_items(n):
+        return overall.draw(rng, np.zeros(n, dtype=np.int64)) + 1
+
+    # 2. users: interests with Dirichlet weights, log-uniform history lengths
+    K = rng.integers(cfg.min_interests, cfg.max_interests + 1, size=U)
+    interests = _distinct_categories(rng, U, Kmax, C)
+    used = np.arange(Kmax)[None, :] < K[:, None]
+    w = rng.gamma(cfg.interest_concentration, size=(U, Kmax)) * used
+    w = np.maximum(w, 1e-12 * used)          # a gamma draw can underflow to 0
+    w /= w.sum(axis=1, keepdims=True)
+    interests = np.where(used, interests, 0)
+    interest_of = _BlockSampler(w[used], np.repeat(np.arange(U), K), U)  # used slots only
+
+    def interest_cats(users):
+        return interests[used][interest_of.draw(rng, users)]
+
+    lo, hi = np.log(cfg.min_len), np.log(cfg.max_len + 1)
+    n = np.clip(np.floor(np.exp(rng.uniform(lo, hi, size=U))), cfg.min_len,
+                cfg.max_len).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    N = int(offsets[-1])
+
+    # 3. behaviours
+    user = np.repeat(np.arange(U), n)                                 # (N,)
+    from_end = offsets[user + 1] - 1 - np.arange(N)                   # 0 = most recent
+    recent = from_end < cfg.recent_len
+    new_session = rng.random(N) < 1.0 / cfg.session_len
+    new_session[recent] = False
+    new_session[from_end == np.minimum(n, cfg.recent_len)[user] - 1] = True  # final window
+    new_session[offsets[:-1]] = True                                  # each user's first row
+    session = np.cumsum(new_session) - 1
+    session_cat = rng.integers(1, C + 1, size=int(session[-1]) + 1)
+    current_cat = session_cat[session[offsets[1:] - 1]]               # (U,)
+
+    r = rng.random(N)
+    p_long = np.where(recent, cfg.p_long_recent, cfg.p_long)
+    p_short = np.where(recent, cfg.p_current_recent, cfg.p_session)
+    is_long = r < p_long
+    is_short = ~is_long & (r < p_long + p_short)
+    cats = np.zeros(N, dtype=np.int64)
+    cats[is_long] = interest_cats(user[is_long])
+    cats[is_short] = session_cat[session[is_short]]
+    items = np.empty(N, dtype=np.int64)
+    topical = is_long | is_short
+    items[topical] = item_of_cat(cats[topical])
+    items[~topical] = popular_items(int((~topical).sum()))
+    cats = item_cat[items - 1]
+
+    gaps = rng.geometric(min(1.0, 1.0 / cfg.mean_gap), size=N)
+    csum = np.cumsum(gaps)
+    t0 = rng.integers(1_500_000_000, 1_600_000_000, size=U)
+    ts = t0[user] + csum - np.concatenate([[0], csum])[offsets[:-1]][user]
+
+    # 4. samples: candidates after the last behaviour, labels from the hidden click model
+    Cn = cfg.candidates_per_user
+    s_user = np.repeat(np.arange(U), Cn)
+    S = s_user.shape[0]
+    r = rng.random(S)
+    from_long = r < cfg.cand_long
+    from_current = ~from_long & (r < cfg.cand_long + cfg.cand_current)
+    s_cat = np.zeros(S, dtype=np.int64)
+    s_cat[from_long] = interest_cats(s_user[from_long])
+    s_cat[from_current] = current_cat[s_user[from_current]]
+    s_item = np.empty(S, dtype=np.int64)
+    topical = from_long | from_current
+    s_item[topical] = item_of_cat(s_cat[topical])
+    s_item[~topical] = popular_items(int((~topical).sum()))
+    s_cat = item_cat[s_item - 1]
+
+    affinity = (w[s_user] * (interests[s_user] == s_cat[:, None])).sum(axis=1)
+    # standardised under the popularity-weighted draw, so a popular item averages z = 0
+    log_pop = np.log(pop)
+    mean = (pop * log_pop).sum()
+    z_pop = (log_pop - mean) / max(np.sqrt((pop * (log_pop - mean) ** 2).sum()), 1e-12)
+    logit = (cfg.label_bias + cfg.w_long * affinity + cfg.w_current * (s_cat == current_cat[s_user])
+             + cfg.w_pop * z_pop[s_item - 1] + cfg.label_noise * rng.standard_normal(S))
+    prob = 1.0 / (1.0 + np.exp(-logit))
+    label = (rng.random(S) < prob).astype(np.float32)
+
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    ds = CTRDataset(
+        beh_items=t(items), beh_cats=t(cats), beh_ts=t(ts), user_offsets=t(offsets),
+        sample_user=t(s_user), sample_hist_len=t(n[s_user]), sample_item=t(s_item),
+        sample_cat=t(s_cat), sample_label=torch.from_numpy(label),
+        n_users=U, n_items=I, n_cats=C, item_cat=t(np.concatenate([[0], item_cat])))
+    if not return_truth:
+        return ds
+    return ds, {"click_prob": torch.from_numpy(prob.astype(np.float32)),
+                "interests": t(interests), "interest_weights": torch.from_numpy(
+                    w.astype(np.float32)), "current_cat": t(current_cat),
+                "config": asdict(cfg)}
