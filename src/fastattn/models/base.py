@@ -1,0 +1,261 @@
+"""What every reference CTR model shares: embeddings, input checks, the MLP head, the loss.
+
+A model scores B candidate items against U behaviour histories given as a
+:class:`~fastattn.data.batch.Batch`, in the training layout (U == B, one history per row) or
+the serving layout (U == 1, one history shared by B candidates, never copied B times), or
+any candidates→histories map through ``hist_index``. The head follows DIN/ETA: the target
+embedding, each interest vector and (for interest vectors in the target's embedding space)
+its element-wise product with the target, concatenated into an MLP 200-80-1 with PReLU.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..nn import TargetAttention
+
+__all__ = ["CTRModel", "per_query", "history_rows", "check_positive_int"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False,
+                       allow_zero: bool = False) -> None:
+    """ValueError unless ``value`` is an int >= 1 (or 0 / None where allowed)."""
+    if value is None and allow_none:
+        return
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {low}{extra}, got {value!r}")
+
+
+def per_query(x: Tensor, B: int, hist_index: Optional[Tensor]) -> Tensor:
+    """Per-history rows x (U, ...) as per-candidate rows (B, ...).
+
+    Row ``hist_index[b]`` (an indexing copy), or without ``hist_index`` row b (U == B, x
+    itself) or row 0 for every candidate (U == 1, a broadcast view: no copy).
+    """
+    if hist_index is not None:
+        return x[hist_index]
+    if x.shape[0] == 1 and B != 1:
+        return x.expand(B, *x.shape[1:])
+    return x
+
+
+def history_rows(hist_index: Optional[Tensor], B: int, U: int, device) -> Tensor:
+    """The history row (B,) int64 of each candidate: ``hist_index``, or b (U == B), or 0."""
+    if hist_index is not None:
+        return hist_index.to(torch.int64)
+    if U == B:
+        return torch.arange(B, device=device)
+    return torch.zeros(B, dtype=torch.int64, device=device)
+
+
+def _check_ids(name: str, t, ndim: int, shape: str, high: Optional[int] = None,
+               what: str = "ids") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(t).__name__}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype (int64 or int32) {shape}, "
+                        f"got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if high is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) > high):
+        raise ValueError(f"{name} must hold {what} in [0, {high}], got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+
+
+class CTRModel(nn.Module):
+    """Base of the reference CTR models (subclasses: DIN, ETANet, MIMN, SIMHard, SDIM).
+
+    Args:
+        n_items, n_cats: number of item / category ids; ids run 1..n, 0 is padding.
+        embed_dim: width of the item and of the category embedding; a behaviour or a target
+            is their concatenation, D = 2 · embed_dim wide.
+        mlp: hidden widths of the head (PReLU after each), then one logit.
+        short_len: the short-term target attention reads this many most recent behaviours
+            (None: the whole history; 0: no short-term branch, where a model allows it).
+        heads: attention heads of the attention modules (D must be a multiple of it).
+        backend: kernel backend passed to every fastattn op and module the model uses
+            (``"torch"`` gives the pure-reference model); settable later via ``.backend``.
+
+    ``forward(batch) -> logits (B,)``; ``forward(batch, return_reg=True) -> (logits, reg)``
+    with ``reg`` the model's regulariser (a 0-d tensor, zero when it has none), so that a
+    DistributedDataParallel wrapper, which only sees ``forward``, gets the whole loss via
+    :meth:`loss_from`. ``loss(batch)`` = mean BCE-with-logits on ``batch.label`` + reg.
+    ``config()`` returns the constructor kwargs (architecture only, not ``backend``):
+    ``fastattn.models.build(**model.config())`` rebuilds the same architecture.
+    """
+
+    name: str = ""
+
+    def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
+                 mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
+                 backend: Optional[str] = None, *, heads: int = 1):
+        super().__init__()
+        check_positive_int("n_items", n_items)
+        check_positive_int("n_cats", n_cats)
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("short_len", short_len, allow_none=True, allow_zero=True)
+        check_positive_int("heads", heads)
+        mlp = list(mlp)
+        for i, w in enumerate(mlp):
+            check_positive_int(f"mlp[{i}]", w)
+        self.n_items, self.n_cats, self.embed_dim = n_items, n_cats, embed_dim
+        self.dim = 2 * embed_dim
+        if self.dim % heads:
+            raise ValueError(f"heads ({heads}) must divide the behaviour width "
+                             f"D = 2 * embed_dim = {self.dim}")
+        self.short_len, self.heads = short_len, heads
+        self.item_emb = nn.Embedding(n_items + 1, embed_dim, padding_idx=0)
+        self.cat_emb = nn.Embedding(n_cats + 1, embed_dim, padding_idx=0)
+        self.short_attn = None if short_len == 0 else self.attention()
+        self._config: Dict = dict(name=self.name, n_items=n_items, n_cats=n_cats,
+                                  embed_dim=embed_dim, mlp=mlp, short_len=short_len,
+                                  heads=heads)
+        self.mlp_widths = mlp
+        self.head: Optional[nn.Sequential] = None
+        self._backend = backend
+
+    # ------------------------------------------------------------------ building blocks
+
+    def attention(self, key_dim: Optional[int] = None) -> TargetAttention:
+        """A dense target attention of a target (D) over keys (key_dim, default D) -> (D)."""
+        return TargetAttention(self.dim, self.heads, query_dim=self.dim,
+                               key_dim=key_dim or self.dim)
+
+    def build_head(self, n_matched: int, other_dim: int = 0) -> None:
+        """Create the MLP for [target, (v, target ⊙ v) for n_matched interests v of width D,
+        other features of total width other_dim]."""
+        widths = [self.dim * (1 + 2 * n_matched) + other_dim] + self.mlp_widths
+        layers: List[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.PReLU(b)]
+        layers.append(nn.Linear(widths[-1], 1))
+        self.head = nn.Sequential(*layers)
+
+    def score(self, target: Tensor, matched: Sequence[Tensor],
+              other: Sequence[Tensor] = ()) -> Tensor:
+        """Logits (B,) of the head for target (B, D), interests ``matched`` (B, D) each (in
+        the target's space: their products with the target are added) and ``other`` (B, ·)."""
+        feats = [target]
+        for v in matched:
+            feats += [v, target * v]
+        return self.head(torch.cat(feats + list(other), dim=-1)).squeeze(-1)
+
+    def embed(self, items: Tensor, cats: Tensor) -> Tensor:
+        """Behaviour / target embeddings (..., D): [item_emb(items), cat_emb(cats)]."""
+        return torch.cat([self.item_emb(items), self.cat_emb(cats)], dim=-1)
+
+    def short_interest(self, batch: Batch, target: Tensor) -> Tensor:
+        """Target attention (B, D) over the ``short_len`` most recent behaviours."""
+        short = batch if self.short_len is None else batch.truncate(self.short_len)
+        keys = self.embed(short.hist_items, short.hist_cats)
+        return self.short_attn(target, keys, lengths=short.lengths,
+                               hist_index=batch.hist_index)
+
+    # ------------------------------------------------------------------ backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        """Switch the kernel backend of the model and of every fastattn module in it."""
+        self._backend = value
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = value
+
+    # ------------------------------------------------------------------ checks
+
+    def check_batch(self, batch: Batch) -> Tuple[int, int, int]:
+        """Check a batch's types, shapes and id ranges; returns (B, U, L)."""
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batch must be a fastattn.data.batch.Batch, got "
+                            f"{type(batch).__name__}")
+        _check_ids("batch.hist_items", batch.hist_items, 2, "(U, L)", self.n_items,
+                   "item ids (0 = padding)")
+        U, L = batch.hist_items.shape
+        _check_ids("batch.hist_cats", batch.hist_cats, 2, "(U, L)", self.n_cats,
+                   "category ids (0 = padding)")
+        if batch.hist_cats.shape != batch.hist_items.shape:
+            raise ValueError(f"batch.hist_cats must have the shape of hist_items (U, L)="
+                             f"{(U, L)}, got {tuple(batch.hist_cats.shape)}")
+        _check_ids("batch.lengths", batch.lengths, 1, f"(U,)=({U},)")
+        if batch.lengths.shape[0] != U or (U and (int(batch.lengths.min()) < 0
+                                                  or int(batch.lengths.max()) > L)):
+            raise ValueError(f"batch.lengths must be (U,)=({U},) with values in [0, L={L}], "
+                             f"got shape {tuple(batch.lengths.shape)}")
+        _check_ids("batch.target_item", batch.target_item, 1, "(B,)", self.n_items,
+                   "item ids")
+        B = batch.target_item.shape[0]
+        _check_ids("batch.target_cat", batch.target_cat, 1, f"(B,)=({B},)", self.n_cats,
+                   "category ids")
+        if batch.target_cat.shape[0] != B:
+            raise ValueError(f"batch.target_cat must have shape (B,)=({B},) like target_item, "
+                             f"got {tuple(batch.target_cat.shape)}")
+        self.check_hist_index(batch.hist_index, B, U, "batch.hist_index")
+        if batch.label is not None and (not isinstance(batch.label, Tensor)
+                                        or tuple(batch.label.shape) != (B,)):
+            raise ValueError(f"batch.label must be None or a tensor of shape (B,)=({B},), got "
+                             f"{getattr(batch.label, 'shape', type(batch.label).__name__)}")
+        return B, U, L
+
+    @staticmethod
+    def check_hist_index(hist_index: Optional[Tensor], B: int, U: int,
+                         name: str = "hist_index") -> None:
+        if hist_index is None:
+            if U not in (B, 1):
+                raise ValueError(f"{name} is None, so the number of histories U={U} must equal "
+                                 f"the number of candidates B={B} or be 1 (one shared "
+                                 "history); pass hist_index (B,) otherwise")
+            return
+        _check_ids(name, hist_index, 1, f"(B,)=({B},)", U - 1, "history rows")
+        if hist_index.shape[0] != B:
+            raise ValueError(f"{name} must have shape (B,)=({B},), got "
+                             f"{tuple(hist_index.shape)}")
+
+    # ------------------------------------------------------------------ forward / loss
+
+    def logits_and_reg(self, batch: Batch, **kwargs) -> Tuple[Tensor, Optional[Tensor]]:
+        """(logits (B,), regulariser or None) of a checked batch; what subclasses define."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, *, return_reg: bool = False, **kwargs):
+        """Logits (B,) for the candidates of ``batch``; with ``return_reg`` also the model's
+        regulariser (0-d, already weighted; zero when the model has none)."""
+        self.check_batch(batch)
+        logits, reg = self.logits_and_reg(batch, **kwargs)
+        if not return_reg:
+            return logits
+        return logits, logits.new_zeros(()) if reg is None else reg
+
+    @staticmethod
+    def loss_from(logits: Tensor, reg: Optional[Tensor], label: Optional[Tensor]) -> Tensor:
+        """Mean BCE-with-logits of ``logits`` (B,) against ``label`` (B,) plus ``reg``."""
+        if label is None:
+            raise ValueError("the batch has no label (label=None): a loss needs labels (B,)")
+        if tuple(label.shape) != tuple(logits.shape):
+            raise ValueError(f"label must have shape (B,)={tuple(logits.shape)}, got "
+                             f"{tuple(label.shape)}")
+        loss = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+        return loss if reg is None else loss + reg
+
+    def loss(self, batch: Batch, **kwargs) -> Tensor:
+        """Mean BCE-with-logits on ``batch.label`` plus the model's regulariser."""
+        logits, reg = self(batch, return_reg=True, **kwargs)
+        return self.loss_from(logits, reg, batch.label)
+
+    def config(self) -> Dict:
+        """JSON-serialisable constructor kwargs, with ``name``: ``build(**config())``."""
+        return dict(self._config)
+
+    def extra_repr(self) -> str:
+        return f"backend={self._backend!r}"

@@ -1,0 +1,81 @@
+"""ETA-Net: Chen et al., "Efficient Long Sequential User Data Modeling for Click-Through
+Rate Prediction" (ETA, Efficient Target Attention), arXiv 2209.12212.
+
+Long-term interest: :class:`fastattn.nn.ETAAttention` over the whole history (SimHash the
+projected target and behaviours, keep the ``topk`` nearest behaviours by Hamming distance,
+exact softmax attention over those); short-term interest: dense target attention over the
+``short_len`` most recent behaviours; MLP head. Serving (ETA+): :meth:`ETANet.item_signatures`
+hashes every item once, and ``forward(batch, key_signatures=...)`` reuses them.
+Simplified: one SimHash signature per behaviour shared by all heads; only item and category
+features; no side features of the behaviours (time, action type).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.batch import Batch
+from ..nn import ETAAttention
+from .base import CTRModel, check_positive_int
+
+__all__ = ["ETANet"]
+
+
+class ETANet(CTRModel):
+    """ETA over the long history + dense attention over the recent one.
+
+    Args (beyond :class:`CTRModel`): ``topk`` behaviours retrieved per target, ``hash_bits``
+    SimHash bits, ``seed`` of the hashing hyperplanes. ``short_len=0`` drops the short-term
+    branch. Head features [target, long, target ⊙ long, short, target ⊙ short].
+    """
+
+    name = "eta"
+
+    def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
+                 mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
+                 backend: Optional[str] = None, *, heads: int = 1, topk: int = 64,
+                 hash_bits: int = 64, seed: int = 0):
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+        check_positive_int("topk", topk)
+        check_positive_int("hash_bits", hash_bits)
+        self.long_attn = ETAAttention(self.dim, heads, topk=topk, hash_bits=hash_bits, seed=seed,
+                                      backend=backend, query_dim=self.dim, key_dim=self.dim)
+        self._config.update(topk=topk, hash_bits=hash_bits, seed=seed)
+        self.build_head(n_matched=1 if self.short_attn is None else 2)
+
+    @torch.no_grad()
+    def item_signatures(self, item_cat: Tensor) -> Tensor:
+        """ETA+: SimHash signatures (n_items + 1, W) int64 of every item as a behaviour.
+
+        ``item_cat`` (n_items + 1,) int is each item id's category (entry 0: padding).
+        Gather them by ``hist_items`` into ``key_signatures`` (U, L, W) for :meth:`forward`;
+        valid while the embeddings, the key projection and the planes stay unchanged.
+        """
+        n = self.n_items + 1
+        if not isinstance(item_cat, Tensor) or item_cat.dtype not in (torch.int32, torch.int64) \
+                or tuple(item_cat.shape) != (n,):
+            raise ValueError(f"item_cat must be an int64 tensor of shape (n_items + 1,)=({n},) "
+                             f"mapping item ids to category ids, got "
+                             f"{getattr(item_cat, 'dtype', type(item_cat).__name__)} "
+                             f"{tuple(getattr(item_cat, 'shape', ()))}")
+        if int(item_cat.min()) < 0 or int(item_cat.max()) > self.n_cats:
+            raise ValueError(f"item_cat must hold category ids in [0, {self.n_cats}]")
+        items = torch.arange(n, device=item_cat.device)
+        return self.long_attn.precompute_key_signatures(self.embed(items, item_cat))
+
+    def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
+        """``key_signatures`` (U, L, W): ``item_signatures(...)[batch.hist_items]`` (ETA+)."""
+        if key_signatures is not None:
+            U, L = batch.hist_items.shape
+            if key_signatures.dim() != 3 or key_signatures.shape[:2] != (U, L):
+                raise ValueError(f"key_signatures must be (U, L, W)=({U}, {L}, W) like "
+                                 f"batch.hist_items, got {tuple(key_signatures.shape)}")
+        target = self.embed(batch.target_item, batch.target_cat)
+        keys = self.embed(batch.hist_items, batch.hist_cats)
+        matched = [self.long_attn(target, keys, lengths=batch.lengths,
+                                  hist_index=batch.hist_index, key_signatures=key_signatures)]
+        if self.short_attn is not None:
+            matched.append(self.short_interest(batch, target))
+        return self.score(target, matched), None

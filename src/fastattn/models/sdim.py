@@ -1,0 +1,104 @@
+"""SDIM: Cao et al., "Sampling Is All You Need on Modeling Long-Term User Behaviors for
+CTR Prediction", CIKM 2022 (arXiv 2205.10249).
+
+Hash the target and every behaviour embedding with ``n_hashes`` SimHash functions of
+``hash_width`` bits; per hash function, the behaviours whose code equals the target's
+collide with it; the long-term interest is the mean over hash functions of the mean
+embedding of the colliding behaviours (0 when none collide). Plus dense target attention
+over the recent history; MLP head. SDIM's bucket trick makes the long-term part cost
+O(L · n_hashes · D) per user, independent of the number of candidates: each user's
+behaviours are summed per (hash function, bucket) once, then each target reads its buckets.
+Simplified: the collision average is normalised by the count (SDIM normalises the bucket
+sum by its L2 norm); all hash bits come from one :func:`fastattn.ops.simhash_sign` call
+with one seeded planes buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.batch import Batch
+from ..ops import make_planes, simhash_sign
+from .base import CTRModel, check_positive_int, history_rows
+
+__all__ = ["SDIM", "hash_codes", "bucket_interest"]
+
+
+def hash_codes(sig: Tensor, n_hashes: int, width: int) -> Tensor:
+    """Split packed SimHash words (..., W) int64 into ``n_hashes`` codes (..., n_hashes)
+    in [0, 2**width): code h reads bits h·width .. h·width + width - 1 (bit j in word
+    j // 64 at bit j % 64, least significant first), its first bit as the code's bit 0."""
+    j = torch.arange(n_hashes * width, device=sig.device)
+    bits = (sig[..., j // 64] >> (j % 64)) & 1                    # (..., n_hashes·width)
+    weights = torch.arange(width, device=sig.device)
+    return (bits.unflatten(-1, (n_hashes, width)) << weights).sum(-1)
+
+
+def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_codes: Tensor,
+                    n_buckets: int, hist_index: Optional[Tensor] = None) -> Tensor:
+    """Mean over hash functions of the mean valid behaviour colliding with each query.
+
+    keys (U, L, D) float, key_codes (U, L, H) and query_codes (B, H) int64 in
+    [0, n_buckets), lengths (U,); query b reads history ``hist_index[b]`` (default b when
+    U == B, 0 when U == 1). Returns (B, D), differentiable in ``keys``. Cost: one
+    scatter-add of U·L·H rows into (U, H·n_buckets, D) bucket sums, then B·H row reads.
+    """
+    U, L, D = keys.shape
+    B, H = query_codes.shape
+    nb = H * n_buckets
+    valid = (torch.arange(L, device=keys.device) < lengths[:, None]).to(keys.dtype)  # (U, L)
+    slot = (key_codes + torch.arange(H, device=keys.device) * n_buckets).reshape(U, L * H)
+    src = (keys * valid[..., None]).unsqueeze(2).expand(U, L, H, D).reshape(U, L * H, D)
+    sums = keys.new_zeros(U, nb, D).scatter_add(1, slot[..., None].expand(U, L * H, D), src)
+    counts = keys.new_zeros(U, nb).scatter_add(
+        1, slot, valid[..., None].expand(U, L, H).reshape(U, L * H))
+    rows = history_rows(hist_index, B, U, keys.device)
+    flat = rows[:, None] * nb + torch.arange(H, device=keys.device) * n_buckets + query_codes
+    s = sums.reshape(U * nb, D)[flat]                                 # (B, H, D)
+    c = counts.reshape(U * nb)[flat]                                  # (B, H)
+    return (s / c.clamp(min=1)[..., None]).mean(1)    # an empty bucket's sum is 0: mean 0
+
+
+class SDIM(CTRModel):
+    """SDIM: hash-collision interest over the whole history + short-term target attention
+    (``short_len=0`` drops it).
+
+    Args (beyond :class:`CTRModel`): ``n_hashes`` hash functions of ``hash_width`` bits
+    each, hyperplanes (D, n_hashes·hash_width) drawn from ``seed`` (the ``planes`` buffer,
+    saved in the state dict). Head features [target, sdim, target ⊙ sdim, short,
+    target ⊙ short].
+    """
+
+    name = "sdim"
+
+    def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
+                 mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
+                 backend: Optional[str] = None, *, heads: int = 1, n_hashes: int = 16,
+                 hash_width: int = 3, seed: int = 0):
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+        check_positive_int("n_hashes", n_hashes)
+        check_positive_int("hash_width", hash_width)
+        if hash_width > 16:
+            raise ValueError(f"hash_width must be <= 16 (2**hash_width buckets per hash "
+                             f"function and user), got {hash_width}")
+        self.n_hashes, self.hash_width = n_hashes, hash_width
+        planes = make_planes(self.dim, n_hashes * hash_width, torch.Generator().manual_seed(seed))
+        self.register_buffer("planes", planes)
+        self._config.update(n_hashes=n_hashes, hash_width=hash_width, seed=seed)
+        self.build_head(n_matched=1 if self.short_attn is None else 2)
+
+    def codes(self, x: Tensor) -> Tensor:
+        """Bucket codes (..., n_hashes) in [0, 2**hash_width) of embeddings x (..., D)."""
+        sig = simhash_sign(x, self.planes, backend=self.backend)
+        return hash_codes(sig, self.n_hashes, self.hash_width)
+
+    def logits_and_reg(self, batch: Batch):
+        target = self.embed(batch.target_item, batch.target_cat)
+        keys = self.embed(batch.hist_items, batch.hist_cats)
+        matched = [bucket_interest(keys, self.codes(keys), batch.lengths, self.codes(target),
+                                   2 ** self.hash_width, batch.hist_index)]
+        if self.short_attn is not None:
+            matched.append(self.short_interest(batch, target))
+        return self.score(target, matched), None
