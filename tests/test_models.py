@@ -321,6 +321,10 @@ def test_sdim_bucket_interest_equals_brute_force():
                                                                               dtype=keys.dtype))
         torch.testing.assert_close(got[b], torch.stack(per_hash).mean(0), **FP64)
     assert (got[[2, 3]] != 0).any() and (got[4] == 0).all()       # history 2 is empty
+    # The training layout (one history per query) takes the per-row path: same values.
+    torch.testing.assert_close(bucket_interest(keys, kc, batch.lengths, qc[:4], 4),
+                               bucket_interest(keys, kc, batch.lengths, qc[:4], 4,
+                                               torch.arange(4)), **FP64)
 
 
 def test_models_are_ctr_models():

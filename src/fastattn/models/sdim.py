@@ -42,22 +42,39 @@ def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_code
 
     keys (U, L, D) float, key_codes (U, L, H) and query_codes (B, H) int64 in
     [0, n_buckets), lengths (U,); query b reads history ``hist_index[b]`` (default b when
-    U == B, 0 when U == 1). Returns (B, D), differentiable in ``keys``. Cost: one
-    scatter-add of U·L·H rows into (U, H·n_buckets, D) bucket sums, then B·H row reads.
+    U == B, 0 when U == 1). Returns (B, D), differentiable in ``keys``. Cost with shared
+    histories (serving), independent of the number of queries per history: one
+    index-add of U·L rows per hash function into (U·H·n_buckets, D) bucket sums, then
+    B·H row reads.
     """
     U, L, D = keys.shape
     B, H = query_codes.shape
     nb = H * n_buckets
-    valid = (torch.arange(L, device=keys.device) < lengths[:, None]).to(keys.dtype)  # (U, L)
-    slot = (key_codes + torch.arange(H, device=keys.device) * n_buckets).reshape(U, L * H)
-    src = (keys * valid[..., None]).unsqueeze(2).expand(U, L, H, D).reshape(U, L * H, D)
-    sums = keys.new_zeros(U, nb, D).scatter_add(1, slot[..., None].expand(U, L * H, D), src)
-    counts = keys.new_zeros(U, nb).scatter_add(
-        1, slot, valid[..., None].expand(U, L, H).reshape(U, L * H))
+    dev = keys.device
+    valid = torch.arange(L, device=dev) < lengths[:, None]                    # (U, L)
+    if hist_index is None and U == B:
+        # Training layout (one history per query): weigh each behaviour by how many of the
+        # query's buckets it falls in, 1 / (bucket size · H) each: O(B·L·H) compares and one
+        # batched mat-vec, far cheaper than building B bucket tables that serve one query.
+        hit = (key_codes == query_codes[:, None, :]) & valid[..., None]           # (B, L, H)
+        share = hit.to(keys.dtype) / (hit.sum(1, keepdim=True).clamp(min=1) * H)
+        return torch.bmm(share.sum(-1)[:, None, :], keys)[:, 0]
+    masked = (keys * valid[..., None].to(keys.dtype)).reshape(U * L, D)
+    weight = valid.reshape(U * L).to(keys.dtype)
+    # Row of bucket (u, h, code) in the flat (U·H·n_buckets, D) table.
+    slot = torch.arange(U, device=dev)[:, None, None] * nb \
+        + torch.arange(H, device=dev) * n_buckets + key_codes                  # (U, L, H)
+    sums, counts = keys.new_zeros(U * nb, D), keys.new_zeros(U * nb)
+    # One index_add per hash function: reads the keys H times but never materialises an
+    # (U, L, H, D) copy or index (which at L = 10,000 costs gigabytes and dominates).
+    for h in range(H):
+        idx = slot[..., h].reshape(U * L)
+        sums = sums.index_add(0, idx, masked)
+        counts = counts.index_add(0, idx, weight)
     rows = history_rows(hist_index, B, U, keys.device)
     flat = rows[:, None] * nb + torch.arange(H, device=keys.device) * n_buckets + query_codes
-    s = sums.reshape(U * nb, D)[flat]                                 # (B, H, D)
-    c = counts.reshape(U * nb)[flat]                                  # (B, H)
+    s = sums[flat]                                                    # (B, H, D)
+    c = counts[flat]                                                  # (B, H)
     return (s / c.clamp(min=1)[..., None]).mean(1)    # an empty bucket's sum is 0: mean 0
 
 
