@@ -1,0 +1,192 @@
+"""Serving sweeps (the User Interest Center): events applied per second and scoring latency
+from stored state, both against re-running the model over the user's full history, vs the
+history length so far. Picked up by :mod:`fastattn.bench.sweeps` through
+:data:`SERVING_SWEEPS` (CPU only: the stores live on the host).
+
+A Redis backend is measured too where ``FASTATTN_REDIS_URL`` points at a server (``make
+test`` starts one; ``redis-server --port 6390 --save ''`` does for a bench run); without it
+that implementation is listed as skipped with the reason.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+from ..data.batch import Batch
+
+# Defined before importing .sweeps: that module looks this name up when it finishes
+# importing, which, if this module was imported first, happens during the import below.
+SERVING_SWEEPS: Dict[str, Callable[[bool], "Sweep"]] = {}
+
+from .sweeps import SWEEPS, Point, Sweep  # noqa: E402
+
+N_ITEMS, N_CATS = 100_000, 1_000
+
+
+def _models():
+    from ..models import MIMN, ETANet
+    torch.manual_seed(0)
+    mimn = MIMN(N_ITEMS, N_CATS, embed_dim=16, mem_dim=32, slots=8, ctrl_dim=32,
+                miu_dim=32).eval()
+    eta = ETANet(N_ITEMS, N_CATS, embed_dim=16, topk=64, hash_bits=64).eval()
+    return mimn, eta
+
+
+def _histories(U: int, T: int, seed: int):
+    g = np.random.default_rng(seed)
+    items = g.integers(1, N_ITEMS + 1, (U, T))
+    return items, items % N_CATS + 1          # each item has one category
+
+
+def _redis_store(spec):
+    """A RedisStateStore under a fresh prefix, or (None, reason)."""
+    url = os.environ.get("FASTATTN_REDIS_URL")
+    if not url:
+        return None, "FASTATTN_REDIS_URL is not set (no Redis server to measure)"
+    try:
+        from ..serving import RedisStateStore
+        store = RedisStateStore(url, spec, prefix=f"fastattn-bench:{uuid.uuid4().hex}:")
+        store._r.ping()
+        return store, None
+    except Exception as e:  # noqa: BLE001 - an absent server skips, never fails, the sweep
+        return None, f"Redis at {url} unavailable: {e}"
+
+
+def _apply_impl(model, store, items, cats, T: int) -> Callable[[], object]:
+    """One call = one new event for each of the U users (timestamps after their history)."""
+    from ..serving import InterestUpdater
+    up = InterestUpdater(model, store)
+    U = items.shape[0]
+    up.warm_start({u: (items[u], cats[u], np.arange(T, dtype=np.float64)) for u in range(U)},
+                  progress=False)
+    g = np.random.default_rng(1)
+    clock = [T]
+
+    def apply():
+        t = clock[0]
+        clock[0] += 1
+        new = g.integers(1, N_ITEMS + 1, U)
+        return up.apply({"user_id": np.arange(U), "event_id": np.full(U, t),
+                         "item": new, "category": new % N_CATS + 1,
+                         "timestamp": np.full(U, float(t))})
+    return apply
+
+
+def uic_apply_sweep(quick: bool) -> Sweep:
+    """InterestUpdater.apply: one event for each of B users per call (read the B states,
+    one MIMN step, write them in one transaction) vs re-running each user's whole history."""
+    B = 256
+    lengths = [100, 1000] if quick else [100, 1000, 5000]
+    sweep = Sweep("uic_apply", f"UIC: one event for each of B={B} users applied to the stored "
+                  "MIMN states (D=32, slots=8) vs re-running the histories", x="T",
+                  baseline="rerun_history")
+
+    def build(T: int, point: Point):
+        def make() -> Dict[str, Callable[[], object]]:
+            from ..serving import BoundStepper, SQLiteStateStore, StateSpec
+            mimn, _ = _models()
+            items, cats = _histories(B, T, T)
+            spec = StateSpec.from_model(mimn)
+            tmp = tempfile.TemporaryDirectory(prefix="fastattn-bench-")
+            sqlite = SQLiteStateStore(os.path.join(tmp.name, "uic.db"), spec)
+            impls = {"apply_sqlite": _apply_impl(mimn, sqlite, items, cats, T)}
+            redis, why = _redis_store(spec)
+            if redis is not None:
+                impls["apply_redis"] = _apply_impl(mimn, redis, items, cats, T)
+            else:                          # listed, with the reason, never called
+                impls["apply_redis"], point.skip["apply_redis"] = (lambda: None), why
+            step = BoundStepper(mimn.encoder)
+            it, ct = torch.from_numpy(items), torch.from_numpy(cats)
+            with torch.no_grad():
+                state = mimn.encode(Batch(it, ct, torch.full((B,), T), it[:, 0], ct[:, 0]))
+                x = mimn.embed(it[:, -1], ct[:, -1]).contiguous()
+
+            def step_only():               # the compute alone: no store, no validation
+                with torch.no_grad():
+                    return step(x, state)
+
+            def rerun():
+                with torch.no_grad():
+                    return mimn.encode(Batch(it, ct, torch.full((B,), T), it[:, 0], ct[:, 0]))
+
+            impls.update(step_only=step_only, rerun_history=rerun)
+            impls["_keep"] = lambda: tmp   # holds the temp dir while the point is measured
+            return impls
+        return make
+
+    for T in lengths:
+        point = Point({"T": T, "B": B}, lambda: {}, pairs=B)
+        point.build = _drop_keep(build(T, point))
+        sweep.points.append(point)
+    return sweep
+
+
+def uic_score_sweep(quick: bool) -> Sweep:
+    """Scoring 1,000 candidates for one user: MIMN from its stored state vs the MIMN model
+    over the full history; ETA-Net with the signature table (ETA+) vs hashing the history
+    per request."""
+    C = 1000
+    lengths = [100, 1000] if quick else [100, 1000, 10000]
+    sweep = Sweep("uic_score", f"Scoring {C} candidates for one user: MIMN from the stored "
+                  "state, ETA-Net with a signature table, vs the models over the full history",
+                  x="T", baseline="mimn_rerun_history",
+                  baseline_of=lambda impl: "eta_hash_history" if impl.startswith("eta")
+                  else "mimn_rerun_history")
+
+    def build(T: int):
+        def make() -> Dict[str, Callable[[], object]]:
+            from ..serving import (ETAScorer, InterestUpdater, MIMNScorer, SignatureTable,
+                                   SQLiteStateStore, StateSpec)
+            mimn, eta = _models()
+            items, cats = _histories(1, T, T)
+            tmp = tempfile.TemporaryDirectory(prefix="fastattn-bench-")
+            store = SQLiteStateStore(os.path.join(tmp.name, "uic.db"),
+                                     StateSpec.from_model(mimn))
+            InterestUpdater(mimn, store).warm_start(
+                {0: (items[0], cats[0], np.arange(T, dtype=np.float64))}, progress=False)
+            g = torch.Generator().manual_seed(T)
+            tgt = torch.randint(1, N_ITEMS + 1, (C,), generator=g)
+            tcat = tgt % N_CATS + 1
+            it, ct = torch.from_numpy(items), torch.from_numpy(cats)
+            batch = Batch(it, ct, torch.tensor([T]), tgt, tcat)
+            scorer = MIMNScorer(mimn, store)
+            item_cat = torch.arange(N_ITEMS + 1) % N_CATS + 1
+            item_cat[0] = 0
+            eta_scorer = ETAScorer(eta, SignatureTable(eta, item_cat))
+
+            def run(model, **kw):
+                with torch.no_grad():
+                    return model(batch, **kw)
+
+            return {"mimn_stored_state": lambda: scorer.score(0, tgt, tcat),
+                    "mimn_rerun_history": lambda: run(mimn),
+                    "eta_signature_table": lambda: eta_scorer.score(it[0], ct[0], tgt, tcat),
+                    "eta_hash_history": lambda: run(eta),
+                    "_keep": lambda: tmp}
+        return make
+
+    sweep.points = [Point({"T": T, "C": C}, _drop_keep(build(T)), pairs=C) for T in lengths]
+    return sweep
+
+
+def _drop_keep(make: Callable[[], Dict[str, Callable[[], object]]]):
+    """The point's implementations without the ``_keep`` entry, whose closure keeps the
+    temporary store directory alive exactly as long as the implementations are."""
+    def build() -> Dict[str, Callable[[], object]]:
+        impls = make()
+        keep = impls.pop("_keep")
+        for fn in list(impls.values()):
+            fn.__dict__["_keep"] = keep
+        return impls
+    return build
+
+
+SERVING_SWEEPS.update(uic_apply=uic_apply_sweep, uic_score=uic_score_sweep)
+for _name, _fn in SERVING_SWEEPS.items():     # also when this module was imported first
+    SWEEPS.setdefault(_name, _fn)
+

@@ -1,0 +1,17 @@
+"""Serving: the User Interest Center (per-user MIMN states updated per behaviour event, kept
+in a SQLite or Redis store with snapshots) and scoring from stored states (MIMN) or from
+precomputed key signatures (ETA+)."""
+from __future__ import annotations
+
+from .scoring import (ETAScorer, MIMNScorer, SignatureTable, StaleSignaturesError,
+                      weights_fingerprint)
+from .store import (ConfigMismatchError, RedisStateStore, SnapshotInfo, SQLiteStateStore,
+                    StateFormatError, StateSpec, UnknownUserError, UserRecord, UserStateStore,
+                    WriteConflictError, open_store)
+from .updater import ApplyResult, BoundStepper, Event, InterestUpdater, OutOfOrderError
+
+__all__ = ["UserStateStore", "SQLiteStateStore", "RedisStateStore", "open_store", "StateSpec",
+           "UserRecord", "SnapshotInfo", "ConfigMismatchError", "StateFormatError",
+           "WriteConflictError", "UnknownUserError", "InterestUpdater", "Event", "ApplyResult",
+           "OutOfOrderError", "BoundStepper", "MIMNScorer", "SignatureTable", "ETAScorer",
+           "StaleSignaturesError", "weights_fingerprint"]
