@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-pytest install clean
+.PHONY: test bench bench-quick bench-pytest train install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-quick: $(STAMP)
 bench-pytest: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only \
 		--benchmark-json=bench/results/pytest_benchmark.json --benchmark-columns=median,iqr,rounds
+
+# The reference CTR models trained on the planted long-history set (a few minutes on CPU).
+train: $(STAMP)
+	$(VENV)/bin/fastattn-train --out bench/results
 
 clean:
 	rm -rf build $(VENV) src/fastattn/*.so src/*.egg-info

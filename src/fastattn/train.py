@@ -1,0 +1,288 @@
+"""``fastattn-train``: train the reference CTR models on long histories and compare them.
+
+Trains each chosen model (``fastattn.models``) at each history length on the same data
+(the planted synthetic set of :mod:`fastattn.data` by default, or a CSV log), evaluates AUC
+and log-loss on held-out users, and writes ``train.csv``, ``train.json`` and ``train.png``
+(AUC vs history length, training throughput vs history length) under ``--out``.
+
+DIN is the short-history baseline: it always reads the ``short_len`` most recent
+behaviours, whatever the history length; the long-history models read up to the length.
+
+Runs single-process on CPU or GPU, and data-parallel under ``torchrun`` (each rank trains
+on its shard of every batch; DistributedDataParallel averages the gradients)::
+
+    torchrun --nproc_per_node=2 -m fastattn.train --models eta --lengths 2000
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data import CTRDataset, load_csv, make_synthetic
+from .data.batch import Batch
+from .data.metrics import auc, log_loss
+from .models import MODELS, build
+
+__all__ = ["TrainConfig", "setup_distributed", "shard", "LossOf", "train_step", "evaluate",
+           "train_model", "main"]
+
+DEFAULT_LENGTHS = (50, 200, 1000)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun: (rank, world_size).
+
+    gloo on CPU, nccl when CUDA is available. A plain run returns (0, 1).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch: Batch, rank: int, world: int) -> Batch:
+    """This rank's contiguous slice of a training-layout batch (U == B).
+
+    Slices are equal (the batch size must divide by ``world``), so DDP's gradient average
+    over ranks equals the gradient of the mean loss over the whole batch.
+    """
+    if world == 1:
+        return batch
+    B = len(batch)
+    if B % world:
+        raise ValueError(f"batch size {B} must be divisible by the world size {world}")
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    fields = {k: (v[lo:hi] if v is not None else None) for k, v in vars(batch).items()}
+    return Batch(**fields)
+
+
+class LossOf(nn.Module):
+    """``forward(batch)`` = ``model.loss(batch)``, so DistributedDataParallel, which hooks
+    gradient averaging on its wrapper's forward, covers the whole loss (including terms
+    computed from the model's internal state, like MIMN's memory regulariser)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+def train_step(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+    """One optimisation step; ``loss_fn`` is a :class:`LossOf`, possibly wrapped in DDP."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(batch)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: CTRDataset, max_len: Optional[int],
+             batch_size: int = 512, device: str = "cpu") -> Dict[str, float]:
+    """AUC and log-loss of ``model`` on every sample of ``data``."""
+    model.eval()
+    scores, labels = [], []
+    for batch in data.batches(batch_size, max_len=max_len):
+        batch = batch.to(device)
+        scores.append(model(batch).float().cpu())
+        labels.append(batch.label.float().cpu())
+    model.train()
+    s, y = torch.cat(scores), torch.cat(labels)
+    return {"auc": float(auc(s, y)), "logloss": float(log_loss(s, y, logits=True))}
+
+
+class TrainConfig(argparse.Namespace):
+    """Hyper-parameters of one training run (the CLI's arguments)."""
+
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 3e-3
+    embed_dim: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    backend: Optional[str] = None
+
+
+def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
+                cfg: TrainConfig, progress=None, rank: int = 0,
+                world: int = 1) -> Dict[str, object]:
+    """Train model ``name`` on histories cut to ``max_len``; evaluate on ``test``."""
+    torch.manual_seed(cfg.seed)
+    model = build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
+                  backend=cfg.backend).to(cfg.device)
+    wrapped = LossOf(model)
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    seen, train_s, losses = 0, 0.0, []
+    for epoch in range(cfg.epochs):
+        for batch in train.batches(cfg.batch_size, max_len=max_len, shuffle=True,
+                                   seed=cfg.seed + epoch, drop_last=world > 1):
+            batch = shard(batch, rank, world).to(cfg.device)
+            t0 = time.perf_counter()
+            losses.append(train_step(wrapped, opt, batch))
+            train_s += time.perf_counter() - t0
+            seen += len(batch)
+            if progress is not None:
+                progress.update(len(batch) * world)
+                progress.set_postfix_str(f"{name} L={max_len} loss={losses[-1]:.4f}")
+    metrics = evaluate(model, test, max_len, device=cfg.device)
+    return {"model": name, "max_len": max_len,
+            "history_read": min(max_len, model.config().get("short_len") or max_len)
+            if name == "din" else max_len,
+            **metrics, "train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "train_samples_per_s": seen * world / train_s if train_s else None,
+            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _plot(rows: List[Dict[str, object]], path: str, stamp: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["max_len"])
+        xs = [r["max_len"] for r in rs]
+        style = dict(marker="o", label=name, linestyle="--" if name == "din" else "-")
+        ax1.plot(xs, [r["auc"] for r in rs], **style)
+        ax2.plot(xs, [r["train_samples_per_s"] for r in rs], **style)
+    for ax, ylabel in ((ax1, "test AUC"), (ax2, "training samples / s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("history length available (behaviours)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax1.set_title("AUC vs history length (DIN reads only its recent window)")
+    ax2.set_yscale("log")
+    ax2.set_title("training throughput")
+    fig.suptitle(stamp, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: Sequence[Dict[str, object]]) -> str:
+    """The README table: test AUC (log-loss) per model and history length."""
+    lengths = sorted({r["max_len"] for r in rows})
+    out = ["| model | " + " | ".join(f"L={n}" for n in lengths) + " | samples/s at L="
+           f"{lengths[-1]} |", "|---|" + "---:|" * (len(lengths) + 1)]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        cell = {r["max_len"]: r for r in rows if r["model"] == name}
+        cells = [f"{cell[n]['auc']:.4f} ({cell[n]['logloss']:.3f})" if n in cell else "-"
+                 for n in lengths]
+        last = cell.get(lengths[-1])
+        tput = f"{last['train_samples_per_s']:.0f}" if last else "-"
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {tput} |")
+    return "\n".join(out)
+
+
+def _parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastattn-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="history lengths to train at (comma-separated)")
+    p.add_argument("--csv", help="train on this behaviour log (user,item,category,"
+                   "timestamp[,label]) instead of the synthetic set")
+    p.add_argument("--users", type=int, default=2000, help="synthetic users")
+    p.add_argument("--items", type=int, default=2000, help="synthetic items")
+    p.add_argument("--cats", type=int, default=100, help="synthetic categories")
+    p.add_argument("--candidates", type=int, default=16,
+                   help="synthetic samples (scored candidates) per user")
+    p.add_argument("--max-history", type=int, default=2000,
+                   help="longest synthetic history")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default=None, help="force a kernel backend")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="small data, one epoch, lengths 50,200 (a smoke run)")
+    p.add_argument("--out", default="bench/results", help="where train.{csv,json,png} go")
+    args = p.parse_args(argv, namespace=TrainConfig())
+    if args.quick:
+        args.users, args.epochs = min(args.users, 600), 1
+        args.max_history, args.lengths = min(args.max_history, 1000), "50,200"
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    return args
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    args = _parse(None if argv is None else list(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = setup_distributed()
+    if args.csv:
+        data = load_csv(args.csv, seed=args.data_seed)
+    else:
+        data = make_synthetic(n_users=args.users, n_items=args.items, n_cats=args.cats,
+                              candidates_per_user=args.candidates, max_len=args.max_history,
+                              seed=args.data_seed)
+    train, test = data.split(args.test_frac, seed=args.data_seed)
+    models = args.models.split(",")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    runs = [(m, n) for n in lengths for m in models]
+    total = len(runs) * args.epochs * len(train)
+
+    from tqdm.auto import tqdm
+    rows = []
+    with tqdm(total=total, unit="sample", disable=rank != 0, file=sys.stderr) as progress:
+        for name, n in runs:
+            rows.append(train_model(name, train, test, n, args, progress, rank, world))
+            progress.write(f"{name:>5} L={n:<6} AUC {rows[-1]['auc']:.4f}  log-loss "
+                           f"{rows[-1]['logloss']:.4f}  "
+                           f"{rows[-1]['train_samples_per_s']:.0f} samples/s")
+    if rank == 0:
+        _write(rows, args, data, world)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _write(rows, args, data: CTRDataset, world: int) -> None:
+    from .bench.measure import machine_info
+
+    os.makedirs(args.out, exist_ok=True)
+    command = "fastattn-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = machine_info()
+    stamp = f"{machine.get('host_cpu', '')}, {torch.get_num_threads()} threads, " \
+            f"world {world} · {command}"
+    meta = {"command": command, "machine": machine, "data": data.stats(),
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    with open(os.path.join(args.out, "train.json"), "w") as f:
+        json.dump({"rows": rows, **meta}, f, indent=1, default=str)
+    with open(os.path.join(args.out, "train.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, os.path.join(args.out, "train.png"), stamp)
+    print("\n" + markdown(rows))
+    print(f"\n{stamp}\nwrote {args.out}/train.{{csv,json,png}}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
