@@ -209,6 +209,22 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     def interest_cats(users):
         return interests[used][interest_of.draw(rng, users)]
 
+    def draw(owner, p_long, p_short, short_cat):
+        """For each row of ``owner`` (user ids): an item of one of the user's long-term
+        interests (probability p_long), of the category short_cat (p_short), else a popular
+        item. Returns (items, their categories)."""
+        r = rng.random(owner.shape[0])
+        is_long = r < p_long
+        is_short = ~is_long & (r < p_long + p_short)
+        cats = np.zeros(owner.shape[0], dtype=np.int64)
+        cats[is_long] = interest_cats(owner[is_long])
+        cats[is_short] = short_cat[is_short]
+        items = np.empty(owner.shape[0], dtype=np.int64)
+        topical = is_long | is_short
+        items[topical] = item_of_cat(cats[topical])
+        items[~topical] = popular_items(int((~topical).sum()))
+        return items, item_cat[items - 1]
+
     lo, hi = np.log(cfg.min_len), np.log(cfg.max_len + 1)
     n = np.clip(np.floor(np.exp(rng.uniform(lo, hi, size=U))), cfg.min_len,
                 cfg.max_len).astype(np.int64)
@@ -227,19 +243,9 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     session_cat = rng.integers(1, C + 1, size=int(session[-1]) + 1)
     current_cat = session_cat[session[offsets[1:] - 1]]               # (U,)
 
-    r = rng.random(N)
-    p_long = np.where(recent, cfg.p_long_recent, cfg.p_long)
-    p_short = np.where(recent, cfg.p_current_recent, cfg.p_session)
-    is_long = r < p_long
-    is_short = ~is_long & (r < p_long + p_short)
-    cats = np.zeros(N, dtype=np.int64)
-    cats[is_long] = interest_cats(user[is_long])
-    cats[is_short] = session_cat[session[is_short]]
-    items = np.empty(N, dtype=np.int64)
-    topical = is_long | is_short
-    items[topical] = item_of_cat(cats[topical])
-    items[~topical] = popular_items(int((~topical).sum()))
-    cats = item_cat[items - 1]
+    items, cats = draw(user, np.where(recent, cfg.p_long_recent, cfg.p_long),
+                       np.where(recent, cfg.p_current_recent, cfg.p_session),
+                       session_cat[session])
 
     gaps = rng.geometric(min(1.0, 1.0 / cfg.mean_gap), size=N)
     csum = np.cumsum(gaps)
@@ -250,17 +256,7 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     Cn = cfg.candidates_per_user
     s_user = np.repeat(np.arange(U), Cn)
     S = s_user.shape[0]
-    r = rng.random(S)
-    from_long = r < cfg.cand_long
-    from_current = ~from_long & (r < cfg.cand_long + cfg.cand_current)
-    s_cat = np.zeros(S, dtype=np.int64)
-    s_cat[from_long] = interest_cats(s_user[from_long])
-    s_cat[from_current] = current_cat[s_user[from_current]]
-    s_item = np.empty(S, dtype=np.int64)
-    topical = from_long | from_current
-    s_item[topical] = item_of_cat(s_cat[topical])
-    s_item[~topical] = popular_items(int((~topical).sum()))
-    s_cat = item_cat[s_item - 1]
+    s_item, s_cat = draw(s_user, cfg.cand_long, cfg.cand_current, current_cat[s_user])
 
     affinity = (w[s_user] * (interests[s_user] == s_cat[:, None])).sum(axis=1)
     # standardised under the popularity-weighted draw, so a popular item averages z = 0
