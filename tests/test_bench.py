@@ -1,13 +1,21 @@
 """The benchmark code runs end to end on a tiny sweep and writes well-formed results."""
 import csv
 import json
+import sys
+import types
 
+import pytest
 import torch
 
-import fastattn
-from fastattn.bench import cli
+from fastattn.bench import cli, measure, sweeps
 from fastattn.bench.measure import machine_info, peak_extra_bytes, time_fn
-from fastattn.bench.sweeps import SWEEPS, Point, Sweep
+from fastattn.bench.sweeps import SWEEPS, Cost, Point, Sweep
+
+PNG = b"\x89PNG\r\n\x1a\n"
+LIMITS = {"mem_bandwidth_gbs": 10.0, "matmul_gflops": 100.0, "popcount_gwords_per_s": 5.0}
+NEW_COLUMNS = ["median_s", "p10_s", "p90_s", "speedup", "behaviours_per_s", "bytes",
+               "gb_per_s", "pct_of_bandwidth", "bound_by", "bound_behaviours_per_s",
+               "pct_of_bound", "peak_extra_bytes"]
 
 
 class _Progress:
@@ -18,41 +26,152 @@ class _Progress:
         pass
 
 
-def test_tiny_sweep_writes_csv_json_png(tmp_path):
-    q, k = torch.zeros(8, 1, dtype=torch.int64), torch.zeros(1, 64, 1, dtype=torch.int64)
+def _meta():
+    meta = machine_info()
+    meta.update(command="test", limits=LIMITS)
+    return meta
+
+
+def test_tiny_hamming_sweep_writes_csv_json_and_plots(tmp_path):
+    """The real hamming_topk sweep, cut to its smallest point: every implementation is
+    timed with the CPU timer, gets the throughput and roofline columns from the sweep's byte
+    model, and CSV, JSON, the sweep plot and the roofline plot are written."""
+    sweep = sweeps.hamming_topk_sweep(True, device="cpu")
+    sweep.points = sweep.points[:1] + [
+        Point({"L": 10**9, "B": 1}, lambda: pytest.fail("built a point that cannot fit"),
+              mem_bytes=1 << 62)]
+    rows, skipped = cli.run_sweep(sweep, 0.01, _Progress(), timer=time_fn, limits=LIMITS)
+    assert {r["impl"] for r in rows} >= {"cpp", "torch", "dense_sdpa"}
+    assert skipped == [{"sweep": "hamming_topk", "L": 10**9, "B": 1, "impl": None,
+                        "reason": skipped[0]["reason"]}]
+    assert "GiB" in skipped[0]["reason"]
+    for r in rows:
+        assert 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"], r
+        assert r["behaviours_per_s"] == pytest.approx(1024 * 256 / r["median_s"])
+        assert r["bytes"] > 0 and r["gb_per_s"] == pytest.approx(r["bytes"] / r["median_s"]
+                                                                 / 1e9)
+        assert r["pct_of_bandwidth"] == pytest.approx(10 * r["gb_per_s"])
+        assert r["bound_by"] == ("compute" if r["impl"] == "dense_sdpa" else "popcount")
+        assert r["pct_of_bound"] == pytest.approx(
+            100 * r["behaviours_per_s"] / r["bound_behaviours_per_s"])
+    assert [r["speedup"] for r in rows if r["impl"] == "faiss"] in ([1.0], [])
+    cli.print_table(sweep, rows, skipped)
+    written = cli.write_results(str(tmp_path), sweep, rows, _meta(), skipped)
+    assert sorted(p.rsplit("/", 1)[1] for p in written) == [
+        "hamming_topk.csv", "hamming_topk.json", "hamming_topk.png",
+        "hamming_topk_roofline.png"]
+    with open(tmp_path / "hamming_topk.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["impl"] for r in table] == [r["impl"] for r in rows]
+    assert all(table[0][c] != "" for c in NEW_COLUMNS)
+    data = json.loads((tmp_path / "hamming_topk.json").read_text())
+    assert data["machine"]["threads"] == torch.get_num_threads()
+    assert data["machine"]["limits"] == LIMITS and data["roofline"] is True
+    assert data["skipped"][0]["reason"] == skipped[0]["reason"]
+    for name in ("hamming_topk.png", "hamming_topk_roofline.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+    md = cli.markdown(str(tmp_path / "hamming_topk.json"))
+    assert "| 256 |" in md and "% of popcount" in md and "not measured at L=1000000000" in md
+    readme = tmp_path / "README.md"
+    begin, end = cli.markers()
+    readme.write_text(f"# x\n\n{begin}\nold\n{end}\n\nkept\n")
+    cli.main(["--markdown", "--out", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("kept\n")
+    assert "![hamming_topk_roofline](hamming_topk_roofline.png)" in text
+    assert "memory bandwidth 10.0 GB/s" in text
+
+
+def test_speedup_and_skips_per_impl():
+    def oom():
+        raise MemoryError("pretend")
 
     def make():
-        return {"cpu": lambda: fastattn.hamming_topk(q, k, 4),
-                "torch": lambda: fastattn.hamming_topk(q, k, 4, backend="torch")}
+        return {"fast": lambda: None, "base": lambda: sum(range(2000)), "oom": oom,
+                "broken": lambda: 1 / 0, "slow": lambda: pytest.fail("a skipped impl ran")}
 
-    sweep = Sweep("tiny", "tiny sweep", x="L", baseline="torch", memory=True,
-                  points=[Point({"L": 64}, make, pairs=8 * 64)])
-    rows = cli.run_sweep(sweep, budget_s=0.01, progress=_Progress())
-    meta = machine_info()
-    meta["command"] = "test"
-    cli.print_table(sweep, rows)
-    cli.write_results(str(tmp_path), sweep, rows, meta)
-    with open(tmp_path / "tiny.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [r["impl"] for r in table] == ["cpu", "torch"]
-    assert float(table[1]["speedup"]) == 1.0
-    data = json.loads((tmp_path / "tiny.json").read_text())
-    assert data["machine"]["threads"] == torch.get_num_threads()
-    assert data["rows"][0]["pairs_per_s"] > 0
-    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = cli.markdown(str(tmp_path / "tiny.json"))
-    assert "| cpu |" in table and "(1.00×)" in table
+    sweep = Sweep("tiny", "tiny", x="L", baseline="base", cost=lambda p, i: Cost(bytes=64),
+                  points=[Point({"L": 8}, make, pairs=8, skip={"slow": "too slow"})])
+    rows, skipped = cli.run_sweep(sweep, 0.01, _Progress(), limits=LIMITS)
+    assert [r["impl"] for r in rows] == ["fast", "base"]
+    assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] > 1.0
+    assert rows[0]["bound_by"] == "memory"
+    assert {s["impl"]: s["reason"] for s in skipped} == {
+        "oom": "out of memory: pretend", "slow": "too slow",
+        "broken": "failed: ZeroDivisionError('division by zero')"}
+    assert [s["impl"] for s in skipped if s.get("error")] == ["broken"]
 
 
-def test_every_sweep_builds_quick_points():
-    for name, make in SWEEPS.items():
-        sweep = make(True)
-        assert sweep.points, name
-        assert all(p.params.get(sweep.x) for p in sweep.points), name
+def test_cuda_without_a_gpu_exits_with_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device is visible"):
+        cli.main(["--device", "cuda", "--quick", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+    assert measure.timer_for("cuda") is measure.time_fn_cuda
+    assert measure.timer_for("cpu") is measure.time_fn
+
+
+def test_cuda_timer_reports_do_bench_quantiles_in_seconds(monkeypatch):
+    import triton.testing
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        calls.append((warmup, rep, quantiles))
+        fn()
+        return [2.0, 1.0, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    t = measure.time_fn_cuda(lambda: None, budget_s=0.4, warmup=2, min_repeat=10)
+    assert t == {"median_s": 2e-3, "p10_s": 1e-3, "p90_s": 3e-3, "repeats": None}
+    assert calls == [(100, 400, [0.5, 0.1, 0.9])]
+
+
+def test_every_sweep_builds_quick_points_on_both_devices():
+    for device in ("cpu", "cuda"):
+        for sweep in sweeps.select(None, True, device):
+            assert sweep.points and sweep.device == device, sweep.name
+            assert all(p.params.get(sweep.x) for p in sweep.points), sweep.name
+    full = {s.name: s for s in sweeps.select(["hamming_topk", "eta_serving"], False)}
+    for s in full.values():
+        assert [p.params["L"] for p in s.points] == sweeps.LENGTHS
+        assert s.roofline and s.cost is not None
+    assert sweeps.LENGTHS[0] == 256 and sweeps.LENGTHS[-2:] == [65536, 100000]
+
+
+def test_eta_serving_byte_model_covers_every_impl():
+    sweep = sweeps.eta_serving_sweep(True)
+    point = sweep.points[0]
+    for impl in point.build():
+        c = sweep.cost(point.params, impl)
+        assert c.bytes > 0 and c.flops > 0, impl
+        assert (c.popcounts > 0) == (not impl.startswith("dense")), impl
+    # every selected row is read once: at most the whole history, at least k rows
+    assert 64 <= sweeps._distinct_rows(256, 1024 * 64) <= 256
+
+
+def test_serving_sweeps_extension_point(monkeypatch):
+    name = "fastattn.bench.serving_sweeps"
+    fake = types.ModuleType(name)
+    fake.SERVING_SWEEPS = {"serving_tiny": lambda quick: Sweep("serving_tiny", "t", "n", "b")}
+    monkeypatch.setitem(sys.modules, name, fake)
+    assert set(sweeps._extension_sweeps()) == {"serving_tiny"}
+    monkeypatch.setattr(sweeps, "SWEEPS", {**SWEEPS, **fake.SERVING_SWEEPS})
+    assert [s.name for s in sweeps.select(["serving_tiny"], True)] == ["serving_tiny"]
+    assert sweeps.select(["serving_tiny"], True, "cuda") == []   # CPU-only: left out
+    broken = types.ModuleType(name)       # no SERVING_SWEEPS: a warning, nothing added
+    monkeypatch.setitem(sys.modules, name, broken)
+    with pytest.warns(RuntimeWarning, match="serving_sweeps failed to import"):
+        assert sweeps._extension_sweeps() == {}
 
 
 def test_measurement_helpers():
     t = time_fn(lambda: sum(range(100)), budget_s=0.01)
     assert 0 < t["p10_s"] <= t["median_s"] <= t["p90_s"]
+    assert measure.summarize([3.0, 1.0, 2.0])["median_s"] == 2.0
+    with pytest.raises(ValueError, match="samples_s"):
+        measure.summarize([])
     extra = peak_extra_bytes(lambda: torch.ones(64 << 20, dtype=torch.uint8))
     assert extra is None or extra >= 32 << 20
+    assert measure.available_bytes("cpu") is None or measure.available_bytes("cpu") > 0
+    assert measure.memory_bandwidth_gbs(nbytes=1 << 22) > 0

@@ -1,15 +1,34 @@
-"""Timing, peak-memory and machine description for the benchmark sweeps."""
+"""Timing, peak memory, machine limits and machine description for the benchmark sweeps.
+
+Two timers share one summary: :func:`time_fn` (CPU wall clock) and :func:`time_fn_cuda`
+(``triton.testing.do_bench``: CUDA events, L2 flushed before every run); :func:`timer_for`
+picks by device, and the sweeps take the timer as an argument so tests can drive the
+plumbing on CPU.
+"""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+
+Timer = Callable[..., Dict[str, float]]
+
+
+def summarize(samples_s: List[float]) -> Dict[str, float]:
+    """median, p10 and p90 (linear interpolation, as ``torch.quantile`` and ``do_bench``'s
+    ``quantiles=[0.5, 0.1, 0.9]``) of latencies in seconds, and their count."""
+    if not samples_s:
+        raise ValueError("samples_s must hold at least one latency")
+    s = sorted(samples_s)
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"median_s": statistics.median(s), "p10_s": q[0], "p90_s": q[-1], "repeats": len(s)}
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, min_repeat: int = 3,
@@ -31,12 +50,44 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, min_repeat: int = 3,
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    samples.sort()
-    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 \
-        else [samples[0]] * 9
-    return {"median_s": statistics.median(samples), "p10_s": q[0], "p90_s": q[-1],
-            "repeats": len(samples)}
+    return summarize(samples)
 
+
+def time_fn_cuda(fn: Callable[[], object], *, budget_s: float = 1.0,
+                 **_ignored) -> Dict[str, object]:
+    """GPU latency of ``fn()`` in seconds by ``triton.testing.do_bench`` (CUDA events around
+    each run, L2 cache flushed before each): median, p10 and p90 (``quantiles=[0.5, 0.1,
+    0.9]``, interpolated as :func:`summarize` does). ``budget_s`` is do_bench's repetition
+    time, a quarter of it warm-up; do_bench does not report its repeat count (None). The
+    CPU timer's options are accepted and ignored, so either timer fits the same call."""
+    from triton.testing import do_bench
+    med, p10, p90 = do_bench(fn, warmup=max(1, int(budget_s * 250)),
+                             rep=max(1, int(budget_s * 1000)), quantiles=[0.5, 0.1, 0.9])
+    return {"median_s": med * 1e-3, "p10_s": p10 * 1e-3, "p90_s": p90 * 1e-3, "repeats": None}
+
+
+def require_device(device: str) -> None:
+    """Raise ``SystemExit`` with what to do when ``device`` cannot run here."""
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch "
+                             f"(torch {torch.__version__}, built with CUDA "
+                             f"{torch.version.cuda}); run on a GPU machine with a CUDA build "
+                             "of torch, or use --device cpu")
+        try:
+            importlib.import_module("triton.testing")
+        except ImportError as exc:
+            raise SystemExit(f"--device cuda times with triton.testing.do_bench: {exc}; "
+                             "pip install 'fastattn[triton]'") from exc
+
+
+def timer_for(device: str) -> Timer:
+    return time_fn_cuda if device == "cuda" else time_fn
+
+
+# --------------------------------------------------------------------------- memory
 
 def _status_kb(field: str) -> Optional[int]:
     try:
@@ -75,13 +126,103 @@ def peak_extra_bytes(fn: Callable[[], object]) -> Optional[int]:
     return max(peak - before, 0) * 1024
 
 
-def memory_bandwidth_gbs(nbytes: int = 1 << 28) -> float:
-    """Measured copy bandwidth (read + write) of this machine, GB/s, at torch's thread count."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), warmup=2, min_repeat=5, budget_s=0.5)["median_s"]
-    return 2 * nbytes / t / 1e9
+def peak_extra_bytes_cuda(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory ``fn()`` allocates on top of what is allocated when it starts
+    (``torch.cuda.max_memory_allocated``: the caching allocator's view, what a user sizes
+    a batch by)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    del result
+    return max(torch.cuda.max_memory_allocated() - before, 0)
 
+
+def peak_memory_for(device: str) -> Callable[[Callable[[], object]], Optional[int]]:
+    return peak_extra_bytes_cuda if device == "cuda" else peak_extra_bytes
+
+
+def available_bytes(device: str) -> Optional[int]:
+    """Memory a new point may use: free CUDA memory, or the kernel's MemAvailable (which
+    counts reclaimable cache). None where it cannot be read."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------- machine limits
+
+def _best_s(timer: Timer, fn: Callable[[], object], budget_s: float = 0.5) -> float:
+    """A ceiling is what the machine reaches at its best: the fast decile (p10) of the
+    samples, so a neighbour's burst of load during the measurement does not lower it."""
+    return timer(fn, warmup=2, min_repeat=10, budget_s=budget_s)["p10_s"]
+
+
+def memory_bandwidth_gbs(device: str = "cpu", nbytes: int = 1 << 28,
+                         timer: Optional[Timer] = None) -> float:
+    """Measured copy bandwidth of this machine in GB/s (bytes read + written per second) at
+    torch's thread count: a ``copy_`` of ``nbytes`` fp32, far larger than any cache, at its
+    fast decile."""
+    timer = timer or timer_for(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_s(timer, lambda: dst.copy_(src)) / 1e9
+
+
+def matmul_gflops(device: str = "cpu", n: int = 1024, timer: Optional[Timer] = None) -> float:
+    """Measured fp32 GEMM rate, GFLOP/s: ``torch.mm`` of two (n, n) matrices (2n³ flops), the
+    compute ceiling the dense baselines run against."""
+    timer = timer or timer_for(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    return 2 * n ** 3 / _best_s(timer, lambda: torch.mm(a, b)) / 1e9
+
+
+def popcount_gwords(timer: Optional[Timer] = None) -> Optional[float]:
+    """Measured CPU XOR+popcount rate, 64-bit words per second / 1e9.
+
+    How: ``hamming_topk`` with the fastest CPU backend (C++ where built: AVX-512 VPOPCNTQ,
+    AVX2 or POPCNT, as dispatched) over 256-bit signatures that stay in cache (B=1024
+    queries against L=16384 and 32768 keys: 0.5 and 1 MiB), counting B·L·W words; the best
+    of the two, each at its fast decile. It is the scan rate this machine reaches when
+    memory is not the limit, so a kernel near it is compute-bound at its instruction set.
+    None without a compiled CPU backend (the torch reference is no measure of the machine).
+    """
+    from .. import hamming_topk
+    from ..backends import available
+    backend = next((b for b in ("cpp", "numba") if available(b)), None)
+    if backend is None:
+        return None
+    timer = timer or time_fn
+    g = torch.Generator().manual_seed(0)
+    B, W, best = 1024, 4, 0.0
+    q = torch.randint(-2**63, 2**63 - 1, (B, W), dtype=torch.int64, generator=g)
+    for L in (16384, 32768):
+        k = torch.randint(-2**63, 2**63 - 1, (1, L, W), dtype=torch.int64, generator=g)
+        t = _best_s(timer, lambda: hamming_topk(q, k, 64, backend=backend), budget_s=0.4)
+        best = max(best, B * L * W / t / 1e9)
+    return best
+
+
+def machine_limits(device: str, timer: Optional[Timer] = None) -> Dict[str, Optional[float]]:
+    """The ceilings the roofline is drawn against, measured once per run (about 3 s)."""
+    timer = timer or timer_for(device)
+    return {"mem_bandwidth_gbs": memory_bandwidth_gbs(device, timer=timer),
+            "matmul_gflops": matmul_gflops(device, timer=timer),
+            # XOR+popcount on the GPU is far above its memory roof for these sizes
+            "popcount_gwords_per_s": popcount_gwords() if device == "cpu" else None}
+
+
+# --------------------------------------------------------------------------- description
 
 def _cpu_model() -> str:
     try:
@@ -114,13 +255,21 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
+def _run(cmd: List[str]) -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10,
                               cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a missing tool leaves the field empty
         return None
+
+
+def _gpu_info() -> Dict[str, object]:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                   f"--id={torch.cuda.current_device()}"])
+    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_driver": driver, "cuda": torch.version.cuda}
 
 
 def machine_info(device: str = "cpu") -> Dict[str, object]:
@@ -136,10 +285,19 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "triton": _version("triton"),
         "numba": _version("numba"),
         "faiss": _version("faiss"),
-        "fastattn_commit": _git_commit(),
+        "fastattn_commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         "backends": backends()["available"],
         "device": device,
     }
     if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        info.update(_gpu_info())
     return info
+
+
+def machine_label(meta: Dict[str, object]) -> str:
+    """One line naming the machine a figure comes from (the GPU when it ran on one)."""
+    where = meta.get("gpu") or meta["host_cpu"]
+    extra = (f", driver {meta.get('gpu_driver')}, CUDA {meta.get('cuda')}" if meta.get("gpu")
+             else f", {meta['threads']} threads")
+    return (f"{where}{extra}, torch {meta['torch']}, commit {meta['fastattn_commit']}, "
+            f"{meta.get('date', '')}")

@@ -2,11 +2,28 @@
 one run, so every figure is a ratio measured on the same machine at the same moment.
 
 A sweep is a name, a baseline and a list of points; each point builds its inputs once and
-maps implementation names to zero-argument callables. Add a sweep by writing one function
-that returns a :class:`Sweep` and listing it in :data:`SWEEPS`.
+maps implementation names to zero-argument callables. Every sweep function takes
+``(quick, device="cpu")`` and builds the same comparison on either device: on ``cuda`` the
+fastattn implementation is the Triton backend and the baselines run on the GPU too (FAISS
+is CPU-only and is left out there). Add a sweep by writing one such function and listing it
+in :data:`SWEEPS`; a module ``fastattn.bench.serving_sweeps`` defining ``SERVING_SWEEPS``
+(name -> function) is picked up as well, when it imports.
+
+Byte models (:class:`Cost`). Each sweep states the least traffic one call must move
+between memory and the cores, counted once per distinct datum: inputs read, outputs
+written, and intermediates that cannot stay in cache (a materialised (B, L) score matrix, a
+backward's re-read of keys and values far larger than any cache). Data reused from cache
+(the candidates' queries, a shared history's keys) counts once. Throughput in GB/s is those
+bytes over the median latency, and the bandwidth bound is those bytes over the measured
+copy bandwidth; the popcount bound is the Hamming scan's B·L·W word XOR+popcounts over the
+measured popcount rate, the compute bound the flops over the measured fp32 GEMM rate.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -17,6 +34,18 @@ import fastattn
 
 from ..backends import available
 
+F32, I32, I64 = 4, 4, 8          # bytes per element
+LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 100000]
+QUICK_LENGTHS = [256, 4096, 65536]
+
+
+@dataclass
+class Cost:
+    """The least work one call must do; the roofline bounds throughput by each."""
+    bytes: int              # read + written between memory and the cores (module docstring)
+    popcounts: int = 0      # 64-bit word XOR+popcounts (the Hamming scan)
+    flops: int = 0          # floating-point operations, a multiply-add counting 2
+
 
 @dataclass
 class Point:
@@ -25,6 +54,11 @@ class Point:
     build: Callable[[], Dict[str, Callable[[], object]]]
     # per-behaviour work for throughput: (query, behaviour) pairs processed per call
     pairs: int = 0
+    # the most memory building and running the point takes; checked against what is free
+    # before building, so a point that does not fit is skipped with a reason, not an OOM
+    mem_bytes: int = 0
+    # impl -> why it is not measured at this point (it is built, never called)
+    skip: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -34,21 +68,35 @@ class Sweep:
     x: str                      # the swept parameter, plotted on the x axis
     baseline: str               # speed-ups are reported against this implementation
     points: List[Point] = field(default_factory=list)
-    memory: bool = False        # also record the peak memory each call adds
+    memory: bool = False        # also plot the peak memory each call adds
     # impl -> the baseline it is compared with, where that is not ``baseline``
     baseline_of: Optional[Callable[[str], str]] = None
+    # (point params, impl) -> the call's Cost, for GB/s and the bounds; None: not modelled
+    cost: Optional[Callable[[Dict[str, int], str], Optional[Cost]]] = None
+    roofline: bool = False      # also draw <name>_roofline.png
+    device: str = "cpu"
 
     def baseline_for(self, impl: str) -> str:
         return self.baseline_of(impl) if self.baseline_of else self.baseline
 
 
-def _cpu_backends(include_torch: bool = True) -> List[str]:
-    names = [b for b in ("cpp", "numba") if available(b)]
-    return names + (["torch"] if include_torch else [])
+def _backends(device: str) -> List[str]:
+    """The fastattn backends compared on ``device`` (compiled ones, then the reference)."""
+    names = ["triton"] if device == "cuda" else ["cpp", "numba"]
+    return [b for b in names if available(b)] + ["torch"]
 
 
-def _sigs(n: int, words: int, g: torch.Generator) -> torch.Tensor:
-    return torch.randint(-2**63, 2**63 - 1, (n, words), dtype=torch.int64, generator=g)
+def _torch_skip(device: str, L: int, limit: int) -> Dict[str, str]:
+    # On CPU the oracle materialises (B, L) distances in 64-query chunks: minutes beyond this.
+    if device == "cpu" and L > limit:
+        return {"torch": f"the torch reference (the oracle) takes minutes on CPU above "
+                         f"L={limit}"}
+    return {}
+
+
+def _sigs(n: int, words: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    return torch.randint(-2**63, 2**63 - 1, (n, words), dtype=torch.int64,
+                         generator=g).to(device)
 
 
 def faiss_search(q_sig: torch.Tensor, k_sig: torch.Tensor, k: int):
@@ -65,69 +113,99 @@ def faiss_search(q_sig: torch.Tensor, k_sig: torch.Tensor, k: int):
     return lambda: index.search(qb, k)
 
 
+def _dense_cost(B: int, L: int, D: int) -> Cost:
+    """Dense attention of B queries over one shared history: read q, keys, values once,
+    write the output; q·kᵀ and p·v are 2·B·L·D flops each."""
+    return Cost(bytes=F32 * (2 * B * D + 2 * L * D), flops=4 * B * L * D)
+
+
 # --------------------------------------------------------------------------- hamming_topk
 
-def hamming_topk_sweep(quick: bool) -> Sweep:
+def hamming_topk_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """hamming_topk (B=1024, 256 bits, k=64, one shared history) vs FAISS IndexBinaryFlat and
     vs the dense target attention it replaces."""
     B, NB, K, D = 1024, 256, 64, 128
     W = NB // 64
-    lengths = [1024, 16384] if quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
-    torch_max = 4096 if quick else 16384    # the oracle materialises (B, L): slow, not wrong
+    lengths = QUICK_LENGTHS if quick else LENGTHS
+    torch_max = 4096 if quick else 16384
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """Retrieval reads both signature sets once and writes dist (int32) and idx (int64);
+        it XOR+popcounts B·L·W words. The dense baseline is :func:`_dense_cost`."""
+        if impl == "dense_sdpa":
+            return _dense_cost(B, p["L"], D)
+        return Cost(bytes=I64 * W * (B + p["L"]) + B * K * (I32 + I64),
+                    popcounts=B * p["L"] * W)
+
     sweep = Sweep("hamming_topk", f"hamming_topk, B={B}, {NB} bits, k={K}, shared history",
-                  x="L", baseline="faiss")
+                  x="L", baseline="faiss" if device == "cpu" else "torch", cost=cost,
+                  roofline=True, device=device)
 
     def build(L: int):
         def make():
             g = torch.Generator().manual_seed(L)
-            q, k = _sigs(B, W, g), _sigs(L, W, g).unsqueeze(0)
-            impls = {}
-            for be in _cpu_backends(include_torch=L <= torch_max):
-                impls[be] = lambda be=be: fastattn.hamming_topk(q, k, K, backend=be)
-            search = faiss_search(q, k[0], K)
+            q, k = _sigs(B, W, g, device), _sigs(L, W, g, device).unsqueeze(0)
+            impls = {be: (lambda be=be: fastattn.hamming_topk(q, k, K, backend=be))
+                     for be in _backends(device)}
+            search = faiss_search(q, k[0], K) if device == "cpu" else None
             if search is not None:
                 impls["faiss"] = search
-            qf = torch.randn(1, 1, B, D, generator=g)
-            kf = torch.randn(1, 1, L, D, generator=g)
-            impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qf, kf, kf)
+            qf = torch.randn(1, 1, B, D, generator=g).to(device)
+            kf, vf = (torch.randn(1, 1, L, D, generator=g).to(device) for _ in range(2))
+            impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qf, kf, vf)
             return impls
         return make
 
-    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L) for L in lengths]
+    # The oracle's (B, L) int64 distances and (64, L, W) chunk temporaries dominate.
+    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L,
+                          mem_bytes=F32 * D * (B + 2 * L) + 4 * I64 * B * L,
+                          skip=_torch_skip(device, L, torch_max)) for L in lengths]
     return sweep
 
 
 # --------------------------------------------------------------------------- simhash_sign
 
-def simhash_sweep(quick: bool) -> Sweep:
+def simhash_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """simhash_sign vs the bare torch matmul it contains (x @ planes)."""
     D, NB = 128, 256
+    W = NB // 64
     sizes = [65536] if quick else [4096, 16384, 65536, 262144]
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """Read x and the planes, write the packed signatures (the bare matmul writes its
+        (N, NB) fp32 projections instead); 2·N·D·NB flops either way."""
+        N = p["N"]
+        out = F32 * N * NB if impl == "torch_matmul" else I64 * N * W
+        return Cost(bytes=F32 * (N * D + D * NB) + out, flops=2 * N * D * NB)
+
     sweep = Sweep("simhash_sign", f"simhash_sign, D={D} -> {NB} bits", x="N",
-                  baseline="torch_matmul")
+                  baseline="torch_matmul", cost=cost, device=device)
 
     def build(N: int):
         def make():
             g = torch.Generator().manual_seed(N)
-            x, planes = torch.randn(N, D, generator=g), torch.randn(D, NB, generator=g)
+            x = torch.randn(N, D, generator=g).to(device)
+            planes = torch.randn(D, NB, generator=g).to(device)
             impls = {be: (lambda be=be: fastattn.simhash_sign(x, planes, backend=be))
-                     for be in _cpu_backends()}
+                     for be in _backends(device)}
             impls["torch_matmul"] = lambda: torch.mm(x, planes)
             return impls
         return make
 
-    sweep.points = [Point({"N": N}, build(N), pairs=N) for N in sizes]
+    sweep.points = [Point({"N": N}, build(N), pairs=N, mem_bytes=4 * F32 * N * (D + NB))
+                    for N in sizes]
     return sweep
 
 
 # --------------------------------------------------------------------------- eta_attention
 
 def eta_inputs(B: int, U: int, L: int, D: int, NB: int, g: torch.Generator,
-                requires_grad: bool = False):
-    q = torch.randn(B, D, generator=g)
-    keys = torch.randn(U, L, D, generator=g)
-    values = torch.randn(U, L, D, generator=g)
-    planes = fastattn.make_planes(D, NB, g)
+               requires_grad: bool = False, device: str = "cpu"):
+    """q (B, D), keys and values (U, L, D) fp32 on ``device``, and their signatures."""
+    q = torch.randn(B, D, generator=g).to(device)
+    keys = torch.randn(U, L, D, generator=g).to(device)
+    values = torch.randn(U, L, D, generator=g).to(device)
+    planes = fastattn.make_planes(D, NB, g).to(device)
     q_sig, k_sig = fastattn.simhash_sign(q, planes), fastattn.simhash_sign(keys, planes)
     if requires_grad:
         for t in (q, keys, values):
@@ -135,46 +213,108 @@ def eta_inputs(B: int, U: int, L: int, D: int, NB: int, g: torch.Generator,
     return q, keys, values, q_sig, k_sig
 
 
-def eta_serving_sweep(quick: bool) -> Sweep:
-    """eta_attention forward, one user's history shared by B candidates, vs dense attention."""
-    B, D, NB, K = 1024, 128, 256, 64
-    lengths = [1024, 16384] if quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+def _distinct_rows(L: int, picks: int) -> float:
+    """Expected distinct rows among ``picks`` uniform draws from L: how many key/value rows
+    B queries' top-k selections touch in a shared history of random data."""
+    if L <= 1:
+        return float(min(L, picks))
+    return -L * math.expm1(picks * math.log1p(-1.0 / L))   # L·(1 − (1 − 1/L)^picks)
+
+
+ETA_D, ETA_NB, ETA_K = 128, 256, 64
+
+
+def _eta_serving_cost(p: Dict[str, int], impl: str) -> Cost:
+    """ETA reads q, both signature sets and the selected key and value rows (each distinct
+    row once: :func:`_distinct_rows` of B·k picks), writes the output; it XOR+popcounts
+    B·L·W words and runs 4·B·k·D attention flops. Dense attention is :func:`_dense_cost`;
+    the naive one also writes and re-reads its (B, L) fp32 scores."""
+    B, L, D, K, W = p["B"], p["L"], ETA_D, ETA_K, ETA_NB // 64
+    if impl.startswith("dense_"):
+        c = _dense_cost(B, L, D)
+        if impl == "dense_naive":
+            c.bytes += 2 * F32 * B * L
+        return c
+    rows = round(_distinct_rows(L, B * K))
+    return Cost(bytes=2 * F32 * B * D + I64 * W * (B + L) + 2 * F32 * D * rows,
+                popcounts=B * L * W, flops=4 * B * K * D)
+
+
+def _eta_serving_point(B: int, L: int, device: str, torch_max: int) -> Point:
+    """eta_attention (every backend) and dense attention (SDPA, target_attention, and a
+    naive softmax(q kᵀ) v) for B candidates over one shared history of L behaviours."""
+    D, NB, K = ETA_D, ETA_NB, ETA_K
+
+    def make():
+        g = torch.Generator().manual_seed(L + B)
+        q, keys, values, q_sig, k_sig = eta_inputs(B, 1, L, D, NB, g, device=device)
+        impls = {be: (lambda be=be: fastattn.eta_attention(q, keys, values, q_sig, k_sig, K,
+                                                           backend=be))
+                 for be in _backends(device)}
+        qh, kh, vh = q.view(1, 1, B, D), keys.view(1, 1, L, D), values.view(1, 1, L, D)
+        impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
+        impls["dense_target_attention"] = lambda: fastattn.target_attention(q, keys, values)
+        # What a straightforward dense attention costs: the (B, L) scores in memory.
+        scale = D ** -0.5
+        impls["dense_naive"] = lambda: torch.softmax(q @ keys[0].T * scale, -1) @ values[0]
+        return impls
+
+    # Inputs, the naive scores and their softmax, and the oracle's (B, L) temporaries.
+    return Point({"L": L, "B": B}, make, pairs=B * L,
+                 mem_bytes=F32 * D * (B + 2 * L) + 2 * F32 * B * L + 4 * I64 * B * L,
+                 skip=_torch_skip(device, L, torch_max))
+
+
+def eta_serving_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """eta_attention forward, one user's history shared by B candidates, vs dense attention,
+    over the history length."""
+    B = 1024
     torch_max = 4096 if quick else 16384
-    sweep = Sweep("eta_serving", f"eta_attention forward, B={B} candidates, one shared history, "
-                  f"D={D}, {NB} bits, k={K}", x="L", baseline="dense_sdpa", memory=True)
-
-    def build(L: int):
-        def make():
-            g = torch.Generator().manual_seed(L)
-            q, keys, values, q_sig, k_sig = eta_inputs(B, 1, L, D, NB, g)
-            impls = {be: (lambda be=be: fastattn.eta_attention(q, keys, values, q_sig, k_sig, K,
-                                                               backend=be))
-                     for be in _cpu_backends(include_torch=L <= torch_max)}
-            qh, kh, vh = q.view(1, 1, B, D), keys.view(1, 1, L, D), values.view(1, 1, L, D)
-            impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
-            impls["dense_target_attention"] = lambda: fastattn.target_attention(q, keys, values)
-            # What a straightforward dense attention costs: the (B, L) scores in memory.
-            scale = D ** -0.5
-            impls["dense_naive"] = lambda: torch.softmax(q @ keys[0].T * scale, -1) @ values[0]
-            return impls
-        return make
-
-    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L) for L in lengths]
-    return sweep
+    return Sweep("eta_serving", f"eta_attention forward, B={B} candidates, one shared history, "
+                 f"D={ETA_D}, {ETA_NB} bits, k={ETA_K}", x="L", baseline="dense_sdpa",
+                 memory=True, cost=_eta_serving_cost, roofline=True, device=device,
+                 points=[_eta_serving_point(B, L, device, torch_max)
+                         for L in (QUICK_LENGTHS if quick else LENGTHS)])
 
 
-def eta_training_sweep(quick: bool) -> Sweep:
+def eta_batch_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """The same comparison over the number of candidates per request, at L=16384."""
+    L = 16384
+    batches = [16, 1024] if quick else [1, 16, 128, 1024, 4096]
+    return Sweep("eta_batch", f"eta_attention forward, B candidates, one shared history of "
+                 f"L={L}, D={ETA_D}, {ETA_NB} bits, k={ETA_K}", x="B", baseline="dense_sdpa",
+                 memory=True, cost=_eta_serving_cost, device=device,
+                 points=[_eta_serving_point(B, L, device, torch_max=4096) for B in batches])
+
+
+def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """eta_attention forward + backward, training layout (one history per row)."""
     B, D, NB, K = 256, 128, 256, 64
-    lengths = [4096] if quick else [1024, 2048, 4096]
+    W = NB // 64
+    lengths = [4096] if quick else [256, 1024, 4096, 16384]
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """ETA: the signatures once (B·L·W words scanned), the k selected key and value rows
+        per row twice (forward, backward), the dense (B, L, D) key and value gradients
+        written, q, output, output gradient and q gradient. Dense SDPA: keys and values read
+        in the forward and again in the backward (B·L·D·4 bytes each, far beyond any cache),
+        their gradients written; 4·B·L·D flops forward, 8·B·L·D backward."""
+        L = p["L"]
+        small = 4 * F32 * B * D
+        if impl == "dense_sdpa":
+            return Cost(bytes=small + 6 * F32 * B * L * D, flops=12 * B * L * D)
+        return Cost(bytes=small + I64 * W * B * (L + 1) + 4 * F32 * B * K * D
+                    + 2 * F32 * B * L * D, popcounts=B * L * W, flops=12 * B * K * D)
+
     sweep = Sweep("eta_training", f"eta_attention forward+backward, B={B} rows with their own "
                   f"history, D={D}, {NB} bits, k={K}", x="L", baseline="dense_sdpa",
-                  memory=True)
+                  memory=True, cost=cost, device=device)
 
     def build(L: int):
         def make():
             g = torch.Generator().manual_seed(L)
-            q, keys, values, q_sig, k_sig = eta_inputs(B, B, L, D, NB, g, requires_grad=True)
+            q, keys, values, q_sig, k_sig = eta_inputs(B, B, L, D, NB, g, requires_grad=True,
+                                                       device=device)
 
             def step(f):
                 out = f()
@@ -184,40 +324,74 @@ def eta_training_sweep(quick: bool) -> Sweep:
 
             impls = {be: (lambda be=be: step(lambda: fastattn.eta_attention(
                 q, keys, values, q_sig, k_sig, K, backend=be)))
-                for be in _cpu_backends(include_torch=L <= 2048)}
+                for be in _backends(device)}
             impls["dense_sdpa"] = lambda: step(lambda: F.scaled_dot_product_attention(
                 q.view(B, 1, 1, D), keys.view(B, 1, L, D), values.view(B, 1, L, D)))
             return impls
         return make
 
-    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L) for L in lengths]
+    # keys, values and their gradients (measured: the backward adds little beyond them)
+    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L,
+                          mem_bytes=4 * F32 * B * L * D + I64 * W * B * L,
+                          skip=_torch_skip(device, L, 2048)) for L in lengths]
     return sweep
 
 
 # --------------------------------------------------------------------------- MIMN
 
-def _mimn_encoder(backend: str):
+MIMN_DIMS = dict(x_dim=32, mem_dim=32, slots=8, ctrl_dim=32, miu_dim=32)
+
+
+def _mimn_encoder(backend: str, device: str = "cpu"):
     from ..nn import MIMNEncoder
     torch.manual_seed(0)
-    return MIMNEncoder(32, 32, 8, 32, 32, mur=True, miu_k=1, backend=backend)
+    return MIMNEncoder(**MIMN_DIMS, mur=True, miu_k=1, backend=backend).to(device)
 
 
-def mimn_sweep(quick: bool) -> Sweep:
+def _mimn_step_flops() -> int:
+    """Matrix-product flops of one MIMN step of one row (elementwise work left out): the
+    controller GRU, the heads, content addressing and erase/add over the memory, MUR and
+    the MIU GRU on one channel."""
+    x, D, m, c, s = (MIMN_DIMS[k] for k in ("x_dim", "mem_dim", "slots", "ctrl_dim",
+                                             "miu_dim"))
+    gru = lambda i, h: 2 * 3 * h * (i + h)  # noqa: E731
+    return gru(x + D, c) + 2 * c * (4 * D + 2) + 8 * m * D + 2 * m * m + gru(D + x, s)
+
+
+def _mimn_state_bytes() -> int:
+    d = MIMN_DIMS
+    return F32 * (d["ctrl_dim"] + d["mem_dim"] + d["slots"] * d["mem_dim"] + d["slots"]
+                  + d["slots"] * d["miu_dim"])
+
+
+def mimn_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """MIMNEncoder over whole sequences, fused kernels vs the eager per-step equations (the
     torch reference: one torch op per equation per step). Forward and forward+backward."""
     B = 256
+    Dx, D = MIMN_DIMS["x_dim"], MIMN_DIMS["mem_dim"]
     steps = [200] if quick else [200, 1000]
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """Forward: read x (B, T, x_dim), write the reads (B, T, D); the backward reads the
+        reads' gradient and x again. Flops: :func:`_mimn_step_flops` per row-step, three
+        times that with the backward."""
+        rows = B * p["T"]
+        fwd = Cost(bytes=F32 * rows * (Dx + D), flops=rows * _mimn_step_flops())
+        if impl.endswith("_fwd_bwd"):
+            return Cost(bytes=2 * fwd.bytes, flops=3 * fwd.flops)
+        return fwd
+
     sweep = Sweep("mimn", f"MIMNEncoder B={B}, x_dim=D=32, slots=8, ctrl=miu=32, MUR, miu_k=1",
                   x="T", baseline="eager_torch_fwd",
                   baseline_of=lambda impl: "eager_torch_fwd_bwd" if impl.endswith("_fwd_bwd")
-                  else "eager_torch_fwd")
+                  else "eager_torch_fwd", cost=cost, device=device)
 
     def build(T: int):
         def make():
-            x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(T))
+            x = torch.randn(B, T, Dx, generator=torch.Generator().manual_seed(T)).to(device)
             impls = {}
-            for be in _cpu_backends(include_torch=False) + ["torch"]:
-                enc = _mimn_encoder(be)
+            for be in _backends(device):
+                enc = _mimn_encoder(be, device)
                 name = "eager_torch" if be == "torch" else be
 
                 def fwd(enc=enc):
@@ -233,25 +407,39 @@ def mimn_sweep(quick: bool) -> Sweep:
             return impls
         return make
 
-    sweep.points = [Point({"T": T, "B": B}, build(T), pairs=B * T) for T in steps]
+    # x, the reads and the per-step states the backward keeps
+    sweep.points = [Point({"T": T, "B": B}, build(T), pairs=B * T,
+                          mem_bytes=B * T * (F32 * (Dx + D) + 4 * _mimn_state_bytes()))
+                    for T in steps]
     return sweep
 
 
-def mimn_step_sweep(quick: bool) -> Sweep:
+def mimn_step_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """Serving: one event applied to one user's state (mimn_step) vs re-running the user's
     whole history of T events; the step's cost must not depend on T."""
     steps = [1000] if quick else [100, 1000, 10000]
+    Dx, D = MIMN_DIMS["x_dim"], MIMN_DIMS["mem_dim"]
+    be = _backends(device)[0]
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """The step reads and writes the user's state (h, r, M, g, S) and reads the event;
+        re-running reads T+1 events and writes their reads. The weights stay in cache."""
+        if impl == "rerun_history":
+            T = p["T"] + 1
+            return Cost(bytes=F32 * T * (Dx + D) + _mimn_state_bytes(),
+                        flops=T * _mimn_step_flops())
+        return Cost(bytes=2 * _mimn_state_bytes() + F32 * (Dx + D), flops=_mimn_step_flops())
+
     sweep = Sweep("mimn_step", "MIMN per-event update of one user (B=1) vs re-running the "
-                  "history", x="T", baseline="rerun_history")
-    be = _cpu_backends(include_torch=False)[0] if _cpu_backends(False) else "torch"
+                  "history", x="T", baseline="rerun_history", cost=cost, device=device)
 
     def build(T: int):
         def make():
-            enc = _mimn_encoder(be)
-            x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
+            enc = _mimn_encoder(be, device)
+            x = torch.randn(1, T, Dx, generator=torch.Generator().manual_seed(T)).to(device)
             with torch.no_grad():
                 _, state = enc(x)
-            event = torch.randn(1, 32)
+            event = torch.randn(1, Dx).to(device)
 
             def step():
                 with torch.no_grad():
@@ -264,23 +452,66 @@ def mimn_step_sweep(quick: bool) -> Sweep:
             return {f"step_{be}": step, "rerun_history": rerun}
         return make
 
-    sweep.points = [Point({"T": T}, build(T), pairs=1) for T in steps]
+    sweep.points = [Point({"T": T}, build(T), pairs=1,
+                          mem_bytes=T * (F32 * (Dx + D) + 4 * _mimn_state_bytes()))
+                    for T in steps]
     return sweep
 
 
-SWEEPS: Dict[str, Callable[[bool], Sweep]] = {
+SWEEPS: Dict[str, Callable[..., Sweep]] = {
     "hamming_topk": hamming_topk_sweep,
     "simhash_sign": simhash_sweep,
     "eta_serving": eta_serving_sweep,
+    "eta_batch": eta_batch_sweep,
     "eta_training": eta_training_sweep,
     "mimn": mimn_sweep,
     "mimn_step": mimn_step_sweep,
 }
 
 
-def select(names: Optional[List[str]], quick: bool) -> List[Sweep]:
+def _extension_sweeps() -> Dict[str, Callable[..., Sweep]]:
+    """``SERVING_SWEEPS`` of ``fastattn.bench.serving_sweeps`` where that module exists and
+    imports; a missing or broken one leaves the sweeps above untouched (with a warning when
+    it is broken). Imported at the end of this module, so it may import Sweep and Point."""
+    name = __name__.rsplit(".", 1)[0] + ".serving_sweeps"
+    try:
+        return dict(importlib.import_module(name).SERVING_SWEEPS)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return {}
+        problem = exc
+    except Exception as exc:  # noqa: BLE001 - optional sweeps must not break the others
+        problem = exc
+    warnings.warn(f"{name} failed to import ({problem!r}); its sweeps are left out",
+                  RuntimeWarning, stacklevel=2)
+    return {}
+
+
+for _name, _fn in _extension_sweeps().items():
+    SWEEPS.setdefault(_name, _fn)
+
+
+def takes_device(fn: Callable[..., Sweep]) -> bool:
+    """Whether a sweep function accepts ``device`` (extension sweeps may be CPU-only)."""
+    try:
+        return "device" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def select(names: Optional[List[str]], quick: bool, device: str = "cpu") -> List[Sweep]:
+    """The named sweeps (all by default) built for ``device``; on cuda, sweeps whose
+    function takes no ``device`` are left out with a note."""
     chosen = names or list(SWEEPS)
     unknown = [n for n in chosen if n not in SWEEPS]
     if unknown:
         raise SystemExit(f"unknown sweep(s) {unknown}; choose from {list(SWEEPS)}")
-    return [SWEEPS[n](quick) for n in chosen]
+    out = []
+    for n in chosen:
+        if takes_device(SWEEPS[n]):
+            out.append(SWEEPS[n](quick, device=device))
+        elif device == "cpu":
+            out.append(SWEEPS[n](quick))
+        else:
+            print(f"note: sweep {n} is CPU-only (its function takes no device); left out")
+    return out
