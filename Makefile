@@ -20,25 +20,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 install: $(STAMP)
 
 # Every backend must be present in the test run: a broken C++ build fails here, not skips.
-# The serving tests need a real Redis: install redis-server if missing (Debian, as root),
-# start one on a free loopback port without persistence, stop it however pytest ends.
+# The serving tests need a real Redis: .ci/with-redis installs redis-server if missing,
+# starts one on a free loopback port and stops it however pytest ends;
 # FASTATTN_REQUIRE_REDIS=1 turns a missing or unreachable Redis into failed tests.
 test: $(STAMP)
-	@command -v redis-server >/dev/null || (apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) || \
-		echo "warning: redis-server could not be installed; the Redis tests will fail"
-	@dir=$$(mktemp -d); \
-	port=$$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
-	if command -v redis-server >/dev/null; then \
-		redis-server --bind 127.0.0.1 --port $$port --save '' --appendonly no --dir $$dir \
-			--logfile $$dir/redis.log & pid=$$!; \
-		trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; rm -rf $$dir' EXIT; \
-	fi; \
-	FASTATTN_REDIS_URL=redis://127.0.0.1:$$port/0 FASTATTN_REQUIRE_REDIS=1 \
-	FASTATTN_REQUIRE_BACKENDS=cpp,numba,triton $(PY) -m pytest -q -p no:cacheprovider tests
+	FASTATTN_REQUIRE_REDIS=1 FASTATTN_REQUIRE_BACKENDS=cpp,numba,triton \
+		.ci/with-redis $(PY) -m pytest -q -p no:cacheprovider tests
 
+# The UIC sweep also measures the Redis store (skipped, with the reason, without one).
 bench: $(STAMP)
-	$(VENV)/bin/fastattn-bench --out bench/results
+	.ci/with-redis $(VENV)/bin/fastattn-bench --out bench/results
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/fastattn-bench --quick --out bench/results
