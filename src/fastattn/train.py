@@ -95,10 +95,13 @@ def train_step(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batc
 @torch.no_grad()
 def evaluate(model: nn.Module, data: CTRDataset, max_len: Optional[int],
              batch_size: int = 512, device: str = "cpu") -> Dict[str, float]:
-    """AUC and log-loss of ``model`` on every sample of ``data``."""
+    """AUC and log-loss of ``model`` on every sample of ``data``.
+
+    The candidates of one user share one history row (``hist_index``) instead of a copy
+    each: the serving layout, same scores, a fraction of the work on long histories."""
     model.eval()
     scores, labels = [], []
-    for batch in data.batches(batch_size, max_len=max_len):
+    for batch in data.batches(batch_size, max_len=max_len, share_histories=True):
         batch = batch.to(device)
         scores.append(model(batch).float().cpu())
         labels.append(batch.label.float().cpu())

@@ -133,10 +133,11 @@ class ETAScorer:
         if items.shape != cats.shape:
             raise ValueError(f"hist_items and hist_cats must have one shape (L,), got "
                              f"{tuple(items.shape)} and {tuple(cats.shape)}")
-        dev = self.table.signatures().device
+        table = self.table.signatures()          # one staleness check per request
+        dev = table.device
         batch = Batch(items[None].to(dev), cats[None].to(dev),
                       torch.tensor([items.shape[0]], device=dev),
                       _ids("target_items", target_items).to(dev),
                       _ids("target_cats", target_cats).to(dev))
-        return self.model(batch, key_signatures=self.table.gather(batch.hist_items))
+        return self.model(batch, key_signatures=table[batch.hist_items])
 
