@@ -163,6 +163,58 @@ void hamming_topk(const py::array& q, const py::array& k, const py::array& lengt
                            ptr<int64_t>(out_idx), nthreads);
 }
 
+void hamming_topk_rows(const py::array& q, const py::array& k, const py::array& rows,
+                       const py::array& lengths, const py::array& hist_index, int64_t topk,
+                       py::array& out_dist, py::array& out_idx, int nthreads) {
+    const char* fn = "hamming_topk_rows";
+    check_threads(nthreads, fn);
+    const auto qs = check(q, fn, "q", Kind::i64, 2);
+    const auto ks = check(k, fn, "k", Kind::i64, 2);
+    const auto rs = check(rows, fn, "rows", Kind::i64, 2);
+    const auto ls = check(lengths, fn, "lengths", Kind::i64, 1);
+    const auto hs = check(hist_index, fn, "hist_index", Kind::i64, 1);
+    const auto ds = check(out_dist, fn, "out_dist", Kind::i32, 2, true);
+    const auto is = check(out_idx, fn, "out_idx", Kind::i64, 2, true);
+    const int64_t B = qs[0], W = qs[1], N = ks[0], U = rs[0], L = rs[1];
+    expect(ks[1] == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
+                               " must have the same number of words W");
+    expect(W >= 1, fn, "signatures need W >= 1 words");
+    expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
+    expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
+    expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));
+    expect(L < (int64_t(1) << 31), fn, "history length L must be < 2**31");
+    const std::string want = "(" + std::to_string(B) + ", " + std::to_string(topk) + ")";
+    expect(ds[0] == B && ds[1] == topk, fn, "out_dist must be " + want + ", got " + shape_of(out_dist));
+    expect(is[0] == B && is[1] == topk, fn, "out_idx must be " + want + ", got " + shape_of(out_idx));
+    py::gil_scoped_release release;
+    fastattn::hamming_topk_rows(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(rows),
+                                cptr<int64_t>(lengths), cptr<int64_t>(hist_index), B, N, U, L, W,
+                                topk, ptr<int32_t>(out_dist), ptr<int64_t>(out_idx), nthreads);
+}
+
+py::array_t<int64_t> unique_rows(const py::array& ids, const py::array& lengths,
+                                 py::array& hist_rows, int nthreads) {
+    const char* fn = "unique_rows";
+    check_threads(nthreads, fn);
+    const auto is = check(ids, fn, "ids", Kind::i64, 2);
+    const auto ls = check(lengths, fn, "lengths", Kind::i64, 1);
+    const auto hs = check(hist_rows, fn, "hist_rows", Kind::i64, 2, true);
+    const int64_t U = is[0], L = is[1];
+    expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
+    expect(hs[0] == U && hs[1] == L, fn, "hist_rows must be (U, L) = " + shape_of(ids) +
+                                             ", got " + shape_of(hist_rows));
+    std::vector<int64_t> unique_ids;
+    {
+        py::gil_scoped_release release;
+        unique_ids = fastattn::unique_rows(cptr<int64_t>(ids), cptr<int64_t>(lengths), U, L,
+                                           ptr<int64_t>(hist_rows), nthreads);
+    }
+    // The array takes over the vector's buffer (no copy); the capsule frees it.
+    auto* owned = new std::vector<int64_t>(std::move(unique_ids));
+    py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
+    return py::array_t<int64_t>(static_cast<py::ssize_t>(owned->size()), owned->data(), free_when_done);
+}
+
 void gather_rows(const py::array& values, const py::array& idx, const py::array& hist_index,
                  py::array& out, int nthreads) {
     const char* fn = "gather_rows";
@@ -710,6 +762,14 @@ PYBIND11_MODULE(_C, m) {
           py::arg("hist_index").noconvert(), py::arg("topk"), py::arg("out_dist").noconvert(), py::arg("out_idx").noconvert(),
           py::arg("nthreads"),
           "Top-k smallest Hamming distances per query, ordered by (distance, position).");
+    m.def("hamming_topk_rows", &hamming_topk_rows, py::arg("q").noconvert(), py::arg("k").noconvert(),
+          py::arg("rows").noconvert(), py::arg("lengths").noconvert(), py::arg("hist_index").noconvert(),
+          py::arg("topk"), py::arg("out_dist").noconvert(), py::arg("out_idx").noconvert(), py::arg("nthreads"),
+          "hamming_topk over indexed histories: position l of history u has signature k[rows[u, l]].");
+    m.def("unique_rows", &unique_rows, py::arg("ids").noconvert(), py::arg("lengths").noconvert(),
+          py::arg("hist_rows").noconvert(), py::arg("nthreads"),
+          "Distinct ids of the valid positions in first-occurrence order (returned, int64) and "
+          "hist_rows[u, l] = index of ids[u, l] among them, -1 past the length (written in place).");
     m.def("gather_rows", &gather_rows, py::arg("values").noconvert(), py::arg("idx").noconvert(), py::arg("hist_index").noconvert(),
           py::arg("out").noconvert(), py::arg("nthreads"),
           "out[b, j] = values[hist_index[b], idx[b, j]] (raw bytes); idx = -1 gives zeros.");

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "kernels.h"
@@ -19,29 +20,53 @@ void check_indices(const int64_t* idx, const int64_t* hist_index, int64_t B, int
 // Each output element (u, l, c) belongs to exactly one task, which adds the rows that hit
 // it in increasing (query, slot) order: the result is bitwise the same for every thread
 // count, and no two threads write the same memory. Tasks are (history, slice of positions);
-// histories are sliced only as much as needed to give every thread work.
+// histories are sliced only as much as needed to give every thread work (the indexed form
+// is one history of N table rows, sliced into row ranges). The slots are first bucketed by
+// task with a stable counting sort in (query, slot) order, so a task visits its own slots
+// only (instead of scanning all B*K slots per task, a branch per slot that mispredicts).
 template <typename T>
 void scatter_add_impl(const T* grad, const int64_t* idx, const int64_t* hist_index, int64_t B,
                       int64_t K, int64_t Dv, int64_t U, int64_t L, T* out, int nthreads) {
     check_indices(idx, hist_index, B, K, U, L, "scatter_add_rows");
     if (B == 0 || K == 0 || Dv == 0 || L == 0) return;
     const HistoryGroups g = group_by_history(hist_index, B, U);
-    const int64_t slices = std::min<int64_t>(L, std::max<int64_t>(1, (4 * nthreads + U - 1) / U));
-    const int64_t slice_len = (L + slices - 1) / slices;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t task = 0; task < U * slices; ++task) {
-        const int64_t u = task / slices;
-        const int64_t lo = (task % slices) * slice_len;
-        const int64_t hi = std::min(L, lo + slice_len);
+    // Slices of a power-of-two length, so that bucketing a slot is a shift, not a division.
+    const int64_t want = std::min<int64_t>(L, std::max<int64_t>(1, (4 * nthreads + U - 1) / U));
+    int shift = 0;
+    while ((int64_t(1) << shift) * want < L) ++shift;
+    const int64_t slices = ((L - 1) >> shift) + 1;
+    const int64_t ntasks = U * slices;
+    std::vector<int64_t> first(ntasks + 1, 0);  // bucket t: slots[first[t] .. first[t + 1])
+    for (int64_t u = 0; u < U; ++u) {
         for (int64_t i = g.start[u]; i < g.start[u + 1]; ++i) {
-            const int64_t b = g.order[i];
-            for (int64_t j = 0; j < K; ++j) {
-                const int64_t l = idx[b * K + j];
-                if (l < lo || l >= hi) continue;  // also skips l = -1
-                T* dst = out + (u * L + l) * Dv;
-                const T* src = grad + (b * K + j) * Dv;
-                for (int64_t c = 0; c < Dv; ++c) dst[c] += src[c];
+            const int64_t* ib = idx + g.order[i] * K;
+            for (int64_t j = 0; j < K; ++j)
+                if (ib[j] >= 0) ++first[u * slices + (ib[j] >> shift) + 1];
+        }
+    }
+    for (int64_t t = 0; t < ntasks; ++t) first[t + 1] += first[t];
+    std::vector<int64_t> slots(first[ntasks]);
+    {
+        std::vector<int64_t> next(first.begin(), first.end() - 1);
+        for (int64_t u = 0; u < U; ++u) {
+            for (int64_t i = g.start[u]; i < g.start[u + 1]; ++i) {
+                const int64_t r0 = g.order[i] * K;
+                for (int64_t j = 0; j < K; ++j) {
+                    const int64_t l = idx[r0 + j];
+                    if (l >= 0) slots[next[u * slices + (l >> shift)]++] = r0 + j;
+                }
             }
+        }
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntasks; ++task) {
+        const int64_t u = task / slices;
+        for (int64_t s = first[task]; s < first[task + 1]; ++s) {
+            const int64_t r = slots[s];
+            T* __restrict dst = out + (u * L + idx[r]) * Dv;
+            const T* __restrict src = grad + r * Dv;
+#pragma omp simd
+            for (int64_t c = 0; c < Dv; ++c) dst[c] += src[c];
         }
     }
 }

@@ -16,6 +16,10 @@
 // one 512-bit vector), and then its queries are split between threads. A history read by
 // few queries (the training layout) goes whole to one thread, which gathers the words from
 // the row-major keys. Up to 4 queries share each loaded key vector.
+//
+// hamming_topk_rows runs the same code on indexed histories: position l of history u has
+// the key table[rows[u, l]]. Only how a key is addressed differs (DenseKeys / TableKeys
+// below), so its output is that of hamming_topk on the gathered keys, bit for bit.
 #include <omp.h>
 
 #include <algorithm>
@@ -32,6 +36,31 @@ namespace {
 constexpr int kBlockKeys = 8;    // keys per tile block: the uint64 lanes of one zmm
 constexpr int kMaxQueries = 4;   // queries sharing one pass over the keys
 constexpr int kMaxStaticW = 5;   // W = 1..5 get fully unrolled kernels; larger W loops
+
+// How the AVX-512 scan loads the words of 8 keys: from a tile (one aligned load per word), or
+// gathered from dense row-major keys (stride W) or from table rows (rows[l] * W).
+enum class Layout { kTile, kDense, kTable };
+
+// The keys of one history, as the scans address them: key(l, W) points at the W words of
+// position l. The AVX-512 cold path gathers through (keys, rows) according to kLayout.
+struct DenseKeys {  // k (U, L, W): keys = k[u]
+    static constexpr Layout kLayout = Layout::kDense;
+    const uint64_t* keys;
+    const int64_t* rows;  // unused (nullptr)
+    static DenseKeys of(const uint64_t* k, const int64_t*, int64_t u, int64_t L, int64_t W) {
+        return {k + u * L * W, nullptr};
+    }
+    FA_INLINE const uint64_t* key(int64_t l, int64_t W) const { return keys + l * W; }
+};
+struct TableKeys {  // table (N, W), rows (U, L): keys = table, rows = rows[u]
+    static constexpr Layout kLayout = Layout::kTable;
+    const uint64_t* keys;
+    const int64_t* rows;
+    static TableKeys of(const uint64_t* k, const int64_t* rows, int64_t u, int64_t L, int64_t) {
+        return {k, rows + u * L};
+    }
+    FA_INLINE const uint64_t* key(int64_t l, int64_t W) const { return keys + rows[l] * W; }
+};
 
 // Candidates are packed as (distance << 32) | position, so that the AVX-512 scan appends
 // a whole vector of them with one compress + store.
@@ -166,11 +195,11 @@ FA_INLINE uint32_t distance_row(const uint64_t* a, const uint64_t* b, int64_t W_
     return d;
 }
 
-template <int WT>
-FA_INLINE void scan_rows(const uint64_t* keys, int64_t n, int64_t W_rt, const uint64_t* q,
+template <int WT, class Keys>
+FA_INLINE void scan_rows(Keys keys, int64_t n, int64_t W_rt, const uint64_t* q,
                          TopkSelector& sel) {
     const int64_t W = WT ? WT : W_rt;
-    for (int64_t l = 0; l < n; ++l) sel.push(distance_row<WT>(q, keys + l * W, W), l);
+    for (int64_t l = 0; l < n; ++l) sel.push(distance_row<WT>(q, keys.key(l, W), W), l);
 }
 
 template <int WT>
@@ -190,11 +219,12 @@ FA_INLINE void distance_rows(const uint64_t* keys, int64_t n, int64_t W_rt, cons
         case 5: return CALL(5);           \
         default: return CALL(0);          \
     }
-#define FA_SCAN_ROWS(WT) scan_rows<WT>(keys, n, W, q, sel)
+#define FA_SCAN_ROWS(WT) scan_rows<WT, Keys>(keys, n, W, q, sel)
 #define FA_DISTANCE_ROWS(WT) distance_rows<WT>(keys, n, W, q, out)
 #define FA_ROW_KERNELS(SUFFIX, TARGET)                                                         \
-    TARGET void scan_rows_##SUFFIX(const uint64_t* keys, int64_t n, int64_t W,                 \
-                                   const uint64_t* q, TopkSelector& sel) {                     \
+    template <class Keys>                                                                      \
+    TARGET void scan_rows_##SUFFIX(Keys keys, int64_t n, int64_t W, const uint64_t* q,         \
+                                   TopkSelector& sel) {                                        \
         FA_W_SWITCH(FA_SCAN_ROWS)                                                              \
     }                                                                                          \
     TARGET void distance_rows_##SUFFIX(const uint64_t* keys, int64_t n, int64_t W,             \
@@ -217,14 +247,16 @@ FA_TARGET_AVX512_VPOPCNT void distance_rows_avx512(const uint64_t* keys, int64_t
 #undef FA_SCAN_ROWS
 #undef FA_W_SWITCH
 
-using ScanRowsFn = void (*)(const uint64_t*, int64_t, int64_t, const uint64_t*, TopkSelector&);
+template <class Keys>
+using ScanRowsFn = void (*)(Keys, int64_t, int64_t, const uint64_t*, TopkSelector&);
 using DistanceRowsFn = void (*)(const uint64_t*, int64_t, int64_t, const uint64_t*, int32_t*);
 
-ScanRowsFn pick_scan_rows() {
+template <class Keys>
+ScanRowsFn<Keys> pick_scan_rows() {
 #if FASTATTN_X86
-    if (use_popcnt()) return scan_rows_popcnt;
+    if (use_popcnt()) return scan_rows_popcnt<Keys>;
 #endif
-    return scan_rows_default;
+    return scan_rows_default<Keys>;
 }
 
 DistanceRowsFn pick_distance_rows() {
@@ -239,11 +271,13 @@ DistanceRowsFn pick_distance_rows() {
 
 // Block j of the tile holds words w = 0..W-1 of keys 8j..8j+7 as 8 consecutive uint64;
 // keys at positions >= n are zero (and masked out by the scan).
-void tile_block(const uint64_t* keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) {
+template <class Keys>
+void tile_block(Keys keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) {
     uint64_t* t = tile + block * kBlockKeys * W;
     for (int i = 0; i < kBlockKeys; ++i) {
         const int64_t l = block * kBlockKeys + i;
-        for (int64_t w = 0; w < W; ++w) t[w * kBlockKeys + i] = l < n ? keys[l * W + w] : 0;
+        const uint64_t* key = l < n ? keys.key(l, W) : nullptr;
+        for (int64_t w = 0; w < W; ++w) t[w * kBlockKeys + i] = key ? key[w] : 0;
     }
 }
 
@@ -258,22 +292,33 @@ void tile_block(const uint64_t* keys, int64_t n, int64_t W, int64_t block, uint6
 //     distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
 //     only ~k keys have d <= g. A vector pass over the stored distances lists them in
 //     position order, and a counting sort of that short list gives the exact answer.
-using ScanDistFn = int64_t (*)(const uint64_t*, int64_t, int64_t, int64_t,
+using ScanDistFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
                                const uint64_t* const*, uint16_t* const*, uint16_t* const*);
 
 constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane past the last key
 constexpr int kVec16 = 32;           // uint16 lanes of one zmm
 
-// Word w of a block's 8 keys: one load from a tile, or a gather from row-major keys
-// (masked, so that the last block never reads past key n - 1).
-template <bool kRows>
+// Word w of a block's 8 keys: one load from a tile, or a gather of t[offsets[i] + w] (masked,
+// so that the last block never reads past key n - 1).
+template <Layout kLayout>
 FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i load_words(const uint64_t* t, int64_t w,
-                                                      __mmask8 valid, __m512i row_words) {
-    if constexpr (kRows) {
-        return _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid, row_words, t + w, 8);
+                                                      __mmask8 valid, __m512i offsets) {
+    if constexpr (kLayout != Layout::kTile) {
+        return _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid, offsets, t + w, 8);
     } else {
         return _mm512_load_si512(t + w * kBlockKeys);
     }
+}
+
+// rows[0..8) * W, the word offsets of 8 table rows; lanes outside valid are neither loaded
+// nor used. (Two 32 x 32 -> 64-bit products, as VPMULLQ needs AVX512DQ; maskz forms as in
+// narrow() below.)
+FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i row_offsets(const int64_t* rows, __mmask8 valid,
+                                                       int64_t W) {
+    const __m512i r = _mm512_maskz_loadu_epi64(valid, rows);
+    const __m512i w = _mm512_set1_epi64(W);
+    const __m512i hi = _mm512_maskz_mul_epu32(0xFF, _mm512_maskz_srli_epi64(0xFF, r, 32), w);
+    return _mm512_add_epi64(_mm512_maskz_mul_epu32(0xFF, r, w), _mm512_maskz_slli_epi64(0xFF, hi, 32));
 }
 
 // 8 distances to uint16. (The maskz forms, here and for the minimum, avoid GCC's
@@ -283,10 +328,12 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m128i narrow(__m512i x) { return _mm512_mas
 // Pass 1 for QB queries over n keys: dist[j][l] = distance of key l (kNoKey for the tail
 // lanes of the last block), and mins[j] gets, for every group of R blocks, the 8 per-lane
 // minima. Returns the number of minima written per query. A leaf loop with no calls, so
-// that query words and accumulators stay in registers.
-template <int WT, int QB, bool kRows>
-FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* tile, int64_t n, int64_t W_rt,
-                                                  int64_t R, const uint64_t* const* q,
+// that query words and accumulators stay in registers. keys is a tile, a history's dense
+// keys, or (kTable) the table that the history's rows index.
+template <int WT, int QB, Layout kLayout>
+FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* keys, const int64_t* rows,
+                                                  int64_t n, int64_t W_rt, int64_t R,
+                                                  const uint64_t* const* q,
                                                   uint16_t* const* dist, uint16_t* const* mins) {
     const int64_t W = WT ? WT : W_rt;
     // Query words as broadcast vectors; the runtime-W variant broadcasts them on the fly.
@@ -304,12 +351,17 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* tile, int64_t 
     const __m512i row_words = _mm512_set_epi64(7 * W, 6 * W, 5 * W, 4 * W, 3 * W, 2 * W, W, 0);
     int64_t nm = 0, r = 0;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const uint64_t* t = tile + blk * kBlockKeys * W;
         const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
+        const uint64_t* t = keys + blk * kBlockKeys * W;
+        __m512i offsets = row_words;
+        if constexpr (kLayout == Layout::kTable) {
+            t = keys;
+            offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
+        }
         __m512i acc[QB];
         if constexpr (WT != 0) {
             for (int w = 0; w < WT; ++w) {
-                const __m512i kv = load_words<kRows>(t, w, valid, row_words);
+                const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
                 for (int j = 0; j < QB; ++j) {
                     const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
                     acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
@@ -319,7 +371,7 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* tile, int64_t 
             for (int j = 0; j < QB; ++j) {
                 acc[j] = _mm512_setzero_si512();
                 for (int64_t w = 0; w < W; ++w) {
-                    const __m512i kv = load_words<kRows>(t, w, valid, row_words);
+                    const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
                     const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
                     acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
                 }
@@ -343,26 +395,26 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* tile, int64_t 
     return nm;
 }
 
-template <int WT, bool kRows>
+template <int WT, Layout kLayout>
 ScanDistFn scan_dist_for(int qb) {
     switch (qb) {
-        case 1: return scan_dist_avx512<WT, 1, kRows>;
-        case 2: return scan_dist_avx512<WT, 2, kRows>;
-        case 3: return scan_dist_avx512<WT, 3, kRows>;
-        default: return scan_dist_avx512<WT, 4, kRows>;
+        case 1: return scan_dist_avx512<WT, 1, kLayout>;
+        case 2: return scan_dist_avx512<WT, 2, kLayout>;
+        case 3: return scan_dist_avx512<WT, 3, kLayout>;
+        default: return scan_dist_avx512<WT, 4, kLayout>;
     }
 }
 
-template <bool kRows>
+template <Layout kLayout>
 ScanDistFn pick_scan_dist(int64_t W, int qb) {
     static_assert(kMaxQueries == 4 && kMaxStaticW == 5, "update the dispatch tables");
     switch (W) {
-        case 1: return scan_dist_for<1, kRows>(qb);
-        case 2: return scan_dist_for<2, kRows>(qb);
-        case 3: return scan_dist_for<3, kRows>(qb);
-        case 4: return scan_dist_for<4, kRows>(qb);
-        case 5: return scan_dist_for<5, kRows>(qb);
-        default: return scan_dist_for<0, kRows>(qb);
+        case 1: return scan_dist_for<1, kLayout>(qb);
+        case 2: return scan_dist_for<2, kLayout>(qb);
+        case 3: return scan_dist_for<3, kLayout>(qb);
+        case 4: return scan_dist_for<4, kLayout>(qb);
+        case 5: return scan_dist_for<5, kLayout>(qb);
+        default: return scan_dist_for<0, kLayout>(qb);
     }
 }
 
@@ -432,9 +484,10 @@ class TileWorker {
     }
 
     // Top-k of queries ids[0..count) (count <= kMaxQueries) against the first n keys of a
-    // tile (kRows = false) or of row-major keys (kRows = true).
-    template <bool kRows>
-    void run(const uint64_t* keys, int64_t n, const int64_t* ids, int count) {
+    // tile, or of a history's keys (see scan_dist_avx512).
+    template <Layout kLayout>
+    void run(const uint64_t* keys, const int64_t* rows, int64_t n, const int64_t* ids,
+             int count) {
         const uint64_t* qs[kMaxQueries];
         uint16_t* dist[kMaxQueries];
         uint16_t* mins[kMaxQueries];
@@ -447,7 +500,7 @@ class TileWorker {
         // to the k-th distance, few enough that finding it is cheap.
         const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
         const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
-        const int64_t nm = pick_scan_dist<kRows>(W_, count)(keys, n, W_, R, qs, dist, mins);
+        const int64_t nm = pick_scan_dist<kLayout>(W_, count)(keys, rows, n, W_, R, qs, dist, mins);
         const int64_t n32 = round_up(nblocks * kBlockKeys, kVec16);
         const int64_t m32 = round_up(nm, kVec16);
         const uint16_t max_d = static_cast<uint16_t>(64 * W_);
@@ -480,9 +533,11 @@ class TileWorker {
     std::vector<int32_t> count_;
 };
 
-void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* lengths,
-                         const int64_t* hist_index, int64_t B, int64_t U, int64_t L, int64_t W,
-                         int64_t topk, int32_t* out_dist, int64_t* out_idx, int nthreads) {
+template <class Keys>
+void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows,
+                         const int64_t* lengths, const int64_t* hist_index, int64_t B, int64_t U,
+                         int64_t L, int64_t W, int64_t topk, int32_t* out_dist, int64_t* out_idx,
+                         int nthreads) {
     const HistoryGroups g = group_by_history(hist_index, B, U);
     // A history is "hot" when it holds a sizeable share of the queries (the serving
     // layout): all threads tile it together, then split its queries. Other histories (the
@@ -507,7 +562,8 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* leng
             const int64_t n = lengths[u];
             const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
 #pragma omp for schedule(static)
-            for (int64_t blk = 0; blk < nblocks; ++blk) tile_block(keys + u * L * W, n, W, blk, shared);
+            for (int64_t blk = 0; blk < nblocks; ++blk)
+                tile_block(Keys::of(keys, rows, u, L, W), n, W, blk, shared);
             // Blocks small enough that every thread gets work, up to kMaxQueries.
             const int64_t nq = g.start[u + 1] - g.start[u];
             const int64_t qb = std::min<int64_t>(kMaxQueries, (nq + nthreads - 1) / nthreads);
@@ -515,22 +571,91 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* leng
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < nqb; ++i) {
                 const int64_t first = i * qb;
-                worker.run<false>(shared, n, g.order.data() + g.start[u] + first,
-                           static_cast<int>(std::min(qb, nq - first)));
+                worker.run<Layout::kTile>(shared, nullptr, n, g.order.data() + g.start[u] + first,
+                                          static_cast<int>(std::min(qb, nq - first)));
             }
             // (the implicit barrier keeps the next hot history from overwriting the tile)
         }
 #pragma omp for schedule(dynamic, 1)
         for (size_t i = 0; i < cold.size(); ++i) {
             const int64_t u = cold[i];
+            const Keys hk = Keys::of(keys, rows, u, L, W);
             for (int64_t first = g.start[u]; first < g.start[u + 1]; first += kMaxQueries) {
-                worker.run<true>(keys + u * L * W, lengths[u], g.order.data() + first,
-                           static_cast<int>(std::min<int64_t>(kMaxQueries, g.start[u + 1] - first)));
+                worker.run<Keys::kLayout>(hk.keys, hk.rows, lengths[u], g.order.data() + first,
+                                          static_cast<int>(std::min<int64_t>(kMaxQueries, g.start[u + 1] - first)));
             }
         }
     }
 }
 #endif  // FASTATTN_X86
+
+// The top-k of every query over the histories that Keys addresses (index values checked).
+template <class Keys>
+void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
+                       const int64_t* lengths, const int64_t* hist_index, int64_t B, int64_t U,
+                       int64_t L, int64_t W, int64_t topk, int32_t* out_dist, int64_t* out_idx,
+                       int nthreads) {
+    if (B == 0 || topk == 0) return;
+#if FASTATTN_X86
+    if (use_avx512_vpopcnt()) {
+        hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
+                                  out_idx, nthreads);
+        return;
+    }
+#endif
+    const ScanRowsFn<Keys> scan = pick_scan_rows<Keys>();
+    const uint64_t* qq = reinterpret_cast<const uint64_t*>(q);
+    const uint64_t* kk = reinterpret_cast<const uint64_t*>(k);
+#pragma omp parallel num_threads(nthreads)
+    {
+        TopkSelector sel(topk, L, W);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t u = hist_index[b];
+            sel.reset();
+            scan(Keys::of(kk, rows, u, L, W), lengths[u], W, qq + b * W, sel);
+            sel.finish(out_dist + b * topk, out_idx + b * topk);
+        }
+    }
+}
+
+// Every row map entry at a valid position must address the table (they come from Python,
+// and the kernels read table rows unchecked). The scan is split into chunks of positions so
+// that one long history also spreads over the threads; the reported position is the first
+// bad one in row-major order, whatever the thread count, and the throw happens outside the
+// parallel region.
+void check_rows(const int64_t* rows, const int64_t* lengths, int64_t U, int64_t L, int64_t N,
+                const char* fn, int nthreads) {
+    constexpr int64_t kChunk = 1 << 14;
+    const int64_t chunks = (L + kChunk - 1) / kChunk;
+    const int64_t none = U * L;
+    int64_t first = none;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(min : first)
+    for (int64_t t = 0; t < U * chunks; ++t) {
+        const int64_t u = t / chunks;
+        const int64_t lo = (t % chunks) * kChunk;
+        const int64_t hi = std::min(lengths[u], lo + kChunk);
+        const int64_t* r = rows + u * L;
+        // Branch-free test first (one unsigned compare covers r < 0 too), search only on failure.
+        bool bad = false;
+        for (int64_t l = lo; l < hi; ++l) bad |= static_cast<uint64_t>(r[l]) >= static_cast<uint64_t>(N);
+        if (!bad) continue;
+        for (int64_t l = lo; l < hi; ++l) {
+            if (static_cast<uint64_t>(r[l]) >= static_cast<uint64_t>(N)) {
+                first = std::min(first, u * L + l);
+                break;
+            }
+        }
+    }
+    if (first == none) return;
+    const int64_t u = first / L, l = first % L;
+    // (named after the op-level argument, hist_rows, which is what the user passed)
+    throw std::invalid_argument(std::string(fn) + ": hist_rows[" + std::to_string(u) + ", " +
+                                std::to_string(l) + "] = " + std::to_string(rows[first]) +
+                                " is outside [0, N=" + std::to_string(N) +
+                                ") at a valid position (l < lengths[" + std::to_string(u) +
+                                "] = " + std::to_string(lengths[u]) + ")");
+}
 
 }  // namespace
 
@@ -568,27 +693,19 @@ void hamming_topk(const int64_t* q, const int64_t* k, const int64_t* lengths,
                   int64_t topk, int32_t* out_dist, int64_t* out_idx, int nthreads) {
     check_range(hist_index, B, 0, U, "hamming_topk", "hist_index");
     check_range(lengths, U, 0, L + 1, "hamming_topk", "lengths");
-    if (B == 0 || topk == 0) return;
-#if FASTATTN_X86
-    if (use_avx512_vpopcnt()) {
-        hamming_topk_avx512(q, k, lengths, hist_index, B, U, L, W, topk, out_dist, out_idx, nthreads);
-        return;
-    }
-#endif
-    const ScanRowsFn scan = pick_scan_rows();
-    const uint64_t* qq = reinterpret_cast<const uint64_t*>(q);
-    const uint64_t* kk = reinterpret_cast<const uint64_t*>(k);
-#pragma omp parallel num_threads(nthreads)
-    {
-        TopkSelector sel(topk, L, W);
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t b = 0; b < B; ++b) {
-            const int64_t u = hist_index[b];
-            sel.reset();
-            scan(kk + u * L * W, lengths[u], W, qq + b * W, sel);
-            sel.finish(out_dist + b * topk, out_idx + b * topk);
-        }
-    }
+    hamming_topk_impl<DenseKeys>(q, k, nullptr, lengths, hist_index, B, U, L, W, topk, out_dist,
+                                 out_idx, nthreads);
 }
 
+void hamming_topk_rows(const int64_t* q, const int64_t* k, const int64_t* rows,
+                       const int64_t* lengths, const int64_t* hist_index, int64_t B, int64_t N,
+                       int64_t U, int64_t L, int64_t W, int64_t topk, int32_t* out_dist,
+                       int64_t* out_idx, int nthreads) {
+    const char* fn = "hamming_topk_rows";
+    check_range(hist_index, B, 0, U, fn, "hist_index");
+    check_range(lengths, U, 0, L + 1, fn, "lengths");
+    check_rows(rows, lengths, U, L, N, fn, nthreads);
+    hamming_topk_impl<TableKeys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
+                                 out_idx, nthreads);
+}
 }  // namespace fastattn

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "mimn.h"  // MIMN kernels (ntm_read_write, miu_gather_gru, mimn_scan)
 
@@ -25,7 +26,19 @@ void hamming_distance(const int64_t* q, const int64_t* k, const int64_t* qi, con
 void hamming_topk(const int64_t* q, const int64_t* k, const int64_t* lengths,
                   const int64_t* hist_index, int64_t B, int64_t U, int64_t L, int64_t W,
                   int64_t topk, int32_t* out_dist, int64_t* out_idx, int nthreads);
+// hamming_topk over indexed histories: position l of history u has the key k[rows[u, l]],
+// k (N, W) a signature table, rows (U, L). Same output as hamming_topk on k[rows] (positions
+// l, not table rows); rows at positions l >= lengths[u] are never read.
+void hamming_topk_rows(const int64_t* q, const int64_t* k, const int64_t* rows,
+                       const int64_t* lengths, const int64_t* hist_index, int64_t B, int64_t N,
+                       int64_t U, int64_t L, int64_t W, int64_t topk, int32_t* out_dist,
+                       int64_t* out_idx, int nthreads);
 std::string hamming_impl();  // which ISA path the Hamming kernels run
+
+// ids (U, L) -> the distinct ids of the valid positions in order of first occurrence
+// (row-major), and hist_rows (U, L): the index of ids[u, l] among them, -1 past lengths[u].
+std::vector<int64_t> unique_rows(const int64_t* ids, const int64_t* lengths, int64_t U,
+                                 int64_t L, int64_t* hist_rows, int nthreads);
 
 // values (U, L, R) bytes, idx (B, K) -> out (B, K, R); idx = -1 gives zero bytes.
 void gather_rows(const uint8_t* values, const int64_t* idx, const int64_t* hist_index,
