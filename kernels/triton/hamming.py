@@ -21,6 +21,10 @@ words are masked to 0 and XOR with a 0 query word, so they add nothing to the di
 The rank of a position among equal distances = a running per-distance counter (a register
 vector, read with ``tl.gather``) + its rank inside the current block (a BLOCK×BLOCK
 comparison, which is why pass 2 uses a smaller block than pass 1).
+
+``hamming_topk_rows`` is the same kernel over *indexed* histories (``INDEXED`` constexpr):
+position l of history u has signature k[rows[u, l]] of an (N, W) table, so one table
+serves histories that share items without materialising the (U, L, W) gather.
 """
 from __future__ import annotations
 
@@ -30,17 +34,25 @@ import triton.language as tl
 
 from ._bits import device_guard, next_pow2, popcount64, use_hw_popcount
 
-__all__ = ["hamming_distance", "hamming_topk"]
+__all__ = ["hamming_distance", "hamming_topk", "hamming_topk_rows"]
 
 
 @triton.jit
-def _tile_distance(k_row_ptr, q_words, offs_l, valid, offs_w, W: tl.constexpr,
-                   HW_POPC: tl.constexpr):
+def _tile_distance(k_ptr, rows_ptr, q_words, offs_l, valid, offs_w, W: tl.constexpr,
+                   HW_POPC: tl.constexpr, INDEXED: tl.constexpr):
     """Distances (BLOCK,) int32 of the positions offs_l of one history to one query.
 
-    k_row_ptr points at the history's first word, q_words is the query (WP,) int64.
+    Dense (INDEXED false): k_ptr points at the history's first word, position l's words are
+    k_ptr[l*W : (l+1)*W]; rows_ptr is unused. Indexed: k_ptr is the (N, W) table and
+    rows_ptr the history's row map, position l's words are k_ptr[rows[l]*W : ...]; the row
+    map is only loaded where valid, and an invalid position reads nothing (its row is
+    masked, whatever value the map holds there). q_words is the query (WP,) int64.
     """
-    ptrs = k_row_ptr + offs_l.to(tl.int64)[:, None] * W + offs_w[None, :]
+    if INDEXED:
+        row = tl.load(rows_ptr + offs_l, mask=valid, other=0)
+    else:
+        row = offs_l.to(tl.int64)
+    ptrs = k_ptr + row[:, None] * W + offs_w[None, :]
     m = valid[:, None] & (offs_w[None, :] < W)
     k = tl.load(ptrs, mask=m, other=0)
     return tl.sum(popcount64(k ^ q_words[None, :], HW_POPC), axis=1)
@@ -59,7 +71,8 @@ def _hamming_distance_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, out_ptr, L,
     krow = tl.load(ki_ptr + n)
     q = tl.load(q_ptr + qrow * W + offs_w, mask=offs_w < W, other=0)
     valid = offs_l < L
-    d = _tile_distance(k_ptr + krow * L * W, q, offs_l, valid, offs_w, W, HW_POPC)
+    d = _tile_distance(k_ptr + krow * L * W, k_ptr, q, offs_l, valid, offs_w, W, HW_POPC,
+                       False)
     tl.store(out_ptr + n * L + offs_l, d, mask=valid)
 
 
@@ -89,15 +102,20 @@ def hamming_distance(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor,
 # --------------------------------------------------------------------------- top-k
 
 @triton.jit
-def _hamming_topk_kernel(q_ptr, k_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L, topk,
-                         W: tl.constexpr, WP: tl.constexpr, NBINS: tl.constexpr,
+def _hamming_topk_kernel(q_ptr, k_ptr, rows_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L,
+                         topk, W: tl.constexpr, WP: tl.constexpr, NBINS: tl.constexpr,
                          BLOCK1: tl.constexpr, BLOCK2: tl.constexpr,
-                         HW_POPC: tl.constexpr):
+                         HW_POPC: tl.constexpr, INDEXED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     u = tl.load(hist_ptr + b)
     n_valid = tl.load(len_ptr + u).to(tl.int32)       # positions [0, n_valid) are valid
     kk = tl.minimum(n_valid, topk)                     # slots that get a real position
-    k_row_ptr = k_ptr + u * L * W
+    if INDEXED:                                        # k: (N, W) table, rows: (U, L)
+        k_hist_ptr = k_ptr
+        rows_hist_ptr = rows_ptr + u * L
+    else:                                              # k: (U, L, W); rows_ptr unused
+        k_hist_ptr = k_ptr + u * L * W
+        rows_hist_ptr = rows_ptr
     offs_w = tl.arange(0, WP)
     q = tl.load(q_ptr + b * W + offs_w, mask=offs_w < W, other=0)
     bins = tl.arange(0, NBINS)
@@ -107,7 +125,8 @@ def _hamming_topk_kernel(q_ptr, k_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L, 
     for l0 in range(0, n_valid, BLOCK1):
         offs = l0 + tl.arange(0, BLOCK1)
         valid = offs < n_valid
-        d = _tile_distance(k_row_ptr, q, offs, valid, offs_w, W, HW_POPC)
+        d = _tile_distance(k_hist_ptr, rows_hist_ptr, q, offs, valid, offs_w, W, HW_POPC,
+                           INDEXED)
         hist += tl.histogram(d, NBINS, mask=valid)
 
     # ---- threshold and slot bases.
@@ -128,7 +147,8 @@ def _hamming_topk_kernel(q_ptr, k_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L, 
     while (l0 < n_valid) & (n_done < kk):
         offs = l0 + i2
         valid = offs < n_valid
-        d = _tile_distance(k_row_ptr, q, offs, valid, offs_w, W, HW_POPC)
+        d = _tile_distance(k_hist_ptr, rows_hist_ptr, q, offs, valid, offs_w, W, HW_POPC,
+                           INDEXED)
         # Only d <= T can be selected; clamping the rest keeps gather indices in range.
         cand = valid & (d <= T)
         dc = tl.where(cand, d, 0)
@@ -153,19 +173,13 @@ def _hamming_topk_kernel(q_ptr, k_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L, 
         tl.store(idx_ptr + b * topk + offs, tl.full((BLOCK1,), -1, tl.int64), mask=m)
 
 
-def hamming_topk(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
-                 hist_index: torch.Tensor, topk: int):
-    """q (B, W), k (U, L, W) int64, lengths (U,), hist_index (B,) int64.
-
-    Returns (dist (B, topk) int32, idx (B, topk) int64): the topk valid positions of each
-    query's history with the smallest distance, ordered by (distance, position); empty
-    slots hold idx = -1 and dist = 64·W + 1.
-    """
+def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed):
+    """Shared launcher of the dense and indexed top-k: outputs, early exits, block sizes."""
     B, W = q.shape
-    _, L, _ = k.shape
     topk = int(topk)
     dev = q.device
-    if B == 0 or topk == 0 or L == 0:
+    # L == 0, or an empty table (then every length is 0): no valid position anywhere.
+    if B == 0 or topk == 0 or L == 0 or (indexed and k.shape[0] == 0):
         return (torch.full((B, topk), 64 * W + 1, dtype=torch.int32, device=dev),
                 torch.full((B, topk), -1, dtype=torch.int64, device=dev))
     dist = torch.empty((B, topk), dtype=torch.int32, device=dev)
@@ -178,7 +192,31 @@ def hamming_topk(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
     BLOCK2 = max(16, min(64, next_pow2(L)))
     with device_guard(q):
         _hamming_topk_kernel[(B,)](
-            q, k, lengths, hist_index, dist, idx, L, topk,
+            q, k, rows, lengths, hist_index, dist, idx, L, topk,
             W=W, WP=WP, NBINS=NBINS, BLOCK1=BLOCK1, BLOCK2=BLOCK2,
-            HW_POPC=use_hw_popcount(), num_warps=4)
+            HW_POPC=use_hw_popcount(), INDEXED=indexed, num_warps=4)
     return dist, idx
+
+
+def hamming_topk(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
+                 hist_index: torch.Tensor, topk: int):
+    """q (B, W), k (U, L, W) int64, lengths (U,), hist_index (B,) int64.
+
+    Returns (dist (B, topk) int32, idx (B, topk) int64): the topk valid positions of each
+    query's history with the smallest distance, ordered by (distance, position); empty
+    slots hold idx = -1 and dist = 64·W + 1.
+    """
+    # rows is unused by the dense kernel: k stands in for the pointer.
+    return _topk_launch(q, k, k, lengths, hist_index, topk, k.shape[1], False)
+
+
+def hamming_topk_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
+                      lengths: torch.Tensor, hist_index: torch.Tensor, topk: int):
+    """q (B, W), k (N, W) int64 table, rows (U, L) int64, lengths (U,), hist_index (B,).
+
+    Position l of history u has signature k[rows[u, l]]; positions l >= lengths[u] are never
+    read (rows may hold anything there, e.g. -1). Returns what
+    ``hamming_topk(q, k[rows], lengths, hist_index, topk)`` returns: positions l, not table
+    rows, ordered by (distance, position), empty slots idx = -1 and dist = 64·W + 1.
+    """
+    return _topk_launch(q, k, rows, lengths, hist_index, topk, rows.shape[1], True)
