@@ -42,6 +42,12 @@ def kernel_backend(request):
     return _require(request.param)
 
 
+@pytest.fixture(params=["cpp", "numba"])
+def cpu_kernel_backend(request):
+    """The CPU backends with kernels of their own (deterministic by contract)."""
+    return _require(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -138,11 +138,12 @@ def test_opcheck(backend):
     idx = torch.tensor([[0, 9, -1], [-1, -1, -1], [4, 4, 1], [2, 3, 5]])
     hist = torch.tensor([1, 0, 0, 1])
     torch.library.opcheck(torch.ops.fastattn.topk_attention.default,
-                          (q, keys, values, idx, hist, 0.5, backend))
-    out, lse = torch.ops.fastattn.topk_attention(q, keys, values, idx, hist, 0.5, backend)
+                          (q, keys, values, idx, hist, None, 0.5, backend))
+    out, lse = torch.ops.fastattn.topk_attention(q, keys, values, idx, hist, None, 0.5,
+                                                 backend)
     torch.library.opcheck(torch.ops.fastattn.topk_attention_backward.default,
                           (torch.randn_like(out), q.detach(), keys.detach(), values.detach(),
-                           idx, hist, out.detach(), lse.detach(), 0.5, backend))
+                           idx, hist, None, out.detach(), lse.detach(), 0.5, backend))
 
 
 def test_compile_fullgraph(backend):

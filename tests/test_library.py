@@ -18,11 +18,11 @@ def _samples():
     return [
         ("simhash_sign", (x, planes)),
         ("hamming_distance", (q.unsqueeze(1), k)),
-        ("hamming_topk", (q, k, 4, None, None)),
-        ("hamming_topk", (q, kb, 40, lengths, None)),
-        ("hamming_topk", (q, kb, 3, lengths, torch.tensor([4, 4, 0, 1, 2]))),
-        ("topk_gather", (values, idx, None)),
-        ("topk_gather", (values, idx, torch.tensor([4, 4, 0, 1, 2]))),
+        ("hamming_topk", (q, k, 4, None, None, None)),
+        ("hamming_topk", (q, kb, 40, lengths, None, None)),
+        ("hamming_topk", (q, kb, 3, lengths, torch.tensor([4, 4, 0, 1, 2]), None)),
+        ("topk_gather", (values, idx, None, None)),
+        ("topk_gather", (values, idx, torch.tensor([4, 4, 0, 1, 2]), None)),
     ]
 
 
@@ -37,7 +37,7 @@ def test_opcheck_gather_backward(backend):
     grad = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[0, -1], [3, 3], [1, 0]])
     torch.library.opcheck(torch.ops.fastattn.topk_gather_backward.default,
-                          (grad, idx, None, 1, 5, backend))
+                          (grad, idx, None, None, [1, 5], backend))
 
 
 def test_compile_fullgraph(backend):

@@ -6,6 +6,11 @@ history B times (they index it through ``hist_index``).
 
 Inputs here are assumed valid (the op layer in :mod:`fastattn.ops` checks them);
 ``lengths`` and ``hist_index`` may be ``None`` with the meaning of DESIGN.md §3.
+
+Indexed histories (``hist_rows``): keys, values and key signatures are row tables (N, ...)
+and position l of history u is table row ``hist_rows[u, l]`` (DESIGN.md §4, "Indexed
+histories"). Every op here defines its indexed form as the dense op on the histories
+:func:`history_from_table` builds; the fused backends never build them.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "words_for_bits", "sentinel_distance", "default_hist_index", "default_lengths",
     "make_planes", "simhash_sign", "popcount64", "hamming_distance", "hamming_topk",
-    "topk_gather", "topk_gather_backward",
+    "topk_gather", "topk_gather_backward", "history_from_table", "unique_rows",
 ]
 
 
@@ -43,6 +48,54 @@ def default_hist_index(batch: int, histories: int, device) -> Tensor:
 
 def default_lengths(histories: int, length: int, device) -> Tensor:
     return torch.full((histories,), length, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- indexed histories
+
+def history_from_table(table: Tensor, hist_rows: Tensor,
+                       lengths: Optional[Tensor] = None) -> Tensor:
+    """The dense histories (U, L, ...) an indexed call stands for: ``table[hist_rows[u, l]]``
+    at valid positions (l < lengths[u], default L, and a row >= 0), zeros elsewhere.
+
+    table (N, ...), hist_rows (U, L) int. This is the definition of the indexed form, so
+    it materialises what the fused backends never do.
+    """
+    U, L = hist_rows.shape
+    rows = hist_rows.to(torch.int64)
+    valid = rows >= 0
+    if lengths is not None:
+        valid &= torch.arange(L, device=rows.device) < lengths.to(torch.int64)[:, None]
+    if table.shape[0] == 0:
+        return table.new_zeros(U, L, *table.shape[1:])
+    out = table[torch.where(valid, rows, torch.zeros_like(rows))]
+    keep = valid.reshape(U, L, *([1] * (table.dim() - 1)))
+    return torch.where(keep, out, torch.zeros_like(out))
+
+
+def unique_rows(ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """ids (U, L) int -> (unique_ids (N,), hist_rows (U, L) int64).
+
+    ``unique_ids`` are the distinct ids at valid positions (l < lengths[u], default L) in
+    order of first occurrence, row-major; ``hist_rows[u, l]`` is the row of ``ids[u, l]``
+    in it, -1 at positions past the length. So ``unique_ids[hist_rows]`` gives back the
+    valid ids, and a table of N rows (one per distinct behaviour) plus ``hist_rows`` is
+    the indexed form of the histories.
+    """
+    U, L = ids.shape
+    dev = ids.device
+    lens = default_lengths(U, L, dev) if lengths is None else lengths.to(torch.int64)
+    valid = torch.arange(L, device=dev) < lens[:, None]
+    flat = ids[valid]                                             # row-major valid ids
+    uniq, inv = torch.unique(flat, sorted=True, return_inverse=True)
+    n = flat.shape[0]
+    first = torch.full((uniq.shape[0],), n, dtype=torch.int64, device=dev)
+    first = first.scatter_reduce(0, inv, torch.arange(n, device=dev), "amin")
+    order = torch.argsort(first)                                  # first-occurrence order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=dev)
+    hist_rows = torch.full((U, L), -1, dtype=torch.int64, device=dev)
+    hist_rows[valid] = rank[inv]
+    return uniq[order], hist_rows
 
 
 # --------------------------------------------------------------------------- SimHash
@@ -108,13 +161,17 @@ _CHUNK = 64  # queries per distance chunk in the oracle: bounds its (chunk, L, W
 
 
 def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor] = None,
-                 hist_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                 hist_index: Optional[Tensor] = None,
+                 hist_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """q_sig (B, W), k_sig (U, L, W) -> (dist (B, k) int32, idx (B, k) int64).
 
     The k valid positions of each query's history with the smallest Hamming distance,
     ordered by (distance, position) ascending. Missing slots: idx = -1, dist = 64·W + 1.
+    Indexed: k_sig is a table (N, W) and ``hist_rows`` (U, L) maps positions to its rows.
     """
     B, W = q_sig.shape
+    if hist_rows is not None:
+        k_sig = history_from_table(k_sig, hist_rows, lengths)
     U, L, _ = k_sig.shape
     dev = q_sig.device
     hist = default_hist_index(B, U, dev) if hist_index is None else hist_index
@@ -145,8 +202,12 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor]
 
 # --------------------------------------------------------------------------- gather
 
-def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None) -> Tensor:
-    """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row."""
+def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None,
+                hist_rows: Optional[Tensor] = None) -> Tensor:
+    """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row.
+    Indexed: values is a table (N, Dv) read through ``hist_rows`` (U, L)."""
+    if hist_rows is not None:
+        values = history_from_table(values, hist_rows)
     B = idx.shape[0]
     U, L, Dv = values.shape
     hist = default_hist_index(B, U, values.device) if hist_index is None else hist_index
@@ -190,13 +251,18 @@ def _masked_softmax(s: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
 
 def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
                    hist_index: Optional[Tensor] = None,
-                   scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                   scale: Optional[float] = None,
+                   hist_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Exact softmax attention of each query over its selected behaviours.
 
     q (B, H, Dh), keys (U, L, H, Dh), values (U, L, H, Dv), idx (B, K) with -1 for empty
     slots -> (out (B, H, Dv), lse (B, H)): out = Σ_j softmax_j(scale·q·k_j)·v_j over the
-    slots with idx >= 0; a query with none gets zeros and lse = -inf.
+    slots with idx >= 0; a query with none gets zeros and lse = -inf. Indexed: keys and
+    values are tables (N, H, ·) read through ``hist_rows`` (U, L).
     """
+    if hist_rows is not None:
+        keys = history_from_table(keys, hist_rows)
+        values = history_from_table(values, hist_rows)
     B, H, Dh = q.shape
     U, L = keys.shape[:2]
     Dv = values.shape[-1]
@@ -211,12 +277,16 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
 
 def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig: Tensor, k: int,
                   lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
-                  scale: Optional[float] = None) -> Tensor:
+                  scale: Optional[float] = None, hist_rows: Optional[Tensor] = None) -> Tensor:
     """ETA: Hamming top-k retrieval, then exact attention over the k retrieved behaviours.
 
     q (B, D) | (B, H, Dh); keys (U, L, D) | (U, L, H, Dh); values (U, L, Dv) | (U, L, H, Dv);
-    q_sig (B, W), k_sig (U, L, W) -> (B, Dv) | (B, H, Dv).
+    q_sig (B, W), k_sig (U, L, W) -> (B, Dv) | (B, H, Dv). Indexed: keys, values and k_sig
+    are tables (N, ...) read through ``hist_rows`` (U, L).
     """
+    if hist_rows is not None:
+        keys, values, k_sig = (history_from_table(t, hist_rows, lengths)
+                               for t in (keys, values, k_sig))
     _, idx = hamming_topk(q_sig, k_sig, k, lengths, hist_index)
     single = q.dim() == 2
     if single:
@@ -226,11 +296,14 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
 
 
 def target_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Optional[Tensor] = None,
-                     hist_index: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                     hist_index: Optional[Tensor] = None, scale: Optional[float] = None,
+                     hist_rows: Optional[Tensor] = None) -> Tensor:
     """Dense target attention over every valid position (the baseline ETA approximates).
 
     Shapes as in :func:`eta_attention`. Each history is read once for all its queries.
     """
+    if hist_rows is not None:
+        keys, values = (history_from_table(t, hist_rows, lengths) for t in (keys, values))
     single = q.dim() == 2
     if single:
         q, keys, values = q.unsqueeze(1), keys.unsqueeze(2), values.unsqueeze(2)

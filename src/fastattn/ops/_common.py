@@ -80,19 +80,88 @@ def check_hist_index(hist_index: Optional[Tensor], B: int, U: int) -> Optional[T
     return hist_index
 
 
+def check_hist_rows(hist_rows, what: str = "") -> Tensor:
+    """Shape/dtype check of an indexed history map hist_rows (U, L) int32/int64."""
+    return check_tensor("hist_rows", hist_rows, dtypes=INDEX_DTYPES, ndim=2,
+                        what=f" and shape (U, L){what}")
+
+
+def check_table(name: str, t: Tensor, hist_rows: Optional[Tensor], ndim: int,
+                shape: str) -> None:
+    """ValueError unless ``t`` has ``ndim`` dims: the (N, ...) table of the indexed form when
+    ``hist_rows`` is given, the (U, L, ...) histories otherwise (one dim more)."""
+    want = ndim if hist_rows is not None else ndim + 1
+    if t.dim() != want:
+        form = (f"a table {shape} with hist_rows" if hist_rows is not None
+                else f"(U, L, ...) histories without hist_rows, table {shape} with it")
+        raise ValueError(f"{name} must be {form}, got shape {tuple(t.shape)}")
+
+
+def _flat_position(rows: Tensor, bad: Tensor) -> Tuple[int, int]:
+    """(u, l) of the first True in ``bad`` (U, L), row-major."""
+    flat = int(torch.nonzero(bad.reshape(-1))[0, 0])
+    return divmod(flat, rows.shape[1])
+
+
+def checked_rows(hist_rows: Tensor, lens: Tensor, n_rows: int) -> Tensor:
+    """hist_rows as contiguous int64 with every valid position (l < lengths[u]) holding a
+    table row in [0, n_rows); positions past the length are not read (they may hold -1)."""
+    rows = hist_rows.to(torch.int64).contiguous()
+    U, L = rows.shape
+    if rows.numel() == 0:
+        return rows
+    valid = torch.arange(L, device=rows.device) < lens[:, None]
+    bad = valid & ((rows < 0) | (rows >= n_rows))
+    if bool(bad.any()):
+        u, l = _flat_position(rows, bad)
+        raise ValueError(f"hist_rows[{u}, {l}] = {int(rows[u, l])} is outside the table "
+                         f"[0, N={n_rows}) at a valid position (l < lengths[{u}] = "
+                         f"{int(lens[u])}); -1 may only pad positions past the length")
+    return rows
+
+
+def slot_rows(hist_rows: Tensor, hist: Tensor, idx: Tensor, n_rows: int) -> Tensor:
+    """Table row (B, K) int64 of each selected slot: hist_rows[hist[b], idx[b, j]], -1 where
+    idx = -1. ``idx`` must already be checked to lie in [-1, L); a selected position whose
+    row is outside [0, n_rows) (e.g. -1 padding inside the selection) raises ValueError."""
+    rows = hist_rows.to(torch.int64)
+    sel = idx >= 0
+    if rows.numel() == 0:        # no position at all: idx can only hold -1
+        return idx.contiguous()
+    L = rows.shape[1]
+    at = rows.reshape(-1)[(hist[:, None] * L + idx.clamp(min=0)).reshape(-1)]
+    flat = torch.where(sel, at.view(idx.shape), -1)
+    # One reduction and one sync: a selected row out of range shows in the min or the max
+    # (unselected slots read as row 0, in range unless the table is empty).
+    lo, hi = (int(v) for v in torch.aminmax(torch.where(sel, flat, 0))) if idx.numel() \
+        else (0, 0)
+    if (lo < 0 or hi >= n_rows) and bool(sel.any()):
+        bad = sel & ((flat < 0) | (flat >= n_rows))
+        b, j = _flat_position(idx, bad)
+        raise ValueError(f"hist_rows[{int(hist[b])}, {int(idx[b, j])}] = {int(flat[b, j])}, "
+                         f"selected by idx[{b}, {j}], is outside the table [0, N={n_rows}): a "
+                         "selected position must hold a table row")
+    return flat
+
+
+def checked_lengths(lengths: Optional[Tensor], U: int, L: int, device) -> Tensor:
+    """Materialised lengths (U,) int64, values checked to lie in [0, L]."""
+    if lengths is None:
+        return ref.default_lengths(U, L, device)
+    lens = lengths.to(torch.int64).contiguous()
+    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > L):
+        raise ValueError(f"lengths must lie in [0, L={L}], got values in "
+                         f"[{int(lens.min())}, {int(lens.max())}]")
+    return lens
+
+
 def layout(B: int, U: int, L: int, lengths: Optional[Tensor], hist_index: Optional[Tensor],
            device) -> Tuple[Tensor, Tensor]:
     """Materialised (lengths (U,), hist_index (B,)) int64, value ranges checked.
 
     Called inside op implementations, so the checks see real data.
     """
-    if lengths is None:
-        lens = ref.default_lengths(U, L, device)
-    else:
-        lens = lengths.to(torch.int64).contiguous()
-        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > L):
-            raise ValueError(f"lengths must lie in [0, L={L}], got values in "
-                             f"[{int(lens.min())}, {int(lens.max())}]")
+    lens = checked_lengths(lengths, U, L, device)
     if hist_index is None:
         hist = ref.default_hist_index(B, U, device)
     else:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
-from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_k, check_lengths,
-                      check_same_device, check_signature, check_tensor, cpu_call, kernels, layout)
-from .gather import check_idx_range, scatter_add_rows
+from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_hist_rows,
+                      check_lengths, check_same_device, check_tensor, cpu_call, kernels)
+from .hamming import check_topk_inputs
+from .gather import scatter_add_rows, slot_layout
 
 __all__ = ["topk_attention", "eta_attention", "target_attention"]
 
@@ -28,25 +29,31 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Per-slot gradients of one backward call are bounded to this many elements per tensor: a
+# backward over many slots (dense attention over an indexed history has K = L) runs in slot
+# chunks. Exact: the softmax of a chunk needs only the global lse and g·out.
+_SLOT_CHUNK_ELEMS = 1 << 24
+
+
 @torch.library.custom_op("fastattn::topk_attention", mutates_args=())
 def _topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
-                    hist_index: Optional[Tensor], scale: float,
+                    hist_index: Optional[Tensor], hist_rows: Optional[Tensor], scale: float,
                     backend: str) -> Tuple[Tensor, Tensor]:
     B, H, Dh = q.shape
-    U, L = keys.shape[:2]
-    _, hist = layout(B, U, L, None, hist_index, q.device)
-    check_idx_range(idx, L)
+    Dv = values.shape[-1]
+    ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device)
+    keys, values = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
     if backend == "torch":
-        out, lse = ref.topk_attention(q, keys, values, idx, hist, scale)
+        out, lse = ref.topk_attention(q, keys, values, ix, hist, scale)
         return out, lse.to(_acc_dtype(q.dtype))
-    ix = idx.contiguous()
+    ix = ix.contiguous()
     if backend == "triton":
         return kernels("triton").topk_attention_fwd(q.contiguous(), keys.contiguous(),
                                                      values.contiguous(), ix, hist, scale)
     # CPU kernels compute in fp32/fp64: half inputs are widened (one copy of the history).
     acc = _acc_dtype(q.dtype)
     qc, kc, vc = (t.to(acc).contiguous() for t in (q, keys, values))
-    out = torch.zeros(B, H, values.shape[-1], dtype=acc)
+    out = torch.zeros(B, H, Dv, dtype=acc)
     lse = torch.full((B, H), float("-inf"), dtype=acc)
     if B and H:
         cpu_call(backend, "topk_attention_fwd", qc, kc, vc, ix, hist, float(scale), out, lse)
@@ -54,61 +61,80 @@ def _topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
 
 
 @_topk_attention.register_fake
-def _(q, keys, values, idx, hist_index, scale, backend):
+def _(q, keys, values, idx, hist_index, hist_rows, scale, backend):
     B, H, _ = q.shape
     return (q.new_empty(B, H, values.shape[-1]),
             q.new_empty(B, H, dtype=_acc_dtype(q.dtype)))
 
 
+def _backward_slots(backend: str, g: Tensor, q: Tensor, keys: Tensor, values: Tensor,
+                    ix: Tensor, hist: Tensor, out: Tensor, lse: Tensor,
+                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq (B, H, Dh) and the gradient of each selected row, dk_slots (B, K, H, Dh) and
+    dv_slots (B, K, H, Dv), in the accumulation dtype (fp32 for half inputs on CPU)."""
+    B, H, Dh = q.shape
+    K, Dv = ix.shape[1], values.shape[-1]
+    if backend == "torch":
+        return ref.topk_attention_backward_slots(g, q, keys, values, ix, hist, out, lse, scale)
+    if backend == "triton":
+        return kernels("triton").topk_attention_bwd(
+            g.contiguous(), q.contiguous(), keys.contiguous(), values.contiguous(), ix,
+            hist, out.contiguous(), lse.contiguous(), scale)
+    acc = _acc_dtype(q.dtype)
+    gc, qc, kc, vc, oc = (t.to(acc).contiguous() for t in (g, q, keys, values, out))
+    # The C++ kernel writes every element (zeros for empty slots); numba adds into zeros.
+    alloc = torch.empty if backend == "cpp" else torch.zeros
+    dq = alloc(B, H, Dh, dtype=acc)
+    dk_slots = alloc(B, K, H, Dh, dtype=acc)
+    dv_slots = alloc(B, K, H, Dv, dtype=acc)
+    if B and H:
+        cpu_call(backend, "topk_attention_bwd", gc, qc, kc, vc, ix, hist, oc,
+                 lse.to(acc).contiguous(), float(scale), dq, dk_slots, dv_slots)
+    return dq, dk_slots, dv_slots
+
+
 @torch.library.custom_op("fastattn::topk_attention_backward", mutates_args=())
 def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor, values: Tensor,
-                             idx: Tensor, hist_index: Optional[Tensor], out: Tensor, lse: Tensor,
+                             idx: Tensor, hist_index: Optional[Tensor],
+                             hist_rows: Optional[Tensor], out: Tensor, lse: Tensor,
                              scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, Dh = q.shape
-    U, L = keys.shape[:2]
     Dv = values.shape[-1]
-    K = idx.shape[1]
-    _, hist = layout(B, U, L, None, hist_index, q.device)
-    ix = idx.contiguous()
-    if backend == "torch":
-        dq, dk_slots, dv_slots = ref.topk_attention_backward_slots(
-            grad_out, q, keys, values, ix, hist, out, lse, scale)
-    elif backend == "triton":
-        dq, dk_slots, dv_slots = kernels("triton").topk_attention_bwd(
-            grad_out.contiguous(), q.contiguous(), keys.contiguous(), values.contiguous(), ix,
-            hist, out.contiguous(), lse.contiguous(), scale)
-    else:
-        acc = _acc_dtype(q.dtype)
-        g, qc, kc, vc, oc = (t.to(acc).contiguous() for t in (grad_out, q, keys, values, out))
-        dq = torch.zeros(B, H, Dh, dtype=acc)
-        dk_slots = torch.zeros(B, K, H, Dh, dtype=acc)
-        dv_slots = torch.zeros(B, K, H, Dv, dtype=acc)
-        if B and H:
-            cpu_call(backend, "topk_attention_bwd", g, qc, kc, vc, ix, hist, oc,
-                     lse.to(acc).contiguous(), float(scale), dq, dk_slots, dv_slots)
-    dk = scatter_add_rows(dk_slots.reshape(B, K, H * Dh), ix, hist, U, L, backend)
-    dv = scatter_add_rows(dv_slots.reshape(B, K, H * Dv), ix, hist, U, L, backend)
-    return (dq.to(q.dtype), dk.reshape(U, L, H, Dh).to(keys.dtype),
-            dv.reshape(U, L, H, Dv).to(values.dtype))
+    ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device)
+    k4, v4 = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
+    K = ix.shape[1]
+    step = max(1, _SLOT_CHUNK_ELEMS // max(1, B * H * max(Dh, Dv)))
+    dq = dk = dv = None
+    for j0 in range(0, max(K, 1), step):
+        sl = ix[:, j0:j0 + step].contiguous()
+        kc = sl.shape[1]
+        dq_c, dk_slots, dv_slots = _backward_slots(backend, grad_out, q, k4, v4, sl, hist, out,
+                                                   lse, scale)
+        dq = dq_c if dq is None else dq.add_(dq_c)
+        dk = scatter_add_rows(dk_slots.reshape(B, kc, H * Dh), sl, hist, U, L, backend, dk)
+        dv = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend, dv)
+    return (dq.to(q.dtype), dk.reshape(keys.shape).to(keys.dtype),
+            dv.reshape(values.shape).to(values.dtype))
 
 
 @_topk_attention_backward.register_fake
-def _(grad_out, q, keys, values, idx, hist_index, out, lse, scale, backend):
+def _(grad_out, q, keys, values, idx, hist_index, hist_rows, out, lse, scale, backend):
     return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
 
 
 def _attn_setup(ctx, inputs, output):
-    q, keys, values, idx, hist_index, scale, backend = inputs
+    q, keys, values, idx, hist_index, hist_rows, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, keys, values, idx, hist_index, out, lse)
+    ctx.save_for_backward(q, keys, values, idx, hist_index, hist_rows, out, lse)
     ctx.scale, ctx.backend = scale, backend
 
 
 def _attn_backward(ctx, grad_out, grad_lse):
-    q, keys, values, idx, hist_index, out, lse = ctx.saved_tensors
+    q, keys, values, idx, hist_index, hist_rows, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastattn.topk_attention_backward(
-        grad_out, q, keys, values, idx, hist_index, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+        grad_out, q, keys, values, idx, hist_index, hist_rows, out, lse, ctx.scale,
+        ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::topk_attention", _attn_backward,
@@ -117,26 +143,40 @@ torch.library.register_autograd("fastattn::topk_attention", _attn_backward,
 
 # --------------------------------------------------------------------------- wrappers
 
-def _heads(q: Tensor, keys: Tensor, values: Tensor) -> Tuple[Tensor, Tensor, Tensor, bool]:
-    """Check q/keys/values and view them multi-head: (B, H, Dh), (U, L, H, Dh), (U, L, H, Dv)."""
+def _heads(q: Tensor, keys: Tensor, values: Tensor,
+           hist_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, bool]:
+    """Check q/keys/values and view them multi-head: q (B, H, Dh), keys (U, L, H, Dh) and
+    values (U, L, H, Dv), or with ``hist_rows`` the tables (N, H, Dh) and (N, H, Dv)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=(2, 3), what=" (B, D) or (B, H, Dh)")
     single = q.dim() == 2
-    kshape = "(U, L, D)" if single else "(U, L, H, Dh)"
-    vshape = "(U, L, Dv)" if single else "(U, L, H, Dv)"
-    check_tensor("keys", keys, dtypes=FLOAT_DTYPES, ndim=q.dim() + 1, what=f" {kshape}")
-    check_tensor("values", values, dtypes=FLOAT_DTYPES, ndim=q.dim() + 1, what=f" {vshape}")
+    lead = "(N, " if hist_rows is not None else "(U, L, "
+    kshape = lead + ("D)" if single else "H, Dh)")
+    vshape = lead + ("Dv)" if single else "H, Dv)")
+    rows = "a table, as hist_rows is given" if hist_rows is not None else "histories"
+    nlead = 1 if hist_rows is not None else 2
+    check_tensor("keys", keys, dtypes=FLOAT_DTYPES, ndim=q.dim() - 1 + nlead,
+                 what=f" {kshape}: {rows}")
+    check_tensor("values", values, dtypes=FLOAT_DTYPES, ndim=q.dim() - 1 + nlead,
+                 what=f" {vshape}: {rows}")
+    if hist_rows is not None:
+        check_hist_rows(hist_rows)
     if not q.dtype == keys.dtype == values.dtype:
         raise TypeError(f"q, keys and values must share one dtype, got {q.dtype}, {keys.dtype} "
                         f"and {values.dtype}")
-    if keys.shape[2:] != q.shape[1:]:
+    if keys.shape[nlead:] != q.shape[1:]:
         raise ValueError(f"keys {kshape} must match q in its last dims, got keys "
                          f"{tuple(keys.shape)} for q {tuple(q.shape)}")
     if values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(f"values {vshape} must match keys {kshape} but for the last dim, got "
                          f"values {tuple(values.shape)} and keys {tuple(keys.shape)}")
     if single:
-        q, keys, values = q.unsqueeze(1), keys.unsqueeze(2), values.unsqueeze(2)
+        q, keys, values = q.unsqueeze(1), keys.unsqueeze(nlead), values.unsqueeze(nlead)
     return q, keys, values, single
+
+
+def _histories(keys: Tensor, hist_rows: Optional[Tensor]) -> Tuple[int, int]:
+    """(U, L) of a call: from the histories, or from hist_rows for the indexed form."""
+    return tuple(keys.shape[:2]) if hist_rows is None else tuple(hist_rows.shape)
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -148,29 +188,34 @@ def _scale(scale, head_dim: int) -> float:
 
 
 def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
-                   hist_index: Optional[Tensor] = None, scale: Optional[float] = None,
-                   backend: Optional[str] = None) -> Tensor:
+                   hist_index: Optional[Tensor] = None, hist_rows: Optional[Tensor] = None,
+                   scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
     """Exact softmax attention of each query over the history rows ``idx`` selects.
 
     Args:
         q: (B, D) or (B, H, Dh).
-        keys, values: (U, L, D), (U, L, Dv) or (U, L, H, Dh), (U, L, H, Dv).
+        keys, values: (U, L, D), (U, L, Dv) or (U, L, H, Dh), (U, L, H, Dv); with
+            ``hist_rows``, tables (N, D), (N, Dv) or (N, H, Dh), (N, H, Dv).
         idx: (B, K) int64 positions, -1 for an empty slot (e.g. from :func:`hamming_topk`
             or any other retrieval: category match for SIM-hard, ...).
         hist_index: (B,) history row of each query (default as in :func:`hamming_topk`).
+        hist_rows: (U, L) int32/int64, the indexed form: position l of history u is table
+            row ``hist_rows[u, l]``; a selected position must hold a row in [0, N).
         scale: score scale, default 1/sqrt(Dh).
 
     Returns:
         (B, Dv) or (B, H, Dv); zeros for a query without a valid slot. Differentiable in q,
-        keys and values (only the selected rows of keys/values get gradient).
+        keys and values (only the selected rows get gradient; with ``hist_rows`` the
+        gradient is the tables' (N, ...), never (U, L, ...)).
     """
-    q3, k4, v4, single = _heads(q, keys, values)
+    q3, k4, v4, single = _heads(q, keys, values, hist_rows)
     check_tensor("idx", idx, dtypes=(torch.int64,), ndim=2, what=" (B, k)")
     if idx.shape[0] != q3.shape[0]:
         raise ValueError(f"idx must have B={q3.shape[0]} rows, got {tuple(idx.shape)}")
-    check_hist_index(hist_index, q3.shape[0], k4.shape[0])
-    dev = check_same_device(q=q, keys=keys, values=values, idx=idx, hist_index=hist_index)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index,
+    check_hist_index(hist_index, q3.shape[0], _histories(k4, hist_rows)[0])
+    dev = check_same_device(q=q, keys=keys, values=values, idx=idx, hist_index=hist_index,
+                            hist_rows=hist_rows)
+    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows,
                                                _scale(scale, q3.shape[-1]),
                                                backend_for(dev, backend))
     return out.squeeze(1) if single else out
@@ -178,61 +223,79 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
 
 def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig: Tensor, k: int,
                   *, lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
-                  scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+                  hist_rows: Optional[Tensor] = None, scale: Optional[float] = None,
+                  backend: Optional[str] = None) -> Tensor:
     """ETA target attention: SimHash top-k retrieval, then exact attention over those k.
 
     Args:
         q: (B, D) or (B, H, Dh) queries (candidate items).
         keys, values: (U, L, D), (U, L, Dv) or (U, L, H, Dh), (U, L, H, Dv) right-padded
-            histories.
-        q_sig: (B, W) int64 query signatures; k_sig: (U, L, W) behaviour signatures (one per
-            query / behaviour, shared by all heads; see :func:`simhash_sign`).
+            histories; with ``hist_rows``, tables (N, D), (N, Dv) or (N, H, ·).
+        q_sig: (B, W) int64 query signatures; k_sig: (U, L, W) behaviour signatures, or the
+            (N, W) table with ``hist_rows`` (one per query / behaviour, shared by all heads;
+            see :func:`simhash_sign`).
         k: behaviours retrieved per query (>= 1; may exceed the history).
         lengths: (U,) valid length of each history (default L).
         hist_index: (B,) history row of each query (default: row b when U == B, the shared
             row 0 when U == 1; a shared history is never copied).
+        hist_rows: (U, L) int32/int64, the indexed form: position l of history u is row
+            ``hist_rows[u, l]`` of keys, values and k_sig (one row per distinct behaviour,
+            e.g. from :func:`unique_rows`). Positions past ``lengths`` are not read.
         scale: score scale, default 1/sqrt(Dh).
 
     Returns:
         (B, Dv) or (B, H, Dv). A query with no valid position gets zeros. Differentiable in
-        q, keys, values; the signatures are constants.
+        q, keys, values; the signatures are constants. The indexed form builds no
+        (U, L, ·) float tensor and its backward returns (N, ·) table gradients.
     """
-    q3, k4, v4, single = _heads(q, keys, values)
-    B, U, L = q3.shape[0], k4.shape[0], k4.shape[1]
-    check_signature("q_sig", q_sig, ndim=2, shape="shape (B, W)")
-    check_signature("k_sig", k_sig, ndim=3, shape="shape (U, L, W)")
-    if q_sig.shape[0] != B or k_sig.shape[:2] != (U, L) or q_sig.shape[1] != k_sig.shape[2]:
-        raise ValueError(f"q_sig must be (B={B}, W) and k_sig (U={U}, L={L}, W) with one W, got "
+    q3, k4, v4, single = _heads(q, keys, values, hist_rows)
+    B = q3.shape[0]
+    check_topk_inputs(q_sig, k_sig, k, lengths, hist_index, hist_rows)
+    want = (k4.shape[:2] if hist_rows is None else k4.shape[:1])
+    if q_sig.shape[0] != B or k_sig.shape[:-1] != want:
+        form = "(U, L, W) like keys" if hist_rows is None else "(N, W) like the keys table"
+        raise ValueError(f"q_sig must be (B={B}, W) and k_sig {form} {tuple(want)}, got "
                          f"{tuple(q_sig.shape)} and {tuple(k_sig.shape)}")
-    check_k(k)
-    check_lengths(lengths, U)
-    check_hist_index(hist_index, B, U)
     dev = check_same_device(q=q, keys=keys, values=values, q_sig=q_sig, k_sig=k_sig,
-                            lengths=lengths, hist_index=hist_index)
+                            lengths=lengths, hist_index=hist_index, hist_rows=hist_rows)
     be = backend_for(dev, backend)
-    _, idx = torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, be)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index,
+    _, idx = torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
+    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows,
                                                _scale(scale, q3.shape[-1]), be)
     return out.squeeze(1) if single else out
 
 
 def target_attention(q: Tensor, keys: Tensor, values: Tensor, *,
                      lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> Tensor:
+                     hist_rows: Optional[Tensor] = None, scale: Optional[float] = None,
+                     backend: Optional[str] = None) -> Tensor:
     """Dense target attention over every valid position: the baseline ETA is measured against.
 
     Same shapes, masking and zero-for-empty rule as :func:`eta_attention`. Built on
     ``torch.nn.functional.scaled_dot_product_attention``. A shared history (U == 1) is one
     attention call of B queries against it, never copied per query; with an explicit
     ``hist_index`` over U > 1 histories the rows are gathered per query (a copy).
+
+    With ``hist_rows`` (U, L) keys and values are tables (N, ...) and the call is
+    :func:`topk_attention` over every valid position, read in place through the rows
+    (``backend`` picks its kernels): no (U, L, ·) float tensor, (N, ·) table gradients.
     """
-    q3, k4, v4, single = _heads(q, keys, values)
+    q3, k4, v4, single = _heads(q, keys, values, hist_rows)
     B, H, Dh = q3.shape
-    U, L = k4.shape[:2]
+    U, L = _histories(k4, hist_rows)
     check_lengths(lengths, U)
     check_hist_index(hist_index, B, U)
-    check_same_device(q=q, keys=keys, values=values, lengths=lengths, hist_index=hist_index)
+    dev = check_same_device(q=q, keys=keys, values=values, lengths=lengths,
+                            hist_index=hist_index, hist_rows=hist_rows)
     sc = _scale(scale, Dh)
+    if hist_rows is not None:
+        lens = ref.default_lengths(U, L, dev) if lengths is None else lengths.to(torch.int64)
+        hist = ref.default_hist_index(B, U, dev) if hist_index is None else hist_index
+        pos = torch.arange(L, device=dev)
+        idx = torch.where(pos < lens[hist.to(torch.int64)][:, None], pos, -1)     # (B, L)
+        out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows, sc,
+                                                   backend_for(dev, backend))
+        return out.squeeze(1) if single else out
     if B == 0 or U == 0:
         out = q3.new_zeros(B, H, v4.shape[-1])
         return out.squeeze(1) if single else out

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ._common import (backend_for, check_hist_index, check_k, check_lengths, check_same_device,
-                      check_signature, cpu_call, kernels, layout)
+from ._common import (backend_for, check_hist_index, check_hist_rows, check_k, check_lengths,
+                      check_same_device, check_signature, checked_rows, cpu_call, kernels,
+                      layout)
 
 __all__ = ["hamming_distance", "hamming_topk"]
 
@@ -77,56 +78,80 @@ def hamming_distance(q_sig: Tensor, k_sig: Tensor, *, backend: Optional[str] = N
 
 @torch.library.custom_op("fastattn::hamming_topk", mutates_args=())
 def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
-                  hist_index: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+                  hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
+                  backend: str) -> Tuple[Tensor, Tensor]:
     B, W = q_sig.shape
-    U, L, _ = k_sig.shape
+    U, L = k_sig.shape[:2] if hist_rows is None else hist_rows.shape
     lens, hist = layout(B, U, L, lengths, hist_index, q_sig.device)
+    q, ks, rows = q_sig.contiguous(), k_sig.contiguous(), None
+    if hist_rows is None:
+        name, args = "hamming_topk", (q, ks, lens, hist)
+    else:
+        # The C++ kernel checks the rows itself (in parallel, before reading any of them).
+        rows = (hist_rows.to(torch.int64).contiguous() if backend == "cpp"
+                else checked_rows(hist_rows, lens, k_sig.shape[0]))
+        name, args = "hamming_topk_rows", (q, ks, rows, lens, hist)
     if backend == "torch":
-        return ref.hamming_topk(q_sig, k_sig, k, lens, hist)
-    q, ks = q_sig.contiguous(), k_sig.contiguous()
+        return ref.hamming_topk(q_sig, k_sig, k, lens, hist, hist_rows=rows)
     if backend == "triton":
-        return kernels("triton").hamming_topk(q, ks, lens, hist, k)
+        return getattr(kernels("triton"), name)(*args, k)
     dist = torch.empty(B, k, dtype=torch.int32)
     idx = torch.empty(B, k, dtype=torch.int64)
     if B:
-        cpu_call(backend, "hamming_topk", q, ks, lens, hist, k, dist, idx)
+        cpu_call(backend, name, *args, k, dist, idx)
     return dist, idx
 
 
 @_hamming_topk.register_fake
-def _(q_sig, k_sig, k, lengths, hist_index, backend):
+def _(q_sig, k_sig, k, lengths, hist_index, hist_rows, backend):
     B = q_sig.shape[0]
     return (q_sig.new_empty(B, k, dtype=torch.int32), q_sig.new_empty(B, k, dtype=torch.int64))
 
 
+def check_topk_inputs(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
+                      hist_index: Optional[Tensor], hist_rows: Optional[Tensor]) -> None:
+    """Shape/dtype checks of a Hamming top-k call, dense or indexed (shared by eta_attention)."""
+    check_signature("q_sig", q_sig, ndim=2, shape="shape (B, W)")
+    if hist_rows is None:
+        check_signature("k_sig", k_sig, ndim=3, shape="shape (U, L, W)")
+        U = k_sig.shape[0]
+    else:
+        check_signature("k_sig", k_sig, ndim=2,
+                        shape="shape (N, W): a signature table, as hist_rows is given")
+        U = check_hist_rows(hist_rows).shape[0]
+    if q_sig.shape[1] != k_sig.shape[-1]:
+        raise ValueError(f"q_sig (B, W) and k_sig must have the same number of words W, got "
+                         f"{q_sig.shape[1]} and {k_sig.shape[-1]}")
+    check_k(k)
+    check_lengths(lengths, U)
+    check_hist_index(hist_index, q_sig.shape[0], U)
+
+
 def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, *, lengths: Optional[Tensor] = None,
-                 hist_index: Optional[Tensor] = None,
+                 hist_index: Optional[Tensor] = None, hist_rows: Optional[Tensor] = None,
                  backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """The k nearest valid behaviours of each query by Hamming distance (fused).
 
     Args:
         q_sig: (B, W) int64 query signatures.
-        k_sig: (U, L, W) int64 behaviour signatures, right-padded histories.
+        k_sig: (U, L, W) int64 behaviour signatures, right-padded histories; or, with
+            ``hist_rows``, a signature table (N, W), one row per distinct behaviour.
         k: number of neighbours (>= 1; may exceed the history length).
         lengths: (U,) int valid length of each history in [0, L] (default L).
         hist_index: (B,) int history row of each query (default: row b when U == B, the
             shared row 0 when U == 1). A shared history is read in place, never copied.
+        hist_rows: (U, L) int32/int64, the indexed form: position l of history u is
+            ``k_sig[hist_rows[u, l]]``. Positions past ``lengths`` are not read (-1 there
+            is fine); a valid position outside [0, N) raises ValueError.
 
     Returns:
         ``(dist (B, k) int32, idx (B, k) int64)`` ordered by (distance, position) ascending,
-        ties to the smaller position. Slots past the number of valid positions hold
-        idx = -1 and dist = 64·W + 1. No (B, L) distance matrix is built (except by the
-        ``torch`` reference backend).
+        ties to the smaller position; idx are history positions l, in both forms. Slots
+        past the number of valid positions hold idx = -1 and dist = 64·W + 1. No (B, L)
+        distance matrix is built (except by the ``torch`` reference backend).
     """
-    check_signature("q_sig", q_sig, ndim=2, shape="shape (B, W)")
-    check_signature("k_sig", k_sig, ndim=3, shape="shape (U, L, W)")
-    if q_sig.shape[1] != k_sig.shape[2]:
-        raise ValueError(f"q_sig (B, W) and k_sig (U, L, W) must have the same number of words "
-                         f"W, got {q_sig.shape[1]} and {k_sig.shape[2]}")
-    check_k(k)
-    B, U = q_sig.shape[0], k_sig.shape[0]
-    check_lengths(lengths, U)
-    check_hist_index(hist_index, B, U)
-    dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index)
-    return torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index,
+    check_topk_inputs(q_sig, k_sig, k, lengths, hist_index, hist_rows)
+    dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index,
+                            hist_rows=hist_rows)
+    return torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, hist_rows,
                                            backend_for(dev, backend))
