@@ -133,6 +133,26 @@ def test_kernel_backends_match_reference(name, kernel_backend):
             torch.testing.assert_close(got[n], want[n], **FP64, msg=f"{name} grad of {n}")
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "mimn"])   # MIMN reads dense x
+def test_dedup_equals_dense(name, backend):
+    """The indexed path (each distinct behaviour embedded, projected and hashed once; the
+    default) gives the dense path's loss and every gradient, in fp64, in every backend."""
+    dense = make_model(name, backend=backend, dedup=False)
+    indexed = copy.deepcopy(dense)
+    indexed.dedup = True
+    indexed.dedup_min_positions = 0        # these tiny batches would be embedded densely
+    # Few distinct items: every batch repeats behaviours across and within histories.
+    for batch in (make_batch([37, 12, 0, 1, 30], 37), make_batch([33], 37, B=4)):
+        batch.hist_items = batch.hist_items % 7
+        batch.hist_cats = torch.where(batch.hist_items > 0, batch.hist_items % 3 + 1, 0)
+        want_loss, want = grads(dense, batch)
+        loss, got = grads(indexed, batch)
+        torch.testing.assert_close(loss, want_loss, **FP64)
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], **FP64, msg=f"{name} grad of {n}")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_round_trip(name):
     model = make_model(name, seed=3)
@@ -212,8 +232,10 @@ def test_eta_item_signatures_equal_plain_path():
     assert table.shape == (N_ITEMS + 1, 1) and table.dtype == torch.int64
     for batch in (make_batch([37, 12, 0, 30], 37), make_batch([33], 37, B=5)):
         batch.hist_cats = item_cat[batch.hist_items]
-        torch.testing.assert_close(model(batch, key_signatures=table[batch.hist_items]),
-                                   model(batch), **FP64)
+        torch.testing.assert_close(model(batch, key_signatures=table), model(batch), **FP64)
+        model.dedup = False                     # the dense form gathers one per position
+        torch.testing.assert_close(model(batch, key_signatures=table), model(batch), **FP64)
+        model.dedup = True
     with pytest.raises(ValueError, match="item_cat"):
         model.item_signatures(item_cat[:-1])
 

@@ -60,3 +60,43 @@ def test_bad_config():
         TargetAttention(10, 3)
     with pytest.raises(ValueError, match="topk"):
         ETAAttention(8, topk=0)
+
+
+@pytest.mark.parametrize("cls", [TargetAttention, ETAAttention])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_indexed_histories_equal_dense(backend, cls, heads):
+    """(query, table, hist_rows=...) projects and hashes each table row once, and gives the
+    dense module's output and parameter gradients on table[hist_rows] (fp64)."""
+    torch.manual_seed(1)
+    kwargs = dict(topk=6, hash_bits=70) if cls is ETAAttention else {}
+    m = cls(8, heads, key_dim=5, backend=backend, **kwargs).double()
+    U, L, N = 3, 29, 11
+    lengths = torch.tensor([29, 0, 13])
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (U, L)), -1)
+    table = torch.randn(N, 5, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(U, 8, dtype=torch.float64)
+
+    def run(keys, **kw):
+        m.zero_grad()
+        out = m(query, keys, lengths=lengths, **kw)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    got, got_grads = run(table, hist_rows=rows)
+    table_grad, table.grad = table.grad, None
+    dense = fastattn.reference.history_from_table(table, rows, lengths)
+    want, want_grads = run(dense)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(table_grad, table.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_indexed_key_signatures_eta_plus():
+    m = ETAAttention(16, key_dim=8, topk=4, hash_bits=64)
+    items = torch.randn(50, 8)
+    table = m.precompute_key_signatures(items)               # (N, W), once per item
+    uniq, rows = fastattn.unique_rows(torch.randint(0, 50, (1, 40)))
+    query = torch.randn(7, 16)
+    torch.testing.assert_close(m(query, items[uniq], hist_rows=rows, key_signatures=table[uniq]),
+                               m(query, items[uniq], hist_rows=rows))

@@ -25,11 +25,12 @@ class DIN(CTRModel):
 
     def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
-                 backend: Optional[str] = None, *, heads: int = 1):
+                 backend: Optional[str] = None, *, heads: int = 1, dedup: bool = True):
         if short_len == 0:
             raise ValueError("DIN needs its attention: short_len must be >= 1 or None "
                              "(the whole history), got 0")
-        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
+                         dedup=dedup)
         self.build_head(n_matched=1)
 
     def logits_and_reg(self, batch: Batch):

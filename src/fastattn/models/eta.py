@@ -4,8 +4,11 @@ Rate Prediction" (ETA, Efficient Target Attention), arXiv 2209.12212.
 Long-term interest: :class:`fastattn.nn.ETAAttention` over the whole history (SimHash the
 projected target and behaviours, keep the ``topk`` nearest behaviours by Hamming distance,
 exact softmax attention over those); short-term interest: dense target attention over the
-``short_len`` most recent behaviours; MLP head. Serving (ETA+): :meth:`ETANet.item_signatures`
-hashes every item once, and ``forward(batch, key_signatures=...)`` reuses them.
+``short_len`` most recent behaviours; MLP head. Training embeds, projects and hashes each
+distinct behaviour of a batch once (the indexed form, ``dedup=True``). Serving (ETA+):
+:meth:`ETANet.item_signatures` hashes every item once, and
+``forward(batch, key_signatures=table)`` reads the signatures of the batch's behaviours
+from that table.
 Simplified: one SimHash signature per behaviour shared by all heads; only item and category
 features; no side features of the behaviours (time, action type).
 """
@@ -36,8 +39,9 @@ class ETANet(CTRModel):
     def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
                  backend: Optional[str] = None, *, heads: int = 1, topk: int = 64,
-                 hash_bits: int = 64, seed: int = 0):
-        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+                 hash_bits: int = 64, seed: int = 0, dedup: bool = True):
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
+                         dedup=dedup)
         check_positive_int("topk", topk)
         check_positive_int("hash_bits", hash_bits)
         self.long_attn = ETAAttention(self.dim, heads, topk=topk, hash_bits=hash_bits, seed=seed,
@@ -50,8 +54,9 @@ class ETANet(CTRModel):
         """ETA+: SimHash signatures (n_items + 1, W) int64 of every item as a behaviour.
 
         ``item_cat`` (n_items + 1,) int is each item id's category (entry 0: padding).
-        Gather them by ``hist_items`` into ``key_signatures`` (U, L, W) for :meth:`forward`;
-        valid while the embeddings, the key projection and the planes stay unchanged.
+        Pass the table as ``key_signatures`` to :meth:`forward`, which reads the rows of
+        the batch's behaviours; valid while the embeddings, the key projection and the
+        planes stay unchanged (and the batch's categories are ``item_cat`` of its items).
         """
         n = self.n_items + 1
         if not isinstance(item_cat, Tensor) or item_cat.dtype not in (torch.int32, torch.int64) \
@@ -66,16 +71,20 @@ class ETANet(CTRModel):
         return self.long_attn.precompute_key_signatures(self.embed(items, item_cat))
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
-        """``key_signatures`` (U, L, W): ``item_signatures(...)[batch.hist_items]`` (ETA+)."""
-        if key_signatures is not None:
-            U, L = batch.hist_items.shape
-            if key_signatures.dim() != 3 or key_signatures.shape[:2] != (U, L):
-                raise ValueError(f"key_signatures must be (U, L, W)=({U}, {L}, W) like "
-                                 f"batch.hist_items, got {tuple(key_signatures.shape)}")
+        """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
+        n = self.n_items + 1
+        if key_signatures is not None and (not isinstance(key_signatures, Tensor)
+                                           or key_signatures.dim() != 2
+                                           or key_signatures.shape[0] != n):
+            raise ValueError(f"key_signatures must be the (n_items + 1, W)=({n}, W) table of "
+                             f"item_signatures(), got "
+                             f"{tuple(getattr(key_signatures, 'shape', ()))}")
         target = self.embed(batch.target_item, batch.target_cat)
-        keys = self.embed(batch.hist_items, batch.hist_cats)
-        matched = [self.long_attn(target, keys, lengths=batch.lengths,
-                                  hist_index=batch.hist_index, key_signatures=key_signatures)]
+        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
+        sigs = None if key_signatures is None else key_signatures[h.items]
+        matched = [self.long_attn(target, h.keys, lengths=batch.lengths,
+                                  hist_index=batch.hist_index, hist_rows=h.hist_rows,
+                                  key_signatures=sigs)]
         if self.short_attn is not None:
             matched.append(self.short_interest(batch, target))
         return self.score(target, matched), None

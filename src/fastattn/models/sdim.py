@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.batch import Batch
@@ -37,28 +38,42 @@ def hash_codes(sig: Tensor, n_hashes: int, width: int) -> Tensor:
 
 
 def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_codes: Tensor,
-                    n_buckets: int, hist_index: Optional[Tensor] = None) -> Tensor:
+                    n_buckets: int, hist_index: Optional[Tensor] = None,
+                    hist_rows: Optional[Tensor] = None) -> Tensor:
     """Mean over hash functions of the mean valid behaviour colliding with each query.
 
     keys (U, L, D) float, key_codes (U, L, H) and query_codes (B, H) int64 in
     [0, n_buckets), lengths (U,); query b reads history ``hist_index[b]`` (default b when
-    U == B, 0 when U == 1). Returns (B, D), differentiable in ``keys``. Cost with shared
-    histories (serving), independent of the number of queries per history: one
-    index-add of U·L rows per hash function into (U·H·n_buckets, D) bucket sums, then
-    B·H row reads.
+    U == B, 0 when U == 1). Indexed form: with ``hist_rows`` (U, L), keys (N, D) and
+    key_codes (N, H) are the tables of the distinct behaviours, hashed once each. Returns
+    (B, D), differentiable in ``keys``. Cost with shared histories (serving), independent
+    of the number of queries per history: one index-add of U·L rows per hash function into
+    (U·H·n_buckets, D) bucket sums, then B·H row reads.
     """
-    U, L, D = keys.shape
     B, H = query_codes.shape
-    nb = H * n_buckets
+    D = keys.shape[-1]
     dev = keys.device
+    if hist_rows is not None:
+        U, L = hist_rows.shape
+        if keys.shape[0] == 0:                     # no valid behaviour anywhere
+            return keys.new_zeros(B, D)
+        rows = hist_rows.clamp(min=0)              # padding is masked by lengths below
+        key_codes = key_codes[rows]                # (U, L, H) int: per position, no floats
+    else:
+        U, L = keys.shape[:2]
+    nb = H * n_buckets
     valid = torch.arange(L, device=dev) < lengths[:, None]                    # (U, L)
     if hist_index is None and U == B:
         # Training layout (one history per query): weigh each behaviour by how many of the
         # query's buckets it falls in, 1 / (bucket size · H) each: O(B·L·H) compares and one
-        # batched mat-vec, far cheaper than building B bucket tables that serve one query.
+        # weighted sum per query, far cheaper than building B bucket tables that serve one.
         hit = (key_codes == query_codes[:, None, :]) & valid[..., None]           # (B, L, H)
-        share = hit.to(keys.dtype) / (hit.sum(1, keepdim=True).clamp(min=1) * H)
-        return torch.bmm(share.sum(-1)[:, None, :], keys)[:, 0]
+        share = (hit.to(keys.dtype) / (hit.sum(1, keepdim=True).clamp(min=1) * H)).sum(-1)
+        if hist_rows is not None:     # the weighted sum reads the table rows in place
+            return F.embedding_bag(rows, keys, per_sample_weights=share, mode="sum")
+        return torch.bmm(share[:, None, :], keys)[:, 0]
+    if hist_rows is not None:
+        keys = keys[rows]             # shared histories (serving): U rows, not B
     masked = (keys * valid[..., None].to(keys.dtype)).reshape(U * L, D)
     weight = valid.reshape(U * L).to(keys.dtype)
     # Row of bucket (u, h, code) in the flat (U·H·n_buckets, D) table.
@@ -93,8 +108,9 @@ class SDIM(CTRModel):
     def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
                  backend: Optional[str] = None, *, heads: int = 1, n_hashes: int = 16,
-                 hash_width: int = 3, seed: int = 0):
-        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+                 hash_width: int = 3, seed: int = 0, dedup: bool = True):
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
+                         dedup=dedup)
         check_positive_int("n_hashes", n_hashes)
         check_positive_int("hash_width", hash_width)
         if hash_width > 16:
@@ -113,9 +129,9 @@ class SDIM(CTRModel):
 
     def logits_and_reg(self, batch: Batch):
         target = self.embed(batch.target_item, batch.target_cat)
-        keys = self.embed(batch.hist_items, batch.hist_cats)
-        matched = [bucket_interest(keys, self.codes(keys), batch.lengths, self.codes(target),
-                                   2 ** self.hash_width, batch.hist_index)]
+        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
+        matched = [bucket_interest(h.keys, self.codes(h.keys), batch.lengths, self.codes(target),
+                                   2 ** self.hash_width, batch.hist_index, h.hist_rows)]
         if self.short_attn is not None:
             matched.append(self.short_interest(batch, target))
         return self.score(target, matched), None

@@ -6,7 +6,8 @@ General Search Unit (hard): keep the behaviours whose category equals the target
 dense target attention over the short recent history; MLP head.
 Simplified: the GSU sorts each request's histories by category (what SIM's prebuilt
 user-behaviour tree stores) instead of reading a stored index; the ESU is dense target
-attention without SIM's time-interval embeddings.
+attention without SIM's time-interval embeddings. With ``dedup`` (the default) only the
+behaviours the GSU keeps are embedded, each distinct one once.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class SIMHard(CTRModel):
 
     def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
-                 backend: Optional[str] = None, *, heads: int = 1, sim_len: int = 64):
-        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads)
+                 backend: Optional[str] = None, *, heads: int = 1, sim_len: int = 64,
+                 dedup: bool = True):
+        super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
+                         dedup=dedup)
         check_positive_int("sim_len", sim_len)
         self.sim_len = sim_len
         self.esu_attn = self.attention()
@@ -85,11 +88,24 @@ class SIMHard(CTRModel):
 
     def logits_and_reg(self, batch: Batch):
         target = self.embed(batch.target_item, batch.target_cat)
-        idx = self.search(batch)
-        keys = self.embed(batch.hist_items, batch.hist_cats)
-        rows = topk_gather(keys, idx, hist_index=batch.hist_index,
-                           backend=self.backend)                          # (B, sim_len, D)
-        matched = [self.esu_attn(target, rows, lengths=(idx >= 0).sum(1))]
+        idx = self.search(batch)                                         # (B, sim_len)
+        count = (idx >= 0).sum(1)              # the GSU packs its hits first, -1 after
+        if self.dedup:
+            # Only the GSU's picks are read: gather their ids (B, sim_len) and embed each
+            # distinct one once, instead of embedding the whole (U, L) history.
+            U, L = batch.hist_items.shape
+            rows = history_rows(batch.hist_index, len(batch), U, idx.device)[:, None]
+            pos = idx.clamp(min=0)
+            items, cats = ((batch.hist_items[rows, pos], batch.hist_cats[rows, pos]) if L
+                           else (torch.zeros_like(idx), torch.zeros_like(idx)))
+            h = self.histories(items, cats, count)
+            esu = self.esu_attn(target, h.keys, lengths=count, hist_rows=h.hist_rows)
+        else:
+            keys = self.embed(batch.hist_items, batch.hist_cats)
+            picked = topk_gather(keys, idx, hist_index=batch.hist_index,
+                                 backend=self.backend)                    # (B, sim_len, D)
+            esu = self.esu_attn(target, picked, lengths=count)
+        matched = [esu]
         if self.short_attn is not None:
             matched.append(self.short_interest(batch, target))
         return self.score(target, matched), None

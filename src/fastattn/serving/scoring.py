@@ -118,7 +118,9 @@ class SignatureTable:
 
 class ETAScorer:
     """Scores candidates against a user's behaviour history with ETA-Net, reusing the
-    signature table instead of hashing the history per request (ETA+)."""
+    signature table instead of hashing the history per request (ETA+): the model embeds and
+    projects the history's distinct behaviours once and reads their signatures from the
+    table (a signature table plus ``hist_rows``, the indexed form)."""
 
     def __init__(self, model, table: SignatureTable):
         if table.model is not model:
@@ -139,5 +141,5 @@ class ETAScorer:
                       torch.tensor([items.shape[0]], device=dev),
                       _ids("target_items", target_items).to(dev),
                       _ids("target_cats", target_cats).to(dev))
-        return self.model(batch, key_signatures=table[batch.hist_items])
+        return self.model(batch, key_signatures=table)
 
