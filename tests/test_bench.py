@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from fastattn.bench import cli, measure, sweeps
+from fastattn.bench import cli, measure, registry, sweeps, training_sweeps
 from fastattn.bench.measure import machine_info, peak_extra_bytes, time_fn
-from fastattn.bench.sweeps import SWEEPS, Cost, Point, Sweep
+from fastattn.bench.sweep import Cost, Point, Sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LIMITS = {"mem_bandwidth_gbs": 10.0, "matmul_gflops": 100.0, "popcount_gwords_per_s": 5.0}
@@ -129,10 +129,10 @@ def test_cuda_timer_reports_do_bench_quantiles_in_seconds(monkeypatch):
 
 def test_every_sweep_builds_quick_points_on_both_devices():
     for device in ("cpu", "cuda"):
-        for sweep in sweeps.select(None, True, device):
+        for sweep in registry.select(None, True, device):
             assert sweep.points and sweep.device == device, sweep.name
             assert all(p.params.get(sweep.x) for p in sweep.points), sweep.name
-    full = {s.name: s for s in sweeps.select(["hamming_topk", "eta_serving"], False)}
+    full = {s.name: s for s in registry.select(["hamming_topk", "eta_serving"], False)}
     for s in full.values():
         assert [p.params["L"] for p in s.points] == sweeps.LENGTHS
         assert s.roofline and s.cost is not None
@@ -150,19 +150,37 @@ def test_eta_serving_byte_model_covers_every_impl():
     assert 64 <= sweeps._distinct_rows(256, 1024 * 64) <= 256
 
 
-def test_serving_sweeps_extension_point(monkeypatch):
-    name = "fastattn.bench.serving_sweeps"
-    fake = types.ModuleType(name)
-    fake.SERVING_SWEEPS = {"serving_tiny": lambda quick: Sweep("serving_tiny", "t", "n", "b")}
-    monkeypatch.setitem(sys.modules, name, fake)
-    assert set(sweeps._extension_sweeps()) == {"serving_tiny"}
-    monkeypatch.setattr(sweeps, "SWEEPS", {**SWEEPS, **fake.SERVING_SWEEPS})
-    assert [s.name for s in sweeps.select(["serving_tiny"], True)] == ["serving_tiny"]
-    assert sweeps.select(["serving_tiny"], True, "cuda") == []   # CPU-only: left out
-    broken = types.ModuleType(name)       # no SERVING_SWEEPS: a warning, nothing added
-    monkeypatch.setitem(sys.modules, name, broken)
-    with pytest.warns(RuntimeWarning, match="serving_sweeps failed to import"):
-        assert sweeps._extension_sweeps() == {}
+def test_registry_lists_every_sweep_and_survives_a_broken_module(monkeypatch):
+    assert {"hamming_topk", "eta_training", "unique_rows", "model_training", "uic_apply",
+            "uic_score"} <= set(registry.SWEEPS)
+    assert registry.select(["uic_apply"], True, "cuda") == []     # CPU-only: left out
+    name = "fastattn.bench.broken_sweeps"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # no such attribute
+    with pytest.warns(RuntimeWarning, match="broken_sweeps failed to import"):
+        assert registry._optional(name, "SWEEPS") == {}
+
+
+def test_training_sweeps_record_the_distinct_ratio(tmp_path):
+    """The training sweeps run end to end on a tiny point: the distinct-row ratio lands in
+    the rows and the README block, with the rate and memory tables."""
+    ids = training_sweeps.zipf_ids(1000, (4, 50), seed=1)
+    assert ids.shape == (4, 50) and 0 <= int(ids.min()) and int(ids.max()) < 1000
+    assert torch.equal(ids, training_sweeps.zipf_ids(1000, (4, 50), seed=1))
+    assert torch.unique(ids).numel() < 120            # Zipf: far fewer distinct than 200
+    sweep = training_sweeps.unique_rows_sweep(True)
+    sweep.points = [Point({"L": 8, "B": 4}, lambda: {}, pairs=32)]
+    params = sweep.points[0].params
+
+    def make():
+        training_sweeps._record_distinct(params, ids[:, :8])
+        return {"cpp": lambda: None, "torch_unique": lambda: None}
+    sweep.points[0].build = make
+    sweep.rate, sweep.memory = "ids/s", True
+    rows, _ = cli.run_sweep(sweep, 0.01, _Progress(), timer=time_fn, limits=LIMITS)
+    assert all(r["distinct_ratio"] == params["distinct_ratio"] > 0 for r in rows)
+    cli.write_results(str(tmp_path), sweep, rows, _meta())
+    text = cli.markdown(str(tmp_path / "unique_rows.json"))
+    assert "distinct_ratio by L: 8: " in text and "— ids/s" in text and "MiB" in text
 
 
 def test_measurement_helpers():

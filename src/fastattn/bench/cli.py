@@ -1,6 +1,6 @@
 """``fastattn-bench``: profile the fastattn kernels against their baselines.
 
-Runs the sweeps of :mod:`fastattn.bench.sweeps` on the CPU or (``--device cuda``) a GPU,
+Runs the sweeps of :mod:`fastattn.bench.registry` on the CPU or (``--device cuda``) a GPU,
 prints a table per sweep and writes ``<out>/<stem>.csv``, ``<out>/<stem>.json`` (rows,
 points skipped and why, machine description, measured machine limits and command) and
 ``<out>/<stem>.png`` (plus ``<stem>_roofline.png`` for the roofline sweeps), where the stem
@@ -25,7 +25,8 @@ import torch
 
 from .measure import (Timer, available_bytes, machine_info, machine_label, machine_limits,
                       peak_memory_for, require_device, timer_for)
-from .sweeps import SWEEPS, Cost, Point, Sweep, select
+from .registry import SWEEPS, select
+from .sweep import Cost, Point, Sweep
 
 Row = Dict[str, object]
 # What regenerates the README's Performance block from bench/results (no new measurements).
@@ -222,6 +223,18 @@ def markdown(path: str) -> str:
                 + f" of {r['bound_by']})"
         out += ["", f"**{data['title']}** — throughput, G behaviours/s (% of the "
                 "machine bound, and which)", ""] + table(roof)
+    if data.get("rate"):
+        out += ["", f"**{data['title']}** — {data['rate']}", ""] + table(
+            lambda r: _num(r["behaviours_per_s"]) if r.get("behaviours_per_s") else "–")
+    if data.get("memory"):
+        out += ["", f"**{data['title']}** — peak extra memory, MiB", ""] + table(
+            lambda r: "–" if r.get("peak_extra_bytes") is None
+            else _num(r["peak_extra_bytes"] / 2**20))
+    for key in data.get("info") or []:
+        seen = {r[x]: r[key] for r in rows if r.get(key) is not None}
+        if seen:
+            out += ["", f"{key} by {x}: " + ", ".join(f"{v}: {seen[v]}" for v in xs
+                                                     if v in seen)]
     skipped = data.get("skipped") or []
     if skipped:
         out += [""] + [f"* not measured at {x}={s.get(x)}, {s['impl'] or 'all'}: "
@@ -292,7 +305,8 @@ def write_results(out_dir: str, sweep: Sweep, rows: List[Row], meta: Dict[str, o
     with open(base + ".json", "w") as f:
         json.dump({"sweep": sweep.name, "title": sweep.title, "x": sweep.x,
                    "baseline": sweep.baseline, "device": sweep.device,
-                   "roofline": sweep.roofline, "machine": meta, "rows": rows,
+                   "roofline": sweep.roofline, "memory": sweep.memory, "rate": sweep.rate,
+                   "info": sweep.info, "machine": meta, "rows": rows,
                    "skipped": list(skipped)}, f, indent=1)
     written = [base + ".csv", base + ".json"]
     try:

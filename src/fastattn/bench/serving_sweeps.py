@@ -1,6 +1,6 @@
 """Serving sweeps (the User Interest Center): events applied per second and scoring latency
 from stored state, both against re-running the model over the user's full history, vs the
-history length so far. Picked up by :mod:`fastattn.bench.sweeps` through
+history length so far. Listed by :mod:`fastattn.bench.registry` through
 :data:`SERVING_SWEEPS` (CPU only: the stores live on the host).
 
 A Redis backend is measured too where ``FASTATTN_REDIS_URL`` points at a server (``make
@@ -18,12 +18,7 @@ import numpy as np
 import torch
 
 from ..data.batch import Batch
-
-# Defined before importing .sweeps: that module looks this name up when it finishes
-# importing, which, if this module was imported first, happens during the import below.
-SERVING_SWEEPS: Dict[str, Callable[[bool], "Sweep"]] = {}
-
-from .sweeps import SWEEPS, Point, Sweep  # noqa: E402
+from .sweep import Point, Sweep
 
 N_ITEMS, N_CATS = 100_000, 1_000
 
@@ -186,7 +181,6 @@ def _drop_keep(make: Callable[[], Dict[str, Callable[[], object]]]):
     return build
 
 
-SERVING_SWEEPS.update(uic_apply=uic_apply_sweep, uic_score=uic_score_sweep)
-for _name, _fn in SERVING_SWEEPS.items():     # also when this module was imported first
-    SWEEPS.setdefault(_name, _fn)
+SERVING_SWEEPS: Dict[str, Callable[[bool], Sweep]] = {"uic_apply": uic_apply_sweep,
+                                                     "uic_score": uic_score_sweep}
 

@@ -1,97 +1,25 @@
-"""The benchmark sweeps: each compares fastattn backends with baselines at every point, in
-one run, so every figure is a ratio measured on the same machine at the same moment.
+"""The kernel sweeps: each compares fastattn backends with baselines at every point, in one
+run, so every figure is a ratio measured on the same machine at the same moment.
 
-A sweep is a name, a baseline and a list of points; each point builds its inputs once and
-maps implementation names to zero-argument callables. Every sweep function takes
-``(quick, device="cpu")`` and builds the same comparison on either device: on ``cuda`` the
-fastattn implementation is the Triton backend and the baselines run on the GPU too (FAISS
-is CPU-only and is left out there). Add a sweep by writing one such function and listing it
-in :data:`SWEEPS`; a module ``fastattn.bench.serving_sweeps`` defining ``SERVING_SWEEPS``
-(name -> function) is picked up as well, when it imports.
-
-Byte models (:class:`Cost`). Each sweep states the least traffic one call must move
-between memory and the cores, counted once per distinct datum: inputs read, outputs
-written, and intermediates that cannot stay in cache (a materialised (B, L) score matrix, a
-backward's re-read of keys and values far larger than any cache). Data reused from cache
-(the candidates' queries, a shared history's keys) counts once. Throughput in GB/s is those
-bytes over the median latency, and the bandwidth bound is those bytes over the measured
-copy bandwidth; the popcount bound is the Hamming scan's B·L·W word XOR+popcounts over the
-measured popcount rate, the compute bound the flops over the measured fp32 GEMM rate.
+Every sweep function takes ``(quick, device="cpu")`` and builds the same comparison on
+either device: on ``cuda`` the fastattn implementation is the Triton backend and the
+baselines run on the GPU too (FAISS is CPU-only and is left out there). Add a sweep by
+writing one such function and listing it in :data:`KERNEL_SWEEPS` (the registry,
+:mod:`.registry`, collects it); the byte models are explained in :mod:`.sweep`.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
 import fastattn
 
-from ..backends import available
-
-F32, I32, I64 = 4, 4, 8          # bytes per element
+from .sweep import F32, I32, I64, Cost, Point, Sweep, backends_for, torch_skip
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 100000]
 QUICK_LENGTHS = [256, 4096, 65536]
-
-
-@dataclass
-class Cost:
-    """The least work one call must do; the roofline bounds throughput by each."""
-    bytes: int              # read + written between memory and the cores (module docstring)
-    popcounts: int = 0      # 64-bit word XOR+popcounts (the Hamming scan)
-    flops: int = 0          # floating-point operations, a multiply-add counting 2
-
-
-@dataclass
-class Point:
-    params: Dict[str, int]
-    # impl name -> zero-argument callable; built lazily so inputs exist only while measured
-    build: Callable[[], Dict[str, Callable[[], object]]]
-    # per-behaviour work for throughput: (query, behaviour) pairs processed per call
-    pairs: int = 0
-    # the most memory building and running the point takes; checked against what is free
-    # before building, so a point that does not fit is skipped with a reason, not an OOM
-    mem_bytes: int = 0
-    # impl -> why it is not measured at this point (it is built, never called)
-    skip: Dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Sweep:
-    name: str
-    title: str
-    x: str                      # the swept parameter, plotted on the x axis
-    baseline: str               # speed-ups are reported against this implementation
-    points: List[Point] = field(default_factory=list)
-    memory: bool = False        # also plot the peak memory each call adds
-    # impl -> the baseline it is compared with, where that is not ``baseline``
-    baseline_of: Optional[Callable[[str], str]] = None
-    # (point params, impl) -> the call's Cost, for GB/s and the bounds; None: not modelled
-    cost: Optional[Callable[[Dict[str, int], str], Optional[Cost]]] = None
-    roofline: bool = False      # also draw <name>_roofline.png
-    device: str = "cpu"
-
-    def baseline_for(self, impl: str) -> str:
-        return self.baseline_of(impl) if self.baseline_of else self.baseline
-
-
-def _backends(device: str) -> List[str]:
-    """The fastattn backends compared on ``device`` (compiled ones, then the reference)."""
-    names = ["triton"] if device == "cuda" else ["cpp", "numba"]
-    return [b for b in names if available(b)] + ["torch"]
-
-
-def _torch_skip(device: str, L: int, limit: int) -> Dict[str, str]:
-    # On CPU the oracle materialises (B, L) distances in 64-query chunks: minutes beyond this.
-    if device == "cpu" and L > limit:
-        return {"torch": f"the torch reference (the oracle) takes minutes on CPU above "
-                         f"L={limit}"}
-    return {}
 
 
 def _sigs(n: int, words: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
@@ -146,7 +74,7 @@ def hamming_topk_sweep(quick: bool, device: str = "cpu") -> Sweep:
             g = torch.Generator().manual_seed(L)
             q, k = _sigs(B, W, g, device), _sigs(L, W, g, device).unsqueeze(0)
             impls = {be: (lambda be=be: fastattn.hamming_topk(q, k, K, backend=be))
-                     for be in _backends(device)}
+                     for be in backends_for(device)}
             search = faiss_search(q, k[0], K) if device == "cpu" else None
             if search is not None:
                 impls["faiss"] = search
@@ -159,7 +87,7 @@ def hamming_topk_sweep(quick: bool, device: str = "cpu") -> Sweep:
     # The oracle's (B, L) int64 distances and (64, L, W) chunk temporaries dominate.
     sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L,
                           mem_bytes=F32 * D * (B + 2 * L) + 4 * I64 * B * L,
-                          skip=_torch_skip(device, L, torch_max)) for L in lengths]
+                          skip=torch_skip(device, L, torch_max)) for L in lengths]
     return sweep
 
 
@@ -187,7 +115,7 @@ def simhash_sweep(quick: bool, device: str = "cpu") -> Sweep:
             x = torch.randn(N, D, generator=g).to(device)
             planes = torch.randn(D, NB, generator=g).to(device)
             impls = {be: (lambda be=be: fastattn.simhash_sign(x, planes, backend=be))
-                     for be in _backends(device)}
+                     for be in backends_for(device)}
             impls["torch_matmul"] = lambda: torch.mm(x, planes)
             return impls
         return make
@@ -250,7 +178,7 @@ def _eta_serving_point(B: int, L: int, device: str, torch_max: int) -> Point:
         q, keys, values, q_sig, k_sig = eta_inputs(B, 1, L, D, NB, g, device=device)
         impls = {be: (lambda be=be: fastattn.eta_attention(q, keys, values, q_sig, k_sig, K,
                                                            backend=be))
-                 for be in _backends(device)}
+                 for be in backends_for(device)}
         qh, kh, vh = q.view(1, 1, B, D), keys.view(1, 1, L, D), values.view(1, 1, L, D)
         impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
         impls["dense_target_attention"] = lambda: fastattn.target_attention(q, keys, values)
@@ -262,7 +190,7 @@ def _eta_serving_point(B: int, L: int, device: str, torch_max: int) -> Point:
     # Inputs, the naive scores and their softmax, and the oracle's (B, L) temporaries.
     return Point({"L": L, "B": B}, make, pairs=B * L,
                  mem_bytes=F32 * D * (B + 2 * L) + 2 * F32 * B * L + 4 * I64 * B * L,
-                 skip=_torch_skip(device, L, torch_max))
+                 skip=torch_skip(device, L, torch_max))
 
 
 def eta_serving_sweep(quick: bool, device: str = "cpu") -> Sweep:
@@ -285,56 +213,6 @@ def eta_batch_sweep(quick: bool, device: str = "cpu") -> Sweep:
                  f"L={L}, D={ETA_D}, {ETA_NB} bits, k={ETA_K}", x="B", baseline="dense_sdpa",
                  memory=True, cost=_eta_serving_cost, device=device,
                  points=[_eta_serving_point(B, L, device, torch_max=4096) for B in batches])
-
-
-def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
-    """eta_attention forward + backward, training layout (one history per row)."""
-    B, D, NB, K = 256, 128, 256, 64
-    W = NB // 64
-    lengths = [4096] if quick else [256, 1024, 4096, 16384]
-
-    def cost(p: Dict[str, int], impl: str) -> Cost:
-        """ETA: the signatures once (B·L·W words scanned), the k selected key and value rows
-        per row twice (forward, backward), the dense (B, L, D) key and value gradients
-        written, q, output, output gradient and q gradient. Dense SDPA: keys and values read
-        in the forward and again in the backward (B·L·D·4 bytes each, far beyond any cache),
-        their gradients written; 4·B·L·D flops forward, 8·B·L·D backward."""
-        L = p["L"]
-        small = 4 * F32 * B * D
-        if impl == "dense_sdpa":
-            return Cost(bytes=small + 6 * F32 * B * L * D, flops=12 * B * L * D)
-        return Cost(bytes=small + I64 * W * B * (L + 1) + 4 * F32 * B * K * D
-                    + 2 * F32 * B * L * D, popcounts=B * L * W, flops=12 * B * K * D)
-
-    sweep = Sweep("eta_training", f"eta_attention forward+backward, B={B} rows with their own "
-                  f"history, D={D}, {NB} bits, k={K}", x="L", baseline="dense_sdpa",
-                  memory=True, cost=cost, device=device)
-
-    def build(L: int):
-        def make():
-            g = torch.Generator().manual_seed(L)
-            q, keys, values, q_sig, k_sig = eta_inputs(B, B, L, D, NB, g, requires_grad=True,
-                                                       device=device)
-
-            def step(f):
-                out = f()
-                out.backward(torch.ones_like(out))
-                for t in (q, keys, values):
-                    t.grad = None
-
-            impls = {be: (lambda be=be: step(lambda: fastattn.eta_attention(
-                q, keys, values, q_sig, k_sig, K, backend=be)))
-                for be in _backends(device)}
-            impls["dense_sdpa"] = lambda: step(lambda: F.scaled_dot_product_attention(
-                q.view(B, 1, 1, D), keys.view(B, 1, L, D), values.view(B, 1, L, D)))
-            return impls
-        return make
-
-    # keys, values and their gradients (measured: the backward adds little beyond them)
-    sweep.points = [Point({"L": L, "B": B}, build(L), pairs=B * L,
-                          mem_bytes=4 * F32 * B * L * D + I64 * W * B * L,
-                          skip=_torch_skip(device, L, 2048)) for L in lengths]
-    return sweep
 
 
 # --------------------------------------------------------------------------- MIMN
@@ -390,7 +268,7 @@ def mimn_sweep(quick: bool, device: str = "cpu") -> Sweep:
         def make():
             x = torch.randn(B, T, Dx, generator=torch.Generator().manual_seed(T)).to(device)
             impls = {}
-            for be in _backends(device):
+            for be in backends_for(device):
                 enc = _mimn_encoder(be, device)
                 name = "eager_torch" if be == "torch" else be
 
@@ -419,7 +297,7 @@ def mimn_step_sweep(quick: bool, device: str = "cpu") -> Sweep:
     whole history of T events; the step's cost must not depend on T."""
     steps = [1000] if quick else [100, 1000, 10000]
     Dx, D = MIMN_DIMS["x_dim"], MIMN_DIMS["mem_dim"]
-    be = _backends(device)[0]
+    be = backends_for(device)[0]
 
     def cost(p: Dict[str, int], impl: str) -> Cost:
         """The step reads and writes the user's state (h, r, M, g, S) and reads the event;
@@ -458,60 +336,11 @@ def mimn_step_sweep(quick: bool, device: str = "cpu") -> Sweep:
     return sweep
 
 
-SWEEPS: Dict[str, Callable[..., Sweep]] = {
+KERNEL_SWEEPS: Dict[str, Callable[..., Sweep]] = {
     "hamming_topk": hamming_topk_sweep,
     "simhash_sign": simhash_sweep,
     "eta_serving": eta_serving_sweep,
     "eta_batch": eta_batch_sweep,
-    "eta_training": eta_training_sweep,
     "mimn": mimn_sweep,
     "mimn_step": mimn_step_sweep,
 }
-
-
-def _extension_sweeps() -> Dict[str, Callable[..., Sweep]]:
-    """``SERVING_SWEEPS`` of ``fastattn.bench.serving_sweeps`` where that module exists and
-    imports; a missing or broken one leaves the sweeps above untouched (with a warning when
-    it is broken). Imported at the end of this module, so it may import Sweep and Point."""
-    name = __name__.rsplit(".", 1)[0] + ".serving_sweeps"
-    try:
-        return dict(importlib.import_module(name).SERVING_SWEEPS)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return {}
-        problem = exc
-    except Exception as exc:  # noqa: BLE001 - optional sweeps must not break the others
-        problem = exc
-    warnings.warn(f"{name} failed to import ({problem!r}); its sweeps are left out",
-                  RuntimeWarning, stacklevel=2)
-    return {}
-
-
-for _name, _fn in _extension_sweeps().items():
-    SWEEPS.setdefault(_name, _fn)
-
-
-def takes_device(fn: Callable[..., Sweep]) -> bool:
-    """Whether a sweep function accepts ``device`` (extension sweeps may be CPU-only)."""
-    try:
-        return "device" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def select(names: Optional[List[str]], quick: bool, device: str = "cpu") -> List[Sweep]:
-    """The named sweeps (all by default) built for ``device``; on cuda, sweeps whose
-    function takes no ``device`` are left out with a note."""
-    chosen = names or list(SWEEPS)
-    unknown = [n for n in chosen if n not in SWEEPS]
-    if unknown:
-        raise SystemExit(f"unknown sweep(s) {unknown}; choose from {list(SWEEPS)}")
-    out = []
-    for n in chosen:
-        if takes_device(SWEEPS[n]):
-            out.append(SWEEPS[n](quick, device=device))
-        elif device == "cpu":
-            out.append(SWEEPS[n](quick))
-        else:
-            print(f"note: sweep {n} is CPU-only (its function takes no device); left out")
-    return out

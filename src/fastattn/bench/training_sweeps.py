@@ -1,0 +1,224 @@
+"""The training sweeps: what users feel first, a training step over long histories.
+
+Setting: the training layout (one history per row) with a realistic vocabulary, every
+behaviour drawn Zipf(s=1.1) from 1,000,000 items, so that a batch's B·L behaviours hold far
+fewer distinct items N. Each point records N and the distinct-row ratio N / (B·L).
+
+* ``eta_training``: ETA forward + backward in its indexed form (dedup with
+  :func:`fastattn.unique_rows`, the embedding lookup of the N distinct rows, their
+  signatures, ``eta_attention(..., hist_rows=...)`` and the table gradient back into the
+  embedding) against what users run today: an embedding gather to (B, L, D), SDPA forward
+  + backward and the embedding backward.
+* ``unique_rows``: the dedup itself against ``torch.unique(return_inverse=True)``.
+* ``model_training``: samples/s of a training step (forward + backward) of each reference
+  model that reads long histories, deduplicated (the default) vs dense.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+from .sweep import F32, I64, Cost, Point, Sweep, backends_for, torch_skip
+
+__all__ = ["zipf_ids", "TRAINING_SWEEPS"]
+
+N_ITEMS, ZIPF_S, B = 1_000_000, 1.1, 256
+
+
+def zipf_ids(n_items: int, shape, s: float = ZIPF_S, seed: int = 0) -> torch.Tensor:
+    """int64 ids in [0, n_items), popularity ∝ rank^-s, the ranks a random permutation of
+    the ids (so an id says nothing about its popularity). Deterministic by ``seed``."""
+    g = np.random.default_rng(seed)
+    cdf = np.cumsum(np.arange(1, n_items + 1, dtype=np.float64) ** -s)
+    ranks = np.searchsorted(cdf / cdf[-1], g.random(int(np.prod(shape))), side="right")
+    ids = g.permutation(n_items)[np.minimum(ranks, n_items - 1)]
+    return torch.from_numpy(ids.reshape(shape))
+
+
+def _record_distinct(params: Dict[str, float], ids: torch.Tensor) -> None:
+    """Add the batch's distinct-id count and ratio to the point's params (the rows and the
+    README read them; they are only known once the data exists)."""
+    n = int(torch.unique(ids).numel())
+    params.update(distinct_rows=n, distinct_ratio=round(n / ids.numel(), 4))
+
+
+# --------------------------------------------------------------------------- eta_training
+
+ETA_D, ETA_NB, ETA_K = 128, 256, 64
+
+
+def _eta_training_cost(p: Dict[str, int], impl: str) -> Cost:
+    """Dense (users' path): the (B, L, D) gather written, read by the SDPA forward and again
+    by its backward, its gradient written and read by the embedding backward; 12·B·L·D
+    flops. Indexed: ids read and B·L rows written and read, the N distinct rows looked up,
+    hashed (2·N·D·NB flops), their signatures scanned (B·L·W popcounts), the table
+    gradients written and added into the embedding; attention over k rows per query."""
+    L, D, W, K = p["L"], ETA_D, ETA_NB // 64, ETA_K
+    if impl == "dense_sdpa":
+        return Cost(bytes=5 * F32 * B * L * D + I64 * B * L, flops=12 * B * L * D)
+    N = p.get("distinct_rows", B * L)
+    if impl.startswith("dense_eta"):        # ETA on the dense gather: every position hashed
+        return Cost(bytes=5 * F32 * B * L * D + I64 * (1 + W) * B * L, popcounts=B * L * W,
+                    flops=2 * B * L * D * ETA_NB + 12 * B * K * D)
+    return Cost(bytes=3 * I64 * B * L + 5 * F32 * N * D + I64 * W * N, popcounts=B * L * W,
+                flops=2 * N * D * ETA_NB + 12 * B * K * D)
+
+
+def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """ETA forward+backward in the training layout with a 1M-item vocabulary: the indexed
+    path (dedup, lookup of distinct rows, table gradient) vs the dense users' path."""
+    D, K = ETA_D, ETA_K
+    lengths = [4096] if quick else [1024, 4096, 16384]
+    sweep = Sweep("eta_training", f"ETA forward+backward, training layout, B={B}, D={D}, "
+                  f"{ETA_NB} bits, k={K}, histories Zipf({ZIPF_S}) over {N_ITEMS:,} items, "
+                  "embedding backward included", x="L", baseline="dense_sdpa", memory=True,
+                  cost=_eta_training_cost, device=device,
+                  info=["distinct_rows", "distinct_ratio"])
+
+    def build(L: int, params: Dict[str, float]):
+        def make() -> Dict[str, Callable[[], object]]:
+            ids = zipf_ids(N_ITEMS, (B, L), seed=L).to(device)
+            _record_distinct(params, ids)
+            g = torch.Generator().manual_seed(L)
+            emb = torch.nn.Embedding(N_ITEMS, D).to(device)
+            planes = fastattn.make_planes(D, ETA_NB, g).to(device)
+            q = torch.randn(B, D, generator=g).to(device).requires_grad_()
+
+            def step(loss: Callable[[], torch.Tensor]) -> None:
+                emb.weight.grad = q.grad = None
+                loss().backward()
+
+            def dense_sdpa():                  # what users run today
+                k = emb(ids).view(B, 1, L, D)
+                return F.scaled_dot_product_attention(q.view(B, 1, 1, D), k, k).sum()
+
+            def indexed(be: str):
+                uniq, rows = fastattn.unique_rows(ids, backend=be)
+                table = emb(uniq)                                       # (N, D)
+                k_sig = fastattn.simhash_sign(table.detach(), planes, backend=be)
+                q_sig = fastattn.simhash_sign(q.detach(), planes, backend=be)
+                return fastattn.eta_attention(q, table, table, q_sig, k_sig, K,
+                                              hist_rows=rows, backend=be).sum()
+
+            def dense_eta(be: str):            # ETA on the (B, L, D) gather: every position
+                keys = emb(ids)
+                k_sig = fastattn.simhash_sign(keys.detach(), planes, backend=be)
+                q_sig = fastattn.simhash_sign(q.detach(), planes, backend=be)
+                return fastattn.eta_attention(q, keys, keys, q_sig, k_sig, K,
+                                              backend=be).sum()
+
+            impls = {"dense_sdpa": lambda: step(dense_sdpa)}
+            bes = backends_for(device)
+            impls.update({f"indexed_{be}": (lambda be=be: step(lambda: indexed(be)))
+                          for be in bes})
+            impls[f"dense_eta_{bes[0]}"] = lambda: step(lambda: dense_eta(bes[0]))
+            return impls
+        return make
+
+    for L in lengths:
+        params: Dict[str, float] = {"L": L, "B": B}
+        # the embedding and its gradient, the dense path's (B, L, D) gather, its gradient and
+        # SDPA's copies of them (measured: about 8 GB at L = 16384)
+        sweep.points.append(Point(params, build(L, params), pairs=B * L,
+                                  mem_bytes=2 * F32 * N_ITEMS * D + 5 * F32 * B * L * D,
+                                  skip={f"indexed_{k}": why for k, why in
+                                        torch_skip(device, L, 1024).items()}))
+    return sweep
+
+
+# --------------------------------------------------------------------------- unique_rows
+
+def unique_rows_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """unique_rows (first-occurrence order, hist_rows with padding) vs torch.unique with
+    return_inverse, on B·L Zipf ids."""
+    lengths = [16384] if quick else [1024, 4096, 16384]
+
+    def cost(p: Dict[str, int], impl: str) -> Cost:
+        """Read the ids, write hist_rows (or the inverse) and the distinct ids."""
+        n = B * p["L"]
+        return Cost(bytes=2 * I64 * n + I64 * p.get("distinct_rows", n))
+
+    sweep = Sweep("unique_rows", f"unique_rows of B={B} histories, Zipf({ZIPF_S}) over "
+                  f"{N_ITEMS:,} items, vs torch.unique(return_inverse=True)", x="L",
+                  baseline="torch_unique", cost=cost, device=device,
+                  info=["distinct_rows", "distinct_ratio"])
+
+    def build(L: int, params: Dict[str, float]):
+        def make() -> Dict[str, Callable[[], object]]:
+            ids = zipf_ids(N_ITEMS, (B, L), seed=L).to(device)
+            _record_distinct(params, ids)
+            impls = {be: (lambda be=be: fastattn.unique_rows(ids, backend=be))
+                     for be in backends_for(device)}
+            impls["torch_unique"] = lambda: torch.unique(ids, sorted=True, return_inverse=True)
+            return impls
+        return make
+
+    for L in lengths:
+        params: Dict[str, float] = {"L": L, "B": B}
+        sweep.points.append(Point(params, build(L, params), pairs=B * L,
+                                  mem_bytes=8 * I64 * B * L))
+    return sweep
+
+
+# --------------------------------------------------------------------------- model_training
+
+MODEL_NAMES = ("din", "eta", "sim", "sdim")
+N_CATS, EMBED_DIM = 1000, 16
+
+
+def model_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """A training step (forward + backward) of each model that reads long histories, with
+    each distinct behaviour of the batch embedded, projected and hashed once (``dedup``,
+    the default) vs every position (dense). MIMN reads the dense sequence (no dedup form)."""
+    lengths = [1000] if quick else [1000, 4000, 16000]
+    sweep = Sweep("model_training", f"training step (forward + backward) of B={B} samples, "
+                  f"histories Zipf({ZIPF_S}) over {N_ITEMS:,} items, embed_dim={EMBED_DIM}: "
+                  "deduplicated vs dense", x="L", baseline="eta_dense",
+                  baseline_of=lambda impl: impl.rsplit("_", 1)[0] + "_dense", memory=True,
+                  device=device, rate="samples/s", info=["distinct_rows", "distinct_ratio"])
+
+    def build(L: int, params: Dict[str, float]):
+        def make() -> Dict[str, Callable[[], object]]:
+            from ..data.batch import Batch
+            from ..models import build as build_model
+            items = zipf_ids(N_ITEMS, (B, L + 1), seed=L) + 1          # id 0 is padding
+            _record_distinct(params, items[:, :L])
+            cats = items % N_CATS + 1
+            g = torch.Generator().manual_seed(L)
+            batch = Batch(items[:, :L], cats[:, :L], torch.full((B,), L), items[:, L],
+                          cats[:, L], torch.randint(0, 2, (B,), generator=g).float()
+                          ).to(device)
+            impls = {}
+            for name in MODEL_NAMES:
+                torch.manual_seed(0)
+                model = build_model(name, N_ITEMS, N_CATS, embed_dim=EMBED_DIM).to(device)
+
+                def step(model=model, dedup=True):
+                    model.dedup = dedup
+                    model.zero_grad(set_to_none=True)
+                    model.loss(batch).backward()
+
+                impls[f"{name}_dedup"] = step
+                impls[f"{name}_dense"] = lambda step=step: step(dedup=False)
+            return impls
+        return make
+
+    for L in lengths:
+        params: Dict[str, float] = {"L": L, "B": B}
+        # per model the embedding and its gradient; the dense paths' (B, L, ·) activations
+        sweep.points.append(Point(params, build(L, params), pairs=B,
+                                  mem_bytes=len(MODEL_NAMES) * 2 * F32 * N_ITEMS * EMBED_DIM
+                                  + 24 * F32 * B * L * 2 * EMBED_DIM))
+    return sweep
+
+
+TRAINING_SWEEPS: Dict[str, Callable[..., Sweep]] = {
+    "eta_training": eta_training_sweep,
+    "unique_rows": unique_rows_sweep,
+    "model_training": model_training_sweep,
+}
