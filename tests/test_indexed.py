@@ -412,3 +412,29 @@ def test_unique_rows_bad_input():
         fastattn.unique_rows(torch.zeros(2, 3, dtype=torch.int64), torch.tensor([4, 0]))
     with pytest.raises(ValueError, match="lengths must have shape"):
         fastattn.unique_rows(torch.zeros(2, 3, dtype=torch.int64), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_keys_passed_as_values(backend, indexed):
+    """One tensor as keys and values (raw behaviour embeddings) takes one gradient buffer
+    (the custom op gets values=None): same output and gradient as two equal tensors."""
+    q, keys, _, qs, ks, rows, lengths, _, topk = _attn_inputs(ATTN_CASES[1], torch.float64)
+    if not indexed:
+        keys, ks, rows = dense(keys, rows, lengths), dense(ks, rows, lengths), None
+    calls = {
+        "eta": lambda q, k, v: fastattn.eta_attention(q, k, v, qs, ks, topk, lengths=lengths,
+                                                      hist_rows=rows, backend=backend),
+        "target": lambda q, k, v: fastattn.target_attention(q, k, v, lengths=lengths,
+                                                            hist_rows=rows, backend=backend),
+    }
+    for name, f in calls.items():
+        lq, lk = leaves(q, keys)
+        f(lq, lk, lk).square().sum().backward()
+        tq, tk, tv = leaves(q, keys, keys)
+        f(tq, tk, tv).square().sum().backward()
+        torch.testing.assert_close(lq.grad, tq.grad, **TOL[torch.float64], msg=name)
+        torch.testing.assert_close(lk.grad, tk.grad + tv.grad, **TOL[torch.float64], msg=name)
+    idx = torch.tensor([[0, 2, -1], [-1, -1, -1], [0, 0, -1], [11, 3, 3]])
+    torch.library.opcheck(torch.ops.fastattn.topk_attention.default,
+                          (q.requires_grad_(), keys.requires_grad_(), None, idx, None, rows,
+                           0.5, backend))

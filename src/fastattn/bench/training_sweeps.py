@@ -76,7 +76,7 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
     lengths = [4096] if quick else [1024, 4096, 16384]
     sweep = Sweep("eta_training", f"ETA forward+backward, training layout, B={B}, D={D}, "
                   f"{ETA_NB} bits, k={K}, histories Zipf({ZIPF_S}) over {N_ITEMS:,} items, "
-                  "embedding backward included", x="L", baseline="dense_sdpa", memory=True,
+                  "embedding backward (sparse gradients) included", x="L", baseline="dense_sdpa", memory=True,
                   cost=_eta_training_cost, device=device,
                   info=["distinct_rows", "distinct_ratio"])
 
@@ -85,7 +85,9 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
             ids = zipf_ids(N_ITEMS, (B, L), seed=L).to(device)
             _record_distinct(params, ids)
             g = torch.Generator().manual_seed(L)
-            emb = torch.nn.Embedding(N_ITEMS, D).to(device)
+            # Sparse gradients, as 1M-item vocabularies train (SparseAdam, row-wise Adagrad):
+            # a dense one would add the same 512 MB table gradient to both paths.
+            emb = torch.nn.Embedding(N_ITEMS, D, sparse=True).to(device)
             planes = fastattn.make_planes(D, ETA_NB, g).to(device)
             q = torch.randn(B, D, generator=g).to(device).requires_grad_()
 

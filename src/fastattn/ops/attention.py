@@ -35,11 +35,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 _SLOT_CHUNK_ELEMS = 1 << 24
 
 
+# ``values`` None in the custom ops means "the keys are the values" (one tensor passed as
+# both, e.g. raw behaviour embeddings): the backward then writes one gradient buffer with
+# both contributions instead of two (N, ·) buffers and their sum.
+
 @torch.library.custom_op("fastattn::topk_attention", mutates_args=())
-def _topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
+def _topk_attention(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
                     hist_index: Optional[Tensor], hist_rows: Optional[Tensor], scale: float,
                     backend: str) -> Tuple[Tensor, Tensor]:
     B, H, Dh = q.shape
+    values = keys if values is None else values
     Dv = values.shape[-1]
     ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device)
     keys, values = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
@@ -63,7 +68,7 @@ def _topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
 @_topk_attention.register_fake
 def _(q, keys, values, idx, hist_index, hist_rows, scale, backend):
     B, H, _ = q.shape
-    return (q.new_empty(B, H, values.shape[-1]),
+    return (q.new_empty(B, H, (keys if values is None else values).shape[-1]),
             q.new_empty(B, H, dtype=_acc_dtype(q.dtype)))
 
 
@@ -94,11 +99,15 @@ def _backward_slots(backend: str, g: Tensor, q: Tensor, keys: Tensor, values: Te
 
 
 @torch.library.custom_op("fastattn::topk_attention_backward", mutates_args=())
-def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor, values: Tensor,
-                             idx: Tensor, hist_index: Optional[Tensor],
-                             hist_rows: Optional[Tensor], out: Tensor, lse: Tensor,
-                             scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor,
+                             values: Optional[Tensor], idx: Tensor,
+                             hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
+                             out: Tensor, lse: Tensor, scale: float,
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); with ``values`` None (tied) dk holds both gradients and dv is empty."""
     B, H, Dh = q.shape
+    tied = values is None
+    values = keys if tied else values
     Dv = values.shape[-1]
     ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device)
     k4, v4 = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
@@ -112,14 +121,19 @@ def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor, values: 
                                                    lse, scale)
         dq = dq_c if dq is None else dq.add_(dq_c)
         dk = scatter_add_rows(dk_slots.reshape(B, kc, H * Dh), sl, hist, U, L, backend, dk)
-        dv = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend, dv)
-    return (dq.to(q.dtype), dk.reshape(keys.shape).to(keys.dtype),
-            dv.reshape(values.shape).to(values.dtype))
+        if tied:
+            dk = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend, dk)
+        else:
+            dv = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend,
+                                  dv)
+    dv = keys.new_empty(0) if tied else dv.reshape(values.shape).to(values.dtype)
+    return dq.to(q.dtype), dk.reshape(keys.shape).to(keys.dtype), dv
 
 
 @_topk_attention_backward.register_fake
 def _(grad_out, q, keys, values, idx, hist_index, hist_rows, out, lse, scale, backend):
-    return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
+    dv = keys.new_empty(0) if values is None else torch.empty_like(values)
+    return torch.empty_like(q), torch.empty_like(keys), dv
 
 
 def _attn_setup(ctx, inputs, output):
@@ -134,7 +148,7 @@ def _attn_backward(ctx, grad_out, grad_lse):
     dq, dk, dv = torch.ops.fastattn.topk_attention_backward(
         grad_out, q, keys, values, idx, hist_index, hist_rows, out, lse, ctx.scale,
         ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, None if values is None else dv, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::topk_attention", _attn_backward,
@@ -172,6 +186,12 @@ def _heads(q: Tensor, keys: Tensor, values: Tensor,
     if single:
         q, keys, values = q.unsqueeze(1), keys.unsqueeze(nlead), values.unsqueeze(nlead)
     return q, keys, values, single
+
+
+def _untied(keys: Tensor, values: Tensor, v: Tensor) -> Optional[Tensor]:
+    """The custom ops' ``values``: None when the caller passed the keys tensor itself as the
+    values (one gradient buffer in the backward), else the multi-head view ``v``."""
+    return None if values is keys else v
 
 
 def _histories(keys: Tensor, hist_rows: Optional[Tensor]) -> Tuple[int, int]:
@@ -215,7 +235,8 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
     check_hist_index(hist_index, q3.shape[0], _histories(k4, hist_rows)[0])
     dev = check_same_device(q=q, keys=keys, values=values, idx=idx, hist_index=hist_index,
                             hist_rows=hist_rows)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows,
+    out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
+                                               hist_index, hist_rows,
                                                _scale(scale, q3.shape[-1]),
                                                backend_for(dev, backend))
     return out.squeeze(1) if single else out
@@ -260,7 +281,8 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
                             lengths=lengths, hist_index=hist_index, hist_rows=hist_rows)
     be = backend_for(dev, backend)
     _, idx = torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows,
+    out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
+                                               hist_index, hist_rows,
                                                _scale(scale, q3.shape[-1]), be)
     return out.squeeze(1) if single else out
 
@@ -293,7 +315,8 @@ def target_attention(q: Tensor, keys: Tensor, values: Tensor, *,
         hist = ref.default_hist_index(B, U, dev) if hist_index is None else hist_index
         pos = torch.arange(L, device=dev)
         idx = torch.where(pos < lens[hist.to(torch.int64)][:, None], pos, -1)     # (B, L)
-        out, _ = torch.ops.fastattn.topk_attention(q3, k4, v4, idx, hist_index, hist_rows, sc,
+        out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
+                                                   hist_index, hist_rows, sc,
                                                    backend_for(dev, backend))
         return out.squeeze(1) if single else out
     if B == 0 or U == 0:
