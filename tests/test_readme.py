@@ -11,6 +11,8 @@ def test_quickstart_runs():
     namespace = {}
     exec(compile(blocks[0], "README quickstart", "exec"), namespace)  # noqa: S102
     assert namespace["out"].shape == (1024, 128)
+    assert namespace["long_interest"].shape == (256, 128)
+    assert namespace["item_emb"].weight.grad.is_sparse      # rows of the table only
     assert namespace["reads"].shape == (4, 200, 32)
 
 
