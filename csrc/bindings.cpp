@@ -135,6 +135,27 @@ void hamming_distance(const py::array& q, const py::array& k, const py::array& q
                                ptr<int32_t>(out), nthreads);
 }
 
+// Checks shared by hamming_topk and hamming_topk_rows, with the shapes already read: the
+// keys' word count kw, U histories of L positions, lengths (U,), hist_index (B,) and the
+// (B, topk) outputs.
+void check_topk_args(const char* fn, const py::array& q, const py::array& k, int64_t kw,
+                     int64_t U, int64_t L, int64_t topk, const std::vector<int64_t>& ls,
+                     const std::vector<int64_t>& hs, const std::vector<int64_t>& ds,
+                     const std::vector<int64_t>& is, const py::array& out_dist,
+                     const py::array& out_idx) {
+    const int64_t B = q.shape(0), W = q.shape(1);
+    expect(kw == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
+                            " must have the same number of words W");
+    expect(W >= 1, fn, "signatures need W >= 1 words");
+    expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
+    expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
+    expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));
+    expect(L < (int64_t(1) << 31), fn, "history length L must be < 2**31");
+    const std::string want = "(" + std::to_string(B) + ", " + std::to_string(topk) + ")";
+    expect(ds[0] == B && ds[1] == topk, fn, "out_dist must be " + want + ", got " + shape_of(out_dist));
+    expect(is[0] == B && is[1] == topk, fn, "out_idx must be " + want + ", got " + shape_of(out_idx));
+}
+
 void hamming_topk(const py::array& q, const py::array& k, const py::array& lengths,
                   const py::array& hist_index, int64_t topk, py::array& out_dist,
                   py::array& out_idx, int nthreads) {
@@ -147,16 +168,7 @@ void hamming_topk(const py::array& q, const py::array& k, const py::array& lengt
     const auto ds = check(out_dist, fn, "out_dist", Kind::i32, 2, true);
     const auto is = check(out_idx, fn, "out_idx", Kind::i64, 2, true);
     const int64_t B = qs[0], W = qs[1], U = ks[0], L = ks[1];
-    expect(ks[2] == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
-                               " must have the same number of words W");
-    expect(W >= 1, fn, "signatures need W >= 1 words");
-    expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
-    expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
-    expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));
-    expect(L < (int64_t(1) << 31), fn, "history length L must be < 2**31");
-    const std::string want = "(" + std::to_string(B) + ", " + std::to_string(topk) + ")";
-    expect(ds[0] == B && ds[1] == topk, fn, "out_dist must be " + want + ", got " + shape_of(out_dist));
-    expect(is[0] == B && is[1] == topk, fn, "out_idx must be " + want + ", got " + shape_of(out_idx));
+    check_topk_args(fn, q, k, ks[2], U, L, topk, ls, hs, ds, is, out_dist, out_idx);
     py::gil_scoped_release release;
     fastattn::hamming_topk(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(lengths),
                            cptr<int64_t>(hist_index), B, U, L, W, topk, ptr<int32_t>(out_dist),
@@ -176,16 +188,7 @@ void hamming_topk_rows(const py::array& q, const py::array& k, const py::array& 
     const auto ds = check(out_dist, fn, "out_dist", Kind::i32, 2, true);
     const auto is = check(out_idx, fn, "out_idx", Kind::i64, 2, true);
     const int64_t B = qs[0], W = qs[1], N = ks[0], U = rs[0], L = rs[1];
-    expect(ks[1] == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
-                               " must have the same number of words W");
-    expect(W >= 1, fn, "signatures need W >= 1 words");
-    expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
-    expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
-    expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));
-    expect(L < (int64_t(1) << 31), fn, "history length L must be < 2**31");
-    const std::string want = "(" + std::to_string(B) + ", " + std::to_string(topk) + ")";
-    expect(ds[0] == B && ds[1] == topk, fn, "out_dist must be " + want + ", got " + shape_of(out_dist));
-    expect(is[0] == B && is[1] == topk, fn, "out_idx must be " + want + ", got " + shape_of(out_idx));
+    check_topk_args(fn, q, k, ks[1], U, L, topk, ls, hs, ds, is, out_dist, out_idx);
     py::gil_scoped_release release;
     fastattn::hamming_topk_rows(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(rows),
                                 cptr<int64_t>(lengths), cptr<int64_t>(hist_index), B, N, U, L, W,

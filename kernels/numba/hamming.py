@@ -207,21 +207,18 @@ def _select_topk(d, n, topk, sentinel, sub, hist, dist_row, idx_row):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def hamming_topk(q, k, lengths, hist_index, topk, out_dist, out_idx):
-    """Per query b: the topk valid positions of history hist_index[b] with the smallest
-    Hamming distance, ordered by (distance, position); empty slots get idx -1 and
-    dist 64*W + 1.
-
-    q (B, W) int64, k (U, L, W) int64, lengths (U,) int64, hist_index (B,) int64,
-    out_dist (B, topk) int32, out_idx (B, topk) int64.
+def _topk(q, keys, rows, L, lengths, hist_index, topk, out_dist, out_idx):
+    """The top-k of both forms. Dense (rows empty): keys (U, L*W), history u's keys flat in
+    row u. Indexed: keys (N, W), position l of history u is row rows[u, l].
 
     Selection: a counting sort over the distances (_select_topk), so no heap and no sort.
     Memory per task: L distances + 64W+1 counters; nothing B x L.
     """
     B = q.shape[0]
     W = q.shape[1]
-    L = k.shape[1]
+    indexed = rows.shape[0] > 0
     sentinel = 64 * W + 1
+    kf = keys.reshape(-1)
     ntasks = (B + _TOPK_TASK - 1) // _TOPK_TASK
     for task in prange(ntasks):
         # uint16 holds every distance for W <= 1023 (NB <= 65472 bits); halving the scratch
@@ -233,11 +230,28 @@ def hamming_topk(q, k, lengths, hist_index, topk, out_dist, out_idx):
             h = hist_index[b]
             n = min(lengths[h], L)
             if min(topk, n) > 0:
-                _distances(q, b, k[h].reshape(-1), n, d)  # a view: k is C-contiguous
+                if indexed:
+                    _distances_rows(q, b, kf, rows[h], n, d)
+                else:
+                    _distances(q, b, keys[h], n, d)     # a 1-D view of history h's keys
             _select_topk(d, n, topk, sentinel, sub, hist, out_dist[b], out_idx[b])
 
 
-@njit(parallel=True, cache=True, nogil=True)
+_NO_ROWS = np.empty((0, 0), dtype=np.int64)
+
+
+def hamming_topk(q, k, lengths, hist_index, topk, out_dist, out_idx):
+    """Per query b: the topk valid positions of history hist_index[b] with the smallest
+    Hamming distance, ordered by (distance, position); empty slots get idx -1 and
+    dist 64*W + 1.
+
+    q (B, W) int64, k (U, L, W) int64, lengths (U,) int64, hist_index (B,) int64,
+    out_dist (B, topk) int32, out_idx (B, topk) int64.
+    """
+    U, L, W = k.shape
+    _topk(q, k.reshape(U, L * W), _NO_ROWS, L, lengths, hist_index, topk, out_dist, out_idx)
+
+
 def hamming_topk_rows(q, k, rows, lengths, hist_index, topk, out_dist, out_idx):
     """hamming_topk over indexed histories: position l of history u has signature
     k[rows[u, l]]. Same output as hamming_topk(q, k[rows], ...) (positions l, not table
@@ -246,19 +260,8 @@ def hamming_topk_rows(q, k, rows, lengths, hist_index, topk, out_dist, out_idx):
     q (B, W) int64, k (N, W) int64 table, rows (U, L) int64, lengths (U,) int64,
     hist_index (B,) int64, out_dist (B, topk) int32, out_idx (B, topk) int64.
     """
-    B = q.shape[0]
-    W = q.shape[1]
-    L = rows.shape[1]
-    sentinel = 64 * W + 1
-    kf = k.reshape(-1)
-    ntasks = (B + _TOPK_TASK - 1) // _TOPK_TASK
-    for task in prange(ntasks):
-        d = np.empty(L, dtype=np.uint16)
-        hist = np.empty(sentinel, dtype=np.int64)
-        sub = np.empty((4, sentinel), dtype=np.int32)
-        for b in range(task * _TOPK_TASK, min(B, (task + 1) * _TOPK_TASK)):
-            h = hist_index[b]
-            n = min(lengths[h], L)
-            if min(topk, n) > 0:
-                _distances_rows(q, b, kf, rows[h], n, d)
-            _select_topk(d, n, topk, sentinel, sub, hist, out_dist[b], out_idx[b])
+    if rows.shape[0] == 0:          # no history at all: every query's slots are empty
+        out_idx[:] = -1
+        out_dist[:] = 64 * q.shape[1] + 1
+        return
+    _topk(q, k, rows, rows.shape[1], lengths, hist_index, topk, out_dist, out_idx)
