@@ -45,7 +45,8 @@ def plot_sweep(sweep, rows, meta, path: str) -> None:
             if mem:
                 axes[2].plot(*zip(*mem), marker="o", label=impl)
     axes[0].set(ylabel="latency (ms): median, p10–p90 band", yscale="log")
-    axes[1].set(ylabel=f"speed-up vs {sweep.baseline} (x)", yscale="log")
+    base = sweep.baseline if sweep.baseline_of is None else "its own baseline"
+    axes[1].set(ylabel=f"speed-up vs {base} (x)", yscale="log")
     axes[1].axhline(1.0, color="grey", lw=0.8)
     if sweep.memory:
         axes[2].set(ylabel="peak extra memory (MiB)", yscale="symlog")

@@ -107,17 +107,24 @@ def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Ten
 
 
 class Histories(NamedTuple):
-    """Behaviour embeddings of histories in the form the attention modules take.
+    """Behaviour histories in the form the attention modules take, before embedding.
 
-    Indexed (``hist_rows`` set): ``keys`` (N, D) embeds each distinct (item, category) pair
-    of the batch once, position l of history u is row ``hist_rows[u, l]``, and ``items``
-    (N,) is each row's item id. Dense (``hist_rows`` None): ``keys`` (U, L, D) and ``items``
-    (U, L). ``items`` indexes per-item tables (e.g. ETA+ signatures) in either form.
+    Indexed (``hist_rows`` set): ``items``/``cats`` (N,) are the batch's distinct (item,
+    category) pairs, one table row each, and position l of history u is row
+    ``hist_rows[u, l]``. Dense (``hist_rows`` None): ``items``/``cats`` (U, L), every
+    position. ``lengths`` (U,) are the valid lengths. Embed ``ids`` (with
+    :meth:`CTRModel.embed_many`, together with the step's other ids) to get the keys;
+    ``items`` also indexes per-item tables such as ETA+ signatures.
     """
 
-    keys: Tensor
-    hist_rows: Optional[Tensor]
     items: Tensor
+    cats: Tensor
+    hist_rows: Optional[Tensor]
+    lengths: Tensor
+
+    @property
+    def ids(self) -> Tuple[Tensor, Tensor]:
+        return self.items, self.cats
 
 
 class CTRModel(nn.Module):
@@ -213,24 +220,41 @@ class CTRModel(nn.Module):
         return torch.cat([lookup(self.item_emb, items, self._backend),
                           lookup(self.cat_emb, cats, self._backend)], dim=-1)
 
+    def embed_many(self, *ids: Tuple[Tensor, Tensor]) -> List[Tensor]:
+        """:meth:`embed` of several (items, cats) id sets with one lookup per table: a
+        lookup and its backward have a fixed cost (~0.2 ms on CPU) that dominates at the
+        sizes of one training step, so a model embeds everything a step reads at once."""
+        if len(ids) == 1:
+            return [self.embed(*ids[0])]
+        sizes = [i.numel() for i, _ in ids]
+        flat = self.embed(torch.cat([i.reshape(-1) for i, _ in ids]),
+                          torch.cat([c.reshape(-1) for _, c in ids]))
+        return [e.view(*i.shape, self.dim) for e, (i, _) in zip(flat.split(sizes), ids)]
+
     def histories(self, items: Tensor, cats: Tensor, lengths: Tensor) -> Histories:
-        """Embeddings of the behaviours ``items``/``cats`` (U, L) with valid ``lengths`` (U,):
-        indexed (each distinct (item, category) pair embedded once) when ``self.dedup``,
-        dense otherwise. Padding positions get no table row."""
+        """The behaviours ``items``/``cats`` (U, L) with valid ``lengths`` (U,), to embed:
+        indexed (each distinct (item, category) pair once) when ``self.dedup``, dense
+        otherwise. Padding positions get no table row."""
         if not self.dedup or items.numel() < self.dedup_min_positions:
-            return Histories(self.embed(items, cats), None, items)
+            return Histories(items, cats, None, lengths)
         base = self.n_cats + 1
         key = items.to(torch.int64) * base + cats.to(torch.int64)
         uniq, rows = unique_rows(key, lengths, backend=self._backend)
-        uitems = uniq // base
-        return Histories(self.embed(uitems, uniq % base), rows, uitems)
+        return Histories(uniq // base, uniq % base, rows, lengths)
 
-    def short_interest(self, batch: Batch, target: Tensor) -> Tensor:
-        """Target attention (B, D) over the ``short_len`` most recent behaviours."""
+    def short_window(self, batch: Batch) -> Optional[Histories]:
+        """The ``short_len`` most recent behaviours (None without a short-term branch)."""
+        if self.short_attn is None:
+            return None
         short = batch if self.short_len is None else batch.truncate(self.short_len)
-        h = self.histories(short.hist_items, short.hist_cats, short.lengths)
-        return self.short_attn(target, h.keys, lengths=short.lengths,
-                               hist_index=batch.hist_index, hist_rows=h.hist_rows)
+        return self.histories(short.hist_items, short.hist_cats, short.lengths)
+
+    def short_interest(self, batch: Batch, target: Tensor, keys: Tensor,
+                       window: Histories) -> Tensor:
+        """Target attention (B, D) over the recent window, its behaviours embedded as
+        ``keys``."""
+        return self.short_attn(target, keys, lengths=window.lengths,
+                               hist_index=batch.hist_index, hist_rows=window.hist_rows)
 
     # ------------------------------------------------------------------ backend
 

@@ -34,5 +34,6 @@ class DIN(CTRModel):
         self.build_head(n_matched=1)
 
     def logits_and_reg(self, batch: Batch):
-        target = self.embed(batch.target_item, batch.target_cat)
-        return self.score(target, [self.short_interest(batch, target)]), None
+        window = self.short_window(batch)
+        target, keys = self.embed_many((batch.target_item, batch.target_cat), window.ids)
+        return self.score(target, [self.short_interest(batch, target, keys, window)]), None

@@ -79,12 +79,14 @@ class ETANet(CTRModel):
             raise ValueError(f"key_signatures must be the (n_items + 1, W)=({n}, W) table of "
                              f"item_signatures(), got "
                              f"{tuple(getattr(key_signatures, 'shape', ()))}")
-        target = self.embed(batch.target_item, batch.target_cat)
         h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
+        window = self.short_window(batch)
+        target, keys, *short = self.embed_many((batch.target_item, batch.target_cat), h.ids,
+                                               *([window.ids] if window else []))
         sigs = None if key_signatures is None else key_signatures[h.items]
-        matched = [self.long_attn(target, h.keys, lengths=batch.lengths,
+        matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
                                   key_signatures=sigs)]
-        if self.short_attn is not None:
-            matched.append(self.short_interest(batch, target))
+        if window is not None:
+            matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None

@@ -128,10 +128,12 @@ class SDIM(CTRModel):
         return hash_codes(sig, self.n_hashes, self.hash_width)
 
     def logits_and_reg(self, batch: Batch):
-        target = self.embed(batch.target_item, batch.target_cat)
         h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
-        matched = [bucket_interest(h.keys, self.codes(h.keys), batch.lengths, self.codes(target),
+        window = self.short_window(batch)
+        target, keys, *short = self.embed_many((batch.target_item, batch.target_cat), h.ids,
+                                               *([window.ids] if window else []))
+        matched = [bucket_interest(keys, self.codes(keys), batch.lengths, self.codes(target),
                                    2 ** self.hash_width, batch.hist_index, h.hist_rows)]
-        if self.short_attn is not None:
-            matched.append(self.short_interest(batch, target))
+        if window is not None:
+            matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None

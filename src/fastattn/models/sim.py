@@ -87,25 +87,29 @@ class SIMHard(CTRModel):
                                self.n_cats, batch.hist_index)
 
     def logits_and_reg(self, batch: Batch):
-        target = self.embed(batch.target_item, batch.target_cat)
         idx = self.search(batch)                                         # (B, sim_len)
         count = (idx >= 0).sum(1)              # the GSU packs its hits first, -1 after
+        window = self.short_window(batch)
+        extra = [window.ids] if window else []
+        target_ids = (batch.target_item, batch.target_cat)
         if self.dedup:
-            # Only the GSU's picks are read: gather their ids (B, sim_len) and embed each
-            # distinct one once, instead of embedding the whole (U, L) history.
+            # Only the GSU's picks are read: gather their ids (B, sim_len) and embed those
+            # (each distinct one once), instead of embedding the whole (U, L) history.
             U, L = batch.hist_items.shape
             rows = history_rows(batch.hist_index, len(batch), U, idx.device)[:, None]
             pos = idx.clamp(min=0)
             items, cats = ((batch.hist_items[rows, pos], batch.hist_cats[rows, pos]) if L
                            else (torch.zeros_like(idx), torch.zeros_like(idx)))
             h = self.histories(items, cats, count)
-            esu = self.esu_attn(target, h.keys, lengths=count, hist_rows=h.hist_rows)
+            target, keys, *short = self.embed_many(target_ids, h.ids, *extra)
+            esu = self.esu_attn(target, keys, lengths=count, hist_rows=h.hist_rows)
         else:
-            keys = self.embed(batch.hist_items, batch.hist_cats)
+            target, keys, *short = self.embed_many(target_ids, (batch.hist_items,
+                                                                batch.hist_cats), *extra)
             picked = topk_gather(keys, idx, hist_index=batch.hist_index,
                                  backend=self.backend)                    # (B, sim_len, D)
             esu = self.esu_attn(target, picked, lengths=count)
         matched = [esu]
-        if self.short_attn is not None:
-            matched.append(self.short_interest(batch, target))
+        if window is not None:
+            matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None
