@@ -4,6 +4,7 @@ single-process step on the full batch. Writes {model: max |difference|} to argv[
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import sys
 
@@ -43,6 +44,12 @@ def main(out: str) -> None:
                 diff = max(diff, float((p.grad - q.grad).abs().max()),
                            float((p.detach() - (q.detach() - lr * q.grad)).abs().max()))
         diffs[name] = diff
+        # The DDP reducer holds the process group: let it go while the group is still
+        # registered. Destroyed after destroy_process_group, it would drop the group's last
+        # reference while holding the GIL, and gloo's worker thread, which needs the GIL to
+        # free a finished work, deadlocks the join (a torch race; it hung ~1 run in 5).
+        del ddp
+        gc.collect()
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"world": world, "diffs": diffs}, f)

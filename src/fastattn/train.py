@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import shlex
@@ -275,7 +276,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     if rank == 0:
         _write(rows, args, data, world)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        gc.collect()        # DDP reducers first: dropping the group's last reference under
+        dist.destroy_process_group()   # the GIL can deadlock gloo's worker threads
     return 0
 
 
