@@ -64,12 +64,14 @@ def test_bad_config():
 
 @pytest.mark.parametrize("cls", [TargetAttention, ETAAttention])
 @pytest.mark.parametrize("heads", [1, 2])
-def test_indexed_histories_equal_dense(backend, cls, heads):
+@pytest.mark.parametrize("gather_below", [1 << 20, 0])     # small-history gather / fused op
+def test_indexed_histories_equal_dense(backend, cls, heads, gather_below):
     """(query, table, hist_rows=...) projects and hashes each table row once, and gives the
     dense module's output and parameter gradients on table[hist_rows] (fp64)."""
     torch.manual_seed(1)
     kwargs = dict(topk=6, hash_bits=70) if cls is ETAAttention else {}
     m = cls(8, heads, key_dim=5, backend=backend, **kwargs).double()
+    m.gather_below = gather_below
     U, L, N = 3, 29, 11
     lengths = torch.tensor([29, 0, 13])
     rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (U, L)), -1)

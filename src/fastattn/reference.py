@@ -9,8 +9,9 @@ Inputs here are assumed valid (the op layer in :mod:`fastattn.ops` checks them);
 
 Indexed histories (``hist_rows``): keys, values and key signatures are row tables (N, ...)
 and position l of history u is table row ``hist_rows[u, l]`` (DESIGN.md §4, "Indexed
-histories"). Every op here defines its indexed form as the dense op on the histories
-:func:`history_from_table` builds; the fused backends never build them.
+histories"). The indexed form of every op is defined as the dense op below on the histories
+:func:`history_from_table` builds (the fused backends never build them); only
+:func:`hamming_topk` takes ``hist_rows`` itself, as the torch backend of the indexed op.
 """
 from __future__ import annotations
 
@@ -202,12 +203,8 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor]
 
 # --------------------------------------------------------------------------- gather
 
-def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None,
-                hist_rows: Optional[Tensor] = None) -> Tensor:
-    """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row.
-    Indexed: values is a table (N, Dv) read through ``hist_rows`` (U, L)."""
-    if hist_rows is not None:
-        values = history_from_table(values, hist_rows)
+def topk_gather(values: Tensor, idx: Tensor, hist_index: Optional[Tensor] = None) -> Tensor:
+    """values (U, L, Dv), idx (B, k) -> (B, k, Dv); idx = -1 gives a zero row."""
     B = idx.shape[0]
     U, L, Dv = values.shape
     hist = default_hist_index(B, U, values.device) if hist_index is None else hist_index
@@ -251,18 +248,13 @@ def _masked_softmax(s: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
 
 def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
                    hist_index: Optional[Tensor] = None,
-                   scale: Optional[float] = None,
-                   hist_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Exact softmax attention of each query over its selected behaviours.
 
     q (B, H, Dh), keys (U, L, H, Dh), values (U, L, H, Dv), idx (B, K) with -1 for empty
     slots -> (out (B, H, Dv), lse (B, H)): out = Σ_j softmax_j(scale·q·k_j)·v_j over the
-    slots with idx >= 0; a query with none gets zeros and lse = -inf. Indexed: keys and
-    values are tables (N, H, ·) read through ``hist_rows`` (U, L).
+    slots with idx >= 0; a query with none gets zeros and lse = -inf.
     """
-    if hist_rows is not None:
-        keys = history_from_table(keys, hist_rows)
-        values = history_from_table(values, hist_rows)
     B, H, Dh = q.shape
     U, L = keys.shape[:2]
     Dv = values.shape[-1]
@@ -277,16 +269,12 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
 
 def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig: Tensor, k: int,
                   lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
-                  scale: Optional[float] = None, hist_rows: Optional[Tensor] = None) -> Tensor:
+                  scale: Optional[float] = None) -> Tensor:
     """ETA: Hamming top-k retrieval, then exact attention over the k retrieved behaviours.
 
     q (B, D) | (B, H, Dh); keys (U, L, D) | (U, L, H, Dh); values (U, L, Dv) | (U, L, H, Dv);
-    q_sig (B, W), k_sig (U, L, W) -> (B, Dv) | (B, H, Dv). Indexed: keys, values and k_sig
-    are tables (N, ...) read through ``hist_rows`` (U, L).
+    q_sig (B, W), k_sig (U, L, W) -> (B, Dv) | (B, H, Dv).
     """
-    if hist_rows is not None:
-        keys, values, k_sig = (history_from_table(t, hist_rows, lengths)
-                               for t in (keys, values, k_sig))
     _, idx = hamming_topk(q_sig, k_sig, k, lengths, hist_index)
     single = q.dim() == 2
     if single:
@@ -296,14 +284,11 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
 
 
 def target_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Optional[Tensor] = None,
-                     hist_index: Optional[Tensor] = None, scale: Optional[float] = None,
-                     hist_rows: Optional[Tensor] = None) -> Tensor:
+                     hist_index: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     """Dense target attention over every valid position (the baseline ETA approximates).
 
     Shapes as in :func:`eta_attention`. Each history is read once for all its queries.
     """
-    if hist_rows is not None:
-        keys, values = (history_from_table(t, hist_rows, lengths) for t in (keys, values))
     single = q.dim() == 2
     if single:
         q, keys, values = q.unsqueeze(1), keys.unsqueeze(2), values.unsqueeze(2)

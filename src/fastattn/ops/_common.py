@@ -80,10 +80,10 @@ def check_hist_index(hist_index: Optional[Tensor], B: int, U: int) -> Optional[T
     return hist_index
 
 
-def check_hist_rows(hist_rows, what: str = "") -> Tensor:
+def check_hist_rows(hist_rows) -> Tensor:
     """Shape/dtype check of an indexed history map hist_rows (U, L) int32/int64."""
     return check_tensor("hist_rows", hist_rows, dtypes=INDEX_DTYPES, ndim=2,
-                        what=f" and shape (U, L){what}")
+                        what=" and shape (U, L)")
 
 
 def check_table(name: str, t: Tensor, hist_rows: Optional[Tensor], ndim: int,

@@ -25,8 +25,7 @@ def _unique_rows(ids: Tensor, lengths: Optional[Tensor], backend: str) -> Tuple[
     lens = checked_lengths(lengths, U, L, ids.device)
     if backend in ("torch", "triton"):
         # No Triton kernel: CUDA tensors take the sort-based torch path (torch.unique).
-        uniq, rows = ref.unique_rows(ids, lens)
-        return uniq, rows
+        return ref.unique_rows(ids, lens)
     rows = torch.empty(U, L, dtype=torch.int64)
     uniq = cpu_call(backend, "unique_rows", ids.to(torch.int64).contiguous(), lens, rows)
     return torch.from_numpy(uniq).to(ids.dtype), rows

@@ -112,7 +112,9 @@ class SignatureTable:
         return self._table
 
     def gather(self, hist_items: Tensor) -> Tensor:
-        """Key signatures (U, L, W) of behaviours ``hist_items`` (U, L)."""
+        """Key signatures (U, L, W) of behaviours ``hist_items`` (U, L): the dense form of
+        ``ETAAttention(..., key_signatures=...)``. ETA-Net takes the table itself
+        (:meth:`signatures`) and reads the rows of a batch's distinct behaviours."""
         return self.signatures()[_ids("hist_items", hist_items, 2).to(self._table.device)]
 
 
