@@ -114,6 +114,35 @@ void simhash_sign(const py::array& x, const py::array& planes, py::array& out, i
     }
 }
 
+// The gathered form: out (M, W) = signatures of x[rows] for a table x (N, D), rows (M,).
+void simhash_sign_rows(const py::array& x, const py::array& planes, const py::array& rows,
+                       py::array& out, int nthreads) {
+    const char* fn = "simhash_sign_rows";
+    check_threads(nthreads, fn);
+    const bool f64 = has_kind(x, Kind::f64);
+    const Kind kind = f64 ? Kind::f64 : Kind::f32;
+    const auto xs = check(x, fn, "x", kind, 2);
+    const auto ps = check(planes, fn, "planes (same dtype as x)", kind, 2);
+    const auto rs = check(rows, fn, "rows", Kind::i64, 1);
+    const auto os = check(out, fn, "out", Kind::i64, 2, true);
+    expect(ps[0] == xs[1], fn, "planes " + shape_of(planes) + " must be (D, NB) with D = " +
+                                   std::to_string(xs[1]) + " from x " + shape_of(x));
+    const int64_t W = (ps[1] + 63) / 64;
+    expect(os[0] == rs[0] && os[1] == W, fn,
+           "out must be (M, W) = (" + std::to_string(rs[0]) + ", " + std::to_string(W) +
+               "), got " + shape_of(out));
+    py::gil_scoped_release release;
+    if (f64) {
+        fastattn::simhash_sign_rows(cptr<double>(x), xs[0], cptr<int64_t>(rows),
+                                    cptr<double>(planes), rs[0], xs[1], ps[1],
+                                    ptr<int64_t>(out), nthreads);
+    } else {
+        fastattn::simhash_sign_rows(cptr<float>(x), xs[0], cptr<int64_t>(rows),
+                                    cptr<float>(planes), rs[0], xs[1], ps[1], ptr<int64_t>(out),
+                                    nthreads);
+    }
+}
+
 void hamming_distance(const py::array& q, const py::array& k, const py::array& qi,
                       const py::array& ki, py::array& out, int nthreads) {
     const char* fn = "hamming_distance";
@@ -758,6 +787,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("simhash_sign", &simhash_sign, py::arg("x").noconvert(), py::arg("planes").noconvert(), py::arg("out").noconvert(),
           py::arg("nthreads"),
           "x (N, D) f32/f64, planes (D, NB) same dtype -> out (N, ceil(NB/64)) int64 sign bits.");
+    m.def("simhash_sign_rows", &simhash_sign_rows, py::arg("x").noconvert(), py::arg("planes").noconvert(), py::arg("rows").noconvert(), py::arg("out").noconvert(),
+          py::arg("nthreads"),
+          "x (N, D) f32/f64 table, planes (D, NB), rows (M,) int64 in [0, N) -> out (M, ceil(NB/64)):\n"
+          "the signatures of x[rows], read in place.");
     m.def("hamming_distance", &hamming_distance, py::arg("q").noconvert(), py::arg("k").noconvert(), py::arg("qi").noconvert(),
           py::arg("ki").noconvert(), py::arg("out").noconvert(), py::arg("nthreads"),
           "out[n, l] = popcount(q[qi[n]] ^ k[ki[n], l]); q (Nq, W), k (Nk, L, W), out (N, L) int32.");

@@ -16,6 +16,13 @@ void simhash_sign(const float* x, const float* planes, int64_t N, int64_t D, int
                   int64_t* out, int nthreads);
 void simhash_sign(const double* x, const double* planes, int64_t N, int64_t D, int64_t NB,
                   int64_t* out, int nthreads);
+// The gathered form: out (M, W) = signatures of x[rows[i]], x (n_table, D) a table, rows (M,)
+// in [0, n_table) (checked: std::out_of_range names the first bad entry).
+void simhash_sign_rows(const float* x, int64_t n_table, const int64_t* rows, const float* planes,
+                       int64_t M, int64_t D, int64_t NB, int64_t* out, int nthreads);
+void simhash_sign_rows(const double* x, int64_t n_table, const int64_t* rows,
+                       const double* planes, int64_t M, int64_t D, int64_t NB, int64_t* out,
+                       int nthreads);
 std::string simhash_impl();  // which ISA path simhash_sign runs
 
 // out[n, l] = popcount(q[qi[n]] ^ k[ki[n], l]) summed over the W words; out (N, L).

@@ -143,9 +143,27 @@ void sign_rows_avx512(const T* x, int64_t rows, int64_t D, const T* packed, int6
 }
 #endif  // FASTATTN_X86
 
+// Copies rows[0 .. n) of the table x (row stride D) into buf, prefetching a few rows ahead:
+// the rows are scattered across a table far larger than the caches, so without the
+// prefetch each one waits for its own misses. The copy then sits in L2 while the kernel
+// reads it W times.
 template <typename T>
-void simhash_sign_impl(const T* x, const T* planes, int64_t N, int64_t D, int64_t NB,
-                       int64_t* out, int nthreads) {
+FA_INLINE void gather_rows(const T* x, const int64_t* rows, int64_t n, int64_t D, T* buf) {
+    constexpr int64_t kAhead = 8;
+    const int64_t line = 64 / sizeof(T);
+    for (int64_t r = 0; r < n; ++r) {
+        if (r + kAhead < n) {
+            const T* ahead = x + rows[r + kAhead] * D;
+            for (int64_t d = 0; d < D; d += line) __builtin_prefetch(ahead + d);
+        }
+        std::memcpy(buf + r * D, x + rows[r] * D, D * sizeof(T));
+    }
+}
+
+// rows == nullptr: sign x's N rows; else sign x[rows[i]] for i < N (rows already checked).
+template <typename T>
+void simhash_sign_impl(const T* x, const int64_t* rows, const T* planes, int64_t N, int64_t D,
+                       int64_t NB, int64_t* out, int nthreads) {
     const int64_t W = (NB + kPanel - 1) / kPanel;
     if (N == 0 || W == 0) return;
     AlignedBuffer<T> packed(static_cast<size_t>(W * D * kPanel));
@@ -161,11 +179,22 @@ void simhash_sign_impl(const T* x, const T* planes, int64_t N, int64_t D, int64_
     }
 #endif
     const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks)));
+    // One gather buffer per thread, allocated before the parallel region (an allocation
+    // failure inside it could not be reported).
+    AlignedBuffer<T> gathered(rows != nullptr ? static_cast<size_t>(threads * kRowChunk * D) : 0);
     const T* pk = packed.data();
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t r0 = c * kRowChunk;
-        rows_fn(x + r0 * D, std::min(kRowChunk, N - r0), D, pk, W, out + r0 * W);
+        const int64_t n = std::min(kRowChunk, N - r0);
+        const T* src = x + r0 * D;
+        if (rows != nullptr) {
+            T* buf = gathered.data() + omp_get_thread_num() * kRowChunk * D;
+            gather_rows(x, rows + r0, n, D, buf);
+            src = buf;
+        }
+        rows_fn(src, n, D, pk, W, out + r0 * W);
     }
 }
 
@@ -181,12 +210,25 @@ std::string simhash_impl() {
 
 void simhash_sign(const float* x, const float* planes, int64_t N, int64_t D, int64_t NB,
                   int64_t* out, int nthreads) {
-    simhash_sign_impl(x, planes, N, D, NB, out, nthreads);
+    simhash_sign_impl(x, static_cast<const int64_t*>(nullptr), planes, N, D, NB, out, nthreads);
 }
 
 void simhash_sign(const double* x, const double* planes, int64_t N, int64_t D, int64_t NB,
                   int64_t* out, int nthreads) {
-    simhash_sign_impl(x, planes, N, D, NB, out, nthreads);
+    simhash_sign_impl(x, static_cast<const int64_t*>(nullptr), planes, N, D, NB, out, nthreads);
+}
+
+void simhash_sign_rows(const float* x, int64_t n_table, const int64_t* rows, const float* planes,
+                       int64_t M, int64_t D, int64_t NB, int64_t* out, int nthreads) {
+    check_range(rows, M, 0, n_table, "simhash_sign_rows", "rows");
+    simhash_sign_impl(x, rows, planes, M, D, NB, out, nthreads);
+}
+
+void simhash_sign_rows(const double* x, int64_t n_table, const int64_t* rows,
+                       const double* planes, int64_t M, int64_t D, int64_t NB, int64_t* out,
+                       int nthreads) {
+    check_range(rows, M, 0, n_table, "simhash_sign_rows", "rows");
+    simhash_sign_impl(x, rows, planes, M, D, NB, out, nthreads);
 }
 
 }  // namespace fastattn

@@ -183,6 +183,23 @@ def test_training_sweeps_record_the_distinct_ratio(tmp_path):
     assert "distinct_ratio by L: 8: " in text and "— ids/s" in text and "MiB" in text
 
 
+def test_eta_training_impls_run_and_agree(monkeypatch):
+    """Every implementation of the eta_training sweep runs on a tiny vocabulary; the indexed
+    (retrieve, then look up the winners) and table (eta_attention over the distinct rows)
+    compositions give the query gradient of ETA on the dense gather."""
+    monkeypatch.setattr(training_sweeps, "N_ITEMS", 300)
+    monkeypatch.setattr(training_sweeps, "B", 3)
+    sweep = training_sweeps.eta_training_sweep(True)
+    impls = sweep.points[0].build()
+    assert {"dense_sdpa", "indexed_cpp", "indexed_numba", "indexed_torch", "table_cpp",
+            "dense_eta_cpp"} <= set(impls)
+    grads = {name: fn().clone() for name, fn in impls.items()}    # each returns q.grad
+    for name in grads:
+        if name != "dense_sdpa":
+            torch.testing.assert_close(grads[name], grads["dense_eta_cpp"], rtol=1e-4, atol=1e-5)
+    assert 0 < sweep.points[0].params["distinct_rows"] <= 300
+
+
 def test_measurement_helpers():
     t = time_fn(lambda: sum(range(100)), budget_s=0.01)
     assert 0 < t["p10_s"] <= t["median_s"] <= t["p90_s"]

@@ -276,6 +276,32 @@ def test_compile_fullgraph_indexed(backend):
                                torch.autograd.grad(want, values)[0])
 
 
+def test_compile_fullgraph_retrieve_then_gather(backend):
+    """The training composition of the eta_training sweep: signatures of the distinct rows
+    read from the table (simhash_sign(rows=)), the top-k over hist_rows, the winners looked
+    up and attended; one graph, same output and table gradient as eager."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 40, (3, 25), generator=g)
+    table = torch.randn(40, 16, generator=g, requires_grad=True)
+    q = torch.randn(3, 16, generator=g)
+    planes = fastattn.make_planes(16, 100, g)
+    uniq, rows = fastattn.unique_rows(ids, backend=backend)
+    slot = torch.arange(4).expand(3, 4)
+
+    def f(table):
+        k_sig = fastattn.simhash_sign(table, planes, rows=uniq, backend=backend)
+        q_sig = fastattn.simhash_sign(q, planes, backend=backend)
+        _, idx = fastattn.hamming_topk(q_sig, k_sig, 4, hist_rows=rows, backend=backend)
+        keys = table[ids.gather(1, idx.clamp(min=0))]
+        return fastattn.topk_attention(q, keys, keys, slot.masked_fill(idx < 0, -1),
+                                       backend=backend).square().sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(table), f(table)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, table)[0],
+                               torch.autograd.grad(want, table)[0])
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_bad_rows_raise(backend):

@@ -16,7 +16,8 @@ def _samples():
     values = torch.randn(5, 33, 4, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[0, 32, -1], [5, 5, 1], [-1, -1, -1], [2, 3, 4], [9, 8, 7]])
     return [
-        ("simhash_sign", (x, planes)),
+        ("simhash_sign", (x, planes, None)),
+        ("simhash_sign", (x, planes, torch.tensor([4, 0, 4, 2], dtype=torch.int32))),
         ("hamming_distance", (q.unsqueeze(1), k)),
         ("hamming_topk", (q, k, 4, None, None, None)),
         ("hamming_topk", (q, kb, 40, lengths, None, None)),

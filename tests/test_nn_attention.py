@@ -45,6 +45,39 @@ def test_eta_module_trains_and_matches_functional():
     torch.testing.assert_close(out, m.out_proj(want.flatten(-2)))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_eta_module_equals_fused_op_with_gradients(backend, shared, indexed):
+    """The module retrieves, then projects only the winners; output and every gradient
+    (projections, histories or table, query) equal eta_attention on the projected inputs."""
+    torch.manual_seed(2)
+    m = ETAAttention(8, 2, key_dim=5, query_dim=6, topk=4, hash_bits=70,
+                     backend=backend).double()
+    U, L, N, B = (1, 23, 9, 5) if shared else (4, 23, 9, 4)
+    lengths = torch.tensor([23] if shared else [23, 0, 3, 17])
+    hist_index = torch.zeros(B, dtype=torch.int64) if shared else None
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (U, L)), -1)
+    keys = torch.randn(*((N,) if indexed else (U, L)), 5, dtype=torch.float64)
+    kw = dict(lengths=lengths, hist_index=hist_index, hist_rows=rows if indexed else None)
+    query = torch.randn(B, 6, dtype=torch.float64)
+
+    def run(fn):
+        m.zero_grad()
+        x, k = query.clone().requires_grad_(), keys.clone().requires_grad_()
+        out = fn(x, k)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return [out.detach(), x.grad, k.grad] + [p.grad for p in m.parameters()]
+
+    def fused(x, k):
+        q, kp, v = m.project(x, k, None)
+        out = fastattn.eta_attention(m._split(q), m._split(kp), m._split(v), m.sign(q.detach()),
+                                     m.sign(kp.detach()), m.topk, backend=backend, **kw)
+        return m._merge(out)
+
+    for got, want in zip(run(lambda x, k: m(x, k, **kw)), run(fused)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_precomputed_key_signatures_eta_plus():
     m = ETAAttention(16, key_dim=8, topk=4, hash_bits=64)
     items = torch.randn(50, 8)

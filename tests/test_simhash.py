@@ -94,3 +94,39 @@ def test_bad_input():
         fastattn.simhash_sign(x, planes[0])
     with pytest.raises(ValueError, match="device"):
         fastattn.simhash_sign(x, planes.to("meta"))
+
+
+@pytest.mark.parametrize("m,n,d,nbits", [(0, 5, 7, 70), (1, 1, 1, 1), (37, 11, 17, 130),
+                                         (200, 300, 64, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathered_rows_equal_the_gathered_table(backend, m, n, d, nbits, dtype):
+    """simhash_sign(x, planes, rows=r) is simhash_sign(x[r]) bit for bit, in every backend
+    (repeated rows, int32 rows, a NaN row, a non-contiguous table)."""
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(d, n, dtype=dtype, generator=g).t()             # non-contiguous (n, d)
+    x[n // 2, 0] = float("nan")
+    planes = fastattn.make_planes(d, nbits, g, dtype=dtype)
+    rows = torch.randint(0, n, (m,), generator=g)
+    for r in (rows, rows.to(torch.int32)):
+        got = fastattn.simhash_sign(x, planes, rows=r, backend=backend)
+        assert got.shape == (m, (nbits + 63) // 64)
+        assert torch.equal(got, fastattn.simhash_sign(x[rows], planes, backend=backend))
+
+
+def test_gathered_rows_bad_input(backend):
+    x, planes = torch.randn(6, 8), torch.randn(8, 64)
+    with pytest.raises(ValueError, match=r"rows\[2\] = 6 is outside the table x \[0, N=6\)"):
+        fastattn.simhash_sign(x, planes, rows=torch.tensor([0, 5, 6, -1]), backend=backend)
+    with pytest.raises(ValueError, match=r"rows\[1\] = -1"):
+        fastattn.simhash_sign(x, planes, rows=torch.tensor([0, -1]), backend=backend)
+    with pytest.raises(ValueError, match=r"rows\[0\] = 0 is outside the table x \[0, N=0\)"):
+        fastattn.simhash_sign(x[:0], planes, rows=torch.tensor([0]), backend=backend)
+    with pytest.raises(TypeError, match="rows"):
+        fastattn.simhash_sign(x, planes, rows=torch.tensor([0.0]), backend=backend)
+    with pytest.raises(ValueError, match="rows"):
+        fastattn.simhash_sign(x, planes, rows=torch.tensor([[0]]), backend=backend)
+    with pytest.raises(ValueError, match="table"):
+        fastattn.simhash_sign(x.view(2, 3, 8), planes, rows=torch.tensor([0]), backend=backend)
+    # checked in the custom op too (a direct torch.ops call, as under torch.compile)
+    with pytest.raises(ValueError, match=r"rows\[0\] = 9"):
+        torch.ops.fastattn.simhash_sign(x, planes, torch.tensor([9]), backend)

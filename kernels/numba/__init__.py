@@ -13,10 +13,10 @@ from .gather import gather_rows, scatter_add_rows
 from .hamming import hamming_distance, hamming_topk, hamming_topk_rows
 from .mimn import (mimn_scan_bwd, mimn_scan_fwd, miu_gather_gru_bwd, miu_gather_gru_fwd,
                    ntm_read_write_bwd, ntm_read_write_fwd)
-from .simhash import simhash_sign
+from .simhash import simhash_sign, simhash_sign_rows
 from .unique import unique_rows
 
-__all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "hamming_topk_rows",
+__all__ = ["simhash_sign", "simhash_sign_rows", "hamming_distance", "hamming_topk", "hamming_topk_rows",
            "gather_rows", "scatter_add_rows"]
 __all__ += ["topk_attention_fwd", "topk_attention_bwd"]
 __all__ += ["unique_rows"]

@@ -21,9 +21,9 @@ __all__ = ["simhash_sign"]
 
 
 @triton.jit
-def _simhash_kernel(x_ptr, p_ptr, out_ptr, N, D, NB,
+def _simhash_kernel(x_ptr, rows_ptr, p_ptr, out_ptr, N, D, NB,
                     W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    FP64: tl.constexpr, HALF_DOT: tl.constexpr):
+                    FP64: tl.constexpr, HALF_DOT: tl.constexpr, GATHER: tl.constexpr):
     pid_n = tl.program_id(0)
     word = tl.program_id(1)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -31,6 +31,10 @@ def _simhash_kernel(x_ptr, p_ptr, out_ptr, N, D, NB,
     cols = word * 64 + offs_b                          # hyperplane (bit) indices
     mask_n = offs_n < N
     mask_c = cols < NB
+    if GATHER:          # output row n signs table row rows[n]
+        src = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    else:
+        src = offs_n
 
     if FP64:
         acc = tl.zeros((BLOCK_N, 64), dtype=tl.float64)
@@ -40,7 +44,7 @@ def _simhash_kernel(x_ptr, p_ptr, out_ptr, N, D, NB,
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         # Masked lanes load 0 and add nothing to the projection.
-        xt = tl.load(x_ptr + offs_n[:, None] * D + offs_d[None, :],
+        xt = tl.load(x_ptr + src[:, None] * D + offs_d[None, :],
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         pt = tl.load(p_ptr + offs_d[:, None].to(tl.int64) * NB + cols[None, :],
                      mask=mask_d[:, None] & mask_c[None, :], other=0.0)
@@ -63,13 +67,15 @@ def _simhash_kernel(x_ptr, p_ptr, out_ptr, N, D, NB,
     tl.store(out_ptr + offs_n * W + word, packed, mask=mask_n)
 
 
-def simhash_sign(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """x (N, D), planes (D, NB) float -> (N, W) int64 signatures, W = ceil(NB / 64).
+def simhash_sign(x: torch.Tensor, planes: torch.Tensor, rows=None) -> torch.Tensor:
+    """x (N, D), planes (D, NB) float -> (N, W) int64 signatures, W = ceil(NB / 64); with
+    ``rows`` (M,) int64 in [0, N) (checked by the caller), the (M, W) signatures of x[rows].
 
     fp32 / fp64 as in the C++ backend; fp16 / bf16 also work (fp32 accumulation). Mixed
     dtypes are promoted to the accumulation dtype of reference.simhash_sign.
     """
-    N, D = x.shape
+    D = x.shape[1]
+    N = x.shape[0] if rows is None else rows.shape[0]
     NB = planes.shape[1]
     W = (NB + 63) // 64
     out = torch.empty((N, W), dtype=torch.int64, device=x.device)
@@ -96,7 +102,8 @@ def simhash_sign(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
         warps = 4
     grid = (triton.cdiv(N, BLOCK_N), W)
     with device_guard(x):
-        _simhash_kernel[grid](x, planes, out, N, D, NB, W=W, BLOCK_N=BLOCK_N,
-                              BLOCK_D=BLOCK_D, FP64=fp64,
-                              HALF_DOT=half and not interpreting(), num_warps=warps)
+        _simhash_kernel[grid](x, out if rows is None else rows.contiguous(), planes, out, N, D,
+                              NB, W=W, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, FP64=fp64,
+                              HALF_DOT=half and not interpreting(), GATHER=rows is not None,
+                              num_warps=warps)
     return out

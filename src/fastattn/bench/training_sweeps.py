@@ -4,11 +4,14 @@ Setting: the training layout (one history per row) with a realistic vocabulary, 
 behaviour drawn Zipf(s=1.1) from 1,000,000 items, so that a batch's B·L behaviours hold far
 fewer distinct items N. Each point records N and the distinct-row ratio N / (B·L).
 
-* ``eta_training``: ETA forward + backward in its indexed form (dedup with
-  :func:`fastattn.unique_rows`, the embedding lookup of the N distinct rows, their
-  signatures, ``eta_attention(..., hist_rows=...)`` and the table gradient back into the
-  embedding) against what users run today: an embedding gather to (B, L, D), SDPA forward
-  + backward and the embedding backward.
+* ``eta_training``: ETA forward + backward in its indexed form against what users run
+  today (an embedding gather to (B, L, D), SDPA forward + backward and the embedding
+  backward). ``indexed``: dedup with :func:`fastattn.unique_rows`, the signatures of the N
+  distinct rows read straight from the embedding (``simhash_sign(..., rows=)``), the top-k
+  over ``hist_rows``, then the embedding lookup of the B·k winners only and exact attention
+  over them, so the backward touches B·k rows. ``table``: the N distinct rows looked up
+  into a table and ``eta_attention(..., hist_rows=...)`` on it, whose backward writes the
+  (N, D) table gradient.
 * ``unique_rows``: the dedup itself against ``torch.unique(return_inverse=True)``.
 * ``model_training``: samples/s of a training step (forward + backward) of each reference
   model that reads long histories, deduplicated (the default) vs dense.
@@ -55,23 +58,27 @@ ETA_D, ETA_NB, ETA_K = 128, 256, 64
 def _eta_training_cost(p: Dict[str, int], impl: str) -> Cost:
     """Dense (users' path): the (B, L, D) gather written, read by the SDPA forward and again
     by its backward, its gradient written and read by the embedding backward; 12·B·L·D
-    flops. Indexed: ids read and B·L rows written and read, the N distinct rows looked up,
-    hashed (2·N·D·NB flops), their signatures scanned (B·L·W popcounts), the table
-    gradients written and added into the embedding; attention over k rows per query."""
+    flops. Indexed: ids read and hist_rows written and read, the N distinct rows read and
+    hashed (2·N·D·NB flops), their signatures scanned (B·L·W popcounts), attention over
+    B·k rows. Table: as indexed plus the (N, D) table written, read, and its gradient
+    written and added into the embedding."""
     L, D, W, K = p["L"], ETA_D, ETA_NB // 64, ETA_K
     if impl == "dense_sdpa":
         return Cost(bytes=5 * F32 * B * L * D + I64 * B * L, flops=12 * B * L * D)
     N = p.get("distinct_rows", B * L)
+    attention = 12 * B * K * D
     if impl.startswith("dense_eta"):        # ETA on the dense gather: every position hashed
         return Cost(bytes=5 * F32 * B * L * D + I64 * (1 + W) * B * L, popcounts=B * L * W,
-                    flops=2 * B * L * D * ETA_NB + 12 * B * K * D)
-    return Cost(bytes=3 * I64 * B * L + 5 * F32 * N * D + I64 * W * N, popcounts=B * L * W,
-                flops=2 * N * D * ETA_NB + 12 * B * K * D)
+                    flops=2 * B * L * D * ETA_NB + attention)
+    table = 4 * F32 * N * D if impl.startswith("table") else 0
+    return Cost(bytes=3 * I64 * B * L + F32 * N * D + I64 * W * N + table + 5 * F32 * B * K * D,
+                popcounts=B * L * W, flops=2 * N * D * ETA_NB + attention)
 
 
 def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
     """ETA forward+backward in the training layout with a 1M-item vocabulary: the indexed
-    path (dedup, lookup of distinct rows, table gradient) vs the dense users' path."""
+    path (dedup, signatures of the distinct rows, attention over the retrieved rows) vs the
+    dense users' path."""
     D, K = ETA_D, ETA_K
     lengths = [4096] if quick else [1024, 4096, 16384]
     sweep = Sweep("eta_training", f"ETA forward+backward, training layout, B={B}, D={D}, "
@@ -90,10 +97,12 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
             emb = torch.nn.Embedding(N_ITEMS, D, sparse=True).to(device)
             planes = fastattn.make_planes(D, ETA_NB, g).to(device)
             q = torch.randn(B, D, generator=g).to(device).requires_grad_()
+            slot = torch.arange(K, device=device).expand(B, K)
 
-            def step(loss: Callable[[], torch.Tensor]) -> None:
+            def step(loss: Callable[[], torch.Tensor]) -> torch.Tensor:
                 emb.weight.grad = q.grad = None
                 loss().backward()
+                return q.grad                  # (the tests compare the impls by it)
 
             def dense_sdpa():                  # what users run today
                 k = emb(ids).view(B, 1, L, D)
@@ -101,16 +110,25 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
             def indexed(be: str):
                 uniq, rows = fastattn.unique_rows(ids, backend=be)
+                k_sig = fastattn.simhash_sign(emb.weight, planes, rows=uniq, backend=be)
+                q_sig = fastattn.simhash_sign(q, planes, backend=be)
+                _, idx = fastattn.hamming_topk(q_sig, k_sig, K, hist_rows=rows, backend=be)
+                keys = emb(ids.gather(1, idx.clamp(min=0)))             # (B, k, D) winners
+                return fastattn.topk_attention(q, keys, keys, slot.masked_fill(idx < 0, -1),
+                                               backend=be).sum()
+
+            def table(be: str):
+                uniq, rows = fastattn.unique_rows(ids, backend=be)
                 table = emb(uniq)                                       # (N, D)
-                k_sig = fastattn.simhash_sign(table.detach(), planes, backend=be)
-                q_sig = fastattn.simhash_sign(q.detach(), planes, backend=be)
+                k_sig = fastattn.simhash_sign(table, planes, backend=be)
+                q_sig = fastattn.simhash_sign(q, planes, backend=be)
                 return fastattn.eta_attention(q, table, table, q_sig, k_sig, K,
                                               hist_rows=rows, backend=be).sum()
 
             def dense_eta(be: str):            # ETA on the (B, L, D) gather: every position
                 keys = emb(ids)
-                k_sig = fastattn.simhash_sign(keys.detach(), planes, backend=be)
-                q_sig = fastattn.simhash_sign(q.detach(), planes, backend=be)
+                k_sig = fastattn.simhash_sign(keys, planes, backend=be)
+                q_sig = fastattn.simhash_sign(q, planes, backend=be)
                 return fastattn.eta_attention(q, keys, keys, q_sig, k_sig, K,
                                               backend=be).sum()
 
@@ -118,6 +136,7 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
             bes = backends_for(device)
             impls.update({f"indexed_{be}": (lambda be=be: step(lambda: indexed(be)))
                           for be in bes})
+            impls[f"table_{bes[0]}"] = lambda: step(lambda: table(bes[0]))
             impls[f"dense_eta_{bes[0]}"] = lambda: step(lambda: dense_eta(bes[0]))
             return impls
         return make

@@ -11,13 +11,13 @@ row once, however often the batch's histories repeat it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import eta_attention, make_planes, simhash_sign, target_attention
+from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
 
 __all__ = ["TargetAttention", "ETAAttention"]
 
@@ -115,7 +115,9 @@ class ETAAttention(TargetAttention):
     When the history is no longer than ``topk`` (L <= topk) every valid behaviour would be
     retrieved, so the module runs exact dense attention instead: same result, no hashing.
     In the indexed form (a table plus ``hist_rows``) each table row is projected and hashed
-    once: one signature per distinct behaviour.
+    once: one signature per distinct behaviour. Keys are projected without autograd just to
+    be hashed; the B·topk retrieved rows are gathered and projected again with autograd, so
+    V is projected for them only and the backward touches B·topk rows (DESIGN.md §7).
     For serving (ETA+), :meth:`precompute_key_signatures` hashes item embeddings once; pass
     the signatures of the table's rows (indexed form) or of every position (dense form) as
     ``key_signatures`` while the weights stay frozen.
@@ -156,10 +158,55 @@ class ETAAttention(TargetAttention):
         if self.history_length(keys, hist_rows) <= self.topk:
             return super().forward(query, keys, values, lengths=lengths, hist_index=hist_index,
                                    hist_rows=hist_rows)
-        q, k, v = self.project(query, keys, values)
-        q_sig = self.sign(q.detach())
-        k_sig = self.sign(k.detach()) if key_signatures is None else key_signatures
-        out = eta_attention(self._split(q), self._split(k), self._split(v), q_sig, k_sig,
-                            self.topk, lengths=lengths, hist_index=hist_index,
-                            hist_rows=hist_rows, backend=self.backend)
+        # Retrieve, then project only what was retrieved: the keys are projected without
+        # autograd just to be hashed; the B·topk winners' rows are gathered from the inputs
+        # and projected again, with autograd. Same output and gradients as eta_attention on
+        # projected histories, but V is projected for the winners only and the backward
+        # touches B·topk rows instead of every row of the history or table.
+        q = self.q_proj(query)
+        if key_signatures is None:
+            with torch.no_grad():
+                key_signatures = self.sign(self.k_proj(keys))
+        _, idx = hamming_topk(self.sign(q.detach()), key_signatures, self.topk,
+                              lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
+                              backend=self.backend)
+        rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
+        k, v = self.k_proj(rows.gather(keys)), self.v_proj(rows.gather(keys if values is None
+                                                                        else values))
+        out = topk_attention(self._split(q), self._split(k), self._split(v), rows.slots,
+                             backend=self.backend)
         return self._merge(out)
+
+
+class _Winners(NamedTuple):
+    """The input rows of retrieved positions: ``rows`` (B·K,) int64 (0 for empty slots) and
+    ``slots`` (B, K) int64, each slot's own index k, -1 where empty (topk_attention's idx
+    over the gathered (B, K, ·) rows)."""
+
+    rows: Tensor
+    slots: Tensor
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, K, C) rows of x, a table (N, C) or histories (U, L, C) read as (U·L, C)."""
+        B, K = self.slots.shape
+        # F.embedding: its backward is a plain index-add into the input's shape
+        return F.embedding(self.rows, x.reshape(-1, x.shape[-1])).view(B, K, x.shape[-1])
+
+
+def winner_rows(idx: Tensor, hist_shape, hist_index: Optional[Tensor],
+                hist_rows: Optional[Tensor]) -> _Winners:
+    """Map retrieved positions ``idx`` (B, K) (-1: empty) to rows of the inputs: of the table
+    through ``hist_rows`` (U, L), or of the (U, L, ·) histories flattened (``hist_shape``
+    (U, L) or (N,)). ``hist_index`` (B,) as in hamming_topk (default b when U == B, else
+    the shared history 0); all were validated by hamming_topk."""
+    B, K = idx.shape
+    U, L = hist_rows.shape if hist_rows is not None else hist_shape
+    if hist_index is None:
+        hist_index = (torch.arange(B, device=idx.device) if U == B
+                      else torch.zeros(B, dtype=torch.int64, device=idx.device))
+    empty = idx < 0
+    flat = hist_index.to(torch.int64).view(B, 1) * L + idx.clamp(min=0)
+    if hist_rows is not None:
+        flat = hist_rows.reshape(-1)[flat].to(torch.int64)
+    slots = torch.arange(K, device=idx.device).expand(B, K)
+    return _Winners(flat.masked_fill(empty, 0).reshape(-1), slots.masked_fill(empty, -1))
