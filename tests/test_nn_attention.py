@@ -45,13 +45,15 @@ def test_eta_module_trains_and_matches_functional():
     torch.testing.assert_close(out, m.out_proj(want.flatten(-2)))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("indexed", [False, True])
-def test_eta_module_equals_fused_op_with_gradients(backend, shared, indexed):
-    """The module retrieves, then projects only the winners; output and every gradient
-    (projections, histories or table, query) equal eta_attention on the projected inputs."""
+def test_eta_module_equals_fused_op_with_gradients(backend, heads, shared, indexed):
+    """The module retrieves, then attends over the winners only (one head: unprojected);
+    output and every gradient (projections, histories or table, query) equal eta_attention
+    on the projected inputs."""
     torch.manual_seed(2)
-    m = ETAAttention(8, 2, key_dim=5, query_dim=6, topk=4, hash_bits=70,
+    m = ETAAttention(8, heads, key_dim=5, query_dim=6, topk=4, hash_bits=70,
                      backend=backend).double()
     U, L, N, B = (1, 23, 9, 5) if shared else (4, 23, 9, 4)
     lengths = torch.tensor([23] if shared else [23, 0, 3, 17])
@@ -76,6 +78,45 @@ def test_eta_module_equals_fused_op_with_gradients(backend, shared, indexed):
 
     for got, want in zip(run(lambda x, k: m(x, k, **kw)), run(fused)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["dense", "shared", "indexed", "indexed_fused"])
+@pytest.mark.parametrize("bias,tied", [(True, True), (False, False)])
+def test_one_head_attends_unprojected(backend, form, bias, tied):
+    """One head attends in the input space (W_k folded into the query, W_v applied to the
+    weighted input sum): the projected form's output and gradients, empty histories too."""
+    torch.manual_seed(3)
+    m = TargetAttention(8, key_dim=5, value_dim=5 if tied else 3, query_dim=6, bias=bias,
+                        backend=backend).double()
+    B, L, N = 4, 13, 7
+    U = 1 if form == "shared" else B
+    lengths = torch.tensor([9] if form == "shared" else [13, 0, 2, 7])
+    hist_index = torch.tensor([0, 0, 0, 0]) if form == "shared" else None
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (U, L)), -1)
+    indexed = form.startswith("indexed")
+    shape = (N,) if indexed else (U, L)
+    keys = torch.randn(*shape, 5, dtype=torch.float64)
+    values = None if tied else torch.randn(*shape, 3, dtype=torch.float64)
+    query = torch.randn(B, 6, dtype=torch.float64)
+    m.gather_below = 0 if form == "indexed_fused" else 1 << 20
+    assert m.absorbs(B, L, keys, values)
+
+    def run(absorb):
+        m.zero_grad()
+        m.absorbs = lambda *a: absorb
+        ins = [t.clone().requires_grad_() for t in (query, keys)]
+        out = m(ins[0], ins[1], values, lengths=lengths, hist_index=hist_index,
+                hist_rows=rows if indexed else None)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return [out.detach()] + [t.grad for t in ins] + \
+            [torch.zeros_like(p) if p.grad is None else p.grad for p in m.parameters()]
+
+    got, want = run(True), run(False)
+    del m.absorbs
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if form != "shared":
+        assert (got[0][1] == 0).all()            # the empty history
 
 
 def test_precomputed_key_signatures_eta_plus():

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import reference as ref
+
 from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
 
 __all__ = ["TargetAttention", "ETAAttention"]
@@ -83,17 +85,73 @@ class TargetAttention(nn.Module):
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
                 lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
                 hist_rows: Optional[Tensor] = None) -> Tensor:
+        L = self.history_length(keys, hist_rows)
+        if self.absorbs(query.shape[0], L, keys, values):
+            q = self.q_proj(query)
+            small = hist_rows is not None and keys.shape[0] > 0 and \
+                hist_rows.numel() * (keys.shape[-1] + (0 if values is None else
+                                                      values.shape[-1])) <= self.gather_below
+
+            def attend(qk: Tensor, scale: float) -> Tensor:
+                k, v, rows = keys, values, hist_rows
+                if small:
+                    k, v, rows = self._gather_small(k, v, rows)
+                return target_attention(qk, k, k if v is None else v, lengths=lengths,
+                                        hist_index=hist_index, hist_rows=rows, scale=scale,
+                                        backend=self.backend)
+            U = keys.shape[0] if hist_rows is None else hist_rows.shape[0]
+            lens = ref.default_lengths(U, L, q.device) if lengths is None else lengths
+            hist = ref.default_hist_index(q.shape[0], U, q.device) if hist_index is None \
+                else hist_index
+            valid = lens.to(torch.int64)[hist.to(torch.int64)] > 0 if U else \
+                torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+            return self.attend_inputs(q, attend, valid)
         q, k, v = self.project(query, keys, values)
         if hist_rows is not None and 0 < k.shape[0] and \
                 hist_rows.numel() * self.embed_dim <= self.gather_below:
-            rows = hist_rows.clamp(min=0)     # positions past lengths are masked anyway
-            # F.embedding: its backward is a plain index-add (advanced indexing's sorts)
-            k, v = F.embedding(rows, k), F.embedding(rows, v)
-            hist_rows = None
+            k, v, hist_rows = self._gather_small(k, v, hist_rows)
         out = target_attention(self._split(q), self._split(k), self._split(v),
                                lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                                backend=self.backend)
         return self._merge(out)
+
+    @staticmethod
+    def _gather_small(k: Tensor, v: Optional[Tensor], hist_rows: Tensor):
+        """The rows of a small indexed history, gathered to (U, L, ·)."""
+        rows = hist_rows.clamp(min=0)     # positions past lengths are masked anyway
+        # F.embedding: its backward is a plain index-add (advanced indexing's sorts)
+        return F.embedding(rows, k), None if v is None else F.embedding(rows, v), None
+
+    def absorbs(self, B: int, L: int, keys: Tensor, values: Optional[Tensor]) -> bool:
+        """Whether one head attends in the input space (:meth:`attend_inputs`): chosen when
+        that takes fewer multiply-adds than projecting the history's (or table's) rows,
+        e.g. always in the training layout (one history per query)."""
+        if self.heads != 1:
+            return False
+        kd = keys.shape[-1]
+        vd = kd if values is None else values.shape[-1]
+        E, rows = self.embed_dim, keys.numel() // max(kd, 1)
+        return B * L * (kd + vd) + B * E * (kd + vd) <= rows * E * (kd + vd) + 2 * B * L * E
+
+    def attend_inputs(self, q: Tensor, attend, valid: Tensor) -> Tensor:
+        """One head's attention without projecting keys or values (exact, up to rounding).
+
+        score_l = q·(W_k x_l + b_k) = (W_kᵀ q)·x_l + q·b_k, and q·b_k is the same at every
+        position, so it cancels in the softmax; Σ_l a_l (W_v x_l + b_v) = W_v (Σ_l a_l x_l)
+        + b_v whenever the weights sum to 1, i.e. when the query's history has a valid
+        position (``valid`` (B,) bool; otherwise the output is 0, as in the projected form).
+        ``attend(qk (B, key_dim), scale)`` returns Σ_l a_l x_l (B, value_dim) over the raw
+        rows.
+        """
+        out = F.linear(attend(q @ self.k_proj.weight, self.embed_dim ** -0.5),
+                       self.v_proj.weight)
+        if self.v_proj.bias is not None:
+            out = out + self.v_proj.bias * valid.to(out.dtype)[:, None]
+        if self.k_proj.bias is not None:
+            # b_k's gradient is exactly 0 (softmax is shift-invariant); a zero-weighted term
+            # keeps it in the graph, so that DistributedDataParallel sees it used.
+            out = out + 0.0 * (q * self.k_proj.bias).sum(-1, keepdim=True)
+        return out
 
     @staticmethod
     def history_length(keys: Tensor, hist_rows: Optional[Tensor]) -> int:
@@ -171,10 +229,15 @@ class ETAAttention(TargetAttention):
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
-        k, v = self.k_proj(rows.gather(keys)), self.v_proj(rows.gather(keys if values is None
-                                                                        else values))
-        out = topk_attention(self._split(q), self._split(k), self._split(v), rows.slots,
-                             backend=self.backend)
+        k_in = rows.gather(keys)
+        v_in = k_in if values is None else rows.gather(values)
+        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
+            return self.attend_inputs(
+                q, lambda qk, scale: topk_attention(qk, k_in, v_in, rows.slots, scale=scale,
+                                                    backend=self.backend),
+                (rows.slots >= 0).any(1))
+        out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
+                             self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
         return self._merge(out)
 
 
