@@ -12,15 +12,17 @@ import torch
 
 from ...ops.mimn import MIMNState
 from .record import (SnapshotInfo, StateSpec, UnknownUserError, UserId, UserRecord,
-                     WriteConflictError, _check_tag, _user_key, _user_of, decode_record,
-                     encode_record)
+                     WriteConflictError, _check_tag, _user_key, _user_of)
 
 
 class UserStateStore(ABC):
-    """Per-user MIMN states keyed by user id (int or str), behind one interface.
+    """Per-user records keyed by user id (int or str), behind one interface.
 
-    Backends implement the raw blob operations; this class does the (de)serialisation,
-    the metadata check and the batching. Every call is one transaction / round trip.
+    Backends implement the raw blob operations; this class does the metadata check and the
+    batching, and the store's spec (de)serialises the records: MIMN states for a
+    :class:`StateSpec` (the UIC), user embeddings for an
+    :class:`~fastattn.serving.store.embedding.EmbeddingSpec` (SUM). Every call is one
+    transaction / round trip. ``get_state`` and ``check_model`` are for MIMN states.
     """
 
     spec: StateSpec
@@ -35,7 +37,7 @@ class UserStateStore(ABC):
         """The records of ``user_ids`` (None for users not in the store), in one call."""
         keys = [_user_key(u) for u in user_ids]
         blobs = self._get_blobs(keys)
-        return [None if b is None else decode_record(b, self.spec, u)
+        return [None if b is None else self.spec.decode(b, u)
                 for u, b in zip(user_ids, blobs)]
 
     def write(self, records: Mapping[UserId, UserRecord], check: bool = True) -> None:
@@ -47,7 +49,7 @@ class UserStateStore(ABC):
         written.
         """
         items = [(_user_key(u), (rec.token if check else "*") or "",
-                  encode_record(rec, self.spec, u)) for u, rec in records.items()]
+                  self.spec.encode(rec, u)) for u, rec in records.items()]
         if items:
             bad = self._cas_put(items)
             if bad:
@@ -101,7 +103,7 @@ class UserStateStore(ABC):
         blobs = self._snapshot_blobs(_check_tag(tag))
         if blobs is None:
             raise KeyError(f"no snapshot {tag!r}")
-        return {_user_of(k): decode_record(b, self.spec, _user_of(k)) for k, b in blobs.items()}
+        return {_user_of(k): self.spec.decode(b, _user_of(k)) for k, b in blobs.items()}
 
     def __enter__(self):
         return self

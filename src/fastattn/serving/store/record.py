@@ -127,6 +127,13 @@ class StateSpec:
     def sizes(self) -> Tuple[int, ...]:
         return tuple(int(np.prod(s)) for s in self.shapes)
 
+    def encode(self, record: "UserRecord", user: UserId = "?") -> bytes:
+        """The store's record codec (:func:`encode_record`)."""
+        return encode_record(record, self, user)
+
+    def decode(self, blob: bytes, user: UserId = "?") -> "UserRecord":
+        return decode_record(blob, self, user)
+
     def meta(self) -> Dict[str, Any]:
         return {"format": RECORD_FORMAT, "fingerprint": self.fingerprint, "config": self.config,
                 "shapes": [list(s) for s in self.shapes], "dtype": self.dtype}
