@@ -152,7 +152,7 @@ def test_eta_serving_byte_model_covers_every_impl():
 
 def test_registry_lists_every_sweep_and_survives_a_broken_module(monkeypatch):
     assert {"hamming_topk", "eta_training", "unique_rows", "model_training", "uic_apply",
-            "uic_score"} <= set(registry.SWEEPS)
+            "uic_score", "sum_serving"} <= set(registry.SWEEPS)
     assert registry.select(["uic_apply"], True, "cuda") == []     # CPU-only: left out
     name = "fastattn.bench.broken_sweeps"
     monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # no such attribute
@@ -198,6 +198,17 @@ def test_eta_training_impls_run_and_agree(monkeypatch):
         if name != "dense_sdpa":
             torch.testing.assert_close(grads[name], grads["dense_eta_cpp"], rtol=1e-4, atol=1e-5)
     assert 0 < sweep.points[0].params["distinct_rows"] <= 300
+
+
+def test_sum_load_run_paces_open_loop_clients():
+    """The SUM sweep's load generator: every client sends its share at its scheduled times
+    (rate honoured within the run) and every request's latency is counted."""
+    from fastattn.bench.serving_sweeps import load_run
+    seen = []
+    got = load_run(lambda u: seen.append(u), n_users=10, rps=400.0, threads=4, seconds=0.25)
+    assert got["requests"] == len(seen) == 100 and set(seen) <= set(range(10))
+    assert 0 <= got["p50_ms"] <= got["p99_ms"] <= got["max_ms"]
+    assert got["achieved_rps"] <= 400.0 * 1.05
 
 
 def test_measurement_helpers():

@@ -1,6 +1,7 @@
-"""Serving sweeps (the User Interest Center): events applied per second and scoring latency
+"""Serving sweeps. The User Interest Center: events applied per second and scoring latency
 from stored state, both against re-running the model over the user's full history, vs the
-history length so far. Listed by :mod:`fastattn.bench.registry` through
+history length so far. SUM: get() latency under concurrent load vs synchronous inference.
+Listed by :mod:`fastattn.bench.registry` through
 :data:`SERVING_SWEEPS` (CPU only: the stores live on the host).
 
 A Redis backend is measured too where ``FASTATTN_REDIS_URL`` points at a server (``make
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 import uuid
+import weakref
 from typing import Callable, Dict
 
 import numpy as np
@@ -169,6 +173,113 @@ def uic_score_sweep(quick: bool) -> Sweep:
     return sweep
 
 
+class _SlowModel(torch.nn.Module):
+    """The SUM tower, then a sleep up to ``ms`` per batch: a user model 10-100x slower than
+    a store read (the sleep releases the GIL, as inference on an accelerator would)."""
+
+    def __init__(self, tower, ms: float):
+        super().__init__()
+        self.tower, self.ms = tower, ms
+
+    def forward(self, sparse, dense):
+        t0 = time.perf_counter()
+        out = self.tower(sparse, dense)
+        time.sleep(max(0.0, self.ms / 1e3 - (time.perf_counter() - t0)))
+        return out
+
+
+def load_run(get: Callable[[int], object], n_users: int, rps: float, threads: int,
+             seconds: float, seed: int = 0) -> Dict[str, float]:
+    """Open-loop load: ``threads`` clients each send ``rps / threads`` requests per second
+    (each at its scheduled time, or at once when behind) of ``get(user)`` for ``seconds``;
+    returns the latency percentiles (ms), the achieved requests/s and the count."""
+    lat: list = []
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.05
+    per = threads / rps
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(seed + i)
+        mine = []
+        k = 0
+        while True:
+            at = start + (k + i / threads) * per
+            if at - start >= seconds:
+                break
+            wait = at - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            t0 = time.perf_counter()
+            get(int(rng.integers(n_users)))
+            mine.append(time.perf_counter() - t0)
+            k += 1
+        with lock:
+            lat.extend(mine)
+
+    pool = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = np.array(lat) * 1e3
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "max_ms": round(float(ms.max()), 3), "achieved_rps": round(len(ms) / wall, 1),
+            "requests": len(ms)}
+
+
+def sum_serving_sweep(quick: bool) -> Sweep:
+    """SUM: get() of one user's embedding from the asynchronous service (SQLite store, 2
+    refresh workers) while 8 client threads send 1,000 requests/s, vs synchronous inference
+    (the model run for the request, then written), by model latency."""
+    users, rps, threads, seconds = 2000, 1000.0, 8, (2.0 if quick else 4.0)
+    sweep = Sweep("sum_serving", f"SUM: get() of one user's (K=2, D=96) embedding, async "
+                  f"service vs synchronous inference; load: {threads} client threads at "
+                  f"{rps:,.0f} requests/s for {seconds:g} s over {users} users",
+                  x="model_ms", baseline="sync_inference",
+                  info=["p50_ms", "p99_ms", "max_ms", "achieved_rps", "dropped", "refreshed",
+                        "cold"])
+
+    def build(ms: float, params: Dict[str, float]):
+        def make() -> Dict[str, Callable[[], object]]:
+            from ..serving import (EmbeddingSpec, SQLiteStateStore, SUMUserTower,
+                                   UserEmbeddingService)
+            torch.manual_seed(0)
+            tower = SUMUserTower([N_ITEMS, N_CATS, 100], dense_dim=16, dim=96,
+                                 pyramid=(8, 2)).eval()
+            model = _SlowModel(tower, ms)
+            feats = torch.Generator().manual_seed(1)
+            sparse = torch.stack([torch.randint(0, c, (users,), generator=feats)
+                                  for c in (N_ITEMS, N_CATS, 100)], 1)
+            dense = torch.randn(users, 16, generator=feats)
+
+            def features(uids):
+                ix = torch.tensor(uids)
+                return sparse[ix], dense[ix]
+            tmp = tempfile.TemporaryDirectory(prefix="fastattn-bench-")
+            store = SQLiteStateStore(os.path.join(tmp.name, "sum.db"),
+                                     EmbeddingSpec(tower.config(), tower.K, tower.D))
+            svc = UserEmbeddingService(model, store, features, workers=2, batch_size=64)
+            for b in range(0, users, 500):                  # every user served once before
+                svc.refresh_now(list(range(b, min(users, b + 500))))
+            params.update(load_run(lambda u: svc.get([u]), users, rps, threads, seconds))
+            st = svc.stats()
+            params.update(dropped=st["dropped"], refreshed=st["refreshed"], cold=st["cold"])
+            svc.wait_idle(60)
+            weakref.finalize(tmp, svc.close)        # stopped with the point's implementations
+            g = np.random.default_rng(2)
+            return {"async_get": lambda: svc.get([int(g.integers(users))]),
+                    "sync_inference": lambda: svc.refresh_now([int(g.integers(users))]),
+                    "_keep": lambda: tmp}
+        return make
+
+    for ms in ([50] if quick else [5, 50]):
+        params: Dict[str, float] = {"model_ms": ms}
+        sweep.points.append(Point(params, _drop_keep(build(ms, params)), pairs=1))
+    return sweep
+
+
 def _drop_keep(make: Callable[[], Dict[str, Callable[[], object]]]):
     """The point's implementations without the ``_keep`` entry, whose closure keeps the
     temporary store directory alive exactly as long as the implementations are."""
@@ -182,5 +293,6 @@ def _drop_keep(make: Callable[[], Dict[str, Callable[[], object]]]):
 
 
 SERVING_SWEEPS: Dict[str, Callable[[bool], Sweep]] = {"uic_apply": uic_apply_sweep,
-                                                     "uic_score": uic_score_sweep}
+                                                     "uic_score": uic_score_sweep,
+                                                     "sum_serving": sum_serving_sweep}
 

@@ -157,6 +157,9 @@ class UserEmbeddingService:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.store, self.spec, self.features = store, spec, features
+        # The workers write through a handle of their own, so that a read never queues
+        # behind a refresh's write transaction (SQLite: another connection).
+        self._writer = store.connect()
         self.batch_size, self.max_queue = batch_size, max_queue
         self.default = (torch.zeros(spec.K, spec.D) if default is None
                         else torch.as_tensor(default, dtype=torch.float32))
@@ -234,7 +237,7 @@ class UserEmbeddingService:
                              f"{(len(users), self.spec.K, self.spec.D)}")
         pending = dict(zip(users, emb))
         for _ in range(16):
-            recs = self.store.read(list(pending))
+            recs = self._writer.read(list(pending))
             now = time.time()
             writes = {}
             for (u, e), r in zip(pending.items(), recs):
@@ -246,7 +249,7 @@ class UserEmbeddingService:
                 writes[u] = EmbeddingRecord(pooled, raw, tag, now,
                                             None if r is None else r.token)
             try:
-                self.store.write(writes)
+                self._writer.write(writes)
                 with self._cond:
                     self._counts["refreshed"] += len(writes)
                 return
@@ -308,6 +311,8 @@ class UserEmbeddingService:
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
+        if self._writer is not self.store:
+            self._writer.close()
 
     def __enter__(self):
         return self

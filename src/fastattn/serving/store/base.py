@@ -71,6 +71,12 @@ class UserStateStore(ABC):
         if spec != self.spec:
             spec.check_meta(self.spec.meta(), "this store")
 
+    def connect(self) -> "UserStateStore":
+        """A handle on the same store for another thread (e.g. a writer beside readers).
+        The default shares this object (Redis: its client's connection pool is
+        thread-safe); SQLite opens a new connection."""
+        return self
+
     def users(self) -> List[UserId]:
         return [_user_of(k) for k in self._keys()]
 

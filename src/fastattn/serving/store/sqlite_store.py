@@ -28,6 +28,7 @@ class SQLiteStateStore(UserStateStore):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got "
                              f"{synchronous!r}")
         self.path, self.spec, self.keep = str(path), spec, keep
+        self._timeout, self._synchronous = timeout, synchronous
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                    check_same_thread=False)
@@ -37,6 +38,12 @@ class SQLiteStateStore(UserStateStore):
             for stmt in _SQLITE_SCHEMA:
                 self._db.execute(stmt)
         self._open_meta(f"SQLite store {self.path}")
+
+    def connect(self) -> "SQLiteStateStore":
+        """A new connection to the same file: its transactions never wait on this object's
+        lock (WAL readers proceed while another connection writes)."""
+        return SQLiteStateStore(self.path, self.spec, keep=self.keep, timeout=self._timeout,
+                                synchronous=self._synchronous)
 
     def _tx(self):
         return _Transaction(self._db, self._lock)
