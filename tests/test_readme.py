@@ -27,3 +27,5 @@ def test_models_and_serving_examples_run(tmp_path, monkeypatch):
         exec(compile(block, f"README block {i}", "exec"), namespace)  # noqa: S102
     assert namespace["logits"].shape == (1000,)
     assert (tmp_path / "uic.db").exists()
+    assert namespace["served"].embeddings.shape == (3, 2, 96)
+    assert not namespace["served"].cold.any()           # refreshed before the second get
