@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import eta_attention, make_planes, simhash_sign, target_attention
+from ..ops._common import (check_hist_rows, check_lengths, check_signature, checked_lengths,
+                           checked_rows)
 
 __all__ = ["TargetAttention", "ETAAttention"]
 
@@ -86,6 +88,11 @@ class TargetAttention(nn.Module):
         q, k, v = self.project(query, keys, values)
         if hist_rows is not None and 0 < k.shape[0] and \
                 hist_rows.numel() * self.embed_dim <= self.gather_below:
+            # The fused op would check the rows it reads; the gather must refuse the same
+            # inputs (a -1 or an out-of-table row at a valid position) before clamping.
+            U, L = check_hist_rows(hist_rows).shape
+            checked_rows(hist_rows, checked_lengths(check_lengths(lengths, U), U, L,
+                                                    hist_rows.device), k.shape[0])
             rows = hist_rows.clamp(min=0)     # positions past lengths are masked anyway
             # F.embedding: its backward is a plain index-add (advanced indexing's sorts)
             k, v = F.embedding(rows, k), F.embedding(rows, v)
@@ -149,10 +156,27 @@ class ETAAttention(TargetAttention):
         """
         return self.sign(self.k_proj(item_embeddings))
 
+    def _check_key_signatures(self, key_signatures: Optional[Tensor], keys: Tensor,
+                              hist_rows: Optional[Tensor]) -> None:
+        """key_signatures: (N, W) with hist_rows, else (U, L, W), W = ceil(hash_bits / 64)."""
+        if key_signatures is None:
+            return
+        W = (self.hash_bits + 63) // 64
+        lead = tuple(keys.shape[:1] if hist_rows is not None else keys.shape[:2])
+        form = "(N, W) like the keys table" if hist_rows is not None else "(U, L, W)"
+        check_signature("key_signatures", key_signatures, ndim=len(lead) + 1,
+                        shape=f"shape {form}")
+        if tuple(key_signatures.shape) != lead + (W,):
+            raise ValueError(f"key_signatures must be {form} = {lead + (W,)}, got "
+                             f"{tuple(key_signatures.shape)}")
+
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
                 lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
                 hist_rows: Optional[Tensor] = None,
                 key_signatures: Optional[Tensor] = None) -> Tensor:
+        # Checked on both paths (unused by the dense one), so a call that is wrong for one
+        # history length is wrong for all.
+        self._check_key_signatures(key_signatures, keys, hist_rows)
         if self.history_length(keys, hist_rows) <= self.topk:
             return super().forward(query, keys, values, lengths=lengths, hist_index=hist_index,
                                    hist_rows=hist_rows)
