@@ -262,3 +262,17 @@ def test_modules_refuse_bad_rows_and_signatures_on_both_paths(topk):
     with pytest.raises(TypeError, match="key_signatures"):
         eta(q, table, hist_rows=rows.clamp(min=0),
             key_signatures=random_sigs(6, 1).to(torch.int32))
+
+
+def test_target_attention_checks_values_under_compile():
+    """Traced by torch.compile (fullgraph), the dense form's value checks become device-side
+    asserts: no graph break, same result on good input, refused bad input."""
+    q, keys, values = _attn_inputs()
+    f = lambda q, k, v, l, h: fastattn.target_attention(q, k, v, lengths=l,  # noqa: E731
+                                                        hist_index=h)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    lengths, hist = torch.tensor([8, 3, 0]), torch.tensor([2, 0, 1])
+    torch.testing.assert_close(compiled(q, keys, values, lengths, hist),
+                               f(q, keys, values, lengths, hist))
+    with pytest.raises(RuntimeError, match=r"fastattn: lengths must lie in \[0, L=8\]"):
+        compiled(q, keys, values, torch.tensor([9, 3, 0]), hist)
