@@ -276,3 +276,18 @@ def test_target_attention_checks_values_under_compile():
                                f(q, keys, values, lengths, hist))
     with pytest.raises(RuntimeError, match=r"fastattn: lengths must lie in \[0, L=8\]"):
         compiled(q, keys, values, torch.tensor([9, 3, 0]), hist)
+
+
+def test_triton_fixture_moves_the_default_device_and_restores_it(monkeypatch):
+    """The mechanism that runs the suite's Triton tests on CUDA tensors with a GPU, dry-run
+    here with the meta device standing in for CUDA: the triton parameter switches the
+    default device for the test and restores it after; the CPU backends are untouched."""
+    import conftest
+    monkeypatch.setattr(conftest, "DEVICE", "meta")
+    run = conftest._on_device("triton")
+    assert next(run) == "triton"
+    assert torch.empty(1).device.type == "meta" and conftest.device_of("triton") == "meta"
+    with pytest.raises(StopIteration):
+        next(run)
+    assert torch.empty(1).device.type == "cpu"
+    assert list(conftest._on_device("cpp")) == ["cpp"] and conftest.device_of("cpp") == "cpu"
