@@ -47,7 +47,8 @@ train: $(STAMP)
 # CUDA build of torch (it brings Triton), run the Triton tests on CUDA tensors, the quick
 # sweeps on the GPU (bench/results/*_cuda.*), and fill the README's GPU block. Each step
 # runs even if an earlier one failed (a failing test must not cost the figures); the target
-# fails if any did. `make -n gpu-check` shows the commands.
+# fails if any did. `make -n gpu-check` shows the commands. The tests selected are those with
+# a triton parameter or a Triton/CUDA subject, the fuzz tests and the property test.
 GPU_TORCH_SPEC ?= torch>=2.8
 GPU_VENV       ?= .venv-gpu
 GPU_PY         := $(GPU_VENV)/bin/python
@@ -64,7 +65,7 @@ gpu-check:
 		print(torch.cuda.get_device_name(), fastattn.backends())"
 	status=0; \
 	FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout 180 \
-		$(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or cuda" $(GPU_TESTS) \
+		$(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or cuda or fuzz or property" $(GPU_TESTS) \
 		|| status=1; \
 	timeout 240 $(GPU_VENV)/bin/fastattn-bench --device cuda --quick --out bench/results \
 		|| status=1; \
