@@ -364,3 +364,36 @@ def test_fuzz_simhash(data, N, D, nbits, dtype):
         if want is None:
             return                                       # a tie at 0: no single answer
     _judge(seen, defect, want, _exact)
+
+
+# --------------------------------------------------------------------------- unique
+
+@FUZZ
+@given(data=st.data(), U=st.integers(0, 5), L=st.integers(0, 30), span=st.integers(1, 40),
+       idt=st.sampled_from([torch.int64, torch.int32]))
+def test_fuzz_unique_rows(data, U, L, span, idt):
+    draw = data.draw
+    ids = torch.randint(-span, span, (U, L), dtype=idt)
+    lengths = draw(st.none() | st.lists(st.integers(0, L), min_size=U, max_size=U))
+    lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    defect = draw(st.sampled_from((None, "length>L", "length<0", "lengths shape", "float ids",
+                                   "ids ndim", "device")))
+    if defect == "length>L":
+        lengths = torch.full((U,), L + 1)
+    elif defect == "length<0":
+        lengths = torch.full((U,), -1)
+    elif defect == "lengths shape":
+        lengths = torch.zeros(U + 1, dtype=torch.int64)
+    elif defect == "float ids":
+        ids = ids.double()
+    elif defect == "ids ndim":
+        ids = ids.reshape(-1)
+    if defect in ("length>L", "length<0") and U == 0:
+        defect = None                                    # an empty (0,) lengths is valid
+    meta = "ids" if defect == "device" and lengths is not None else None
+    if defect == "device" and meta is None:
+        defect = None
+    seen = _run_everywhere(lambda name, dev: fastattn.unique_rows(
+        **_move(dict(ids=ids, lengths=lengths), dev, meta), backend=name))
+    want = ref.unique_rows(ids, lengths) if defect is None else None
+    _judge(seen, defect, want, _exact)
