@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-pytest train install clean
+.PHONY: test bench bench-quick bench-pytest train install clean gpu-check
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,36 @@ bench-pytest: $(STAMP)
 # The reference CTR models trained on the planted long-history set (a few minutes on CPU).
 train: $(STAMP)
 	$(VENV)/bin/fastattn-train --out bench/results
+
+# One command for a fresh machine with one NVIDIA GPU (H100/H200; about 8 minutes): install a
+# CUDA build of torch (it brings Triton), run the Triton tests on CUDA tensors, the quick
+# sweeps on the GPU (bench/results/*_cuda.*), and fill the README's GPU block. Each step
+# runs even if an earlier one failed (a failing test must not cost the figures); the target
+# fails if any did. `make -n gpu-check` shows the commands. The tests selected are those with
+# a triton parameter or a Triton/CUDA subject, the fuzz tests and the property test.
+GPU_TORCH_SPEC ?= torch>=2.8
+GPU_VENV       ?= .venv-gpu
+GPU_PY         := $(GPU_VENV)/bin/python
+GPU_TESTS      := tests/test_gpu_readiness.py tests/test_fuzz.py tests/test_hamming.py \
+                  tests/test_gather.py tests/test_attention.py tests/test_indexed.py \
+                  tests/test_library.py tests/test_simhash.py tests/test_mimn.py \
+                  tests/test_nn_attention.py
+gpu-check:
+	test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -q --upgrade pip
+	$(GPU_PY) -m pip install -q "$(GPU_TORCH_SPEC)"
+	$(GPU_PY) -m pip install -q -e ".[test,bench]"
+	$(GPU_PY) -c "import torch, fastattn; assert torch.cuda.is_available(), 'no CUDA device'; \
+		print(torch.cuda.get_device_name(), fastattn.backends())"
+	status=0; \
+	FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout 180 \
+		$(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or cuda or fuzz or property" $(GPU_TESTS) \
+		|| status=1; \
+	timeout 240 $(GPU_VENV)/bin/fastattn-bench --device cuda --quick --out bench/results \
+		|| status=1; \
+	$(GPU_VENV)/bin/fastattn-bench --markdown --device cuda --out bench/results \
+		--readme README.md || status=1; \
+	exit $$status
 
 clean:
 	rm -rf build $(VENV) src/fastattn/*.so src/*.egg-info

@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.h"
@@ -20,6 +21,26 @@
 namespace py = pybind11;
 
 namespace {
+
+// The ISA path each kernel family ran, counted per call at the dispatch (reported by
+// cpu_features()["ran"]): a test capped with FASTATTN_CPU_ISA checks which code ran, not only
+// that the cap was read. Calls hold the GIL here (before releasing it), so no lock is needed.
+enum class Family { simhash, hamming, attention, count };
+const char* const kFamilyNames[] = {"simhash_sign", "hamming", "attention"};
+std::vector<std::pair<std::string, int64_t>> g_ran[static_cast<int>(Family::count)];
+
+void note_ran(Family f) {
+    const std::string path = f == Family::simhash   ? fastattn::simhash_impl()
+                           : f == Family::hamming   ? fastattn::hamming_impl()
+                                                    : fastattn::attention_impl();
+    auto& seen = g_ran[static_cast<int>(f)];
+    for (auto& kv : seen)
+        if (kv.first == path) {
+            ++kv.second;
+            return;
+        }
+    seen.emplace_back(path, 1);
+}
 
 enum class Kind { i64, i32, u8, f32, f64 };
 
@@ -104,6 +125,7 @@ void simhash_sign(const py::array& x, const py::array& planes, py::array& out, i
     expect(os[0] == xs[0] && os[1] == W, fn,
            "out must be (N, W) = (" + std::to_string(xs[0]) + ", " + std::to_string(W) +
                "), got " + shape_of(out));
+    note_ran(Family::simhash);
     py::gil_scoped_release release;
     if (f64) {
         fastattn::simhash_sign(cptr<double>(x), cptr<double>(planes), xs[0], xs[1], ps[1],
@@ -158,6 +180,7 @@ void hamming_distance(const py::array& q, const py::array& k, const py::array& q
     expect(os[0] == qis[0] && os[1] == ks[1], fn,
            "out must be (N, L) = (" + std::to_string(qis[0]) + ", " + std::to_string(ks[1]) +
                "), got " + shape_of(out));
+    note_ran(Family::hamming);
     py::gil_scoped_release release;
     fastattn::hamming_distance(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(qi),
                                cptr<int64_t>(ki), qs[0], ks[0], qis[0], ks[1], qs[1],
@@ -198,6 +221,7 @@ void hamming_topk(const py::array& q, const py::array& k, const py::array& lengt
     const auto is = check(out_idx, fn, "out_idx", Kind::i64, 2, true);
     const int64_t B = qs[0], W = qs[1], U = ks[0], L = ks[1];
     check_topk_args(fn, q, k, ks[2], U, L, topk, ls, hs, ds, is, out_dist, out_idx);
+    note_ran(Family::hamming);
     py::gil_scoped_release release;
     fastattn::hamming_topk(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(lengths),
                            cptr<int64_t>(hist_index), B, U, L, W, topk, ptr<int32_t>(out_dist),
@@ -218,6 +242,7 @@ void hamming_topk_rows(const py::array& q, const py::array& k, const py::array& 
     const auto is = check(out_idx, fn, "out_idx", Kind::i64, 2, true);
     const int64_t B = qs[0], W = qs[1], N = ks[0], U = rs[0], L = rs[1];
     check_topk_args(fn, q, k, ks[1], U, L, topk, ls, hs, ds, is, out_dist, out_idx);
+    note_ran(Family::hamming);
     py::gil_scoped_release release;
     fastattn::hamming_topk_rows(cptr<int64_t>(q), cptr<int64_t>(k), cptr<int64_t>(rows),
                                 cptr<int64_t>(lengths), cptr<int64_t>(hist_index), B, N, U, L, W,
@@ -336,6 +361,7 @@ void topk_attention_fwd(const py::array& q, const py::array& keys, const py::arr
     const Kind kind = d.f64 ? Kind::f64 : Kind::f32;
     check_shape(check(out, fn, "out (same dtype as q)", kind, 3, true), {d.B, d.H, d.Dv}, fn, "out", out);
     check_shape(check(lse, fn, "lse (same dtype as q)", kind, 2, true), {d.B, d.H}, fn, "lse", lse);
+    note_ran(Family::attention);
     py::gil_scoped_release release;
     if (d.f64) {
         fastattn::topk_attention_fwd(cptr<double>(q), cptr<double>(keys), cptr<double>(values),
@@ -368,6 +394,7 @@ void topk_attention_bwd(const py::array& grad_out, const py::array& q, const py:
                 {d.B, d.K, d.H, d.Dh}, fn, "dk_slots", dk_slots);
     check_shape(check(dv_slots, fn, "dv_slots (same dtype as q)", kind, 4, true),
                 {d.B, d.K, d.H, d.Dv}, fn, "dv_slots", dv_slots);
+    note_ran(Family::attention);
     py::gil_scoped_release release;
     if (d.f64) {
         fastattn::topk_attention_bwd(cptr<double>(grad_out), cptr<double>(q), cptr<double>(keys),
@@ -777,12 +804,29 @@ py::dict cpu_features() {
     d["simhash_sign"] = fastattn::simhash_impl();
     d["hamming"] = fastattn::hamming_impl();
     d["attention"] = fastattn::attention_impl();
+    py::dict ran;
+    for (int f = 0; f < static_cast<int>(Family::count); ++f) {
+        py::dict paths;
+        for (const auto& kv : g_ran[f]) paths[py::str(kv.first)] = kv.second;
+        ran[kFamilyNames[f]] = paths;
+    }
+    d["ran"] = ran;
     return d;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+    // An unknown FASTATTN_CPU_ISA refuses the module (fastattn reports the reason as the cpp
+    // backend's, and forcing backend="cpp" raises it) rather than silently meaning no cap.
+    if (!fastattn::cpu_features().isa_cap_valid) {
+        std::string levels;
+        for (int i = 0; fastattn::isa_levels()[i] != nullptr; ++i)
+            levels += std::string(i ? ", " : "") + fastattn::isa_levels()[i];
+        throw py::value_error("FASTATTN_CPU_ISA=" + fastattn::cpu_features().isa_cap +
+                              " is not a known ISA level; use one of " + levels +
+                              " (or leave it unset: no cap)");
+    }
     m.doc() = "fastattn C++ CPU kernels (see docs/kernel_api.md). Outputs are written in place.";
     m.def("simhash_sign", &simhash_sign, py::arg("x").noconvert(), py::arg("planes").noconvert(), py::arg("out").noconvert(),
           py::arg("nthreads"),
@@ -892,5 +936,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dmiu_b_hh").noconvert(), py::arg("nthreads"),
           "BPTT of mimn_scan_fwd by chunked recomputation; per-row parameter gradients.");
     m.def("cpu_features", &cpu_features,
-          "CPU features the run-time dispatch sees and the code path each kernel family runs.");
+          "CPU features the run-time dispatch sees, the code path each kernel family runs, and "
+          "under \"ran\" how many calls of each family ran each path.");
 }

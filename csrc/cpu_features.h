@@ -39,11 +39,20 @@ struct CpuFeatures {
     bool avx512vl = false;
     bool avx512vpopcntdq = false;
     std::string isa_cap;  // value of FASTATTN_CPU_ISA, "" when unset
+    bool isa_cap_valid = true;  // false: FASTATTN_CPU_ISA is none of the known levels
 };
+
+// The values FASTATTN_CPU_ISA accepts, lowest level first.
+inline const char* const* isa_levels() {
+    static const char* const levels[] = {"default", "popcnt", "avx2", "avx512", nullptr};
+    return levels;
+}
 
 // What the dispatch may use: the CPU's features, capped by the environment variable
 // FASTATTN_CPU_ISA = default | popcnt | avx2 | avx512 (read once, at first use). The cap
-// exists so that tests on a fast machine can exercise every fallback path.
+// exists so that tests on a fast machine can exercise every fallback path. Any other value
+// marks the features invalid (the module then refuses to load, naming the variable): a
+// typo must not silently mean "no cap".
 inline const CpuFeatures& cpu_features() {
     static const CpuFeatures features = [] {
         CpuFeatures f;
@@ -62,10 +71,13 @@ inline const CpuFeatures& cpu_features() {
         const char* cap = std::getenv("FASTATTN_CPU_ISA");
         if (cap != nullptr && *cap != '\0') {
             f.isa_cap = cap;
-            const int level = std::strcmp(cap, "default") == 0 ? 0
-                            : std::strcmp(cap, "popcnt") == 0  ? 1
-                            : std::strcmp(cap, "avx2") == 0    ? 2
-                                                               : 3;  // "avx512" or unknown: no cap
+            int level = -1;
+            for (int i = 0; isa_levels()[i] != nullptr; ++i)
+                if (std::strcmp(cap, isa_levels()[i]) == 0) level = i;
+            if (level < 0) {
+                f.isa_cap_valid = false;
+                level = 0;  // never used: the module does not load (bindings.cpp)
+            }
             if (level < 3) f.avx512f = f.avx512bw = f.avx512vl = f.avx512vpopcntdq = false;
             if (level < 2) f.avx2 = f.fma = false;
             if (level < 1) f.popcnt = false;

@@ -221,3 +221,82 @@ def test_measurement_helpers():
     assert extra is None or extra >= 32 << 20
     assert measure.available_bytes("cpu") is None or measure.available_bytes("cpu") > 0
     assert measure.memory_bandwidth_gbs(nbytes=1 << 22) > 0
+
+
+def test_sticky_device_error_stops_the_run_naming_the_kernel(monkeypatch, tmp_path):
+    """A kernel that leaves the CUDA context unusable ends the run (exit 2) with a message
+    naming the sweep, point and implementation; what was measured before is written and
+    no later point runs. (Faked on CPU: context_broken is what a GPU run would see.)"""
+    ran = []
+
+    def make(L):
+        return lambda: {"base": lambda: ran.append(("base", L)),
+                        "bad_kernel": lambda: (_ for _ in ()).throw(
+                            RuntimeError("CUDA error: an illegal memory access"))}
+
+    def sweep_of(name):
+        return Sweep(name, name, x="L", baseline="base",
+                     points=[Point({"L": L}, make(L), pairs=L) for L in (8, 16)])
+    first, second = sweep_of("first"), sweep_of("second")
+    monkeypatch.setattr(cli, "context_broken", lambda device: True)
+    with pytest.raises(cli.StickyDeviceError) as err:
+        cli.run_sweep(first, 0.01, _Progress(), timer=time_fn, limits=LIMITS)
+    msg = str(err.value)
+    assert "first at {'L': 8}, implementation 'bad_kernel'" in msg and "illegal memory" in msg
+    assert [r["impl"] for r in err.value.rows] == ["base"]
+    assert all(L == 8 for _, L in ran)                      # the point L=16 never ran
+
+    # Through main: partial results written, later sweeps not run, exit status 2.
+    monkeypatch.setattr(cli, "require_device", lambda device: None)
+    monkeypatch.setattr(cli, "machine_limits", lambda device, timer: LIMITS)
+    monkeypatch.setattr(cli, "select", lambda names, quick, device: [sweep_of("first"),
+                                                                    sweep_of("second")])
+    ran.clear()
+    assert cli.main(["--quick", "--budget", "0.01", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "first.json").exists() and not (tmp_path / "second.json").exists()
+    assert all(L == 8 for _, L in ran)
+
+
+def test_cuda_results_fill_the_readme_gpu_block(tmp_path):
+    """The last step of `make gpu-check` on a fake *_cuda.json: the README's GPU block is
+    filled, the CPU block untouched, and the generated text names the command."""
+    sweep = Sweep("hamming_topk", "Hamming top-k", x="L", baseline="base", device="cuda",
+                  points=[])
+    rows = [{"sweep": "hamming_topk", "impl": impl, "L": 1024, "median_s": t, "p10_s": t,
+             "p90_s": t, "baseline": "base", "speedup": 2e-3 / t}
+            for impl, t in (("base", 2e-3), ("triton", 5e-4))]
+    meta = _meta()
+    meta.update(device_name="NVIDIA H200", command="fastattn-bench --device cuda --quick")
+    out = tmp_path / "results"
+    cli.write_results(str(out), sweep, rows, meta)
+    assert (out / "hamming_topk_cuda.json").exists() and (out / "hamming_topk_cuda.csv").exists()
+    readme = tmp_path / "README.md"
+    with open("README.md") as f:
+        original = f.read()
+    readme.write_text(original)
+    assert cli.main(["--markdown", "--device", "cuda", "--out", str(out),
+                     "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    begin, end = cli.markers("cuda")
+    block = text[text.index(begin):text.index(end)]
+    assert "**Hamming top-k**" in block and "**4.00×**" in block
+    assert "fastattn-bench --markdown --device cuda" in block
+    cpu_begin, cpu_end = cli.markers("cpu")
+    assert text[text.index(cpu_begin):text.index(cpu_end)] == \
+        original[original.index(cpu_begin):original.index(cpu_end)]
+
+
+def test_make_gpu_check_is_one_prepared_command():
+    """`make -n gpu-check` (a dry run: nothing executes) lists install, the CUDA tests, the
+    quick GPU sweeps and the README fill, in that order."""
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed here")
+    out = subprocess.run(["make", "-n", "gpu-check"], capture_output=True, text=True,
+                         check=True).stdout
+    steps = ["pip install -q \"torch>=2.8\"", "pip install -q -e \".[test,bench]\"",
+             "FASTATTN_TEST_DEVICE=cuda", "fastattn-bench --device cuda --quick --out bench/results",
+             "fastattn-bench --markdown --device cuda --out bench/results"]
+    pos = [out.index(s) for s in steps]
+    assert pos == sorted(pos)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 import fastattn
 from fastattn import reference as ref
 
+from conftest import device_of
 from helpers import random_sigs
 
 
@@ -96,18 +97,22 @@ def test_topk_empty_batch(backend):
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 6), U=st.integers(1, 3), L=st.integers(0, 70), W=st.integers(1, 3),
+@given(B=st.integers(1, 6), U=st.integers(1, 3), L=st.integers(0, 70), W=st.integers(1, 8),
        nbits=st.integers(1, 12), topk=st.integers(1, 80), seed=st.integers(0, 2**16))
 def test_topk_property(B, U, L, W, nbits, topk, seed):
-    """Against the oracle and against first principles (sorted, valid, complete)."""
+    """Against the oracle and against first principles (sorted, valid, complete), in every
+    backend (Triton on its test device: CUDA with a GPU, else the interpreter)."""
     g = torch.Generator().manual_seed(seed)
     q = random_sigs(B, W, nbits=nbits, generator=g)
     k = random_sigs(U, L, W, nbits=nbits, generator=g)
     lengths = torch.randint(0, L + 1, (U,), generator=g)
     hist = torch.randint(0, U, (B,), generator=g)
-    for name in ("torch",) + tuple(b for b in ("cpp", "numba")
+    for name in ("torch",) + tuple(b for b in ("cpp", "numba", "triton")
                                    if fastattn.backends()["available"][b]):
-        dist, idx = _check_topk(name, q, k, topk, lengths=lengths, hist_index=hist)
+        dev = device_of(name)
+        dist, idx = (t.cpu() for t in _check_topk(name, q.to(dev), k.to(dev), topk,
+                                                  lengths=lengths.to(dev),
+                                                  hist_index=hist.to(dev)))
     full = ref.hamming_distance(q, k[hist])
     for b in range(B):
         n = min(topk, int(lengths[hist[b]]))

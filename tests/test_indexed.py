@@ -388,7 +388,7 @@ UNIQUE_CASES = {
 
 @pytest.mark.parametrize("case", list(UNIQUE_CASES))
 def test_unique_rows(backend, case):
-    ids, lengths = UNIQUE_CASES[case](torch.Generator().manual_seed(3))
+    ids, lengths = UNIQUE_CASES[case](torch.Generator(torch.get_default_device()).manual_seed(3))
     if lengths is not None:
         lengths = lengths.to(torch.int64) if lengths.dtype.is_floating_point else lengths
     uniq, rows = fastattn.unique_rows(ids, lengths, backend=backend)
@@ -401,7 +401,7 @@ def test_unique_rows(backend, case):
 
 def test_unique_rows_feed_the_ops(backend):
     """unique_rows + a table of the distinct ids = the dense histories, op for op."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     ids = torch.randint(1, 30, (4, 25), generator=g)
     lengths = torch.tensor([25, 3, 0, 17])
     emb = torch.randn(31, 6, dtype=torch.float64)

@@ -43,7 +43,8 @@ def test_opcheck_gather_backward(backend):
 
 def test_compile_fullgraph(backend):
     """Retrieval + gather, traced as one graph; same result and gradient as eager."""
-    planes = fastattn.make_planes(16, 130, torch.Generator().manual_seed(1))
+    planes = fastattn.make_planes(16, 130,
+                                  torch.Generator(torch.get_default_device()).manual_seed(1))
 
     def retrieve(q, keys, values, lengths):
         qs = fastattn.simhash_sign(q, planes, backend=backend)

@@ -28,6 +28,8 @@ serves histories that share items without materialising the (U, L, W) gather.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -38,15 +40,14 @@ __all__ = ["hamming_distance", "hamming_topk", "hamming_topk_rows"]
 
 
 @triton.jit
-def _tile_distance(k_ptr, rows_ptr, q_words, offs_l, valid, offs_w, W: tl.constexpr,
-                   HW_POPC: tl.constexpr, INDEXED: tl.constexpr):
-    """Distances (BLOCK,) int32 of the positions offs_l of one history to one query.
+def _key_tile(k_ptr, rows_ptr, offs_l, valid, offs_w, W: tl.constexpr, INDEXED: tl.constexpr):
+    """Signature words (BLOCK, WP) int64 of the positions offs_l of one history.
 
     Dense (INDEXED false): k_ptr points at the history's first word, position l's words are
     k_ptr[l*W : (l+1)*W]; rows_ptr is unused. Indexed: k_ptr is the (N, W) table and
     rows_ptr the history's row map, position l's words are k_ptr[rows[l]*W : ...]; the row
     map is only loaded where valid, and an invalid position reads nothing (its row is
-    masked, whatever value the map holds there). q_words is the query (WP,) int64.
+    masked, whatever value the map holds there). Padded words and invalid rows are 0.
     """
     if INDEXED:
         row = tl.load(rows_ptr + offs_l, mask=valid, other=0)
@@ -54,8 +55,14 @@ def _tile_distance(k_ptr, rows_ptr, q_words, offs_l, valid, offs_w, W: tl.conste
         row = offs_l.to(tl.int64)
     ptrs = k_ptr + row[:, None] * W + offs_w[None, :]
     m = valid[:, None] & (offs_w[None, :] < W)
-    k = tl.load(ptrs, mask=m, other=0)
-    return tl.sum(popcount64(k ^ q_words[None, :], HW_POPC), axis=1)
+    return tl.load(ptrs, mask=m, other=0)
+
+
+@triton.jit
+def _tile_distances(k_tile, q_tile, HW_POPC: tl.constexpr):
+    """Distances (BLOCK_B, BLOCK) int32 of BLOCK_B queries (BLOCK_B, WP) to a key tile
+    (BLOCK, WP): the key tile is loaded once and serves every query of the tile."""
+    return tl.sum(popcount64(k_tile[None, :, :] ^ q_tile[:, None, :], HW_POPC), axis=2)
 
 
 # --------------------------------------------------------------------------- distance
@@ -71,8 +78,8 @@ def _hamming_distance_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, out_ptr, L,
     krow = tl.load(ki_ptr + n)
     q = tl.load(q_ptr + qrow * W + offs_w, mask=offs_w < W, other=0)
     valid = offs_l < L
-    d = _tile_distance(k_ptr + krow * L * W, k_ptr, q, offs_l, valid, offs_w, W, HW_POPC,
-                       False)
+    kt = _key_tile(k_ptr + krow * L * W, k_ptr, offs_l, valid, offs_w, W, False)
+    d = tl.sum(_tile_distances(kt, q[None, :], HW_POPC), axis=0)   # (1, BLOCK_L) -> (BLOCK_L,)
     tl.store(out_ptr + n * L + offs_l, d, mask=valid)
 
 
@@ -102,14 +109,27 @@ def hamming_distance(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor,
 # --------------------------------------------------------------------------- top-k
 
 @triton.jit
-def _hamming_topk_kernel(q_ptr, k_ptr, rows_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, L,
-                         topk, W: tl.constexpr, WP: tl.constexpr, NBINS: tl.constexpr,
-                         BLOCK1: tl.constexpr, BLOCK2: tl.constexpr,
-                         HW_POPC: tl.constexpr, INDEXED: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    u = tl.load(hist_ptr + b)
-    n_valid = tl.load(len_ptr + u).to(tl.int32)       # positions [0, n_valid) are valid
-    kk = tl.minimum(n_valid, topk)                     # slots that get a real position
+def _hamming_topk_kernel(q_ptr, k_ptr, rows_ptr, len_ptr, hist_ptr, dist_ptr, idx_ptr, B, L,
+                         topk, CHUNK, S, W: tl.constexpr, WP: tl.constexpr,
+                         NBINS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK1: tl.constexpr,
+                         BLOCK2: tl.constexpr, HW_POPC: tl.constexpr, INDEXED: tl.constexpr):
+    """Program (t, s): queries [t·BLOCK_B, (t+1)·BLOCK_B) over positions
+    [s·CHUNK, (s+1)·CHUNK) of their history, into out[b, s, :topk] (out is (B, S, topk)).
+
+    The launcher guarantees that the queries of one tile share their history (BLOCK_B = 1,
+    or one shared history U = 1), so each key tile is loaded once for all of them.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    rb = tl.arange(0, BLOCK_B)
+    b = t * BLOCK_B + rb                               # (BLOCK_B,) query rows
+    row_ok = b < B
+    u = tl.load(hist_ptr + t * BLOCK_B)                # the tile's (shared) history
+    n_valid = tl.load(len_ptr + u).to(tl.int32)        # positions [0, n_valid) are valid
+    c0 = (s * CHUNK).to(tl.int32)                      # this program's positions [c0, c1)
+    c1 = tl.minimum(c0 + CHUNK, n_valid)
+    # Slots that get a real position, per query row (0 for rows past B).
+    kk = tl.where(row_ok, tl.maximum(tl.minimum(c1 - c0, topk), 0), 0)
     if INDEXED:                                        # k: (N, W) table, rows: (U, L)
         k_hist_ptr = k_ptr
         rows_hist_ptr = rows_ptr + u * L
@@ -117,101 +137,170 @@ def _hamming_topk_kernel(q_ptr, k_ptr, rows_ptr, len_ptr, hist_ptr, dist_ptr, id
         k_hist_ptr = k_ptr + u * L * W
         rows_hist_ptr = rows_ptr
     offs_w = tl.arange(0, WP)
-    q = tl.load(q_ptr + b * W + offs_w, mask=offs_w < W, other=0)
+    q = tl.load(q_ptr + b[:, None] * W + offs_w[None, :],
+                mask=row_ok[:, None] & (offs_w < W)[None, :], other=0)     # (BLOCK_B, WP)
     bins = tl.arange(0, NBINS)
+    # Row r's histogram lives in bins [r·NBINS, (r+1)·NBINS) of one flat histogram.
+    row_bins = (rb * NBINS)[:, None]
+    out_row = (b * S + s) * topk                       # (BLOCK_B,) first slot of each row
 
-    # ---- pass 1: histogram of the valid distances.
-    hist = tl.zeros((NBINS,), dtype=tl.int32)
-    for l0 in range(0, n_valid, BLOCK1):
+    # ---- pass 1: histogram of the valid distances, per query row.
+    hist = tl.zeros((BLOCK_B * NBINS,), dtype=tl.int32)
+    for l0 in range(c0, c1, BLOCK1):
         offs = l0 + tl.arange(0, BLOCK1)
-        valid = offs < n_valid
-        d = _tile_distance(k_hist_ptr, rows_hist_ptr, q, offs, valid, offs_w, W, HW_POPC,
-                           INDEXED)
-        hist += tl.histogram(d, NBINS, mask=valid)
+        valid = offs < c1
+        d = _tile_distances(_key_tile(k_hist_ptr, rows_hist_ptr, offs, valid, offs_w, W,
+                                      INDEXED), q, HW_POPC)
+        m = row_ok[:, None] & valid[None, :]
+        hist += tl.histogram(tl.reshape(d + row_bins, (BLOCK_B * BLOCK1,)), BLOCK_B * NBINS,
+                             mask=tl.reshape(m, (BLOCK_B * BLOCK1,)))
 
-    # ---- threshold and slot bases.
-    cum = tl.cumsum(hist, axis=0)
-    # kk == 0 (no valid position or topk == 0) makes T = 0 and selects nothing below.
-    T = tl.min(tl.where(cum >= kk, bins, NBINS), axis=0)
+    # ---- threshold and slot bases, per row.
+    hist2 = tl.reshape(hist, (BLOCK_B, NBINS))
+    cum = tl.cumsum(hist2, axis=1)
+    # kk == 0 (no valid position, or a row past B) makes T = 0 and selects nothing below.
+    T = tl.min(tl.where(cum >= kk[:, None], bins[None, :], NBINS), axis=1)      # (BLOCK_B,)
     # base[d] = first slot of distance d (exclusive cumsum); pass 2 adds the positions of
     # distance d it has already passed, so base[d] + in-block rank is the final slot.
-    base = cum - hist
+    base = tl.reshape(cum - hist2, (BLOCK_B * NBINS,))
 
     # ---- pass 2: place the selected positions.
     # Strictly-earlier mask for the in-block rank among equal distances.
     i2 = tl.arange(0, BLOCK2)
-    earlier = i2[None, :] < i2[:, None]                # [i, j]: j comes before i
-    n_done = tl.zeros((), dtype=tl.int32)
-    l0 = tl.zeros((), dtype=tl.int32)
-    # Stop as soon as all kk slots are written: the tail of the history is then skipped.
-    while (l0 < n_valid) & (n_done < kk):
+    earlier = (i2[None, :] < i2[:, None])[None, :, :]  # [., i, j]: j comes before i
+    n_done = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    l0 = c0
+    # Stop as soon as every row has its kk slots: the tail of the chunk is then skipped.
+    while (l0 < c1) & (tl.sum((n_done < kk).to(tl.int32), axis=0) > 0):
         offs = l0 + i2
-        valid = offs < n_valid
-        d = _tile_distance(k_hist_ptr, rows_hist_ptr, q, offs, valid, offs_w, W, HW_POPC,
-                           INDEXED)
+        valid = offs < c1
+        d = _tile_distances(_key_tile(k_hist_ptr, rows_hist_ptr, offs, valid, offs_w, W,
+                                      INDEXED), q, HW_POPC)               # (BLOCK_B, BLOCK2)
         # Only d <= T can be selected; clamping the rest keeps gather indices in range.
-        cand = valid & (d <= T)
+        cand = row_ok[:, None] & valid[None, :] & (d <= T[:, None])
         dc = tl.where(cand, d, 0)
-        same = (dc[:, None] == dc[None, :]) & cand[None, :] & earlier
-        rank = tl.sum(same.to(tl.int32), axis=1)
-        slot = tl.gather(base, dc, axis=0) + rank
+        same = (dc[:, :, None] == dc[:, None, :]) & cand[:, None, :] & earlier
+        rank = tl.sum(same.to(tl.int32), axis=2)
+        flat = tl.reshape(dc + row_bins, (BLOCK_B * BLOCK2,))
+        slot = tl.reshape(tl.gather(base, flat, axis=0), (BLOCK_B, BLOCK2)) + rank
         # For d < T, slot < cum[d] <= cum[T - 1] < kk always holds. For d == T the slot is
         # cum[T - 1] + rank among equal, so "slot < kk" keeps exactly the first
         # kk - count(d < T) positions at distance T, in position order.
-        sel = cand & (slot < kk)
-        tl.store(dist_ptr + b * topk + slot, d, mask=sel)
-        tl.store(idx_ptr + b * topk + slot, offs.to(tl.int64), mask=sel)
-        base += tl.histogram(dc, NBINS, mask=cand)
-        n_done += tl.sum(sel.to(tl.int32), axis=0)
+        sel = cand & (slot < kk[:, None])
+        dst = out_row[:, None] + slot
+        tl.store(dist_ptr + dst, d, mask=sel)
+        tl.store(idx_ptr + dst, tl.broadcast_to(offs.to(tl.int64)[None, :], (BLOCK_B, BLOCK2)),
+                 mask=sel)
+        base += tl.histogram(flat, BLOCK_B * NBINS,
+                             mask=tl.reshape(cand, (BLOCK_B * BLOCK2,)))
+        n_done += tl.sum(sel.to(tl.int32), axis=1)
         l0 += BLOCK2
 
     # ---- tail: slots [kk, topk) are empty.
-    for s0 in range((kk // BLOCK1) * BLOCK1, topk, BLOCK1):
+    k_lo = tl.min(tl.where(row_ok, kk, topk), axis=0)
+    for s0 in range((k_lo // BLOCK1) * BLOCK1, topk, BLOCK1):
         offs = s0 + tl.arange(0, BLOCK1)
-        m = (offs >= kk) & (offs < topk)
-        tl.store(dist_ptr + b * topk + offs, tl.full((BLOCK1,), 64 * W + 1, tl.int32), mask=m)
-        tl.store(idx_ptr + b * topk + offs, tl.full((BLOCK1,), -1, tl.int64), mask=m)
+        m = row_ok[:, None] & (offs[None, :] >= kk[:, None]) & (offs < topk)[None, :]
+        dst = out_row[:, None] + offs[None, :]
+        tl.store(dist_ptr + dst, tl.full((BLOCK_B, BLOCK1), 64 * W + 1, tl.int32), mask=m)
+        tl.store(idx_ptr + dst, tl.full((BLOCK_B, BLOCK1), -1, tl.int64), mask=m)
 
 
-def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed):
-    """Shared launcher of the dense and indexed top-k: outputs, early exits, block sizes."""
+def _sm_count(dev: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter: 1, it gains nothing)."""
+    if dev.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def topk_plan(B: int, U: int, L: int, W: int, topk: int, sms: int,
+              block_b: Optional[int] = None, splits: Optional[int] = None):
+    """(BLOCK_B, S): queries per program and programs per history (split of L).
+
+    * Many queries on one shared history (U = 1, B ≥ 4 programs per SM): BLOCK_B = 4
+      queries per program, so each key tile is loaded once for four queries (queries of
+      different histories share nothing, so they keep one program each).
+    * Few programs (fewer than 2 per SM, e.g. B = 1-16): L is split into S chunks of at
+      least max(2048, 8·topk) positions, each chunk's top-k is a program of its own, and
+      the S partial top-k lists are merged (B·S·topk candidates, a small sort).
+
+    ``block_b`` / ``splits`` force either choice (tests run the tiled and split paths on
+    the interpreter; a split is still capped so each chunk has at least one position).
+    """
+    if block_b is None:
+        block_b = 4 if U == 1 and B >= 4 * 4 * sms else 1
+    if block_b > 1 and U != 1:
+        raise ValueError("query tiles need one shared history (U == 1)")
+    programs = triton.cdiv(B, block_b) if B else 1
+    if splits is None:
+        min_chunk = max(2048, 8 * topk)
+        splits = 1
+        if programs < 2 * sms and L >= 2 * min_chunk:
+            splits = min(triton.cdiv(2 * sms, programs), L // min_chunk)
+    splits = max(1, min(int(splits), max(L, 1)))
+    return block_b, splits
+
+
+def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed, block_b=None,
+                 splits=None):
+    """Shared launcher of the dense and indexed top-k: outputs, early exits, tiling, the
+    split of L and the merge of the partial lists."""
     B, W = q.shape
     topk = int(topk)
     dev = q.device
+    empty = 64 * W + 1
     # L == 0, or an empty table (then every length is 0): no valid position anywhere.
     if B == 0 or topk == 0 or L == 0 or (indexed and k.shape[0] == 0):
-        return (torch.full((B, topk), 64 * W + 1, dtype=torch.int32, device=dev),
+        return (torch.full((B, topk), empty, dtype=torch.int32, device=dev),
                 torch.full((B, topk), -1, dtype=torch.int64, device=dev))
-    dist = torch.empty((B, topk), dtype=torch.int32, device=dev)
-    idx = torch.empty((B, topk), dtype=torch.int64, device=dev)
+    U = lengths.shape[0]
+    BLOCK_B, S = topk_plan(B, U, L, W, topk, _sm_count(dev), block_b, splits)
     WP = next_pow2(W)
     NBINS = next_pow2(64 * W + 1)
     # Pass 1 is cheap per element (load, popcount, histogram): a wide block. Pass 2 pays a
-    # BLOCK2×BLOCK2 rank comparison: a narrow one. Both shrink for short histories.
-    BLOCK1 = max(16, min(1024 // WP, next_pow2(L)))
-    BLOCK2 = max(16, min(64, next_pow2(L)))
+    # BLOCK2×BLOCK2 rank comparison per query: a narrow one. Both shrink for short
+    # histories and for query tiles (the register tile holds BLOCK_B rows).
+    CHUNK = triton.cdiv(L, S)
+    BLOCK1 = max(16, min(1024 // (WP * BLOCK_B), next_pow2(CHUNK)))
+    BLOCK2 = max(16, min(64 // BLOCK_B, next_pow2(CHUNK)))
+    CHUNK = triton.cdiv(CHUNK, BLOCK1) * BLOCK1      # chunks start on block boundaries
+    S = triton.cdiv(L, CHUNK)
+    dist = torch.empty((B, S, topk), dtype=torch.int32, device=dev)
+    idx = torch.empty((B, S, topk), dtype=torch.int64, device=dev)
     with device_guard(q):
-        _hamming_topk_kernel[(B,)](
-            q, k, rows, lengths, hist_index, dist, idx, L, topk,
-            W=W, WP=WP, NBINS=NBINS, BLOCK1=BLOCK1, BLOCK2=BLOCK2,
+        _hamming_topk_kernel[(triton.cdiv(B, BLOCK_B), S)](
+            q, k, rows, lengths, hist_index, dist, idx, B, L, topk, CHUNK, S,
+            W=W, WP=WP, NBINS=NBINS, BLOCK_B=BLOCK_B, BLOCK1=BLOCK1, BLOCK2=BLOCK2,
             HW_POPC=use_hw_popcount(), INDEXED=indexed, num_warps=4)
-    return dist, idx
+    if S == 1:
+        return dist.view(B, topk), idx.view(B, topk)
+    # Merge: each chunk's list is ordered by (distance, position) and positions are unique,
+    # so the key distance·(L+1) + position orders the union exactly; empty slots last.
+    dist, idx = dist.view(B, S * topk), idx.view(B, S * topk)
+    key = torch.where(idx >= 0, dist.to(torch.int64) * (L + 1) + idx,
+                      torch.iinfo(torch.int64).max)
+    order = torch.topk(key, topk, dim=1, largest=False, sorted=True).indices
+    return dist.gather(1, order), idx.gather(1, order)
 
 
 def hamming_topk(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
-                 hist_index: torch.Tensor, topk: int):
+                 hist_index: torch.Tensor, topk: int, *, block_b: Optional[int] = None,
+                 splits: Optional[int] = None):
     """q (B, W), k (U, L, W) int64, lengths (U,), hist_index (B,) int64.
 
     Returns (dist (B, topk) int32, idx (B, topk) int64): the topk valid positions of each
     query's history with the smallest distance, ordered by (distance, position); empty
-    slots hold idx = -1 and dist = 64·W + 1.
+    slots hold idx = -1 and dist = 64·W + 1. ``block_b``/``splits`` force the tiling
+    (see :func:`topk_plan`).
     """
     # rows is unused by the dense kernel: k stands in for the pointer.
-    return _topk_launch(q, k, k, lengths, hist_index, topk, k.shape[1], False)
+    return _topk_launch(q, k, k, lengths, hist_index, topk, k.shape[1], False, block_b,
+                        splits)
 
 
 def hamming_topk_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
-                      lengths: torch.Tensor, hist_index: torch.Tensor, topk: int):
+                      lengths: torch.Tensor, hist_index: torch.Tensor, topk: int, *,
+                      block_b: Optional[int] = None, splits: Optional[int] = None):
     """q (B, W), k (N, W) int64 table, rows (U, L) int64, lengths (U,), hist_index (B,).
 
     Position l of history u has signature k[rows[u, l]]; positions l >= lengths[u] are never
@@ -219,4 +308,5 @@ def hamming_topk_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
     ``hamming_topk(q, k[rows], lengths, hist_index, topk)`` returns: positions l, not table
     rows, ordered by (distance, position), empty slots idx = -1 and dist = 64·W + 1.
     """
-    return _topk_launch(q, k, rows, lengths, hist_index, topk, rows.shape[1], True)
+    return _topk_launch(q, k, rows, lengths, hist_index, topk, rows.shape[1], True, block_b,
+                        splits)

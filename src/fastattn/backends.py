@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import os
+import re
 from types import ModuleType
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "BackendUnavailableError", "backends", "available",
-           "load", "resolve", "interpreting", "cpu_threads"]
+__all__ = ["BACKENDS", "ENV_VAR", "TRITON_MIN", "BackendUnavailableError", "backends",
+           "available", "load", "resolve", "interpreting", "cpu_threads", "versions"]
 
 BACKENDS = ("triton", "cpp", "numba", "torch")
 ENV_VAR = "FASTATTN_BACKEND"
@@ -44,6 +46,50 @@ _HINTS = {
 }
 
 
+# The Triton kernels use tl.histogram(..., mask=) (Triton 3.4) and tl.gather (3.2). Torch
+# 2.8 is the first release whose CUDA builds bring Triton 3.4; an older Triton makes the
+# backend unavailable (CUDA tensors then fall back to the torch reference) instead of
+# failing at the first kernel launch.
+TRITON_MIN = (3, 4)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """(3, 4, 0) from "3.4.0", "3.4.0+git1234" or "3.5.0rc1"."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Installed versions of torch and of the optional backends' packages (None: absent)."""
+    out: Dict[str, Optional[str]] = {"torch": torch.__version__}
+    for dist in ("triton", "numba"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    if out["triton"] is None:  # some torch builds ship it as pytorch-triton
+        try:
+            out["triton"] = importlib.metadata.version("pytorch-triton")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_triton_version() -> None:
+    import triton
+    found = getattr(triton, "__version__", None) or versions()["triton"] or "0"
+    if _version_tuple(found) < TRITON_MIN:
+        need = ".".join(map(str, TRITON_MIN))
+        raise ImportError(f"triton {found} is too old: fastattn's Triton kernels need "
+                          f"triton>={need} (tl.histogram with mask=); install it with "
+                          f"`pip install 'triton>={need}'` (CUDA builds of torch>=2.8 bring it)")
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for (argument or FASTATTN_BACKEND) but cannot run here."""
 
@@ -57,6 +103,8 @@ def interpreting() -> bool:
 def _probe(name: str):
     """(module, None) if the backend imports, else (None, reason). Cached: probed once."""
     try:
+        if name == "triton":
+            _check_triton_version()
         return importlib.import_module(_MODULES[name]), None
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         return None, f"{type(exc).__name__}: {exc}"
@@ -118,7 +166,9 @@ def backends() -> Dict[str, object]:
     """What is usable here and which backend each device gets by default.
 
     Returns ``{"available": {name: bool}, "missing": {name: reason}, "cpu": name,
-    "cuda": name or None, "forced": FASTATTN_BACKEND or None, "cpu_features": ...}``.
+    "cuda": name or None, "forced": FASTATTN_BACKEND or None, "versions": {torch, triton,
+    numba: version or None}, "cpu_features": ...}`` (a Triton older than ``TRITON_MIN``
+    is listed under "missing" with the version found).
     """
     avail = {n: available(n) for n in BACKENDS}
     info: Dict[str, object] = {
@@ -127,6 +177,7 @@ def backends() -> Dict[str, object]:
         "cpu": _default("cpu"),
         "cuda": _default("cuda") if torch.cuda.is_available() else None,
         "forced": os.environ.get(ENV_VAR) or None,
+        "versions": versions(),
     }
     if avail["cpp"]:
         info["cpu_features"] = load("cpp").cpu_features()

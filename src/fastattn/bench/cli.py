@@ -39,6 +39,29 @@ def markers(device: str = "cpu") -> Tuple[str, str]:
     return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
+class StickyDeviceError(RuntimeError):
+    """A kernel left the CUDA context unusable (illegal address, device-side assert, ...):
+    every later call would fail too, so the run stops, naming the point and the kernel.
+    ``rows`` and ``skipped`` hold what the interrupted sweep measured before it."""
+
+    def __init__(self, message: str, rows: List[Row], skipped: List[Row]):
+        super().__init__(message)
+        self.rows, self.skipped = rows, skipped
+
+
+def context_broken(device: str) -> bool:
+    """After an error on ``device``: True if the CUDA context no longer runs anything (a
+    sticky error), False if it was an ordinary exception and later points may still run."""
+    if device != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+        return False
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return True
+
+
 def _oom_types() -> Tuple[type, ...]:
     # torch.OutOfMemoryError is torch>=2.5's name for the CUDA one
     return (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
@@ -82,6 +105,16 @@ def _fits(point: Point, device: str) -> Optional[str]:
     return None
 
 
+def _speedups(sweep: Sweep, point_rows: List[Row]) -> List[Row]:
+    """Add each row's baseline and speed-up over it (rows of one point), and return them."""
+    timings = {r["impl"]: r["median_s"] for r in point_rows}
+    for row in point_rows:
+        row["baseline"] = sweep.baseline_for(row["impl"])
+        base = timings.get(row["baseline"])
+        row["speedup"] = base / row["median_s"] if base else None
+    return point_rows
+
+
 def run_sweep(sweep: Sweep, budget_s: float, progress, *, timer: Optional[Timer] = None,
               limits: Optional[Dict[str, Optional[float]]] = None
               ) -> Tuple[List[Row], List[Row]]:
@@ -92,8 +125,11 @@ def run_sweep(sweep: Sweep, budget_s: float, progress, *, timer: Optional[Timer]
     with the reason (too little memory, an out-of-memory error, or the sweep's own skip).
     An implementation that raises anything else is recorded with ``"error": True`` and the
     exception, and the sweep goes on: one broken kernel must not cost the other figures
-    (``main`` then exits non-zero). ``timer`` defaults to the device's
-    (:func:`~fastattn.bench.measure.timer_for`).
+    (``main`` then exits non-zero). On CUDA each timed call is synchronised inside its own
+    ``try``, so an asynchronous kernel error is charged to the kernel that caused it; if
+    the error is sticky (:func:`context_broken`) :class:`StickyDeviceError` ends the run
+    instead, since every later point would fail or measure garbage. ``timer`` defaults to
+    the device's (:func:`~fastattn.bench.measure.timer_for`).
     """
     device = sweep.device
     timer = timer or timer_for(device)
@@ -123,23 +159,27 @@ def run_sweep(sweep: Sweep, budget_s: float, progress, *, timer: Optional[Timer]
                 t = timer(fn, budget_s=budget_s)
                 gc.collect()
                 mem = peak(fn)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # an asynchronous error surfaces here, not later
             except _oom_types() as exc:
                 skip(point, name, f"out of memory: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - recorded, reported, and fails main
                 skip(point, name, f"failed: {exc!r}", error=True)
+                if context_broken(device):
+                    raise StickyDeviceError(
+                        f"{sweep.name} at {point.params}, implementation {name!r}: {exc!r} "
+                        f"left the {device} context unusable (a sticky error), so the run "
+                        "stops here; rerun this kernel alone (fastattn-bench --device cuda "
+                        f"--sweeps {sweep.name}) with CUDA_LAUNCH_BLOCKING=1 to locate it",
+                        rows + _speedups(sweep, point_rows), skipped) from exc
                 continue
             row = {"sweep": sweep.name, "impl": name, **point.params, **t}
             throughput(row, point.pairs, sweep.cost(point.params, name) if sweep.cost
                        else None, limits)
             row["peak_extra_bytes"] = mem
             point_rows.append(row)
-        timings = {r["impl"]: r["median_s"] for r in point_rows}
-        for row in point_rows:
-            row["baseline"] = sweep.baseline_for(row["impl"])
-            base = timings.get(row["baseline"])
-            row["speedup"] = base / row["median_s"] if base else None
-        rows += point_rows
+        rows += _speedups(sweep, point_rows)
         del impls
         gc.collect()
         if device == "cuda":
@@ -369,16 +409,32 @@ def main(argv=None) -> int:
     sweeps = select(args.sweeps, args.quick, args.device)
     from tqdm.auto import tqdm
     total = sum(len(s.points) for s in sweeps)
+    results, sticky = [], None
     with tqdm(total=total, unit="point", file=sys.stderr) as progress:
-        results = [(s, *run_sweep(s, budget, progress, timer=timer, limits=meta["limits"]))
-                   for s in sweeps]
+        for s in sweeps:
+            try:
+                rows, skipped = run_sweep(s, budget, progress, timer=timer,
+                                          limits=meta["limits"])
+            except StickyDeviceError as exc:
+                # What was measured before the failure is kept; nothing after it is run.
+                rows, skipped, sticky = exc.rows, exc.skipped, exc
+            # Written as each sweep ends: a run cut short (a timeout) keeps what it measured.
+            write_results(args.out, s, rows, meta, skipped)
+            results.append((s, rows, skipped))
+            if sticky is not None:
+                break
     for sweep, rows, skipped in results:
         print_table(sweep, rows, skipped)
-        write_results(args.out, sweep, rows, meta, skipped)
-    print(f"\nwrote {', '.join(s.name for s in sweeps)} (.csv/.json/.png) to {args.out}")
+    print(f"\nwrote {', '.join(s.name for s, _, _ in results)} (.csv/.json/.png) to "
+          f"{args.out}")
     failed = [s for _, _, skipped in results for s in skipped if s.get("error")]
     for s in failed:
         print(f"FAILED {s['sweep']} {s['impl']}: {s['reason']}", file=sys.stderr)
+    if sticky is not None:
+        not_run = [s.name for s in sweeps[len(results):]]
+        print(f"STOPPED: {sticky}" + (f"; not run: {', '.join(not_run)}" if not_run else ""),
+              file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

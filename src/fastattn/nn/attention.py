@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference as ref
-
 from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
+from ..ops._common import (check_hist_rows, check_lengths, check_signature, checked_lengths,
+                           checked_rows, layout)
 
 __all__ = ["TargetAttention", "ETAAttention"]
 
@@ -95,29 +95,34 @@ class TargetAttention(nn.Module):
             def attend(qk: Tensor, scale: float) -> Tensor:
                 k, v, rows = keys, values, hist_rows
                 if small:
-                    k, v, rows = self._gather_small(k, v, rows)
+                    k, v, rows = self._gather_small(k, v, rows, lengths)
                 return target_attention(qk, k, k if v is None else v, lengths=lengths,
                                         hist_index=hist_index, hist_rows=rows, scale=scale,
                                         backend=self.backend)
-            U = keys.shape[0] if hist_rows is None else hist_rows.shape[0]
-            lens = ref.default_lengths(U, L, q.device) if lengths is None else lengths
-            hist = ref.default_hist_index(q.shape[0], U, q.device) if hist_index is None \
-                else hist_index
-            valid = lens.to(torch.int64)[hist.to(torch.int64)] > 0 if U else \
+            U = keys.shape[0] if hist_rows is None else check_hist_rows(hist_rows).shape[0]
+            check_lengths(lengths, U)
+            lens, hist = layout(q.shape[0], U, L, lengths, hist_index, q.device)   # checked
+            valid = lens[hist] > 0 if U else \
                 torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
             return self.attend_inputs(q, attend, valid)
         q, k, v = self.project(query, keys, values)
         if hist_rows is not None and 0 < k.shape[0] and \
                 hist_rows.numel() * self.embed_dim <= self.gather_below:
-            k, v, hist_rows = self._gather_small(k, v, hist_rows)
+            k, v, hist_rows = self._gather_small(k, v, hist_rows, lengths)
         out = target_attention(self._split(q), self._split(k), self._split(v),
                                lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                                backend=self.backend)
         return self._merge(out)
 
     @staticmethod
-    def _gather_small(k: Tensor, v: Optional[Tensor], hist_rows: Tensor):
+    def _gather_small(k: Tensor, v: Optional[Tensor], hist_rows: Tensor,
+                      lengths: Optional[Tensor]):
         """The rows of a small indexed history, gathered to (U, L, ·)."""
+        # The fused op would check the rows it reads; the gather must refuse the same
+        # inputs (a -1 or an out-of-table row at a valid position) before clamping.
+        U, L = check_hist_rows(hist_rows).shape
+        checked_rows(hist_rows, checked_lengths(check_lengths(lengths, U), U, L,
+                                                hist_rows.device), k.shape[0])
         rows = hist_rows.clamp(min=0)     # positions past lengths are masked anyway
         # F.embedding: its backward is a plain index-add (advanced indexing's sorts)
         return F.embedding(rows, k), None if v is None else F.embedding(rows, v), None
@@ -209,10 +214,27 @@ class ETAAttention(TargetAttention):
         """
         return self.sign(self.k_proj(item_embeddings))
 
+    def _check_key_signatures(self, key_signatures: Optional[Tensor], keys: Tensor,
+                              hist_rows: Optional[Tensor]) -> None:
+        """key_signatures: (N, W) with hist_rows, else (U, L, W), W = ceil(hash_bits / 64)."""
+        if key_signatures is None:
+            return
+        W = (self.hash_bits + 63) // 64
+        lead = tuple(keys.shape[:1] if hist_rows is not None else keys.shape[:2])
+        form = "(N, W) like the keys table" if hist_rows is not None else "(U, L, W)"
+        check_signature("key_signatures", key_signatures, ndim=len(lead) + 1,
+                        shape=f"shape {form}")
+        if tuple(key_signatures.shape) != lead + (W,):
+            raise ValueError(f"key_signatures must be {form} = {lead + (W,)}, got "
+                             f"{tuple(key_signatures.shape)}")
+
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
                 lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
                 hist_rows: Optional[Tensor] = None,
                 key_signatures: Optional[Tensor] = None) -> Tensor:
+        # Checked on both paths (unused by the dense one), so a call that is wrong for one
+        # history length is wrong for all.
+        self._check_key_signatures(key_signatures, keys, hist_rows)
         if self.history_length(keys, hist_rows) <= self.topk:
             return super().forward(query, keys, values, lengths=lengths, hist_index=hist_index,
                                    hist_rows=hist_rows)
@@ -221,6 +243,9 @@ class ETAAttention(TargetAttention):
         # and projected again, with autograd. Same output and gradients as eta_attention on
         # projected histories, but V is projected for the winners only and the backward
         # touches B·topk rows instead of every row of the history or table.
+        if values is not None and values.shape[:-1] != keys.shape[:-1]:
+            raise ValueError(f"values must have the rows of keys {tuple(keys.shape[:-1])} "
+                             f"(then any width), got {tuple(values.shape)}")
         q = self.q_proj(query)
         if key_signatures is None:
             with torch.no_grad():

@@ -2,11 +2,12 @@
 
 Shape and dtype checks run in the public wrappers (they also hold for fake tensors under
 torch.compile); checks that read values (lengths, hist_index, idx ranges) run inside the
-op implementations, where the data is real.
+op implementations, where the data is real: on the host for CPU tensors (ValueError), as
+device-side asserts for CUDA tensors (no host sync; see :func:`host_checks`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -97,10 +98,46 @@ def check_table(name: str, t: Tensor, hist_rows: Optional[Tensor], ndim: int,
         raise ValueError(f"{name} must be {form}, got shape {tuple(t.shape)}")
 
 
+def host_checks(t: Tensor) -> bool:
+    """Whether value checks on ``t`` may read it on the host (DESIGN §7, "Value checks").
+
+    CPU tensors: yes, in eager mode, so a bad value raises ValueError naming it. CUDA
+    tensors (and anything under torch.compile tracing): no. Reading a CUDA value blocks the
+    host until the GPU catches up and makes a forward impossible to capture in a CUDA
+    graph, so there the check is a device-side assert (``torch._assert_async``) that
+    stops the stream before any kernel reads out of bounds.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def require(ok: Tensor, what: str, message: Callable[[], str]) -> None:
+    """Unless the 0-dim bool tensor ``ok`` holds: ValueError(message()) (host check, the
+    message may read values), or on the device an asynchronous assert saying ``what``."""
+    if host_checks(ok):
+        if not bool(ok):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok, "fastattn: " + what)
+
+
 def _flat_position(rows: Tensor, bad: Tensor) -> Tuple[int, int]:
-    """(u, l) of the first True in ``bad`` (U, L), row-major."""
+    """(u, l) of the first True in ``bad`` (U, L), row-major (host only: a failed check)."""
     flat = int(torch.nonzero(bad.reshape(-1))[0, 0])
     return divmod(flat, rows.shape[1])
+
+
+def require_range(name: str, t: Tensor, lo: int, hi: int, interval: str,
+                  note: str = "") -> None:
+    """Every value of ``t`` in [lo, hi] (``interval`` names it in the message)."""
+    if not t.numel():
+        return
+    what = f"{name} must lie in {interval}{note}"
+    if host_checks(t):  # one reduction, one sync; the message reads the range itself
+        mn, mx = (int(v) for v in torch.aminmax(t))
+        if mn < lo or mx > hi:
+            raise ValueError(f"{what}, got values in [{mn}, {mx}]")
+        return
+    require(((t >= lo) & (t <= hi)).all(), what, lambda: what)
 
 
 def checked_rows(hist_rows: Tensor, lens: Tensor, n_rows: int) -> Tensor:
@@ -112,11 +149,14 @@ def checked_rows(hist_rows: Tensor, lens: Tensor, n_rows: int) -> Tensor:
         return rows
     valid = torch.arange(L, device=rows.device) < lens[:, None]
     bad = valid & ((rows < 0) | (rows >= n_rows))
-    if bool(bad.any()):
+
+    def message() -> str:
         u, l = _flat_position(rows, bad)
-        raise ValueError(f"hist_rows[{u}, {l}] = {int(rows[u, l])} is outside the table "
-                         f"[0, N={n_rows}) at a valid position (l < lengths[{u}] = "
-                         f"{int(lens[u])}); -1 may only pad positions past the length")
+        return (f"hist_rows[{u}, {l}] = {int(rows[u, l])} is outside the table "
+                f"[0, N={n_rows}) at a valid position (l < lengths[{u}] = "
+                f"{int(lens[u])}); -1 may only pad positions past the length")
+    require(~bad.any(), f"hist_rows must hold a table row in [0, N={n_rows}) at every valid "
+            "position", message)
     return rows
 
 
@@ -131,16 +171,17 @@ def slot_rows(hist_rows: Tensor, hist: Tensor, idx: Tensor, n_rows: int) -> Tens
     L = rows.shape[1]
     at = rows.reshape(-1)[(hist[:, None] * L + idx.clamp(min=0)).reshape(-1)]
     flat = torch.where(sel, at.view(idx.shape), -1)
-    # One reduction and one sync: a selected row out of range shows in the min or the max
-    # (unselected slots read as row 0, in range unless the table is empty).
-    lo, hi = (int(v) for v in torch.aminmax(torch.where(sel, flat, 0))) if idx.numel() \
-        else (0, 0)
-    if (lo < 0 or hi >= n_rows) and bool(sel.any()):
-        bad = sel & ((flat < 0) | (flat >= n_rows))
+    if not idx.numel():
+        return flat
+    bad = sel & ((flat < 0) | (flat >= n_rows))
+
+    def message() -> str:
         b, j = _flat_position(idx, bad)
-        raise ValueError(f"hist_rows[{int(hist[b])}, {int(idx[b, j])}] = {int(flat[b, j])}, "
-                         f"selected by idx[{b}, {j}], is outside the table [0, N={n_rows}): a "
-                         "selected position must hold a table row")
+        return (f"hist_rows[{int(hist[b])}, {int(idx[b, j])}] = {int(flat[b, j])}, "
+                f"selected by idx[{b}, {j}], is outside the table [0, N={n_rows}): a "
+                "selected position must hold a table row")
+    require(~bad.any(), f"hist_rows must hold a table row in [0, N={n_rows}) at every "
+            "position idx selects", message)
     return flat
 
 
@@ -149,10 +190,17 @@ def checked_lengths(lengths: Optional[Tensor], U: int, L: int, device) -> Tensor
     if lengths is None:
         return ref.default_lengths(U, L, device)
     lens = lengths.to(torch.int64).contiguous()
-    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > L):
-        raise ValueError(f"lengths must lie in [0, L={L}], got values in "
-                         f"[{int(lens.min())}, {int(lens.max())}]")
+    require_range("lengths", lens, 0, L, f"[0, L={L}]")
     return lens
+
+
+def checked_hist_index(hist_index: Optional[Tensor], B: int, U: int, device) -> Tensor:
+    """Materialised hist_index (B,) int64, values checked to lie in [0, U)."""
+    if hist_index is None:
+        return ref.default_hist_index(B, U, device)
+    hist = hist_index.to(torch.int64).contiguous()
+    require_range("hist_index", hist, 0, U - 1, f"[0, U={U})")
+    return hist
 
 
 def layout(B: int, U: int, L: int, lengths: Optional[Tensor], hist_index: Optional[Tensor],
@@ -161,15 +209,8 @@ def layout(B: int, U: int, L: int, lengths: Optional[Tensor], hist_index: Option
 
     Called inside op implementations, so the checks see real data.
     """
-    lens = checked_lengths(lengths, U, L, device)
-    if hist_index is None:
-        hist = ref.default_hist_index(B, U, device)
-    else:
-        hist = hist_index.to(torch.int64).contiguous()
-        if hist.numel() and (int(hist.min()) < 0 or int(hist.max()) >= U):
-            raise ValueError(f"hist_index must lie in [0, U={U}), got values in "
-                             f"[{int(hist.min())}, {int(hist.max())}]")
-    return lens, hist
+    return (checked_lengths(lengths, U, L, device),
+            checked_hist_index(hist_index, B, U, device))
 
 
 def backend_for(device, backend: Optional[str]) -> str:

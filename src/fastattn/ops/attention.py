@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_hist_rows,
-                      check_lengths, check_same_device, check_tensor, cpu_call, kernels)
+                      check_lengths, check_same_device, check_tensor, cpu_call, kernels,
+                      layout)
 from .hamming import check_topk_inputs
 from .gather import scatter_add_rows, slot_layout
 
@@ -310,11 +311,12 @@ def target_attention(q: Tensor, keys: Tensor, values: Tensor, *,
     dev = check_same_device(q=q, keys=keys, values=values, lengths=lengths,
                             hist_index=hist_index, hist_rows=hist_rows)
     sc = _scale(scale, Dh)
+    # Values checked here, for both forms: out-of-range lengths would be clamped (or give
+    # NaN rows) and a bad hist_index would wrap, or be ignored with one shared history.
+    lens, hist = layout(B, U, L, lengths, hist_index, dev)
     if hist_rows is not None:
-        lens = ref.default_lengths(U, L, dev) if lengths is None else lengths.to(torch.int64)
-        hist = ref.default_hist_index(B, U, dev) if hist_index is None else hist_index
         pos = torch.arange(L, device=dev)
-        idx = torch.where(pos < lens[hist.to(torch.int64)][:, None], pos, -1)     # (B, L)
+        idx = torch.where(pos < lens[hist][:, None], pos, -1)     # (B, L)
         out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
                                                    hist_index, hist_rows, sc,
                                                    backend_for(dev, backend))
@@ -325,13 +327,12 @@ def target_attention(q: Tensor, keys: Tensor, values: Tensor, *,
     if L == 0:  # nothing to attend to: zeros, still connected to the graph (zero gradients)
         out = torch.einsum("bhl,lhd->bhd", torch.einsum("bhd,lhd->bhl", q3, k4[0]), v4[0])
         return out.squeeze(1) if single else out
-    lens = ref.default_lengths(U, L, q.device) if lengths is None else lengths.to(torch.int64)
     kh, vh = k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)        # (U, H, L, ·) views
     if U == 1:
         qh = q3.transpose(0, 1).unsqueeze(0)                          # (1, H, B, Dh)
     else:
         if hist_index is not None:
-            kh, vh, lens = kh[hist_index], vh[hist_index], lens[hist_index]
+            kh, vh, lens = kh[hist], vh[hist], lens[hist]
         qh = q3.unsqueeze(2)                                          # (B, H, 1, Dh)
     valid = torch.arange(L, device=q.device) < lens.unsqueeze(1)      # (U or B, L)
     empty = lens == 0

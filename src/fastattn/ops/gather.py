@@ -8,18 +8,14 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_hist_rows,
-                      check_same_device, check_table, check_tensor, cpu_call, kernels, layout,
-                      slot_rows)
+                      check_same_device, check_table, check_tensor, checked_hist_index, cpu_call,
+                      kernels, require_range, slot_rows)
 
 __all__ = ["topk_gather", "scatter_add_rows", "slot_layout"]
 
 
 def check_idx_range(idx: Tensor, L: int) -> None:
-    if idx.numel():
-        lo, hi = (int(v) for v in torch.aminmax(idx))
-        if lo < -1 or hi >= L:
-            raise ValueError(f"idx must lie in [-1, L={L}) (-1 marks an empty slot), got "
-                             f"values in [{lo}, {hi}]")
+    require_range("idx", idx, -1, L - 1, f"[-1, L={L})", " (-1 marks an empty slot)")
 
 
 def slot_layout(idx: Tensor, hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
@@ -33,7 +29,7 @@ def slot_layout(idx: Tensor, hist_index: Optional[Tensor], hist_rows: Optional[T
     """
     B = idx.shape[0]
     U, L = rows_shape if hist_rows is None else hist_rows.shape
-    _, hist = layout(B, U, L, None, hist_index, device)
+    hist = checked_hist_index(hist_index, B, U, device)
     check_idx_range(idx, L)
     if hist_rows is None:
         return idx, hist, U, L

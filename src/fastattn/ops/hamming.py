@@ -87,8 +87,9 @@ def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor
     if hist_rows is None:
         name, args = "hamming_topk", (q, ks, lens, hist)
     else:
-        # The C++ kernel checks the rows itself (in parallel, before reading any of them).
-        rows = (hist_rows.to(torch.int64).contiguous() if backend == "cpp"
+        # The C++ kernel checks the rows itself (in parallel, before reading any of them);
+        # with no query it is not called, and the rows are checked here like elsewhere.
+        rows = (hist_rows.to(torch.int64).contiguous() if backend == "cpp" and B
                 else checked_rows(hist_rows, lens, k_sig.shape[0]))
         name, args = "hamming_topk_rows", (q, ks, rows, lens, hist)
     if backend == "torch":
