@@ -349,7 +349,19 @@ def test_fuzz_attention(data, lay, H, Dh, Dv, dtype, W, topk, op):
 @given(data=st.data(), N=st.integers(0, 6), D=st.integers(1, 12), nbits=st.integers(1, 300),
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_fuzz_simhash(data, N, D, nbits, dtype):
-    defect = data.draw(st.sampled_from((None, "planes D", "int x", "device")))
+    gathered = data.draw(st.booleans())            # the rows= form: signatures of x[rows]
+    defect = data.draw(st.sampled_from((None, "planes D", "int x", "device") + (
+        ("rows range", "rows dtype", "rows shape") if gathered else ())))
+    rows = None
+    if gathered:
+        rows = torch.tensor(data.draw(st.lists(st.integers(0, max(N - 1, 0)), max_size=8)
+                                      if N else st.just([])), dtype=torch.int64)
+        if defect == "rows range":
+            rows = torch.cat([rows, torch.tensor([data.draw(st.sampled_from([N, -1]))])])
+        elif defect == "rows dtype":
+            rows = rows.double()
+        elif defect == "rows shape":
+            rows = rows.view(1, -1)
     x, planes = torch.randn(N, D, dtype=torch.float64), torch.randn(D, nbits,
                                                                      dtype=torch.float64)
     # Keep every projection away from 0, where fp32 and fp64 signs may legitimately differ.
@@ -362,11 +374,12 @@ def test_fuzz_simhash(data, N, D, nbits, dtype):
         x = x.to(torch.int64)
     meta = "planes" if defect == "device" else None
     seen = _run_everywhere(lambda name, dev: fastattn.simhash_sign(
-        **_move(dict(x=x, planes=planes), dev, meta), backend=name))
+        **_move(dict(x=x, planes=planes, rows=rows), dev, meta), backend=name))
     want = None
     if defect is None:
-        signs = ref.simhash_sign(x.double(), planes.double())
-        near = ((x.double() @ planes.double()).abs() < 1e-4).any()
+        xs = x if rows is None else x[rows]
+        signs = ref.simhash_sign(xs.double(), planes.double())
+        near = ((xs.double() @ planes.double()).abs() < 1e-4).any()
         want = (signs,) if not near else None
         if want is None:
             return                                       # a tie at 0: no single answer

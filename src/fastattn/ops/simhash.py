@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ._common import FLOAT_DTYPES, backend_for, check_same_device, check_tensor, cpu_call, kernels
+from ._common import (FLOAT_DTYPES, backend_for, check_same_device, check_tensor, cpu_call,
+                      kernels, require)
 
 __all__ = ["simhash_sign", "make_planes"]
 
@@ -27,13 +28,16 @@ def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = Non
 
 
 def _checked_table_rows(rows: Tensor, n_rows: int) -> Tensor:
-    """rows as contiguous int64 with every entry a row of the table, [0, n_rows)."""
+    """rows as contiguous int64 with every entry a row of the table, [0, n_rows) (checked
+    on the host for CPU tensors, by a device-side assert on CUDA)."""
     rows = rows.to(torch.int64).contiguous()
     if rows.numel():
         bad = (rows < 0) | (rows >= n_rows)
-        if bool(bad.any()):
+
+        def message() -> str:
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"rows[{i}] = {int(rows[i])} is outside the table x [0, N={n_rows})")
+            return f"rows[{i}] = {int(rows[i])} is outside the table x [0, N={n_rows})"
+        require(~bad.any(), f"rows must lie in the table x [0, N={n_rows})", message)
     return rows
 
 
