@@ -147,7 +147,6 @@ void check_topk_args(const char* fn, const py::array& q, const py::array& k, int
     const int64_t B = q.shape(0), W = q.shape(1);
     expect(kw == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
                             " must have the same number of words W");
-    expect(W >= 1, fn, "signatures need W >= 1 words");
     expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
     expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
     expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));

@@ -36,6 +36,9 @@ namespace {
 constexpr int kBlockKeys = 8;    // keys per tile block: the uint64 lanes of one zmm
 constexpr int kMaxQueries = 4;   // queries sharing one pass over the keys
 constexpr int kMaxStaticW = 5;   // W = 1..5 get fully unrolled kernels; larger W loops
+// The AVX-512 top-k stores distances as uint16 with 0xFFFF marking "no key", so it serves
+// W <= 1023 (64 W <= 65472); wider signatures take the portable scan (uint32 distances).
+constexpr int64_t kMaxTileW = 1023;
 
 // How the AVX-512 scan loads the words of 8 keys: from a tile (one aligned load per word), or
 // gathered from dense row-major keys (stride W) or from table rows (rows[l] * W).
@@ -296,6 +299,7 @@ using ScanDistFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t
                                const uint64_t* const*, uint16_t* const*, uint16_t* const*);
 
 constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane past the last key
+static_assert(64 * kMaxTileW < kNoKey, "uint16 distances must stay below kNoKey");
 constexpr int kVec16 = 32;           // uint16 lanes of one zmm
 
 // Word w of a block's 8 keys: one load from a tile, or a gather of t[offsets[i] + w] (masked,
@@ -555,9 +559,15 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
     uint64_t* const shared = shared_tile.data();
     const uint64_t* const keys = reinterpret_cast<const uint64_t*>(k);
 
+    // Per-thread scratch allocated before the region: a bad_alloc thrown inside it would
+    // end in std::terminate instead of reaching Python as MemoryError.
+    std::vector<TileWorker> workers;
+    workers.reserve(static_cast<size_t>(nthreads));
+    for (int i = 0; i < nthreads; ++i) workers.emplace_back(q, W, L, topk, out_dist, out_idx);
+
 #pragma omp parallel num_threads(nthreads)
     {
-        TileWorker worker(q, W, L, topk, out_dist, out_idx);
+        TileWorker& worker = workers[static_cast<size_t>(omp_get_thread_num())];
         for (const int64_t u : hot) {
             const int64_t n = lengths[u];
             const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
@@ -597,7 +607,7 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    if (use_avx512_vpopcnt()) {
+    if (use_avx512_vpopcnt() && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
@@ -606,9 +616,12 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
     const ScanRowsFn<Keys> scan = pick_scan_rows<Keys>();
     const uint64_t* qq = reinterpret_cast<const uint64_t*>(q);
     const uint64_t* kk = reinterpret_cast<const uint64_t*>(k);
+    std::vector<TopkSelector> selectors;  // allocated before the region (see above)
+    selectors.reserve(static_cast<size_t>(nthreads));
+    for (int i = 0; i < nthreads; ++i) selectors.emplace_back(topk, L, W);
 #pragma omp parallel num_threads(nthreads)
     {
-        TopkSelector sel(topk, L, W);
+        TopkSelector& sel = selectors[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 4)
         for (int64_t b = 0; b < B; ++b) {
             const int64_t u = hist_index[b];
