@@ -89,6 +89,22 @@ def test_topk_noncontiguous(backend):
     _check_topk(backend, q, k, 5)
 
 
+@pytest.mark.parametrize("nbits", [None, 6])
+@pytest.mark.parametrize("W", [1, 5])
+def test_topk_many_queries_per_history(backend, W, nbits):
+    """The serving layout: many queries share each history (the C++ AVX-512 path tiles such
+    a history and register-blocks up to 4 queries per key load, with a remainder block):
+    lengths that are no multiple of 8, more slots than keys, heavy ties."""
+    g = torch.Generator().manual_seed(W)
+    q = random_sigs(45, W, nbits=nbits, generator=g)
+    k = random_sigs(3, 400, W, nbits=nbits, generator=g)
+    hist = torch.randint(0, 3, (45,), generator=g)
+    # (the Triton interpreter takes seconds per call: one slot count suffices there)
+    for topk in (1, 64, 450) if backend != "triton" else (64,):
+        _check_topk(backend, q, k, topk, lengths=torch.tensor([400, 133, 7]), hist_index=hist)
+    _check_topk(backend, q[:37], k[:1], 64)
+
+
 @pytest.mark.parametrize("W", [1023, 1024, 1100])
 def test_topk_wide_signatures(backend, W):
     """W >= 1024: 64 W no longer fits the AVX-512 path's uint16 distances, which used to wrap
