@@ -10,8 +10,9 @@
 //
 // The AVX-512 path computes the distances of 8 keys at once as W x (XOR, VPOPCNTQ, ADD) on
 // vectors that hold one word of each of the 8 keys, so no horizontal reduction is needed,
-// and selects in two passes (see scan_dist_avx512) so that the per-key work stays
-// branch-free vector code. A history read by many queries (the serving layout) is first
+// and selects in two passes (see scan_packed and TileWorker::run) so that the per-key work
+// stays branch-free vector code. It serves W <= kMaxTileW (uint16 distances); wider
+// signatures take the portable path. A history read by many queries (the serving layout) is first
 // re-laid out by all threads together as such blocks ("tile": word w of keys 8j..8j+7 is
 // one 512-bit vector), and then its queries are split between threads. A history read by
 // few queries (the training layout) goes whole to one thread, which gathers the words from

@@ -65,3 +65,20 @@ def test_machine_limits_come_from_the_micro_kernels():
     assert all(v is None or v > 0 for v in limits.values())
     assert limits["popcount_gwords_per_s"] > 0
     assert measure.machine_info("cpu")["popcount_isa"] == isa
+
+
+def test_triton_popcount_limit_kernel_matches_plain_popcount():
+    """The GPU micro-kernel (run here by the Triton interpreter; on a GPU it uses hardware
+    popc): each key's minimum distance over the queries."""
+    from conftest import _require
+    _require("triton")
+    from fastattn.kernels.triton.limits import popcount_limit
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randint(-2**63, 2**63 - 1, (300, 4), dtype=torch.int64, generator=g)
+    q = torch.randint(-2**63, 2**63 - 1, (5, 4), dtype=torch.int64, generator=g)
+    x = np.ascontiguousarray(keys.numpy()[:, None, :] ^ q.numpy()[None]).view(np.uint8)
+    want = np.unpackbits(x, axis=-1).reshape(300, 5, -1).sum(-1).min(1)
+    got = popcount_limit(keys, q, BLOCK_L=128)
+    assert got.dtype == torch.int32 and np.array_equal(got.numpy(), want)
+    with pytest.raises(ValueError, match="256-bit"):
+        popcount_limit(keys[:, :2], q)

@@ -226,6 +226,24 @@ def popcount_gwords(isa: Optional[str] = None, timer: Optional[Timer] = None,
     return nq * n * 4 / t / 1e9
 
 
+def popcount_gwords_cuda(timer: Optional[Timer] = None, n: int = 1 << 20,
+                         nq: int = 256) -> Optional[float]:
+    """Measured GPU XOR+popcount rate, 64-bit words per second / 1e9, of the Triton
+    micro-kernel ``fastattn.kernels.triton.limits.popcount_limit`` (hardware ``popc``): ``n``
+    keys held in registers, each XOR+popcounted against ``nq`` queries with a running
+    minimum only (n·nq·4 words; the 32 MiB of keys are read once, so HBM is not the
+    limit). None without Triton."""
+    try:
+        from ..kernels.triton.limits import popcount_limit
+    except ImportError:
+        return None
+    timer = timer or time_fn_cuda
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-2**63, 2**63 - 1, (n, 4), dtype=torch.int64, generator=g).cuda()
+    q = torch.randint(-2**63, 2**63 - 1, (nq, 4), dtype=torch.int64, generator=g).cuda()
+    return n * nq * 4 / _best_s(timer, lambda: popcount_limit(keys, q)) / 1e9
+
+
 def popcount_isa() -> Optional[str]:
     """The ISA :func:`popcount_gwords` measures by default (the fastest allowed here)."""
     return (_popcount_limit_fn()[1] or [None])[0]
@@ -234,14 +252,14 @@ def popcount_isa() -> Optional[str]:
 def machine_limits(device: str, timer: Optional[Timer] = None) -> Dict[str, Optional[float]]:
     """The ceilings the roofline is drawn against, each from a dedicated micro-benchmark,
     measured once per run (about 3 s): copy bandwidth (``copy_`` of 256 MiB; HBM on a
-    GPU), fp32 GEMM (``torch.mm``), and on CPU the XOR+popcount rate at the fastest ISA
-    (``popcount_gwords_per_s``, the roofline's) and on the AVX2 path
-    (``popcount_avx2_gwords_per_s``, where AVX2 is allowed)."""
+    GPU), fp32 GEMM (``torch.mm``), the XOR+popcount rate (``popcount_gwords_per_s``, the
+    roofline's: on CPU at the fastest ISA, on a GPU with hardware popc) and on CPU also the
+    AVX2 path's (``popcount_avx2_gwords_per_s``, where AVX2 is allowed)."""
     timer = timer or timer_for(device)
     limits = {"mem_bandwidth_gbs": memory_bandwidth_gbs(device, timer=timer),
               "matmul_gflops": matmul_gflops(device, timer=timer),
-              # XOR+popcount on the GPU is far above its memory roof for these sizes
-              "popcount_gwords_per_s": popcount_gwords() if device == "cpu" else None}
+              "popcount_gwords_per_s": (popcount_gwords() if device == "cpu"
+                                        else popcount_gwords_cuda(timer))}
     if device == "cpu":
         limits["popcount_avx2_gwords_per_s"] = (limits["popcount_gwords_per_s"]
                                                 if popcount_isa() == "avx2"
