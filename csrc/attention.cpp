@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common.h"
 #include "cpu_features.h"
@@ -288,9 +289,14 @@ void run_queries(const Args& a, const char* fn, int64_t U, int nthreads) {
     // empty slots are cheaper than full ones.
     constexpr int64_t kBlock = 8;
     const int64_t blocks = (p.B + kBlock - 1) / kBlock;
+    // Per-thread scratch allocated before the region: a bad_alloc thrown inside it would
+    // end in std::terminate instead of reaching Python as MemoryError.
+    std::vector<Scratch<T>> scratch;
+    scratch.reserve(static_cast<size_t>(nthreads));
+    for (int i = 0; i < nthreads; ++i) scratch.emplace_back(p.K, p.H);
 #pragma omp parallel num_threads(nthreads)
     {
-        Scratch<T> sc(p.K, p.H);
+        Scratch<T>& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < blocks; ++blk)
             queries(a, blk * kBlock, std::min(p.B, (blk + 1) * kBlock), sc);

@@ -5,6 +5,7 @@
 // outputs are written in place and a converted copy would silently drop the result.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <array>
@@ -198,7 +199,6 @@ void check_topk_args(const char* fn, const py::array& q, const py::array& k, int
     const int64_t B = q.shape(0), W = q.shape(1);
     expect(kw == W, fn, "q " + shape_of(q) + " and k " + shape_of(k) +
                             " must have the same number of words W");
-    expect(W >= 1, fn, "signatures need W >= 1 words");
     expect(ls[0] == U, fn, "lengths must be (U,) = (" + std::to_string(U) + ",)");
     expect(hs[0] == B, fn, "hist_index must be (B,) = (" + std::to_string(B) + ",)");
     expect(topk >= 0, fn, "topk must be >= 0, got " + std::to_string(topk));
@@ -790,6 +790,22 @@ void miu_gather_gru_bwd(const py::array& d_S_out, const py::array& M, const py::
     }
 }
 
+uint64_t popcount_limit(const py::array& keys, const py::array& q, const std::string& isa,
+                        int nthreads) {
+    const char* fn = "popcount_limit";
+    check_threads(nthreads, fn);
+    const auto ks = check(keys, fn, "keys", Kind::i64, 2);
+    const auto qs = check(q, fn, "q", Kind::i64, 2);
+    expect(ks[1] == 4 && qs[1] == 4, fn, "keys (n, 4) and q (nq, 4) hold 256-bit signatures, got " +
+                                             shape_of(keys) + " and " + shape_of(q));
+    expect(ks[0] % 8 == 0 && qs[0] % 4 == 0, fn, "n must be a multiple of 8 and nq of 4, got " +
+                                                    shape_of(keys) + " and " + shape_of(q));
+    const std::string name = isa;
+    py::gil_scoped_release release;
+    return fastattn::popcount_limit(cptr<int64_t>(keys), ks[0], cptr<int64_t>(q), qs[0], name,
+                                    nthreads);
+}
+
 py::dict cpu_features() {
     const fastattn::CpuFeatures& f = fastattn::cpu_features();
     py::dict d;
@@ -935,6 +951,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dmiu_w_hh").noconvert(), py::arg("dmiu_b_ih").noconvert(),
           py::arg("dmiu_b_hh").noconvert(), py::arg("nthreads"),
           "BPTT of mimn_scan_fwd by chunked recomputation; per-row parameter gradients.");
+    m.def("popcount_limit", &popcount_limit, py::arg("keys").noconvert(), py::arg("q").noconvert(),
+          py::arg("isa"), py::arg("nthreads"),
+          "Machine-limit micro-kernel: XOR+popcount of q (nq, 4) against keys (n, 4) (tile "
+          "layout) with a running minimum; returns the sum of the minima.");
+    m.def("popcount_limit_isas", &fastattn::popcount_limit_isas,
+          "The ISAs popcount_limit runs on this CPU, fastest first.");
     m.def("cpu_features", &cpu_features,
           "CPU features the run-time dispatch sees, the code path each kernel family runs, and "
           "under \"ran\" how many calls of each family ran each path.");

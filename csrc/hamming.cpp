@@ -10,8 +10,9 @@
 //
 // The AVX-512 path computes the distances of 8 keys at once as W x (XOR, VPOPCNTQ, ADD) on
 // vectors that hold one word of each of the 8 keys, so no horizontal reduction is needed,
-// and selects in two passes (see scan_dist_avx512) so that the per-key work stays
-// branch-free vector code. A history read by many queries (the serving layout) is first
+// and selects in two passes (see scan_packed and TileWorker::run) so that the per-key work
+// stays branch-free vector code. It serves W <= kMaxTileW (uint16 distances); wider
+// signatures take the portable path. A history read by many queries (the serving layout) is first
 // re-laid out by all threads together as such blocks ("tile": word w of keys 8j..8j+7 is
 // one 512-bit vector), and then its queries are split between threads. A history read by
 // few queries (the training layout) goes whole to one thread, which gathers the words from
@@ -36,6 +37,9 @@ namespace {
 constexpr int kBlockKeys = 8;    // keys per tile block: the uint64 lanes of one zmm
 constexpr int kMaxQueries = 4;   // queries sharing one pass over the keys
 constexpr int kMaxStaticW = 5;   // W = 1..5 get fully unrolled kernels; larger W loops
+// The AVX-512 top-k stores distances as uint16 with 0xFFFF marking "no key", so it serves
+// W <= 1023 (64 W <= 65472); wider signatures take the portable scan (uint32 distances).
+constexpr int64_t kMaxTileW = 1023;
 
 // How the AVX-512 scan loads the words of 8 keys: from a tile (one aligned load per word), or
 // gathered from dense row-major keys (stride W) or from table rows (rows[l] * W).
@@ -286,17 +290,22 @@ void tile_block(Keys keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) 
 // branch or scalar work depends on how often a key beats a running threshold (the
 // k (1 + ln(L / k)) "records" of a streaming top-k each cost a mispredicted branch and a
 // buffer update, which was most of the time at L ~ 1000):
-//  1. one scan over the keys writes every distance as uint16 and, per lane of the 8-key
-//     blocks and per group of R consecutive blocks, the minimum distance;
-//  2. the k-th smallest of those minima, g, bounds the k-th distance (the minima belong to
-//     distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
-//     only ~k keys have d <= g. A vector pass over the stored distances lists them in
-//     position order, and a counting sort of that short list gives the exact answer.
-using ScanDistFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
-                               const uint64_t* const*, uint16_t* const*, uint16_t* const*);
+//  1. one scan over the keys computes each 8-key block's distances to all queries of the
+//     block (register-blocked: every loaded key vector serves every query) and stores them
+//     packed, the 4 queries' uint16 distances of one key in one 64-bit lane: one store per
+//     block whatever the query count, and one uint16 minimum per block keeps, per lane, query
+//     and group of R consecutive blocks, the smallest distance;
+//  2. the k-th smallest of a query's minima, g, bounds its k-th distance (the minima belong
+//     to distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
+//     only ~k keys have d <= g. One vector compare per block against the 4 queries' g lists
+//     each query's candidates in position order, and a counting sort of those short lists
+//     gives the exact answer.
+using ScanFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
+                           const uint64_t* const*, __m512i*, __m512i*);
 
-constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane past the last key
-constexpr int kVec16 = 32;           // uint16 lanes of one zmm
+constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane or an unused query slot
+static_assert(64 * kMaxTileW < kNoKey, "uint16 distances must stay below kNoKey");
+static_assert(kMaxQueries * 16 == 64, "the packed distances of one key fill one uint64");
 
 // Word w of a block's 8 keys: one load from a tile, or a gather of t[offsets[i] + w] (masked,
 // so that the last block never reads past key n - 1).
@@ -311,8 +320,8 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i load_words(const uint64_t* t, int64_t
 }
 
 // rows[0..8) * W, the word offsets of 8 table rows; lanes outside valid are neither loaded
-// nor used. (Two 32 x 32 -> 64-bit products, as VPMULLQ needs AVX512DQ; maskz forms as in
-// narrow() below.)
+// nor used. (Two 32 x 32 -> 64-bit products, as VPMULLQ needs AVX512DQ; the maskz forms
+// avoid GCC's maybe-uninitialized warning on the unmasked intrinsics' undefined operand.)
 FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i row_offsets(const int64_t* rows, __mmask8 valid,
                                                        int64_t W) {
     const __m512i r = _mm512_maskz_loadu_epi64(valid, rows);
@@ -321,20 +330,16 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i row_offsets(const int64_t* rows, __mm
     return _mm512_add_epi64(_mm512_maskz_mul_epu32(0xFF, r, w), _mm512_maskz_slli_epi64(0xFF, hi, 32));
 }
 
-// 8 distances to uint16. (The maskz forms, here and for the minimum, avoid GCC's
-// maybe-uninitialized warning on the unmasked intrinsics' undefined pass-through operand.)
-FA_INLINE FA_TARGET_AVX512_VPOPCNT __m128i narrow(__m512i x) { return _mm512_maskz_cvtepi64_epi16(0xFF, x); }
-
-// Pass 1 for QB queries over n keys: dist[j][l] = distance of key l (kNoKey for the tail
-// lanes of the last block), and mins[j] gets, for every group of R blocks, the 8 per-lane
-// minima. Returns the number of minima written per query. A leaf loop with no calls, so
-// that query words and accumulators stay in registers. keys is a tile, a history's dense
-// keys, or (kTable) the table that the history's rows index.
+// Pass 1 for QB queries over n keys: packed[b], lane i = the distances of key 8b + i to
+// queries 0..QB-1 in bits 16j..16j+15 (kNoKey in unused slots and tail lanes), and mins[g] =
+// the uint16 minimum of packed[] over the blocks of group g (R blocks each). Returns the
+// number of groups. A leaf loop with no calls, so that query words and accumulators stay in
+// registers. keys is a tile, a history's dense (L, W) keys, or a table read through rows.
 template <int WT, int QB, Layout kLayout>
-FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* keys, const int64_t* rows,
-                                                  int64_t n, int64_t W_rt, int64_t R,
-                                                  const uint64_t* const* q,
-                                                  uint16_t* const* dist, uint16_t* const* mins) {
+FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t* rows,
+                                             int64_t n, int64_t W_rt, int64_t R,
+                                             const uint64_t* const* q, __m512i* packed,
+                                             __m512i* mins) {
     const int64_t W = WT ? WT : W_rt;
     // Query words as broadcast vectors; the runtime-W variant broadcasts them on the fly.
     __m512i qv[QB][WT ? WT : 1];
@@ -342,127 +347,153 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_dist_avx512(const uint64_t* keys, const in
         for (int j = 0; j < QB; ++j)
             for (int w = 0; w < WT; ++w) qv[j][w] = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
     }
-    const __m512i none = _mm512_set1_epi64(kNoKey);
-    __m512i mn[QB];
-    for (int j = 0; j < QB; ++j) mn[j] = none;
+    const __m512i none = _mm512_set1_epi64(-1);
+    // kNoKey in the slots of absent queries, zero in the others.
+    const __m512i unused = _mm512_set1_epi64(static_cast<long long>(QB == kMaxQueries ? 0 : ~0ull << (16 * QB)));
     const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
     const int64_t nfull = n / kBlockKeys;
     const __mmask8 tail = static_cast<__mmask8>((1u << (n % kBlockKeys)) - 1);
     const __m512i row_words = _mm512_set_epi64(7 * W, 6 * W, 5 * W, 4 * W, 3 * W, 2 * W, W, 0);
-    int64_t nm = 0, r = 0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
-        const uint64_t* t = keys + blk * kBlockKeys * W;
-        __m512i offsets = row_words;
-        if constexpr (kLayout == Layout::kTable) {
-            t = keys;
-            offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
-        }
-        __m512i acc[QB];
-        if constexpr (WT != 0) {
-            for (int w = 0; w < WT; ++w) {
-                const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                for (int j = 0; j < QB; ++j) {
-                    const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
-                    acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
-                }
+    int64_t ng = 0;
+    for (int64_t g0 = 0; g0 < nblocks; g0 += R) {
+        __m512i mn = none;
+        const int64_t g1 = std::min(nblocks, g0 + R);
+        for (int64_t blk = g0; blk < g1; ++blk) {
+            const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
+            const uint64_t* t = keys + blk * kBlockKeys * W;
+            __m512i offsets = row_words;
+            if constexpr (kLayout == Layout::kTable) {
+                t = keys;
+                offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
             }
-        } else {
-            for (int j = 0; j < QB; ++j) {
-                acc[j] = _mm512_setzero_si512();
-                for (int64_t w = 0; w < W; ++w) {
+            __m512i acc[QB];
+            if constexpr (WT != 0) {
+                for (int w = 0; w < WT; ++w) {
                     const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                    const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
-                    acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
+                    for (int j = 0; j < QB; ++j) {
+                        const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
+                        acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
+                    }
+                }
+            } else {
+                for (int j = 0; j < QB; ++j) {
+                    acc[j] = _mm512_setzero_si512();
+                    for (int64_t w = 0; w < W; ++w) {
+                        const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
+                        const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
+                        acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
+                    }
                 }
             }
+            __m512i p = unused;
+            for (int j = 0; j < QB; ++j)
+                p = _mm512_or_si512(p, j == 0 ? acc[0] : _mm512_slli_epi64(acc[j], 16 * j));
+            if (blk >= nfull) p = _mm512_mask_mov_epi64(none, valid, p);
+            _mm512_store_si512(packed + blk, p);
+            mn = _mm512_min_epu16(mn, p);
         }
-        for (int j = 0; j < QB; ++j) {
-            if (blk >= nfull) acc[j] = _mm512_mask_mov_epi64(none, valid, acc[j]);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(dist[j] + blk * kBlockKeys),
-                             narrow(acc[j]));
-            mn[j] = _mm512_maskz_min_epu64(0xFF, mn[j], acc[j]);
-        }
-        if (++r == R || blk == nblocks - 1) {
-            for (int j = 0; j < QB; ++j) {
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(mins[j] + nm), narrow(mn[j]));
-                mn[j] = none;
-            }
-            nm += kBlockKeys;
-            r = 0;
-        }
+        _mm512_store_si512(mins + ng++, mn);
     }
-    return nm;
+    return ng;
 }
 
 template <int WT, Layout kLayout>
-ScanDistFn scan_dist_for(int qb) {
+ScanFn scan_for(int qb) {
     switch (qb) {
-        case 1: return scan_dist_avx512<WT, 1, kLayout>;
-        case 2: return scan_dist_avx512<WT, 2, kLayout>;
-        case 3: return scan_dist_avx512<WT, 3, kLayout>;
-        default: return scan_dist_avx512<WT, 4, kLayout>;
+        case 1: return scan_packed<WT, 1, kLayout>;
+        case 2: return scan_packed<WT, 2, kLayout>;
+        case 3: return scan_packed<WT, 3, kLayout>;
+        default: return scan_packed<WT, 4, kLayout>;
     }
 }
 
 template <Layout kLayout>
-ScanDistFn pick_scan_dist(int64_t W, int qb) {
+ScanFn pick_scan(int64_t W, int qb) {
     static_assert(kMaxQueries == 4 && kMaxStaticW == 5, "update the dispatch tables");
     switch (W) {
-        case 1: return scan_dist_for<1, kLayout>(qb);
-        case 2: return scan_dist_for<2, kLayout>(qb);
-        case 3: return scan_dist_for<3, kLayout>(qb);
-        case 4: return scan_dist_for<4, kLayout>(qb);
-        case 5: return scan_dist_for<5, kLayout>(qb);
-        default: return scan_dist_for<0, kLayout>(qb);
+        case 1: return scan_for<1, kLayout>(qb);
+        case 2: return scan_for<2, kLayout>(qb);
+        case 3: return scan_for<3, kLayout>(qb);
+        case 4: return scan_for<4, kLayout>(qb);
+        case 5: return scan_for<5, kLayout>(qb);
+        default: return scan_for<0, kLayout>(qb);
     }
 }
 
-// Number of a[0..n) <= v; n is a multiple of kVec16.
-FA_TARGET_AVX512_VPOPCNT int64_t count_le(const uint16_t* a, int64_t n, uint16_t v) {
-    const __m512i vv = _mm512_set1_epi16(static_cast<short>(v));
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; i += kVec16)
-        c += __builtin_popcount(_mm512_cmple_epu16_mask(_mm512_loadu_si512(a + i), vv));
-    return c;
+// The 4 uint16 slots of every lane set to g[0..4): a packed vector to compare against.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i packed_of(const uint16_t* g) {
+    uint64_t v = 0;
+    for (int j = 0; j < kMaxQueries; ++j) v |= static_cast<uint64_t>(g[j]) << (16 * j);
+    return _mm512_set1_epi64(static_cast<long long>(v));
 }
 
-// Pass 2 for one query: the exact top-k from its n32 stored distances (a multiple of kVec16,
-// padded with kNoKey) given the bound g (every key of the top k has d <= g).
-FA_TARGET_AVX512_VPOPCNT void select_topk(const uint16_t* dist, int64_t n32, uint16_t g,
-                                          int64_t k, int64_t W, uint32_t* cand, int32_t* count,
-                                          int32_t* out_dist, int64_t* out_idx) {
-    // Positions with d <= g, in position order.
-    const __m512i gv = _mm512_set1_epi16(static_cast<short>(g));
-    int64_t nc = 0;
-    for (int64_t i = 0; i < n32; i += kVec16) {
-        for (uint32_t m = _mm512_cmple_epu16_mask(_mm512_loadu_si512(dist + i), gv); m; m &= m - 1)
-            cand[nc++] = static_cast<uint32_t>(i + __builtin_ctz(m));
+// g[j] = the k-th smallest of query j's minima (slot j of mins[0..ng)), all queries at once by
+// bisection on vector counts; 64 W (every key) when query j has fewer than k minima.
+FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k, int64_t W,
+                                     uint16_t* g) {
+    uint16_t lo[kMaxQueries], hi[kMaxQueries];
+    for (int j = 0; j < kMaxQueries; ++j) lo[j] = 0, hi[j] = static_cast<uint16_t>(64 * W);
+    constexpr uint32_t kSlot = 0x11111111u;  // bit 4i + j of a 16-bit compare mask: lane i, query j
+    for (;;) {
+        uint16_t mid[kMaxQueries];
+        bool open = false;
+        for (int j = 0; j < kMaxQueries; ++j) {
+            mid[j] = static_cast<uint16_t>((lo[j] + hi[j]) / 2);
+            open |= lo[j] < hi[j];
+        }
+        if (!open) break;
+        const __m512i mv = packed_of(mid);
+        int64_t c[kMaxQueries] = {0, 0, 0, 0};
+        for (int64_t i = 0; i < ng; ++i) {
+            const uint32_t m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
+            for (int j = 0; j < kMaxQueries; ++j) c[j] += __builtin_popcount(m & (kSlot << j));
+        }
+        for (int j = 0; j < kMaxQueries; ++j) {
+            if (lo[j] >= hi[j]) continue;
+            if (c[j] >= k) hi[j] = mid[j];
+            else lo[j] = static_cast<uint16_t>(mid[j] + 1);
+        }
     }
-    // Counting sort: t = distance of the take-th candidate, below = candidates under t.
+    for (int j = 0; j < kMaxQueries; ++j) g[j] = lo[j];
+}
+
+// Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos in
+// increasing position order, every key of the top k among them, d <= g. A counting sort
+// over the distances the candidates span, so ties keep position order. The placement is
+// branch-free (a dropped candidate goes to the dump slot slot[k]): whether a candidate is
+// kept follows no pattern a branch predictor could learn.
+FA_INLINE void select_topk(const uint64_t* cand, int64_t nc, uint16_t g, int64_t k, int64_t W,
+                           int32_t* count, uint64_t* slot, int32_t* out_dist,
+                           int64_t* out_idx) {
     const int64_t take = std::min(k, nc);
+    int64_t lo = g;
     std::fill(count, count + g + 1, 0);
-    for (int64_t i = 0; i < nc; ++i) ++count[dist[cand[i]]];
-    int64_t t = 0, below = 0;
-    if (take > 0) {
-        while (below + count[t] < take) below += count[t++];
+    for (int64_t i = 0; i < nc; ++i) {
+        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
+        ++count[v];
+        lo = std::min(lo, v);
     }
-    // count[d] becomes the next output slot of distance d; ties at t fill the remaining
-    // take - below slots in position order.
-    int64_t offset = 0;
-    for (int64_t d = 0; d < t; ++d) {
-        const int64_t c = count[d];
-        count[d] = static_cast<int32_t>(offset);
-        offset += c;
+    // t = distance of the take-th candidate, below = candidates under t; count[v] becomes
+    // the first output slot of distance v (ties at t fill the remaining take - below slots).
+    int64_t t = lo, below = 0;
+    if (take > 0) {
+        while (below + count[t] < take) {
+            const int64_t c = count[t];
+            count[t++] = static_cast<int32_t>(below);
+            below += c;
+        }
     }
     count[t] = static_cast<int32_t>(below);
     for (int64_t i = 0; i < nc; ++i) {
-        const int64_t d = dist[cand[i]];
-        if (d < t || (d == t && count[t] < take)) {
-            const int64_t s = count[d]++;
-            out_dist[s] = static_cast<int32_t>(d);
-            out_idx[s] = cand[i];
-        }
+        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
+        const int64_t s = count[v];
+        const bool keep = v < t || (v == t && s < take);
+        count[v] = static_cast<int32_t>(s + keep);
+        slot[keep ? s : k] = cand[i];
+    }
+    for (int64_t s = 0; s < take; ++s) {
+        out_dist[s] = static_cast<int32_t>(slot[s] >> 32);
+        out_idx[s] = static_cast<int64_t>(slot[s] & 0xFFFFFFFFu);
     }
     for (int64_t s = take; s < k; ++s) {
         out_dist[s] = static_cast<int32_t>(64 * W + 1);
@@ -470,66 +501,86 @@ FA_TARGET_AVX512_VPOPCNT void select_topk(const uint16_t* dist, int64_t n32, uin
     }
 }
 
-// Per-thread scratch of the AVX-512 top-k.
+// Per-thread scratch of the AVX-512 top-k: packed distances and minima of one block of
+// queries, and each query's candidate list.
 class TileWorker {
    public:
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          stride_(round_up((L + kBlockKeys - 1) / kBlockKeys * kBlockKeys, kVec16)),
-          count_(64 * W + 2) {
-        dist_.resize(static_cast<size_t>(kMaxQueries * stride_));
-        mins_.resize(static_cast<size_t>(kMaxQueries * stride_));
-        cand_.resize(static_cast<size_t>(stride_));
+          nblocks_((L + kBlockKeys - 1) / kBlockKeys), count_(64 * W + 2) {
+        packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
+        mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
+        cand_.resize(static_cast<size_t>(kMaxQueries * (nblocks_ * kBlockKeys + kBlockKeys)));
+        slot_.resize(static_cast<size_t>(topk + 1));
     }
 
     // Top-k of queries ids[0..count) (count <= kMaxQueries) against the first n keys of a
-    // tile, or of a history's keys (see scan_dist_avx512).
+    // tile, or of a history's keys (see scan_packed).
     template <Layout kLayout>
-    void run(const uint64_t* keys, const int64_t* rows, int64_t n, const int64_t* ids,
-             int count) {
+    FA_TARGET_AVX512_VPOPCNT void run(const uint64_t* keys, const int64_t* rows, int64_t n,
+                                      const int64_t* ids, int count) {
         const uint64_t* qs[kMaxQueries];
-        uint16_t* dist[kMaxQueries];
-        uint16_t* mins[kMaxQueries];
-        for (int j = 0; j < count; ++j) {
-            qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
-            dist[j] = dist_.data() + j * stride_;
-            mins[j] = mins_.data() + j * stride_;
-        }
+        for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
         // Groups of R blocks give about 4k minima: enough that the k-th of them is close
         // to the k-th distance, few enough that finding it is cheap.
         const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
         const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
-        const int64_t nm = pick_scan_dist<kLayout>(W_, count)(keys, rows, n, W_, R, qs, dist, mins);
-        const int64_t n32 = round_up(nblocks * kBlockKeys, kVec16);
-        const int64_t m32 = round_up(nm, kVec16);
-        const uint16_t max_d = static_cast<uint16_t>(64 * W_);
-        for (int j = 0; j < count; ++j) {
-            std::fill(dist[j] + nblocks * kBlockKeys, dist[j] + n32, kNoKey);
-            std::fill(mins[j] + nm, mins[j] + m32, kNoKey);
-            // g = the k-th smallest minimum, found by bisection on vector counts; 64 W
-            // (every key) when fewer than k keys exist.
-            uint16_t lo = 0, hi = max_d;
-            while (lo < hi) {
-                const uint16_t mid = static_cast<uint16_t>((lo + hi) / 2);
-                if (count_le(mins[j], m32, mid) >= topk_) hi = mid;
-                else lo = static_cast<uint16_t>(mid + 1);
+        __m512i* const packed = reinterpret_cast<__m512i*>(packed_.data());
+        __m512i* const mins = reinterpret_cast<__m512i*>(mins_.data());
+        const int64_t ng = pick_scan<kLayout>(W_, count)(keys, rows, n, W_, R, qs, packed, mins);
+        uint16_t g[kMaxQueries];
+        bounds(mins, ng, topk_, W_, g);
+
+        // Candidates (d <= g) of all queries in one pass: bit 4i + j of a block's compare
+        // mask is key 8 blk + i for query j (absent queries' slots hold kNoKey > g). Only
+        // ~k keys per query qualify, so most blocks have none: the masks of 64 blocks are
+        // computed branch-free first, with a bitmap of the non-empty ones, and only those
+        // are visited; each query's hits in such a block are appended as (d << 32) | pos
+        // entries by one vector compress, with no per-hit branch.
+        const __m512i gv = packed_of(g);
+        const int64_t stride = nblocks_ * kBlockKeys + kBlockKeys;  // + a whole-vector store
+        uint64_t* cand[kMaxQueries];
+        int64_t nc[kMaxQueries] = {0, 0, 0, 0};
+        for (int j = 0; j < kMaxQueries; ++j) cand[j] = cand_.data() + j * stride;
+        const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i low16 = _mm512_set1_epi64(0xFFFF);
+        for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
+            const int64_t nb = std::min<int64_t>(64, nblocks - b0);
+            uint32_t masks[64];
+            uint64_t hit = 0;
+            for (int64_t i = 0; i < nb; ++i) {
+                masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + b0 + i), gv);
+                hit |= static_cast<uint64_t>(masks[i] != 0) << i;
             }
-            select_topk(dist[j], n32, lo, topk_, W_, cand_.data(), count_.data(),
+            for (; hit; hit &= hit - 1) {
+                const int64_t i = __builtin_ctzll(hit);
+                const __m512i p = _mm512_load_si512(packed + b0 + i);
+                const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64((b0 + i) * kBlockKeys));
+                for (int j = 0; j < count; ++j) {
+                    const __m512i d = _mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16);
+                    const __mmask8 mj = _mm512_cmple_epu64_mask(d, _mm512_set1_epi64(g[j]));
+                    const __m512i e = _mm512_or_si512(_mm512_slli_epi64(d, 32), pos);
+                    _mm512_storeu_si512(cand[j] + nc[j], _mm512_maskz_compress_epi64(mj, e));
+                    nc[j] += __builtin_popcount(mj);
+                }
+            }
+        }
+        for (int j = 0; j < count; ++j) {
+            select_topk(cand[j], nc[j], g[j], topk_, W_, count_.data(), slot_.data(),
                         out_dist_ + ids[j] * topk_, out_idx_ + ids[j] * topk_);
         }
     }
 
    private:
-    static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
     const int64_t* q_;
     int64_t W_, topk_;
     int32_t* out_dist_;
     int64_t* out_idx_;
-    int64_t stride_;  // uint16 slots per query: L rounded up to whole blocks and vectors
-    AlignedBuffer<uint16_t> dist_, mins_;
-    AlignedBuffer<uint32_t> cand_;
+    int64_t nblocks_;  // blocks of the longest history
+    AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
+    AlignedBuffer<uint64_t> cand_;
+    AlignedBuffer<uint64_t> slot_;  // topk + 1: the selection's output, and a dump slot
     std::vector<int32_t> count_;
 };
 
@@ -555,9 +606,15 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
     uint64_t* const shared = shared_tile.data();
     const uint64_t* const keys = reinterpret_cast<const uint64_t*>(k);
 
+    // Per-thread scratch allocated before the region: a bad_alloc thrown inside it would
+    // end in std::terminate instead of reaching Python as MemoryError.
+    std::vector<TileWorker> workers;
+    workers.reserve(static_cast<size_t>(nthreads));
+    for (int i = 0; i < nthreads; ++i) workers.emplace_back(q, W, L, topk, out_dist, out_idx);
+
 #pragma omp parallel num_threads(nthreads)
     {
-        TileWorker worker(q, W, L, topk, out_dist, out_idx);
+        TileWorker& worker = workers[static_cast<size_t>(omp_get_thread_num())];
         for (const int64_t u : hot) {
             const int64_t n = lengths[u];
             const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
@@ -597,7 +654,7 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    if (use_avx512_vpopcnt()) {
+    if (use_avx512_vpopcnt() && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
@@ -606,9 +663,12 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
     const ScanRowsFn<Keys> scan = pick_scan_rows<Keys>();
     const uint64_t* qq = reinterpret_cast<const uint64_t*>(q);
     const uint64_t* kk = reinterpret_cast<const uint64_t*>(k);
+    std::vector<TopkSelector> selectors;  // allocated before the region (see above)
+    selectors.reserve(static_cast<size_t>(nthreads));
+    for (int i = 0; i < nthreads; ++i) selectors.emplace_back(topk, L, W);
 #pragma omp parallel num_threads(nthreads)
     {
-        TopkSelector sel(topk, L, W);
+        TopkSelector& sel = selectors[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 4)
         for (int64_t b = 0; b < B; ++b) {
             const int64_t u = hist_index[b];

@@ -83,4 +83,11 @@ void topk_attention_bwd(const double* grad_out, const double* q, const double* k
                         double* dk_slots, double* dv_slots, int nthreads);
 std::string attention_impl();  // which ISA path the attention kernels run
 
+// Machine-limit micro-kernel (limits.cpp): nq queries (nq, 4) against n keys in tile layout
+// (n / 8 blocks of 4 x 8 words, word-major) with a running minimum only; returns the sum of
+// the queries' minimum distances. nq % 4 == 0, n % 8 == 0; isa one of popcount_limit_isas().
+uint64_t popcount_limit(const int64_t* keys, int64_t n, const int64_t* q, int64_t nq,
+                        const std::string& isa, int nthreads);
+std::vector<std::string> popcount_limit_isas();  // what this CPU runs, fastest first
+
 }  // namespace fastattn

@@ -90,6 +90,57 @@ def test_topk_noncontiguous(backend):
     _check_topk(backend, q, k, 5)
 
 
+@pytest.mark.parametrize("nbits", [None, 6])
+@pytest.mark.parametrize("W", [1, 5])
+def test_topk_many_queries_per_history(backend, W, nbits):
+    """The serving layout: many queries share each history (the C++ AVX-512 path tiles such
+    a history and register-blocks up to 4 queries per key load, with a remainder block):
+    lengths that are no multiple of 8, more slots than keys, heavy ties."""
+    g = torch.Generator().manual_seed(W)
+    q = random_sigs(45, W, nbits=nbits, generator=g)
+    k = random_sigs(3, 400, W, nbits=nbits, generator=g)
+    hist = torch.randint(0, 3, (45,), generator=g)
+    # (the Triton interpreter takes seconds per call: one slot count suffices there)
+    for topk in (1, 64, 450) if backend != "triton" else (64,):
+        _check_topk(backend, q, k, topk, lengths=torch.tensor([400, 133, 7]), hist_index=hist)
+    _check_topk(backend, q[:37], k[:1], 64)
+
+
+@pytest.mark.parametrize("W", [1023, 1024, 1100])
+def test_topk_wide_signatures(backend, W):
+    """W >= 1024: 64 W no longer fits the AVX-512 path's uint16 distances, which used to wrap
+    (idx = -1 everywhere); every backend must still match the reference, near ties too."""
+    q = random_sigs(5, W)
+    k = random_sigs(2, 37, W)
+    k[:, 5] = q[0]                                    # distance 0
+    k[:, 9] = q[1] ^ 1                                # distance 1
+    k[1, 20] = ~q[2]                                  # distance 64 W, the largest
+    lengths = torch.tensor([37, 30])
+    hist = torch.tensor([0, 1, 1, 0, 1])
+    _check_topk(backend, q, k, 8, lengths=lengths, hist_index=hist)
+    _check_topk(backend, q, k[:1], 40)                # shared history, more slots than keys
+    rows = torch.arange(2 * 37).reshape(2, 37).flip(1)  # the indexed form, same histories
+    got = fastattn.hamming_topk(q, k.flip(1).reshape(-1, W), 8, lengths=lengths,
+                                hist_index=hist, hist_rows=rows, backend=backend)
+    want = ref.hamming_topk(q, k, 8, lengths, hist)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_topk_zero_words(backend):
+    """W = 0 (DESIGN §7): every distance is 0, so the top k are the first k valid positions,
+    and empty slots hold dist = 64·0 + 1 = 1, in every backend."""
+    q = torch.zeros(4, 0, dtype=torch.int64)
+    k = torch.zeros(2, 6, 0, dtype=torch.int64)
+    dist, idx = _check_topk(backend, q, k, 5, lengths=torch.tensor([6, 3]),
+                            hist_index=torch.tensor([0, 1, 1, 0]))
+    assert idx.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, -1, -1], [0, 1, 2, -1, -1],
+                            [0, 1, 2, 3, 4]]
+    assert dist.tolist() == [[0] * 5, [0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0] * 5]
+    _check_topk(backend, q, k[:1], 3)
+    assert torch.equal(fastattn.hamming_distance(q[:2, None], k, backend=backend),
+                       torch.zeros(2, 2, 6, dtype=torch.int32))
+
+
 def test_topk_empty_batch(backend):
     dist, idx = fastattn.hamming_topk(random_sigs(0, 2), random_sigs(1, 10, 2), 4,
                                       backend=backend)

@@ -207,9 +207,10 @@ def _select_topk(d, n, topk, sentinel, sub, hist, dist_row, idx_row):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _topk(q, keys, rows, L, lengths, hist_index, topk, out_dist, out_idx):
+def _topk(q, keys, rows, L, lengths, hist_index, topk, out_dist, out_idx, dtype_of_d):
     """The top-k of both forms. Dense (rows empty): keys (U, L*W), history u's keys flat in
-    row u. Indexed: keys (N, W), position l of history u is row rows[u, l].
+    row u. Indexed: keys (N, W), position l of history u is row rows[u, l]. dtype_of_d, an
+    empty array, gives the distance scratch its dtype (:func:`_distance_dtype`).
 
     Selection: a counting sort over the distances (_select_topk), so no heap and no sort.
     Memory per task: L distances + 64W+1 counters; nothing B x L.
@@ -221,9 +222,7 @@ def _topk(q, keys, rows, L, lengths, hist_index, topk, out_dist, out_idx):
     kf = keys.reshape(-1)
     ntasks = (B + _TOPK_TASK - 1) // _TOPK_TASK
     for task in prange(ntasks):
-        # uint16 holds every distance for W <= 1023 (NB <= 65472 bits); halving the scratch
-        # versus int32 keeps it in L1/L2 for histories of tens of thousands.
-        d = np.empty(L, dtype=np.uint16)
+        d = np.empty(L, dtype=dtype_of_d.dtype)
         hist = np.empty(sentinel, dtype=np.int64)
         sub = np.empty((4, sentinel), dtype=np.int32)
         for b in range(task * _TOPK_TASK, min(B, (task + 1) * _TOPK_TASK)):
@@ -240,6 +239,13 @@ def _topk(q, keys, rows, L, lengths, hist_index, topk, out_dist, out_idx):
 _NO_ROWS = np.empty((0, 0), dtype=np.int64)
 
 
+def _distance_dtype(W):
+    """uint16 holds every distance for W <= 1023 (NB <= 65472 bits); halving the scratch
+    versus uint32 keeps it in L1/L2 for histories of tens of thousands. Wider signatures
+    (64 W >= 65536 would wrap) take uint32."""
+    return np.empty(0, dtype=np.uint16 if 64 * W <= 0xFFFF else np.uint32)
+
+
 def hamming_topk(q, k, lengths, hist_index, topk, out_dist, out_idx):
     """Per query b: the topk valid positions of history hist_index[b] with the smallest
     Hamming distance, ordered by (distance, position); empty slots get idx -1 and
@@ -249,7 +255,8 @@ def hamming_topk(q, k, lengths, hist_index, topk, out_dist, out_idx):
     out_dist (B, topk) int32, out_idx (B, topk) int64.
     """
     U, L, W = k.shape
-    _topk(q, k.reshape(U, L * W), _NO_ROWS, L, lengths, hist_index, topk, out_dist, out_idx)
+    _topk(q, k.reshape(U, L * W), _NO_ROWS, L, lengths, hist_index, topk, out_dist, out_idx,
+          _distance_dtype(W))
 
 
 def hamming_topk_rows(q, k, rows, lengths, hist_index, topk, out_dist, out_idx):
@@ -264,4 +271,5 @@ def hamming_topk_rows(q, k, rows, lengths, hist_index, topk, out_dist, out_idx):
         out_idx[:] = -1
         out_dist[:] = 64 * q.shape[1] + 1
         return
-    _topk(q, k, rows, rows.shape[1], lengths, hist_index, topk, out_dist, out_idx)
+    _topk(q, k, rows, rows.shape[1], lengths, hist_index, topk, out_dist, out_idx,
+          _distance_dtype(q.shape[1]))

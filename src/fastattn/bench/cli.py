@@ -305,7 +305,10 @@ def markdown_section(out_dir: str, names: List[str], device: str = "cpu",
             limits_line = (f"Measured limits of {machine_label(data['machine'])}: memory "
                            f"bandwidth {lim['mem_bandwidth_gbs']:.1f} GB/s (copy), fp32 GEMM "
                            f"{lim['matmul_gflops']:.0f} GFLOP/s"
-                           + (f", XOR+popcount {pc:.1f} G words/s" if pc else "") + ".")
+                           + (f", XOR+popcount {pc:.1f} G words/s" if pc else "")
+                           + (f" ({data['machine'].get('popcount_isa')}; AVX2 "
+                              f"{lim['popcount_avx2_gwords_per_s']:.1f})"
+                              if pc and lim.get("popcount_avx2_gwords_per_s") else "") + ".")
         parts.append(markdown(path))
         figs = [stem] + ([stem + "_roofline"] if data.get("roofline") else [])
         prefix = "" if image_dir in ("", ".") else image_dir.rstrip("/") + "/"

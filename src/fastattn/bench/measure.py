@@ -187,39 +187,84 @@ def matmul_gflops(device: str = "cpu", n: int = 1024, timer: Optional[Timer] = N
     return 2 * n ** 3 / _best_s(timer, lambda: torch.mm(a, b)) / 1e9
 
 
-def popcount_gwords(timer: Optional[Timer] = None) -> Optional[float]:
-    """Measured CPU XOR+popcount rate, 64-bit words per second / 1e9.
+def _popcount_limit_fn():
+    """The C++ XOR+popcount micro-kernel (``fastattn._C.popcount_limit``) and the ISAs it
+    runs here, fastest first; (None, []) without the C++ extension."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None, []
+    return _C.popcount_limit, list(_C.popcount_limit_isas())
 
-    How: ``hamming_topk`` with the fastest CPU backend (C++ where built: AVX-512 VPOPCNTQ,
-    AVX2 or POPCNT, as dispatched) over 256-bit signatures that stay in cache (B=1024
-    queries against L=16384 and 32768 keys: 0.5 and 1 MiB), counting B·L·W words; the best
-    of the two, each at its fast decile. It is the scan rate this machine reaches when
-    memory is not the limit, so a kernel near it is compute-bound at its instruction set.
-    None without a compiled CPU backend (the torch reference is no measure of the machine).
+
+def popcount_gwords(isa: Optional[str] = None, timer: Optional[Timer] = None,
+                    n: int = 8192, nq: int = 1024) -> Optional[float]:
+    """Measured CPU XOR+popcount rate, 64-bit words per second / 1e9, of a dedicated
+    micro-kernel, never of a product kernel.
+
+    How: ``fastattn._C.popcount_limit`` (csrc/limits.cpp) XOR+popcounts ``nq`` 256-bit
+    queries against ``n`` keys laid out word-major (8 keys per zmm, 4 per ymm), 4 queries
+    register-blocked per key load, keeping only a running minimum: no stores, no selection,
+    no branches. The keys (256 KiB) stay in L2, so memory is not the limit. Threads split
+    the queries (torch's thread count). Counted: nq·n·4 words, at the fast decile.
+    ``isa`` picks the path (``avx512``: VPOPCNTQ; ``avx2``: VPSHUFB nibble tables + VPSADBW;
+    ``popcnt``; ``default``); None takes the fastest this CPU allows (capped by
+    FASTATTN_CPU_ISA, like the kernels). None without the C++ extension or the ISA.
     """
-    from .. import hamming_topk
-    from ..backends import available
-    backend = next((b for b in ("cpp", "numba") if available(b)), None)
-    if backend is None:
+    fn, isas = _popcount_limit_fn()
+    if fn is None or not isas:
+        return None
+    isa = isa or isas[0]
+    if isa not in isas:
         return None
     timer = timer or time_fn
     g = torch.Generator().manual_seed(0)
-    B, W, best = 1024, 4, 0.0
-    q = torch.randint(-2**63, 2**63 - 1, (B, W), dtype=torch.int64, generator=g)
-    for L in (16384, 32768):
-        k = torch.randint(-2**63, 2**63 - 1, (1, L, W), dtype=torch.int64, generator=g)
-        t = _best_s(timer, lambda: hamming_topk(q, k, 64, backend=backend), budget_s=0.4)
-        best = max(best, B * L * W / t / 1e9)
-    return best
+    keys = torch.randint(-2**63, 2**63 - 1, (n, 4), dtype=torch.int64, generator=g).numpy()
+    q = torch.randint(-2**63, 2**63 - 1, (nq, 4), dtype=torch.int64, generator=g).numpy()
+    threads = torch.get_num_threads()
+    t = _best_s(timer, lambda: fn(keys, q, isa, threads), budget_s=0.4)
+    return nq * n * 4 / t / 1e9
+
+
+def popcount_gwords_cuda(timer: Optional[Timer] = None, n: int = 1 << 20,
+                         nq: int = 256) -> Optional[float]:
+    """Measured GPU XOR+popcount rate, 64-bit words per second / 1e9, of the Triton
+    micro-kernel ``fastattn.kernels.triton.limits.popcount_limit`` (hardware ``popc``): ``n``
+    keys held in registers, each XOR+popcounted against ``nq`` queries with a running
+    minimum only (n·nq·4 words; the 32 MiB of keys are read once, so HBM is not the
+    limit). None without Triton."""
+    try:
+        from ..kernels.triton.limits import popcount_limit
+    except ImportError:
+        return None
+    timer = timer or time_fn_cuda
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-2**63, 2**63 - 1, (n, 4), dtype=torch.int64, generator=g).cuda()
+    q = torch.randint(-2**63, 2**63 - 1, (nq, 4), dtype=torch.int64, generator=g).cuda()
+    return n * nq * 4 / _best_s(timer, lambda: popcount_limit(keys, q)) / 1e9
+
+
+def popcount_isa() -> Optional[str]:
+    """The ISA :func:`popcount_gwords` measures by default (the fastest allowed here)."""
+    return (_popcount_limit_fn()[1] or [None])[0]
 
 
 def machine_limits(device: str, timer: Optional[Timer] = None) -> Dict[str, Optional[float]]:
-    """The ceilings the roofline is drawn against, measured once per run (about 3 s)."""
+    """The ceilings the roofline is drawn against, each from a dedicated micro-benchmark,
+    measured once per run (about 3 s): copy bandwidth (``copy_`` of 256 MiB; HBM on a
+    GPU), fp32 GEMM (``torch.mm``), the XOR+popcount rate (``popcount_gwords_per_s``, the
+    roofline's: on CPU at the fastest ISA, on a GPU with hardware popc) and on CPU also the
+    AVX2 path's (``popcount_avx2_gwords_per_s``, where AVX2 is allowed)."""
     timer = timer or timer_for(device)
-    return {"mem_bandwidth_gbs": memory_bandwidth_gbs(device, timer=timer),
-            "matmul_gflops": matmul_gflops(device, timer=timer),
-            # XOR+popcount on the GPU is far above its memory roof for these sizes
-            "popcount_gwords_per_s": popcount_gwords() if device == "cpu" else None}
+    limits = {"mem_bandwidth_gbs": memory_bandwidth_gbs(device, timer=timer),
+              "matmul_gflops": matmul_gflops(device, timer=timer),
+              "popcount_gwords_per_s": (popcount_gwords() if device == "cpu"
+                                        else popcount_gwords_cuda(timer))}
+    if device == "cpu":
+        limits["popcount_avx2_gwords_per_s"] = (limits["popcount_gwords_per_s"]
+                                                if popcount_isa() == "avx2"
+                                                else popcount_gwords("avx2"))
+    return limits
 
 
 # --------------------------------------------------------------------------- description
@@ -287,6 +332,7 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "faiss": _version("faiss"),
         "fastattn_commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         "backends": backends()["available"],
+        "popcount_isa": popcount_isa(),  # the path limits.popcount_gwords_per_s measures
         "device": device,
     }
     if device == "cuda" and torch.cuda.is_available():

@@ -169,8 +169,9 @@ def _eta_serving_cost(p: Dict[str, int], impl: str) -> Cost:
 
 
 def _eta_serving_point(B: int, L: int, device: str, torch_max: int) -> Point:
-    """eta_attention (every backend) and dense attention (SDPA, target_attention, and a
-    naive softmax(q kᵀ) v) for B candidates over one shared history of L behaviours."""
+    """eta_attention (every backend) and dense attention (SDPA on 4-D and on 3-D inputs,
+    target_attention, and a naive softmax(q kᵀ) v) for B candidates over one shared history
+    of L behaviours."""
     D, NB, K = ETA_D, ETA_NB, ETA_K
 
     def make():
@@ -181,6 +182,10 @@ def _eta_serving_point(B: int, L: int, device: str, torch_max: int) -> Point:
                  for be in backends_for(device)}
         qh, kh, vh = q.view(1, 1, B, D), keys.view(1, 1, L, D), values.view(1, 1, L, D)
         impls["dense_sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
+        # SDPA picks its CPU kernel by rank: the 3-D call is measured too, so ETA is compared
+        # with the fastest dense variant, whichever it is on this machine.
+        impls["dense_sdpa_3d"] = lambda: F.scaled_dot_product_attention(q.view(1, B, D), keys,
+                                                                         values)
         impls["dense_target_attention"] = lambda: fastattn.target_attention(q, keys, values)
         # What a straightforward dense attention costs: the (B, L) scores in memory.
         scale = D ** -0.5
