@@ -154,6 +154,7 @@ void simhash_sign_rows(const py::array& x, const py::array& planes, const py::ar
     expect(os[0] == rs[0] && os[1] == W, fn,
            "out must be (M, W) = (" + std::to_string(rs[0]) + ", " + std::to_string(W) +
                "), got " + shape_of(out));
+    note_ran(Family::simhash);
     py::gil_scoped_release release;
     if (f64) {
         fastattn::simhash_sign_rows(cptr<double>(x), xs[0], cptr<int64_t>(rows),
