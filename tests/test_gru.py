@@ -164,3 +164,14 @@ def test_bad_input(backend):
             op(x, torch.tensor([9, 1]), *w, None, backend)
         with pytest.raises(ValueError, match=r"w_hh must have shape \(15, 5\)"):
             op(x, torch.tensor([4, 1]), w[0], w[1][:-1], *w[2:], None, backend)
+
+
+def test_bench_sweep_compares_like_with_like():
+    """The gru_scan sweep's contenders compute the same states as its packed baseline."""
+    from fastattn.bench.edgerec_sweeps import gru_scan_sweep
+    sweep = gru_scan_sweep(True)
+    assert sweep.baseline == "nn_gru_packed_fwd" and sweep.cost({"T": 200}, "cpp_fwd").flops
+    impls = sweep.points[0].build()
+    want = impls["nn_gru_packed_fwd"]()
+    for name in ("cpp_fwd", "numba_fwd"):
+        torch.testing.assert_close(impls[name](), want, rtol=1e-4, atol=1e-5)
