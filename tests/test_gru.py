@@ -175,3 +175,16 @@ def test_bench_sweep_compares_like_with_like():
     want = impls["nn_gru_packed_fwd"]()
     for name in ("cpp_fwd", "numba_fwd"):
         torch.testing.assert_close(impls[name](), want, rtol=1e-4, atol=1e-5)
+
+
+def test_device_side_lengths_check(monkeypatch, cpu_kernel_backend):
+    """The CUDA form of the lengths check (torch._assert_async, no host read), forced on
+    CPU tensors, where it raises at once."""
+    from fastattn.ops import _common
+    monkeypatch.setattr(_common, "host_checks", lambda t: False)
+    w, _ = _params(3, 5, torch.float32)
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match=r"fastattn: lengths must lie in \[0, T=4\]"):
+        fastattn.gru_scan(x, torch.tensor([4, 5]), *w, backend=cpu_kernel_backend)
+    out = fastattn.gru_scan(x, torch.tensor([4, 2]), *w, backend=cpu_kernel_backend)
+    torch.testing.assert_close(out, ref.gru_scan(x, torch.tensor([4, 2]), *w), **TOL[x.dtype])
