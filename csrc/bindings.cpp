@@ -807,6 +807,75 @@ uint64_t popcount_limit(const py::array& keys, const py::array& q, const std::st
                                     nthreads);
 }
 
+// ----------------------------------------------------------------------------- gru_scan
+// docs/kernel_api.md "gru_scan": xp (B, T, 3H), w_hh (3H, H), b_hh (3H,), h0 (B, H) and all
+// outputs share the dtype of xp (float32/float64); lengths (B,) int64.
+int64_t gru_dims(const char* fn, Kind kind, const py::array& xp, const py::array& w_hh,
+                 int64_t* B, int64_t* T) {
+    const auto xs = check(xp, fn, "xp", kind, 3);
+    const auto ws = check(w_hh, fn, "w_hh", kind, 2);
+    const int64_t H = ws[1];
+    expect(ws[0] == 3 * H, fn, "w_hh must be (3H, H), got " + shape_of(w_hh));
+    expect(xs[2] == 3 * H, fn, "xp must be (B, T, 3H) with 3H = " + std::to_string(3 * H) +
+                                   " (H from w_hh), got " + shape_of(xp));
+    *B = xs[0], *T = xs[1];
+    return H;
+}
+
+void gru_scan_fwd(const py::array& xp, const py::array& lengths, const py::array& w_hh,
+                  const py::array& b_hh, const py::array& h0, py::array& out, int nthreads) {
+    const char* fn = "gru_scan_fwd";
+    check_threads(nthreads, fn);
+    const Kind kind = float_kind(xp);
+    int64_t B, T;
+    const int64_t H = gru_dims(fn, kind, xp, w_hh, &B, &T);
+    need(lengths, fn, "lengths", Kind::i64, {B});
+    need(b_hh, fn, "b_hh", kind, {3 * H});
+    need(h0, fn, "h0", kind, {B, H});
+    need(out, fn, "out", kind, {B, T, H}, true);
+    py::gil_scoped_release release;
+    if (kind == Kind::f64)
+        fastattn::gru_scan_fwd<double>(cptr<double>(xp), cptr<int64_t>(lengths),
+                                       cptr<double>(w_hh), cptr<double>(b_hh), cptr<double>(h0),
+                                       B, T, H, ptr<double>(out), nthreads);
+    else
+        fastattn::gru_scan_fwd<float>(cptr<float>(xp), cptr<int64_t>(lengths), cptr<float>(w_hh),
+                                      cptr<float>(b_hh), cptr<float>(h0), B, T, H,
+                                      ptr<float>(out), nthreads);
+}
+
+void gru_scan_bwd(const py::array& d_out, const py::array& xp, const py::array& out,
+                  const py::array& lengths, const py::array& w_hh, const py::array& b_hh,
+                  const py::array& h0, py::array& dxp, py::array& dhp, py::array& dh0,
+                  int nthreads) {
+    const char* fn = "gru_scan_bwd";
+    check_threads(nthreads, fn);
+    const Kind kind = float_kind(xp);
+    int64_t B, T;
+    const int64_t H = gru_dims(fn, kind, xp, w_hh, &B, &T);
+    need(d_out, fn, "d_out", kind, {B, T, H});
+    need(out, fn, "out", kind, {B, T, H});
+    need(lengths, fn, "lengths", Kind::i64, {B});
+    need(b_hh, fn, "b_hh", kind, {3 * H});
+    need(h0, fn, "h0", kind, {B, H});
+    need(dxp, fn, "dxp", kind, {B, T, 3 * H}, true);
+    need(dhp, fn, "dhp", kind, {B, T, 3 * H}, true);
+    need(dh0, fn, "dh0", kind, {B, H}, true);
+    py::gil_scoped_release release;
+    if (kind == Kind::f64)
+        fastattn::gru_scan_bwd<double>(cptr<double>(d_out), cptr<double>(xp), cptr<double>(out),
+                                       cptr<int64_t>(lengths), cptr<double>(w_hh),
+                                       cptr<double>(b_hh), cptr<double>(h0), B, T, H,
+                                       ptr<double>(dxp), ptr<double>(dhp), ptr<double>(dh0),
+                                       nthreads);
+    else
+        fastattn::gru_scan_bwd<float>(cptr<float>(d_out), cptr<float>(xp), cptr<float>(out),
+                                      cptr<int64_t>(lengths), cptr<float>(w_hh),
+                                      cptr<float>(b_hh), cptr<float>(h0), B, T, H,
+                                      ptr<float>(dxp), ptr<float>(dhp), ptr<float>(dh0),
+                                      nthreads);
+}
+
 py::dict cpu_features() {
     const fastattn::CpuFeatures& f = fastattn::cpu_features();
     py::dict d;
@@ -821,6 +890,7 @@ py::dict cpu_features() {
     d["simhash_sign"] = fastattn::simhash_impl();
     d["hamming"] = fastattn::hamming_impl();
     d["attention"] = fastattn::attention_impl();
+    d["gru_scan"] = fastattn::gru_impl();
     py::dict ran;
     for (int f = 0; f < static_cast<int>(Family::count); ++f) {
         py::dict paths;
@@ -958,6 +1028,16 @@ PYBIND11_MODULE(_C, m) {
           "layout) with a running minimum; returns the sum of the minima.");
     m.def("popcount_limit_isas", &fastattn::popcount_limit_isas,
           "The ISAs popcount_limit runs on this CPU, fastest first.");
+    m.def("gru_scan_fwd", &gru_scan_fwd, py::arg("xp").noconvert(),
+          py::arg("lengths").noconvert(), py::arg("w_hh").noconvert(),
+          py::arg("b_hh").noconvert(), py::arg("h0").noconvert(), py::arg("out").noconvert(),
+          py::arg("nthreads"), "GRU recurrence over xp = x W_ih^T + b_ih; every state in place.");
+    m.def("gru_scan_bwd", &gru_scan_bwd, py::arg("d_out").noconvert(),
+          py::arg("xp").noconvert(), py::arg("out").noconvert(), py::arg("lengths").noconvert(),
+          py::arg("w_hh").noconvert(), py::arg("b_hh").noconvert(), py::arg("h0").noconvert(),
+          py::arg("dxp").noconvert(), py::arg("dhp").noconvert(), py::arg("dh0").noconvert(),
+          py::arg("nthreads"),
+          "Backward of gru_scan_fwd (gates recomputed from out): d(xp), d(W_hh h + b_hh), dh0.");
     m.def("cpu_features", &cpu_features,
           "CPU features the run-time dispatch sees, the code path each kernel family runs, and "
           "under \"ran\" how many calls of each family ran each path.");

@@ -90,4 +90,18 @@ uint64_t popcount_limit(const int64_t* keys, int64_t n, const int64_t* q, int64_
                         const std::string& isa, int nthreads);
 std::vector<std::string> popcount_limit_isas();  // what this CPU runs, fastest first
 
+// Fused varlen GRU scan, recurrence only (docs/kernel_api.md "gru_scan"). xp (B, T, 3H) is
+// the input projection x W_ihᵀ + b_ih, gates (r, z, n); w_hh (3H, H), b_hh (3H,), h0 (B, H),
+// lengths (B,) in [0, T] (checked: std::out_of_range) -> out (B, T, H), 0 past the length.
+template <typename T>
+void gru_scan_fwd(const T* xp, const int64_t* lengths, const T* w_hh, const T* b_hh, const T* h0,
+                  int64_t B, int64_t T_, int64_t H, T* out, int nthreads);
+// Its backward from d_out (B, T, H): dxp (B, T, 3H) = d(xp), dhp (B, T, 3H) = d(W_hh h + b_hh)
+// per step (0 past the length), dh0 (B, H).
+template <typename T>
+void gru_scan_bwd(const T* d_out, const T* xp, const T* out, const int64_t* lengths,
+                  const T* w_hh, const T* b_hh, const T* h0, int64_t B, int64_t T_, int64_t H,
+                  T* dxp, T* dhp, T* dh0, int nthreads);
+std::string gru_impl();  // which ISA path the GRU scan runs
+
 }  // namespace fastattn

@@ -10,6 +10,7 @@ pays the compile cost once per machine, not once per import.
 """
 from .attention import topk_attention_bwd, topk_attention_fwd
 from .gather import gather_rows, scatter_add_rows
+from .gru import gru_scan_bwd, gru_scan_fwd
 from .hamming import hamming_distance, hamming_topk, hamming_topk_rows
 from .mimn import (mimn_scan_bwd, mimn_scan_fwd, miu_gather_gru_bwd, miu_gather_gru_fwd,
                    ntm_read_write_bwd, ntm_read_write_fwd)
@@ -22,3 +23,4 @@ __all__ += ["topk_attention_fwd", "topk_attention_bwd"]
 __all__ += ["unique_rows"]
 __all__ += ["ntm_read_write_fwd", "ntm_read_write_bwd", "miu_gather_gru_fwd",
             "miu_gather_gru_bwd", "mimn_scan_fwd", "mimn_scan_bwd"]
+__all__ += ["gru_scan_fwd", "gru_scan_bwd"]

@@ -5,6 +5,7 @@ are contiguous and already checked by the op layer (src/fastattn/ops).
 """
 from .attention import topk_attention_bwd, topk_attention_fwd
 from .gather import gather_rows, scatter_add_rows
+from .gru import gru_scan_bwd, gru_scan_fwd
 from .hamming import hamming_distance, hamming_topk, hamming_topk_rows
 from .mimn import (miu_gather_gru_bwd, miu_gather_gru_fwd, mimn_scan_bwd, mimn_scan_fwd,
                    ntm_read_write_bwd, ntm_read_write_fwd)
@@ -15,3 +16,4 @@ __all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "hamming_topk_row
 __all__ += ["topk_attention_fwd", "topk_attention_bwd"]
 __all__ += ["ntm_read_write_fwd", "ntm_read_write_bwd", "miu_gather_gru_fwd",
             "miu_gather_gru_bwd", "mimn_scan_fwd", "mimn_scan_bwd"]
+__all__ += ["gru_scan_fwd", "gru_scan_bwd"]

@@ -8,6 +8,7 @@ from .ops import (MIMNParams, MIMNState, eta_attention, hamming_distance, hammin
                   make_planes, mimn_initial_state, mimn_reg_loss, mimn_scan, mimn_step,
                   miu_gather_gru, ntm_read_write, simhash_sign, target_attention,
                   topk_attention, topk_gather, unique_rows)
+from .ops import gru_scan
 
 __version__ = "0.1.0"
 
@@ -16,3 +17,4 @@ __all__ = ["nn", "backends", "BackendUnavailableError", "reference", "simhash_si
            "target_attention", "ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step",
            "mimn_reg_loss", "mimn_initial_state", "MIMNParams", "MIMNState", "unique_rows",
            "__version__"]
+__all__ += ["gru_scan"]

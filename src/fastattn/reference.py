@@ -496,3 +496,24 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], p: MIMNParams,
 def mimn_reg_loss(g: Tensor) -> Tensor:
     """Memory Utilization Regularization: mean over rows of Σ_i (g(i) − mean_i g)², g (B, m)."""
     return (g - g.mean(-1, keepdim=True)).square().sum(-1).mean()
+
+
+def gru_scan(x: Tensor, lengths: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+             b_hh: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """Varlen GRU over x (B, T, I) with torch.nn.GRU's equations (:func:`gru_cell`), every
+    state returned: out (B, T, H). Steps t >= lengths[b] (default T) output 0 and leave row
+    b's state unchanged; h0 (B, H) defaults to zeros."""
+    B, T, _ = x.shape
+    H = w_hh.shape[1]
+    h = x.new_zeros(B, H) if h0 is None else h0
+    outs = []
+    for t in range(T):
+        h_new = gru_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+        if lengths is not None:
+            valid = (lengths > t)[:, None]
+            h = torch.where(valid, h_new, h)
+            outs.append(torch.where(valid, h_new, torch.zeros_like(h_new)))
+        else:
+            h = h_new
+            outs.append(h_new)
+    return torch.stack(outs, 1) if outs else x.new_zeros(B, 0, H)
