@@ -83,4 +83,16 @@ void topk_attention_bwd(const double* grad_out, const double* q, const double* k
                         double* dk_slots, double* dv_slots, int nthreads);
 std::string attention_impl();  // which ISA path the attention kernels run
 
+// Masked mean pooling (BAHE): x (N, K, D), mask (N, K) uint8 (0/1) -> out (N, D), the mean of
+// the valid tokens of each row (zeros for a row without any); masked tokens are not read.
+void masked_mean_fwd(const float* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     float* out, int nthreads);
+void masked_mean_fwd(const double* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     double* out, int nthreads);
+// Its backward: dx (N, K, D) = grad[n] / max(count[n], 1) at valid tokens, zeros elsewhere.
+void masked_mean_bwd(const float* grad, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     float* dx, int nthreads);
+void masked_mean_bwd(const double* grad, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     double* dx, int nthreads);
+
 }  // namespace fastattn

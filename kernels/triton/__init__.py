@@ -8,6 +8,7 @@ from .gather import gather_rows, scatter_add_rows
 from .hamming import hamming_distance, hamming_topk, hamming_topk_rows
 from .mimn import (miu_gather_gru_bwd, miu_gather_gru_fwd, mimn_scan_bwd, mimn_scan_fwd,
                    ntm_read_write_bwd, ntm_read_write_fwd)
+from .pool import masked_mean_bwd, masked_mean_fwd
 from .simhash import simhash_sign
 
 __all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "hamming_topk_rows",
@@ -15,3 +16,4 @@ __all__ = ["simhash_sign", "hamming_distance", "hamming_topk", "hamming_topk_row
 __all__ += ["topk_attention_fwd", "topk_attention_bwd"]
 __all__ += ["ntm_read_write_fwd", "ntm_read_write_bwd", "miu_gather_gru_fwd",
             "miu_gather_gru_bwd", "mimn_scan_fwd", "mimn_scan_bwd"]
+__all__ += ["masked_mean_fwd", "masked_mean_bwd"]
