@@ -120,6 +120,13 @@ class AtomicBehaviourEncoder(nn.Module):
         states, mask = self.token_states(tokens)
         return masked_mean(states, mask, backend=self.backend)
 
+    def distinct(self, ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``unique_rows(ids, lengths)``: (distinct ids (N,), hist_rows (U, L)); records
+        ``last_stats`` (the distinct-behaviour ratio is distinct / behaviours)."""
+        uniq, rows = unique_rows(ids, lengths, backend=self.backend)
+        self.last_stats = {"behaviours": int((rows >= 0).sum()), "distinct": int(uniq.shape[0])}
+        return uniq, rows
+
     def forward(self, ids: Tensor, token_table: Tensor, lengths: Optional[Tensor] = None, *,
                 indexed: bool = False, table: Optional["BehaviourTable"] = None
                 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
@@ -131,8 +138,7 @@ class AtomicBehaviourEncoder(nn.Module):
         Returns (U, L, d) with zero rows past the lengths, or with ``indexed`` the
         indexed form ``(embeddings (N, d), hist_rows (U, L))`` the fastattn ops take.
         """
-        uniq, rows = unique_rows(ids, lengths, backend=self.backend)
-        self.last_stats = {"behaviours": int((rows >= 0).sum()), "distinct": int(uniq.shape[0])}
+        uniq, rows = self.distinct(ids, lengths)
         if table is not None:
             emb = table.embeddings()[uniq]
         else:
