@@ -1,6 +1,8 @@
 // Masked mean pooling of token states (BAHE's atomic behaviour encoding) and its backward.
 // One task per row n: the row's sum is accumulated in token order by one thread, so the
 // result is bitwise the same for every thread count, and masked tokens are never read.
+// Small calls (a training step's few thousand behaviours) run on the calling thread: waking
+// an OpenMP team costs more than the work there, and far more on a loaded machine.
 #include <omp.h>
 
 #include <cstring>
@@ -16,10 +18,12 @@ inline int64_t count_valid(const uint8_t* m, int64_t K) {
     return c;
 }
 
+constexpr int64_t kParallelMin = int64_t(1) << 16;  // elements of x / dx
+
 template <typename T>
 void fwd_impl(const T* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D, T* out,
               int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K * D >= kParallelMin)
     for (int64_t n = 0; n < N; ++n) {
         T* __restrict o = out + n * D;
         std::memset(o, 0, sizeof(T) * D);
@@ -42,7 +46,7 @@ void fwd_impl(const T* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D, 
 template <typename T>
 void bwd_impl(const T* grad, const uint8_t* mask, int64_t N, int64_t K, int64_t D, T* dx,
               int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K * D >= kParallelMin)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* m = mask + n * K;
         const int64_t c = count_valid(m, K);

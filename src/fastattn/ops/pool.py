@@ -47,7 +47,8 @@ def _masked_mean(x: Tensor, mask: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return kernels("triton").masked_mean_fwd(x.contiguous(), m)
     xw = x.to(_cpu_dtype(x)).contiguous()
-    out = torch.zeros(N, D, dtype=xw.dtype)
+    # the kernels write every element
+    out = torch.empty(N, D, dtype=xw.dtype) if K else torch.zeros(N, D, dtype=xw.dtype)
     if out.numel() and K:
         cpu_call(backend, "masked_mean_fwd", xw, m, out)
     return out.to(x.dtype)
@@ -70,7 +71,7 @@ def _masked_mean_backward(grad: Tensor, mask: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return kernels("triton").masked_mean_bwd(grad.contiguous(), m)
     gw = grad.to(_cpu_dtype(grad)).contiguous()
-    dx = torch.zeros(N, K, D, dtype=gw.dtype)
+    dx = torch.empty(N, K, D, dtype=gw.dtype)
     if dx.numel():
         cpu_call(backend, "masked_mean_bwd", gw, m, dx)
     return dx.to(grad.dtype)
