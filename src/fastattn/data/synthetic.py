@@ -45,9 +45,9 @@ so one seed gives identical tensors):
    (ids 1 + (c - 1)·cat_tokens + j, shared by the category), then K_i - cat_tokens
    item-specific tokens drawn uniformly from ``item_vocab`` further ids
    (``item_tokens``, right-padded with 0). With ``n_behaviour_types`` > 1 every
-   behaviour gets a type (0 = click, 1 = purchase, ...): a behaviour in one of the user's
-   long-term interest categories takes a type uniformly, any other one is a click with
-   probability 0.8 (else uniform), so the non-click types concentrate on the interests.
+   behaviour gets a type (0 = click, 1 = purchase, ...): uniform over all types, except that
+   a behaviour in one of the user's long-term interest categories takes a non-click type
+   (uniform over 1..T-1) with probability 0.7, so those types lean towards the interests.
 """
 from __future__ import annotations
 
@@ -196,9 +196,10 @@ def _text(cfg: SyntheticConfig, item_cat: np.ndarray, user_interests: np.ndarray
     T = cfg.n_behaviour_types
     if T == 1:
         return tokens, None
+    N = beh_cats.shape[0]
     interest = (user_interests == beh_cats[:, None]).any(axis=1)
-    click = ~interest & (rng.random(beh_cats.shape[0]) < 0.8)
-    types = np.where(click, 0, rng.integers(0, T, size=beh_cats.shape[0]))
+    engaged = interest & (rng.random(N) < 0.7)
+    types = np.where(engaged, rng.integers(1, T, size=N), rng.integers(0, T, size=N))
     return tokens, types
 
 
