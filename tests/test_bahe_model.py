@@ -98,3 +98,11 @@ def test_checks(data):
     with pytest.raises(ValueError, match="hist_types must hold types in"):
         m(batch)
     assert set(TEXT_MODELS) == {"bahe", "llm_ctr"} and issubclass(LLMCTR, BAHE)
+
+
+@pytest.mark.parametrize("variant", ["fp", "fp_abe", "bahe"])
+def test_length_buckets_do_not_change_results(data, variant):
+    batch = data.batch(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:12])
+    one = _model(data, torch.float64, buckets=1, **VARIANTS[variant])
+    many = _model(data, torch.float64, buckets=5, **VARIANTS[variant])
+    torch.testing.assert_close(many(batch), one(batch), rtol=1e-9, atol=1e-10)

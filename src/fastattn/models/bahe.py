@@ -34,7 +34,7 @@ from ..nn.bahe import AtomicBehaviourEncoder, TokenEncoder, TokenTransformer, ga
 from ..ops import masked_mean
 from .base import CTRModel, check_positive_int, per_query
 
-__all__ = ["BAHE", "LLMCTR", "split_by_type"]
+__all__ = ["BAHE", "LLMCTR", "split_by_type", "ABLATIONS"]
 
 
 def split_by_type(items: Tensor, types: Optional[Tensor], lengths: Tensor,
@@ -73,6 +73,8 @@ class BAHE(CTRModel):
         low_layers / high_layers: L_low and L_high; heads: attention heads.
         max_behaviours: the longest history read (sets the position tables).
         fp, abe, ba: the ablation switches (module docstring).
+        buckets: length buckets per sequence group (an execution choice, not in
+            ``config()``: each runs at the width of its longest row).
     """
 
     name = "bahe"
@@ -82,13 +84,15 @@ class BAHE(CTRModel):
                  n_types: int = 1, embed_dim: int = 32, low_layers: int = 1,
                  high_layers: int = 1, heads: int = 2, mlp: Sequence[int] = (64, 32),
                  max_behaviours: int = 64, fp: bool = True, abe: bool = True,
-                 ba: bool = True, backend: Optional[str] = None, dedup: bool = True):
+                 ba: bool = True, backend: Optional[str] = None, dedup: bool = True,
+                 buckets: int = 4):
         if ba and not abe:
             raise ValueError("ba=True (one position per behaviour) needs abe=True (the "
                              "behaviour vectors come from the atomic behaviour encoding)")
         for name, v in (("n_types", n_types), ("low_layers", low_layers),
                         ("high_layers", high_layers), ("max_behaviours", max_behaviours)):
             check_positive_int(name, v)
+        check_positive_int("buckets", buckets)
         if item_tokens is None:
             if vocab_size is None or token_len is None:
                 raise ValueError("pass item_tokens (n_items + 1, K), or vocab_size and "
@@ -107,7 +111,7 @@ class BAHE(CTRModel):
         super().__init__(n_items, n_cats, embed_dim // 2 or 1, mlp, 0, backend, heads=1,
                          dedup=dedup)
         del self.item_emb, self.cat_emb
-        self.d, self.n_types, self.K = embed_dim, n_types, K
+        self.d, self.n_types, self.K, self.buckets = embed_dim, n_types, K, buckets
         self.fp, self.abe_on, self.ba = bool(fp), bool(abe), bool(ba)
         self.register_buffer("item_tokens", item_tokens.clone())
         self.low = TokenEncoder(vocab, embed_dim, low_layers, heads,
@@ -133,34 +137,64 @@ class BAHE(CTRModel):
 
     # ------------------------------------------------------------------ encoders
 
-    def _encode_abe(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        """Sequences of behaviours ``ids`` (R, L') → (R, d), the lower layers run once per
-        distinct behaviour of all the rows."""
-        if self.ba:
-            x = self.abe(ids, self.item_tokens, lengths)              # (R, L', d)
-            mask = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]
-        else:
-            uniq, rows = self.abe.distinct(ids, lengths)
-            states, tmask = self.abe.token_states(self.item_tokens[uniq])   # (N, K, d)
-            K = self.K
-            # token slot (r, l·K + k) reads state row hist_rows[r, l]·K + k
-            tok_rows = rows[:, :, None] * K + torch.arange(K, device=ids.device)
-            ok = (rows[:, :, None] >= 0) & tmask[rows.clamp(min=0)]
-            tok_rows = torch.where(ok, tok_rows, -1).reshape(ids.shape[0], -1)
-            x = gather_histories(states.reshape(-1, self.d), tok_rows, None, self._backend)
-            mask = tok_rows >= 0
-        self.last_stats = dict(self.abe.last_stats)
-        return masked_mean(self.high(x, mask), mask, backend=self._backend)
+    def _tokens_of(self, rows: Tensor, states: Tensor, tmask: Tensor) -> Tuple[Tensor, Tensor]:
+        """+ABE: the token sequences (R, W·K, d) of histories ``rows`` (R, W) (table rows,
+        -1 = none) read from the distinct behaviours' token states (N, K, d), and their
+        mask: token slot (r, l·K + k) is state row rows[r, l]·K + k."""
+        K = self.K
+        tok_rows = rows[:, :, None] * K + torch.arange(K, device=rows.device)
+        ok = (rows[:, :, None] >= 0) & tmask[rows.clamp(min=0)]
+        tok_rows = torch.where(ok, tok_rows, -1).reshape(rows.shape[0], -1)
+        x = gather_histories(states.reshape(-1, self.d), tok_rows, None, self._backend)
+        return x, tok_rows >= 0
 
-    def _encode_tokens(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        """LLM-CTR: sequences of behaviours ``ids`` (R, L') → their tokens concatenated
-        (R, L'·K) → lower and upper layers → (R, d)."""
-        R, L = ids.shape
-        valid = torch.arange(L, device=ids.device) < lengths[:, None]
-        tok = torch.where(valid[..., None], self.item_tokens[ids], 0).reshape(R, L * self.K)
+    def _llm_tokens(self, ids: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """LLM-CTR / +FP: behaviours ``ids`` (R, W) → their tokens concatenated (R, W·K)
+        → the lower layers; returns (states, mask)."""
+        R, W = ids.shape
+        valid = torch.arange(W, device=ids.device) < lengths[:, None]
+        tok = torch.where(valid[..., None], self.item_tokens[ids], 0).reshape(R, W * self.K)
         mask = tok != 0
-        x = self.high(self.low(tok, mask), mask)
-        return masked_mean(x, mask, backend=self._backend)
+        return self.low(tok, mask), mask
+
+    def encode(self, ids: Tensor, lengths: Tensor, groups: Sequence[int]) -> Tensor:
+        """Representations (R, d) of R behaviour sequences ``ids`` (R, L') with ``lengths``
+        (R,), given as consecutive row groups of sizes ``groups``. Each group runs the upper
+        layers over its own width (its longest sequence), so that FP's per-type sequences
+        cost Σ (L_t·K)², not T·(max L_t·K)². With ABE the lower layers run once over the
+        distinct behaviours of all groups together."""
+        if self.abe_on:
+            uniq, rows = self.abe.distinct(ids, lengths)
+            self.last_stats = dict(self.abe.last_stats)
+            states, tmask = self.abe.token_states(self.item_tokens[uniq])     # (N, K, d)
+            if self.ba:
+                emb = masked_mean(states, tmask, backend=self._backend)      # (N, d)
+        def run(r: Tensor, lens: Tensor) -> Tensor:
+            """Rows ``r`` (indices) at their own width (their longest sequence)."""
+            W = max(int(lens.max()) if lens.numel() else 0, 1)
+            if not self.abe_on:
+                x, mask = self._llm_tokens(ids[r, :W], lens)
+            elif self.ba:
+                x = gather_histories(emb, rows[r, :W], lens, self._backend)
+                mask = torch.arange(W, device=ids.device) < lens[:, None]
+            else:
+                x, mask = self._tokens_of(rows[r, :W], states, tmask)
+            return masked_mean(self.high(x, mask), mask, backend=self._backend)
+
+        outs, r0 = [], 0
+        for size in groups:
+            lens = lengths[r0:r0 + size]
+            # Length buckets: the group's rows sorted by length, cut into `buckets` chunks,
+            # each run at its own width, so padding follows the lengths instead of the
+            # group's longest row (outputs do not depend on the padding).
+            order = torch.argsort(lens, descending=True, stable=True)
+            step = max(1, -(-size // self.buckets))
+            parts = [run(r0 + order[i:i + step], lens[order[i:i + step]])
+                     for i in range(0, size, step)]
+            out = torch.cat(parts) if parts else self.f_d.weight.new_zeros(0, self.d)
+            outs.append(out[torch.argsort(order)])
+            r0 += size
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ forward
 
@@ -174,13 +208,13 @@ class BAHE(CTRModel):
                              f"{self.n_types}), got max {int(types.max())}")
         ids, lens = split_by_type(batch.hist_items, types, batch.lengths.to(torch.int64),
                                   groups)
-        # The targets are one-behaviour sequences, encoded with (and, with ABE, deduplicated
-        # together with) the histories.
+        # The targets are one-behaviour sequences, a group of their own, encoded (and with
+        # ABE deduplicated) together with the histories.
         tgt = torch.zeros(B, ids.shape[1], dtype=ids.dtype, device=ids.device)
         tgt[:, 0] = batch.target_item
-        ids = torch.cat([ids, tgt])
-        lens = torch.cat([lens, torch.ones(B, dtype=lens.dtype, device=lens.device)])
-        enc = self._encode_abe(ids, lens) if self.abe_on else self._encode_tokens(ids, lens)
+        enc = self.encode(torch.cat([ids, tgt]),
+                          torch.cat([lens, torch.ones(B, dtype=lens.dtype, device=lens.device)]),
+                          [U] * groups + [B])
         users = enc[:groups * U].reshape(groups, U, self.d).transpose(0, 1).reshape(U, -1)
         user = per_query(self.f_d(users), B, batch.hist_index)
         item = enc[groups * U:]
@@ -202,3 +236,8 @@ class LLMCTR(BAHE):
                          **kwargs)
         for k in ("fp", "abe", "ba"):
             self._config.pop(k)
+
+
+#: The paper's ablation rows: row name -> (model name, constructor switches).
+ABLATIONS = {"llm_ctr": ("llm_ctr", {}), "fp": ("bahe", dict(abe=False, ba=False)),
+             "fp_abe": ("bahe", dict(ba=False)), "bahe": ("bahe", {})}
