@@ -1,5 +1,6 @@
 """Every sweep ``fastattn-bench`` can run, by name: the kernel sweeps (:mod:`.sweeps`), the
-training sweeps (:mod:`.training_sweeps`) and the serving sweeps (:mod:`.serving_sweeps`).
+training sweeps (:mod:`.training_sweeps`), the serving sweeps (:mod:`.serving_sweeps`) and
+the BAHE sweeps (:mod:`.bahe_sweeps`).
 
 The training and serving sweeps are optional: a module that fails to import (a missing
 dependency of the models or the stores) leaves the others runnable, with a warning.
@@ -31,6 +32,7 @@ SWEEPS: Dict[str, Callable[..., Sweep]] = {
     **KERNEL_SWEEPS,
     **_optional(f"{__package__}.training_sweeps", "TRAINING_SWEEPS"),
     **_optional(f"{__package__}.serving_sweeps", "SERVING_SWEEPS"),
+    **_optional(f"{__package__}.bahe_sweeps", "BAHE_SWEEPS"),
 }
 
 
