@@ -901,6 +901,50 @@ py::dict cpu_features() {
     return d;
 }
 
+// Masked mean pooling (BAHE): x (N, K, D) f32/f64, mask (N, K) uint8 -> out (N, D).
+void masked_mean_fwd(const py::array& x, const py::array& mask, py::array& out, int nthreads) {
+    const char* fn = "masked_mean_fwd";
+    check_threads(nthreads, fn);
+    const bool f64 = has_kind(x, Kind::f64);
+    const Kind kind = f64 ? Kind::f64 : Kind::f32;
+    const auto xs = check(x, fn, "x", kind, 3);
+    const auto ms = check(mask, fn, "mask", Kind::u8, 2);
+    const auto os = check(out, fn, "out (same dtype as x)", kind, 2, true);
+    expect(ms[0] == xs[0] && ms[1] == xs[1], fn, "mask must be (N, K) = x.shape[:2], got " +
+                                                     shape_of(mask));
+    expect(os[0] == xs[0] && os[1] == xs[2], fn, "out must be (N, D), got " + shape_of(out));
+    py::gil_scoped_release release;
+    if (f64) {
+        fastattn::masked_mean_fwd(cptr<double>(x), cptr<uint8_t>(mask), xs[0], xs[1], xs[2],
+                                  ptr<double>(out), nthreads);
+    } else {
+        fastattn::masked_mean_fwd(cptr<float>(x), cptr<uint8_t>(mask), xs[0], xs[1], xs[2],
+                                  ptr<float>(out), nthreads);
+    }
+}
+
+// Its backward: grad (N, D), mask (N, K) uint8 -> dx (N, K, D).
+void masked_mean_bwd(const py::array& grad, const py::array& mask, py::array& dx, int nthreads) {
+    const char* fn = "masked_mean_bwd";
+    check_threads(nthreads, fn);
+    const bool f64 = has_kind(grad, Kind::f64);
+    const Kind kind = f64 ? Kind::f64 : Kind::f32;
+    const auto gs = check(grad, fn, "grad", kind, 2);
+    const auto ms = check(mask, fn, "mask", Kind::u8, 2);
+    const auto ds = check(dx, fn, "dx (same dtype as grad)", kind, 3, true);
+    expect(ms[0] == gs[0], fn, "mask must be (N, K) with N = grad.shape[0]");
+    expect(ds[0] == gs[0] && ds[1] == ms[1] && ds[2] == gs[1], fn,
+           "dx must be (N, K, D), got " + shape_of(dx));
+    py::gil_scoped_release release;
+    if (f64) {
+        fastattn::masked_mean_bwd(cptr<double>(grad), cptr<uint8_t>(mask), ds[0], ds[1], ds[2],
+                                  ptr<double>(dx), nthreads);
+    } else {
+        fastattn::masked_mean_bwd(cptr<float>(grad), cptr<uint8_t>(mask), ds[0], ds[1], ds[2],
+                                  ptr<float>(dx), nthreads);
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -943,6 +987,12 @@ PYBIND11_MODULE(_C, m) {
     m.def("scatter_add_rows", &scatter_add_rows, py::arg("grad").noconvert(), py::arg("idx").noconvert(),
           py::arg("hist_index").noconvert(), py::arg("out").noconvert(), py::arg("nthreads"),
           "out[hist_index[b], idx[b, j]] += grad[b, j] for idx >= 0; deterministic.");
+    m.def("masked_mean_fwd", &masked_mean_fwd, py::arg("x").noconvert(), py::arg("mask").noconvert(),
+          py::arg("out").noconvert(), py::arg("nthreads"),
+          "out[n] = mean of x[n, k] over mask[n, k] != 0 (zeros if none); x (N, K, D) f32/f64.");
+    m.def("masked_mean_bwd", &masked_mean_bwd, py::arg("grad").noconvert(), py::arg("mask").noconvert(),
+          py::arg("dx").noconvert(), py::arg("nthreads"),
+          "dx[n, k] = grad[n] / max(count[n], 1) where mask[n, k] != 0, zeros elsewhere.");
     m.def("topk_attention_fwd", &topk_attention_fwd, py::arg("q").noconvert(), py::arg("keys").noconvert(),
           py::arg("values").noconvert(), py::arg("idx").noconvert(), py::arg("hist_index").noconvert(),
           py::arg("scale"), py::arg("out").noconvert(), py::arg("lse").noconvert(), py::arg("nthreads"),

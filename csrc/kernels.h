@@ -104,4 +104,16 @@ void gru_scan_bwd(const T* d_out, const T* xp, const T* out, const int64_t* leng
                   T* dxp, T* dhp, T* dh0, int nthreads);
 std::string gru_impl();  // which ISA path the GRU scan runs
 
+// Masked mean pooling (BAHE): x (N, K, D), mask (N, K) uint8 (0/1) -> out (N, D), the mean of
+// the valid tokens of each row (zeros for a row without any); masked tokens are not read.
+void masked_mean_fwd(const float* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     float* out, int nthreads);
+void masked_mean_fwd(const double* x, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     double* out, int nthreads);
+// Its backward: dx (N, K, D) = grad[n] / max(count[n], 1) at valid tokens, zeros elsewhere.
+void masked_mean_bwd(const float* grad, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     float* dx, int nthreads);
+void masked_mean_bwd(const double* grad, const uint8_t* mask, int64_t N, int64_t K, int64_t D,
+                     double* dx, int nthreads);
+
 }  // namespace fastattn

@@ -14,6 +14,7 @@ from .gru import gru_scan_bwd, gru_scan_fwd
 from .hamming import hamming_distance, hamming_topk, hamming_topk_rows
 from .mimn import (mimn_scan_bwd, mimn_scan_fwd, miu_gather_gru_bwd, miu_gather_gru_fwd,
                    ntm_read_write_bwd, ntm_read_write_fwd)
+from .pool import masked_mean_bwd, masked_mean_fwd
 from .simhash import simhash_sign, simhash_sign_rows
 from .unique import unique_rows
 
@@ -24,3 +25,4 @@ __all__ += ["unique_rows"]
 __all__ += ["ntm_read_write_fwd", "ntm_read_write_bwd", "miu_gather_gru_fwd",
             "miu_gather_gru_bwd", "mimn_scan_fwd", "mimn_scan_bwd"]
 __all__ += ["gru_scan_fwd", "gru_scan_bwd"]
+__all__ += ["masked_mean_fwd", "masked_mean_bwd"]

@@ -5,7 +5,7 @@ Ops run on the best backend available for their tensors (see :func:`backends`).
 from . import nn, reference
 from .backends import BackendUnavailableError, backends
 from .ops import (MIMNParams, MIMNState, eta_attention, hamming_distance, hamming_topk,
-                  make_planes, mimn_initial_state, mimn_reg_loss, mimn_scan, mimn_step,
+                  make_planes, masked_mean, mimn_initial_state, mimn_reg_loss, mimn_scan, mimn_step,
                   miu_gather_gru, ntm_read_write, simhash_sign, target_attention,
                   topk_attention, topk_gather, unique_rows)
 from .ops import gru_scan
@@ -16,5 +16,5 @@ __all__ = ["nn", "backends", "BackendUnavailableError", "reference", "simhash_si
            "hamming_distance", "hamming_topk", "topk_gather", "topk_attention", "eta_attention",
            "target_attention", "ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step",
            "mimn_reg_loss", "mimn_initial_state", "MIMNParams", "MIMNState", "unique_rows",
-           "__version__"]
+           "masked_mean", "__version__"]
 __all__ += ["gru_scan"]

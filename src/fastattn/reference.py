@@ -24,6 +24,7 @@ __all__ = [
     "words_for_bits", "sentinel_distance", "default_hist_index", "default_lengths",
     "make_planes", "simhash_sign", "popcount64", "hamming_distance", "hamming_topk",
     "topk_gather", "topk_gather_backward", "history_from_table", "unique_rows",
+    "masked_mean", "masked_mean_backward",
 ]
 
 
@@ -517,3 +518,26 @@ def gru_scan(x: Tensor, lengths: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b
             h = h_new
             outs.append(h_new)
     return torch.stack(outs, 1) if outs else x.new_zeros(B, 0, H)
+
+
+# --------------------------------------------------------------------------- pooling (BAHE)
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """x (N, K, D), mask (N, K) bool -> (N, D): the mean of the rows x[n, k] with mask[n, k].
+
+    A row with no valid token pools to zeros. Masked-out tokens are never read (a NaN or inf
+    there does not reach the output), which is why this selects rather than multiplies.
+    """
+    keep = mask.unsqueeze(-1)
+    total = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    count = mask.sum(1, dtype=x.dtype).clamp(min=1)
+    return total / count.unsqueeze(-1)
+
+
+def masked_mean_backward(grad: Tensor, mask: Tensor) -> Tensor:
+    """grad (N, D), mask (N, K) bool -> grad of x (N, K, D): grad[n] / count[n] at valid
+    tokens, zeros elsewhere."""
+    count = mask.sum(1, dtype=grad.dtype).clamp(min=1)
+    g = (grad / count.unsqueeze(-1)).unsqueeze(1)
+    return torch.where(mask.unsqueeze(-1), g, torch.zeros((), dtype=grad.dtype,
+                                                          device=grad.device))

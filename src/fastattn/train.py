@@ -8,6 +8,10 @@ and log-loss on held-out users, and writes ``train.csv``, ``train.json`` and ``t
 DIN is the short-history baseline: it always reads the ``short_len`` most recent
 behaviours, whatever the history length; the long-history models read up to the length.
 
+The BAHE rows (``--models llm_ctr,fp,fp_abe,bahe``: LLM-CTR, +FP, +ABE and BAHE, see
+:mod:`fastattn.models.bahe`) read the items' token strings; their rows add the time per
+training epoch, the peak memory of a training step and the distinct-behaviour ratio.
+
 Runs single-process on CPU or GPU, and data-parallel under ``torchrun`` (each rank trains
 on its shard of every batch; DistributedDataParallel averages the gradients)::
 
@@ -33,6 +37,7 @@ from .data import CTRDataset, load_csv, make_synthetic
 from .data.batch import Batch
 from .data.metrics import auc, log_loss
 from .models import MODELS, build
+from .models.bahe import ABLATIONS
 
 __all__ = ["TrainConfig", "setup_distributed", "shard", "LossOf", "make_optimizer",
            "train_step", "evaluate", "train_model", "main"]
@@ -133,36 +138,66 @@ class TrainConfig(argparse.Namespace):
     dedup: bool = True
 
 
+def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.Module:
+    if name not in ABLATIONS:
+        return build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
+                     backend=cfg.backend, dedup=cfg.dedup)
+    if train.item_tokens is None:
+        raise ValueError(f"model {name!r} reads item token strings: the data has none (a CSV "
+                         "log needs a tokens column)")
+    model, switches = ABLATIONS[name]
+    return build(model, train.n_items, train.n_cats, item_tokens=train.item_tokens,
+                 n_types=train.n_types, max_behaviours=max_len, embed_dim=cfg.embed_dim,
+                 backend=cfg.backend, **switches)
+
+
 def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
                 cfg: TrainConfig, progress=None, rank: int = 0,
                 world: int = 1) -> Dict[str, object]:
     """Train model ``name`` on histories cut to ``max_len``; evaluate on ``test``."""
     torch.manual_seed(cfg.seed)
-    model = build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
-                  backend=cfg.backend, dedup=cfg.dedup).to(cfg.device)
+    model = _build(name, train, max_len, cfg).to(cfg.device)
+    text = name in ABLATIONS
+    peak, behaviours, distinct = None, 0, 0
     wrapped = LossOf(model)
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
     opt = make_optimizer(model, cfg.lr)
-    seen, train_s, losses = 0, 0.0, []
+    seen, train_s, cpu_s, losses = 0, 0.0, 0.0, []
     for epoch in range(cfg.epochs):
         for batch in train.batches(cfg.batch_size, max_len=max_len, shuffle=True,
                                    seed=cfg.seed + epoch, drop_last=world > 1):
             batch = shard(batch, rank, world).to(cfg.device)
-            t0 = time.perf_counter()
+            if text and peak is None and seen and cfg.device == "cpu":
+                # the peak of one (not the first) forward + backward, outside the timed
+                # steps and without an optimizer step (train_step zeroes the gradients)
+                from .bench.measure import peak_extra_bytes
+                peak = peak_extra_bytes(lambda: wrapped(batch).backward()) or 0
+            t0, c0 = time.perf_counter(), time.process_time()
             losses.append(train_step(wrapped, opt, batch))
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             seen += len(batch)
+            if text and model.last_stats:
+                behaviours += model.last_stats["behaviours"]
+                distinct += model.last_stats["distinct"]
             if progress is not None:
                 progress.update(len(batch) * world)
                 progress.set_postfix_str(f"{name} L={max_len} loss={losses[-1]:.4f}")
     metrics = evaluate(model, test, max_len, device=cfg.device)
-    return {"model": name, "max_len": max_len,
-            "history_read": min(max_len, model.config().get("short_len") or max_len)
-            if name == "din" else max_len,
-            **metrics, "train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            "train_samples_per_s": seen * world / train_s if train_s else None,
-            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters())}
+    row = {"model": name, "max_len": max_len,
+           "history_read": min(max_len, model.config().get("short_len") or max_len)
+           if name == "din" else max_len,
+           **metrics, "train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+           "train_samples_per_s": seen * world / train_s if train_s else None,
+           "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters())}
+    if text:
+        # CPU time too: on a shared machine, load from other processes inflates wall time
+        row.update(text_len=max_len * model.K, epoch_s=train_s / cfg.epochs,
+                   epoch_cpu_s=cpu_s / cfg.epochs,
+                   peak_step_mib=None if peak is None else peak / 2**20,
+                   distinct_ratio=distinct / behaviours if behaviours else None)
+    return row
 
 
 def _plot(rows: List[Dict[str, object]], path: str, stamp: str) -> None:
@@ -204,13 +239,23 @@ def markdown(rows: Sequence[Dict[str, object]]) -> str:
         last = cell.get(lengths[-1])
         tput = f"{last['train_samples_per_s']:.0f}" if last else "-"
         out.append(f"| {name} | " + " | ".join(cells) + f" | {tput} |")
+    text = [r for r in rows if "epoch_s" in r]
+    if text:
+        out += ["", "| row | L (text length) | s / epoch | CPU s / epoch | peak MiB / step | "
+                "AUC | distinct ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in text:
+            mib = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
+            ratio = "-" if r["distinct_ratio"] is None else f"{r['distinct_ratio']:.3f}"
+            out.append(f"| {r['model']} | {r['max_len']} ({r['text_len']}) | "
+                       f"{r['epoch_s']:.1f} | {r['epoch_cpu_s']:.1f} | {mib} | "
+                       f"{r['auc']:.4f} | {ratio} |")
     return "\n".join(out)
 
 
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastattn-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated, from {', '.join(MODELS)}")
+                   help=f"comma-separated, from {', '.join(list(MODELS) + list(ABLATIONS))}")
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="history lengths to train at (comma-separated)")
     p.add_argument("--csv", help="train on this behaviour log (user,item,category,"
@@ -222,6 +267,8 @@ def _parse(argv) -> argparse.Namespace:
                    help="synthetic samples (scored candidates) per user")
     p.add_argument("--max-history", type=int, default=2000,
                    help="longest synthetic history")
+    p.add_argument("--behaviour-types", type=int, default=1,
+                   help="synthetic behaviour types (the BAHE rows' feature-parallel groups)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -242,9 +289,9 @@ def _parse(argv) -> argparse.Namespace:
     if args.quick:
         args.users, args.epochs = min(args.users, 600), 1
         args.max_history, args.lengths = min(args.max_history, 1000), "50,200"
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [m for m in args.models.split(",") if m not in MODELS and m not in ABLATIONS]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS) + list(ABLATIONS)}")
     return args
 
 
@@ -258,7 +305,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     else:
         data = make_synthetic(n_users=args.users, n_items=args.items, n_cats=args.cats,
                               candidates_per_user=args.candidates, max_len=args.max_history,
-                              seed=args.data_seed)
+                              n_behaviour_types=args.behaviour_types, seed=args.data_seed)
     train, test = data.split(args.test_frac, seed=args.data_seed)
     models = args.models.split(",")
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -294,7 +341,8 @@ def _write(rows, args, data: CTRDataset, world: int) -> None:
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump({"rows": rows, **meta}, f, indent=1, default=str)
     with open(os.path.join(args.out, "train.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # the BAHE rows add columns: the union, in first-seen order
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     _plot(rows, os.path.join(args.out, "train.png"), stamp)

@@ -1,6 +1,6 @@
 """Every sweep ``fastattn-bench`` can run, by name: the kernel sweeps (:mod:`.sweeps`), the
-training sweeps (:mod:`.training_sweeps`), the serving sweeps (:mod:`.serving_sweeps`) and
-the EdgeRec sweeps (:mod:`.edgerec_sweeps`).
+training sweeps (:mod:`.training_sweeps`), the serving sweeps (:mod:`.serving_sweeps`), the
+EdgeRec sweeps (:mod:`.edgerec_sweeps`) and the BAHE sweeps (:mod:`.bahe_sweeps`).
 
 The training and serving sweeps are optional: a module that fails to import (a missing
 dependency of the models or the stores) leaves the others runnable, with a warning.
@@ -33,6 +33,7 @@ SWEEPS: Dict[str, Callable[..., Sweep]] = {
     **_optional(f"{__package__}.training_sweeps", "TRAINING_SWEEPS"),
     **_optional(f"{__package__}.serving_sweeps", "SERVING_SWEEPS"),
     **_optional(f"{__package__}.edgerec_sweeps", "EDGEREC_SWEEPS"),
+    **_optional(f"{__package__}.bahe_sweeps", "BAHE_SWEEPS"),
 }
 
 

@@ -49,6 +49,8 @@ class Batch:
     label: (B,) float click labels in {0, 1}, or None at serving time.
     hist_index: (B,) int64 history row of each candidate; None means U == B (row b) or
         U == 1 (every candidate shares history 0).
+    hist_types: (U, L) int64 behaviour type of each position (0 at padding), or None when
+        the data has no behaviour types (BAHE's feature-parallel encoding reads it).
     """
 
     hist_items: Tensor
@@ -58,6 +60,7 @@ class Batch:
     target_cat: Tensor
     label: Optional[Tensor] = None
     hist_index: Optional[Tensor] = None
+    hist_types: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.target_item.shape[0]
@@ -70,4 +73,6 @@ class Batch:
         """Keep each history's ``max_len`` most recent behaviours (DIN's short history)."""
         return replace(self, hist_items=recent(self.hist_items, self.lengths, max_len),
                        hist_cats=recent(self.hist_cats, self.lengths, max_len),
-                       lengths=self.lengths.clamp(max=max_len))
+                       lengths=self.lengths.clamp(max=max_len),
+                       hist_types=None if self.hist_types is None
+                       else recent(self.hist_types, self.lengths, max_len))

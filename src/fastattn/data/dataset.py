@@ -43,6 +43,12 @@ class CTRDataset:
     user_ids[u], item_ids[i], cat_ids[c]: the raw id behind each contiguous id, or None.
         item_ids and cat_ids have a None at index 0 (padding), so they index like item_cat.
     sample_ts (S,) int64 or None: each sample's timestamp when known (the CSV label form).
+    Text-described behaviours (BAHE), both optional:
+        beh_type (N,) int64 in 0..n_types-1 or None: each behaviour's type (click,
+        purchase, ...); type_names[t] its raw name when known.
+        item_tokens (n_items + 1, K) int64 or None: each item's token string, right-padded
+        with 0 (row 0, the padding item, all 0); token_names[v] the raw token of id v
+        (None at 0) when known.
 
     The constructor checks shapes, dtypes, id ranges and time order (vectorised, O(N + S)).
     """
@@ -64,6 +70,10 @@ class CTRDataset:
     item_ids: Optional[List[Optional[str]]] = None
     cat_ids: Optional[List[Optional[str]]] = None
     sample_ts: Optional[Tensor] = None
+    beh_type: Optional[Tensor] = None
+    item_tokens: Optional[Tensor] = None
+    type_names: Optional[List[str]] = None
+    token_names: Optional[List[Optional[str]]] = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -130,6 +140,40 @@ class CTRDataset:
                 row = int(bad.nonzero()[0]) + 1
                 raise ValueError(f"beh_ts must be non-decreasing within each user; row {row} "
                                  "goes back in time")
+        self._validate_text(N)
+
+    def _validate_text(self, N: int) -> None:
+        if self.beh_type is not None:
+            t = self.beh_type
+            if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (N,):
+                raise ValueError(f"beh_type must be None or an int64 tensor of shape (N,)=({N},)")
+            if t.numel() and int(t.min()) < 0:
+                raise ValueError("beh_type must hold type ids >= 0")
+        tok = self.item_tokens
+        if tok is not None:
+            if (not isinstance(tok, Tensor) or tok.dtype != torch.int64 or tok.dim() != 2
+                    or tok.shape[0] != self.n_items + 1):
+                raise ValueError(f"item_tokens must be None or an int64 tensor of shape "
+                                 f"(n_items + 1, K)=({self.n_items + 1}, K)")
+            if tok.numel() and (int(tok.min()) < 0 or bool((tok[0] != 0).any())):
+                raise ValueError("item_tokens must hold token ids >= 0 (0 = padding) and "
+                                 "row 0 (the padding item) must be all 0")
+
+    @property
+    def n_types(self) -> int:
+        """Number of behaviour types (1 without beh_type)."""
+        if self.beh_type is None:
+            return 1
+        known = len(self.type_names) if self.type_names is not None else 0
+        return max(known, int(self.beh_type.max()) + 1 if self.beh_type.numel() else 1)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run 0..vocab_size-1 (0 without item_tokens)."""
+        if self.item_tokens is None:
+            return 0
+        known = len(self.token_names) if self.token_names is not None else 0
+        return max(known, int(self.item_tokens.max()) + 1 if self.item_tokens.numel() else 1)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -222,15 +266,16 @@ class CTRDataset:
             N1 = self.n_behaviours + 1
             keys, hist_index = torch.unique(user * N1 + hist, return_inverse=True)
             user, hist = keys // N1, keys % N1
-        items, cats, lengths = self._histories(user, hist, max_len)
+        items, cats, lengths, types = self._histories(user, hist, max_len)
         return Batch(hist_items=items, hist_cats=cats, lengths=lengths,
                      target_item=self.sample_item[idx], target_cat=self.sample_cat[idx],
-                     label=self.sample_label[idx], hist_index=hist_index)
+                     label=self.sample_label[idx], hist_index=hist_index, hist_types=types)
 
     def _histories(self, user: Tensor, hist: Tensor,
-                   max_len: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Right-padded (U, L) items and categories and (U,) lengths of the first ``hist``
-        behaviours of each ``user``, cut to the ``max_len`` most recent."""
+                   max_len: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Right-padded (U, L) items and categories, (U,) lengths and (U, L) behaviour types
+        (None without beh_type) of the first ``hist`` behaviours of each ``user``, cut to
+        the ``max_len`` most recent."""
         n = hist if max_len is None else hist.clamp(max=max_len)
         L = max(int(n.max()) if n.numel() else 0, 1)
         # history = rows [start, start + n) of the CSR log; the window ends at the sample's
@@ -240,14 +285,16 @@ class CTRDataset:
         valid = col[None, :] < n[:, None]                              # (U, L)
         if self.n_behaviours == 0:     # nothing to gather from: all padding
             pad = torch.zeros(user.shape[0], L, dtype=torch.int64)
-            return pad, pad.clone(), n.clone()
+            return pad, pad.clone(), n.clone(), None if self.beh_type is None else pad.clone()
         rows = torch.where(valid, start[:, None] + col[None, :], 0).view(-1)
         zero = torch.zeros((), dtype=torch.int64)
         # index_select on the flat rows: ~100x faster on CPU than advanced indexing of the
         # long log with a 2-d index
         items = torch.where(valid, self.beh_items.index_select(0, rows).view_as(valid), zero)
         cats = torch.where(valid, self.beh_cats.index_select(0, rows).view_as(valid), zero)
-        return items, cats, n.clone()
+        types = None if self.beh_type is None else torch.where(
+            valid, self.beh_type.index_select(0, rows).view_as(valid), zero)
+        return items, cats, n.clone(), types
 
     def batches(self, batch_size: int, max_len: Optional[int] = None, shuffle: bool = False,
                 seed: int = 0, drop_last: bool = False,

@@ -18,6 +18,12 @@ Two forms:
 * **With a label column** (impression logs, 0/1): rows with label 1 are behaviours; every
   row is a sample, in file order, whose history is its user's label-1 behaviours strictly
   before its timestamp.
+
+Optional text columns (BAHE): ``tokens``, an item's text as whitespace-separated tokens
+(each item must keep one token string; tokens get ids 1..V in first-seen order, 0 is
+padding), giving ``item_tokens``; ``behaviour_type``, any string per row (types get ids
+0..T-1 in first-seen order), giving ``beh_type``. Without these columns the result is as
+before (``item_tokens`` and ``beh_type`` None).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from .dataset import CTRDataset
 __all__ = ["load_csv", "save_csv"]
 
 _REQUIRED = ("user", "item", "category", "timestamp")
+_OPTIONAL = ("label", "tokens", "behaviour_type")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -57,6 +64,10 @@ def load_csv(path: PathLike, *, negatives: int = 1, seed: int = 0,
     c_col: List[int] = []
     t_col: List[int] = []
     y_col: List[int] = []
+    item_text: List[List[int]] = [[]]
+    vocab: Dict[str, int] = {}
+    types: Dict[str, int] = {}
+    b_col: List[int] = []
     with open(name, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -68,11 +79,11 @@ def load_csv(path: PathLike, *, negatives: int = 1, seed: int = 0,
         if missing:
             raise ValueError(f"{name}, line 1: header misses column(s) {', '.join(missing)} "
                              f"(got {', '.join(header)})")
-        for c in _REQUIRED + ("label",):
+        for c in _REQUIRED + _OPTIONAL:
             if keys.count(c) > 1:
                 raise ValueError(f"{name}, line 1: header names column {c!r} twice")
         iu, ii, ic, it = (keys.index(c) for c in _REQUIRED)
-        il = keys.index("label") if "label" in keys else None
+        il, itok, ib = (keys.index(c) if c in keys else None for c in _OPTIONAL)
         width = len(keys)
         for row in reader:
             if not row:
@@ -97,15 +108,27 @@ def load_csv(path: PathLike, *, negatives: int = 1, seed: int = 0,
                     raise ValueError(f"{name}, line {line}: label {row[il]!r} is not 0 or 1")
                 y_col.append(int(y))
             cid = cats.setdefault(c, len(cats) + 1)
+            text = ([vocab.setdefault(w, len(vocab) + 1) for w in row[itok].split()]
+                    if itok is not None else [])
             iid = items.get(i)
             if iid is None:
                 iid = items[i] = len(items) + 1
                 item_cat.append(cid)
                 item_line.append(line)
+                item_text.append(text)
             elif item_cat[iid] != cid:
                 raise ValueError(f"{name}, line {line}: item {i!r} has category {c!r} here "
                                  f"but {_ids(cats, 1)[item_cat[iid]]!r} on line "
                                  f"{item_line[iid]}")
+            elif item_text[iid] != text:
+                raise ValueError(f"{name}, line {line}: item {i!r} has tokens "
+                                 f"{row[itok].strip()!r} here but other tokens on line "
+                                 f"{item_line[iid]}")
+            if ib is not None:
+                b = row[ib].strip()
+                if not b:
+                    raise ValueError(f"{name}, line {line}: empty behaviour_type")
+                b_col.append(types.setdefault(b, len(types)))
             u_col.append(users.setdefault(u, len(users)))
             i_col.append(iid)
             c_col.append(cid)
@@ -162,6 +185,12 @@ def load_csv(path: PathLike, *, negatives: int = 1, seed: int = 0,
 
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     item_cat_arr = np.asarray(item_cat, dtype=np.int64)
+    tokens = None
+    if itok is not None:
+        K = max(1, max(len(x) for x in item_text))
+        tokens = np.zeros((len(item_text), K), dtype=np.int64)
+        for r, x in enumerate(item_text):
+            tokens[r, :len(x)] = x
     return CTRDataset(
         beh_items=t(item[order]), beh_cats=t(cat[order]), beh_ts=t(ts[order]),
         user_offsets=t(offsets), sample_user=t(s_user), sample_hist_len=t(s_hist),
@@ -169,7 +198,11 @@ def load_csv(path: PathLike, *, negatives: int = 1, seed: int = 0,
         sample_label=torch.from_numpy(np.asarray(s_label, dtype=np.float32)),
         n_users=n_users, n_items=n_items, n_cats=len(cats), item_cat=t(item_cat_arr),
         user_ids=_ids(users, 0), item_ids=_ids(items, 1), cat_ids=_ids(cats, 1),
-        sample_ts=t(s_ts))
+        sample_ts=t(s_ts),
+        beh_type=None if ib is None else t(np.asarray(b_col, dtype=np.int64)[order]),
+        type_names=None if ib is None else list(types),
+        item_tokens=None if tokens is None else t(tokens),
+        token_names=None if itok is None else _ids(vocab, 1))
 
 
 def save_csv(dataset: CTRDataset, path: PathLike, *, labels: bool = False,
@@ -181,7 +214,9 @@ def save_csv(dataset: CTRDataset, path: PathLike, *, labels: bool = False,
     cannot be written) and the click-log samples. labels=True: the label form, one row per
     sample at ``sample_ts``; it needs a dataset whose behaviours are exactly its label-1
     samples (as :func:`load_csv` makes from a labelled file), and then loading gives the
-    same behaviours and samples. ValueError otherwise.
+    same behaviours and samples. ValueError otherwise. Items' token strings and
+    behaviour types are written as the ``tokens`` / ``behaviour_type`` columns when the
+    dataset has them (raw names where known, else ``t<id>`` / the type id).
     """
     ds = dataset
     if not isinstance(ds, CTRDataset):
@@ -200,16 +235,30 @@ def save_csv(dataset: CTRDataset, path: PathLike, *, labels: bool = False,
                              "(synthetic data or a subset?); use labels=False")
         cols = (ds.sample_user, ds.sample_item, ds.sample_cat, ds.sample_ts,
                 ds.sample_label.to(torch.int64))
+        if ds.beh_type is not None:
+            raise ValueError("save_csv(labels=True) cannot write behaviour types (samples "
+                             "have none); use labels=False")
     else:
         cols = (user_of_row, ds.beh_items, ds.beh_cats, ds.beh_ts)
     names = [ds.user_ids, ds.item_ids, ds.cat_ids]
+    header = list(_REQUIRED) + (["label"] if labels else [])
+    lists = [c.tolist() for c in cols]
+    for j in range(3):
+        if names[j] is not None:
+            lists[j] = [names[j][v] for v in lists[j]]
+    if ds.item_tokens is not None:
+        tok = ds.token_names
+        text = [" ".join(tok[v] if tok is not None else f"t{v}" for v in row if v)
+                for row in ds.item_tokens.tolist()]
+        header.append("tokens")
+        lists.append([text[i] for i in cols[1].tolist()])
+    if ds.beh_type is not None:
+        tn = ds.type_names
+        header.append("behaviour_type")
+        lists.append([tn[v] if tn is not None else str(v) for v in ds.beh_type.tolist()])
     with open(os.fspath(path), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter=delimiter)
-        w.writerow(list(_REQUIRED) + (["label"] if labels else []))
-        lists = [c.tolist() for c in cols]
-        for j in range(3):
-            if names[j] is not None:
-                lists[j] = [names[j][v] for v in lists[j]]
+        w.writerow(header)
         w.writerows(zip(*lists))
 
 

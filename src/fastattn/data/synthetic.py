@@ -39,6 +39,15 @@ so one seed gives identical tensors):
    mostly reveal c*_u. A count-based oracle (share of the candidate's category in the
    history) therefore ranks clearly better on the full history than on the last 50
    (tests/test_data.py checks the AUC gap). The default positive rate is about 0.4.
+5. **Text and behaviour types** (BAHE), from a second generator seeded by (seed, 1), so
+   they leave every draw above unchanged. Item i gets a token string of
+   K_i ~ U{token_len_min..token_len_max} tokens: its category's ``cat_tokens`` tokens
+   (ids 1 + (c - 1)·cat_tokens + j, shared by the category), then K_i - cat_tokens
+   item-specific tokens drawn uniformly from ``item_vocab`` further ids
+   (``item_tokens``, right-padded with 0). With ``n_behaviour_types`` > 1 every
+   behaviour gets a type (0 = click, 1 = purchase, ...): uniform over all types, except that
+   a behaviour in one of the user's long-term interest categories takes a non-click type
+   (uniform over 1..T-1) with probability 0.7, so those types lean towards the interests.
 """
 from __future__ import annotations
 
@@ -72,6 +81,8 @@ class SyntheticConfig:
         current interest (the rest are popular items).
     label_bias, w_long, w_current, w_pop, label_noise: the hidden click model's logit.
     mean_gap: mean time between behaviours (timestamp units).
+    token_len_min / token_len_max / cat_tokens / item_vocab: item token strings (step 5).
+    n_behaviour_types: behaviour types per user's log (1: no beh_type).
     """
 
     n_users: int = 2000
@@ -99,10 +110,17 @@ class SyntheticConfig:
     w_pop: float = 0.3
     label_noise: float = 0.5
     mean_gap: float = 300.0
+    token_len_min: int = 5
+    token_len_max: int = 16
+    cat_tokens: int = 3
+    item_vocab: int = 1000
+    n_behaviour_types: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "n_cats", "min_len", "max_len",
-                     "candidates_per_user", "min_interests", "max_interests", "recent_len"):
+                     "candidates_per_user", "min_interests", "max_interests", "recent_len",
+                     "token_len_min", "token_len_max", "cat_tokens", "item_vocab",
+                     "n_behaviour_types"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SyntheticConfig.{name} must be an int >= 1, got {v!r}")
@@ -127,6 +145,9 @@ class SyntheticConfig:
         for name in ("interest_concentration", "mean_gap"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SyntheticConfig.{name} must be > 0")
+        if not self.cat_tokens <= self.token_len_min <= self.token_len_max:
+            raise ValueError("need cat_tokens <= token_len_min <= token_len_max, got "
+                             f"{self.cat_tokens}, {self.token_len_min}, {self.token_len_max}")
         if self.session_len < 1:
             raise ValueError(f"session_len must be >= 1, got {self.session_len}")
 
@@ -162,12 +183,33 @@ def _distinct_categories(rng, n_users: int, k: int, n_cats: int) -> np.ndarray:
     return out
 
 
+def _text(cfg: SyntheticConfig, item_cat: np.ndarray, user_interests: np.ndarray,
+          beh_cats: np.ndarray):
+    """Step 5: item_tokens (n_items + 1, token_len_max) and beh_type (N,) or None."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    I, Kc, K = item_cat.shape[0], cfg.cat_tokens, cfg.token_len_max
+    length = rng.integers(cfg.token_len_min, K + 1, size=I)
+    tokens = np.zeros((I + 1, K), dtype=np.int64)
+    tokens[1:, :Kc] = 1 + (item_cat[:, None] - 1) * Kc + np.arange(Kc)
+    own = 1 + cfg.n_cats * Kc + rng.integers(0, cfg.item_vocab, size=(I, K - Kc))
+    tokens[1:, Kc:] = np.where(np.arange(Kc, K) < length[:, None], own, 0)
+    T = cfg.n_behaviour_types
+    if T == 1:
+        return tokens, None
+    N = beh_cats.shape[0]
+    interest = (user_interests == beh_cats[:, None]).any(axis=1)
+    engaged = interest & (rng.random(N) < 0.7)
+    types = np.where(engaged, rng.integers(1, T, size=N), rng.integers(0, T, size=N))
+    return tokens, types
+
+
 def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bool = False,
                    **overrides):
     """A :class:`CTRDataset` drawn from the model in the module docstring.
 
     ``config`` (default ``SyntheticConfig()``) with any field replaced by ``overrides``, e.g.
-    ``make_synthetic(n_users=200, seed=3)``. With ``return_truth`` also returns a dict of the
+    ``make_synthetic(n_users=200, seed=3)``. Items carry token strings (``item_tokens``)
+    and, with ``n_behaviour_types`` > 1, behaviours carry types (``beh_type``). With ``return_truth`` also returns a dict of the
     hidden variables: click_prob (S,) float32, interests (n_users, max_interests) int64
     (0 = unused slot), interest_weights (n_users, max_interests) float32, current_cat
     (n_users,) int64.
@@ -268,12 +310,16 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     prob = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(S) < prob).astype(np.float32)
 
+    # 5. text and behaviour types, from their own generator (the draws above are unchanged)
+    item_tokens, beh_type = _text(cfg, item_cat, interests[user], cats)
+
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     ds = CTRDataset(
         beh_items=t(items), beh_cats=t(cats), beh_ts=t(ts), user_offsets=t(offsets),
         sample_user=t(s_user), sample_hist_len=t(n[s_user]), sample_item=t(s_item),
         sample_cat=t(s_cat), sample_label=torch.from_numpy(label),
-        n_users=U, n_items=I, n_cats=C, item_cat=t(np.concatenate([[0], item_cat])))
+        n_users=U, n_items=I, n_cats=C, item_cat=t(np.concatenate([[0], item_cat])),
+        item_tokens=t(item_tokens), beh_type=None if beh_type is None else t(beh_type))
     if not return_truth:
         return ds
     return ds, {"click_prob": torch.from_numpy(prob.astype(np.float32)),

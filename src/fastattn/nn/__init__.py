@@ -1,7 +1,9 @@
 """Drop-in nn.Modules built on the fastattn ops."""
 from .attention import ETAAttention, TargetAttention
+from .bahe import AtomicBehaviourEncoder, BehaviourTable, TokenEncoder, TokenTransformer
 from .mimn import MIMNEncoder
 from .reliable import ReliableAttention
 
-__all__ = ["TargetAttention", "ETAAttention", "MIMNEncoder"]
+__all__ = ["TargetAttention", "ETAAttention", "MIMNEncoder", "AtomicBehaviourEncoder",
+           "BehaviourTable", "TokenEncoder", "TokenTransformer"]
 __all__ += ["ReliableAttention"]
