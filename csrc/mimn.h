@@ -22,7 +22,10 @@ struct MimnWeights {
         *miu_w_ih, *miu_w_hh, *miu_b_ih, *miu_b_hh;
 };
 
-// Per-row parameter gradients, each (B, *param.shape), same order; absent ones untouched.
+// Parameter-gradient partial sums, each (B, *param.shape), same order; the caller sums
+// over the first axis. The scan and MIU kernels write the sums of their row tiles (of
+// min(16, B) rows) into the first slots, one per tile, and zero the rest; absent parameters
+// are untouched.
 template <typename T>
 struct MimnWeightGrads {
     T *ctrl_w_ih, *ctrl_w_hh, *ctrl_b_ih, *ctrl_b_hh, *heads_w, *heads_b, *mur_w, *mur_b,
