@@ -546,14 +546,14 @@ def mimn_step(x_t: Tensor, state: Optional[MIMNState], params: MIMNParams, *,
 class BoundStep:
     """:func:`mimn_step` with the parameters bound once: ``step(x_t (B, x_dim), state) ->
     (read (B, mem_dim), state')``, equal to ``mimn_step(x_t, state, params)`` (the same
-    kernel). Made by :func:`bind_step`.
+    kernels). Made by :func:`bind_step`.
 
-    On CPU with the cpp or numba backend and no gradient needed, a call checks shapes,
-    dtypes and contiguity of its inputs (a few attribute reads) and calls the kernel on
-    numpy views of the parameters taken once (in-place parameter updates are seen through
-    them; bind again after replacing a parameter tensor). Anything else (another backend or
-    device, gradients, non-contiguous inputs) goes through :func:`mimn_step`, which also
-    reports bad inputs. The outputs are new tensors on every call.
+    On CPU without gradients, the cpp backend steps through a ``MimnStepper`` that holds the
+    parameters copied and packed once (re-packed when a parameter's version counter shows
+    an in-place update); the numba backend calls its kernel on numpy views of the
+    parameters taken once. The kernel binding checks the arrays. Anything else (another
+    backend or device, gradients, non-contiguous inputs, bad inputs) goes through
+    :func:`mimn_step`, which reports bad inputs. Outputs are new tensors on every call.
     """
 
     def __init__(self, params: MIMNParams, backend: Optional[str] = None):
@@ -562,62 +562,72 @@ class BoundStep:
         dev = params.mem0.device
         self.backend = backend_for(dev, backend)
         self.dtype = params.mem0.dtype
-        self._arrays = None
-        ps = kernel_params(params)
-        if (self.backend in ("cpp", "numba") and dev.type == "cpu"
-                and self.dtype in _KERNEL_DTYPES
-                and all(p is None or (p.dtype == self.dtype and p.device == dev) for p in ps)):
-            self._arrays = [t.detach().numpy() for t in _scan_params(params.mem0, *ps)]
-            self._requires_grad = any(p is not None and p.requires_grad for p in ps)
+        self._present = [p for p in kernel_params(params) if p is not None]
+        self._fast = (self.backend in ("cpp", "numba") and dev.type == "cpu"
+                      and self.dtype in _KERNEL_DTYPES
+                      and all(p.dtype == self.dtype and p.device == dev for p in self._present))
+        self._requires_grad = any(p.requires_grad for p in self._present)
+        self._versions = None
+        self._npdtype = torch.empty(0, dtype=self.dtype).numpy().dtype
         self._scratch: dict = {}
 
-    def _fast(self, x_t: Tensor, state) -> bool:
-        if self._arrays is None or (torch.is_grad_enabled() and (
-                self._requires_grad or x_t.requires_grad
-                or any(t.requires_grad for t in state))):
-            return False
-        if not isinstance(x_t, Tensor) or x_t.dtype != self.dtype or x_t.dim() != 2 \
-                or not x_t.is_contiguous() or x_t.device.type != "cpu":
-            return False
-        if not isinstance(state, tuple) or len(state) != 5:
-            return False
-        Dx, D, m, Hc, Hs = self.dims
-        B = x_t.shape[0]
-        if x_t.shape[1] != Dx:
-            return False
-        want = ((B, Hc), (B, D), (B, m, D), (B, m), (B, m, Hs))
-        return all(isinstance(t, Tensor) and t.dtype == self.dtype and t.is_contiguous()
-                   and t.device.type == "cpu" and tuple(t.shape) == w
-                   for t, w in zip(state, want))
+    def _bind(self) -> None:
+        ps = kernel_params(self.params)
+        arrays = [t.detach().numpy() for t in _scan_params(self.params.mem0, *ps)]
+        has_mur, miu_k = self.params.mur_w is not None, self.params.miu_k
+        if self.backend == "cpp":
+            Dx, D, m, Hc, Hs = self.dims
+            self._stepper = kernels("cpp").MimnStepper(*arrays, has_mur, miu_k, Dx, D, m, Hc,
+                                                       Hs)
+        else:
+            self._arrays = (arrays, has_mur, miu_k)
+        self._versions = tuple(p._version for p in self._present)
 
     def __call__(self, x_t: Tensor, state: Optional[MIMNState]) -> Tuple[Tensor, MIMNState]:
-        if state is None or not self._fast(x_t, state):
-            return mimn_step(x_t, state, self.params, backend=self.backend)
-        B = x_t.shape[0]
-        D = self.dims[1]
+        if self._fast and state is not None and not (torch.is_grad_enabled() and (
+                self._requires_grad or x_t.requires_grad
+                or any(t.requires_grad for t in state))):
+            try:
+                return self._kernel(x_t, state)
+            except (ValueError, TypeError, RuntimeError, AttributeError, IndexError):
+                pass    # not an input the bound kernel takes: mimn_step checks and reports it
+        return mimn_step(x_t, state, self.params, backend=self.backend)
+
+    def _kernel(self, x_t: Tensor, state) -> Tuple[Tensor, MIMNState]:
+        if self._versions != tuple(p._version for p in self._present):
+            self._bind()
+        B, D = x_t.shape[0], self.dims[1]
+        if self.backend == "cpp":
+            # numpy outputs wrapped once: allocating torch tensors costs ~3x more per call
+            reads = np.empty((B, D), self._npdtype)
+            outs = [np.empty(t.shape, self._npdtype) for t in state]
+            self._stepper.step(x_t.numpy(), *(t.numpy() for t in state), reads, *outs,
+                               cpu_threads())
+            return torch.from_numpy(reads), MIMNState(*map(torch.from_numpy, outs))
+        reads = torch.empty(B, D, dtype=self.dtype)
+        outs = [torch.empty(t.shape, dtype=self.dtype) for t in state]
+        Dx, _, m, Hc, Hs = self.dims     # the numba kernel trusts its arrays: check here
+        want = ((B, Dx), (B, Hc), (B, D), (B, m, D), (B, m), (B, m, Hs))
+        if len(state) != 5 or any(t.dtype != self.dtype or t.shape != w or not t.is_contiguous()
+                                  for t, w in zip((x_t, *state), want)):
+            raise ValueError("not a contiguous batch of this model's states")
+        arrays, has_mur, miu_k = self._arrays
         lens, ckpts = self._scratch_for(B, state)
-        reads = torch.empty(B, 1, D, dtype=self.dtype)
-        outs = [torch.empty_like(t) for t in state]
-        args = [x_t.numpy().reshape(B, 1, -1), lens, *self._arrays,
-                self.params.mur_w is not None, self.params.miu_k,
-                *(t.numpy() for t in state), 1, reads.numpy(), *(o.numpy() for o in outs),
-                *ckpts]
+        args = [x_t.numpy().reshape(B, 1, -1), lens, *arrays, has_mur, miu_k,
+                *(t.numpy() for t in state), 1, reads.numpy().reshape(B, 1, D),
+                *(o.numpy() for o in outs), *ckpts]
         if B:
-            if self.backend == "cpp":
-                kernels("cpp").mimn_scan_fwd(*args, cpu_threads())
-            else:
-                set_numba_threads()
-                kernels("numba").mimn_scan_fwd(*args)
-        return reads[:, 0], MIMNState(*outs)
+            set_numba_threads()
+            kernels("numba").mimn_scan_fwd(*args)
+        return reads, MIMNState(*outs)
 
     def _scratch_for(self, B: int, state):
-        """lengths (all 1) and the checkpoint arrays the kernel writes (unused here), kept
-        between calls."""
+        """lengths (all 1) and the checkpoint arrays the numba kernel writes (unused here),
+        kept between calls."""
         have = self._scratch.get(B)
         if have is None:
-            npd = torch.empty(0, dtype=self.dtype).numpy().dtype
             have = (np.ones(B, np.int64),
-                    [np.zeros((B, 1, *t.shape[1:]), npd) for t in state])
+                    [np.zeros((B, 1, *t.shape[1:]), self._npdtype) for t in state])
             if len(self._scratch) > 8:
                 self._scratch.clear()
             self._scratch[B] = have
