@@ -120,16 +120,19 @@ def _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, ACC: tl.constexpr):
 
 @triton.jit
 def _mv(w_ptr, r0, c0, ld, nr, nc, v, offs_r, offs_c):
-    """W[r0:r0+nr, c0:c0+nc] @ v -> (len(offs_r),)."""
+    """W[r0:r0+nr, c0:c0+nc] @ v -> (len(offs_r),), zero in the padded lanes. The padded
+    lanes of v are zeroed first: an inf input times a zero padding weight would be NaN."""
     w = _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, v.dtype)
-    return tl.sum(w * v[None, :], axis=1)
+    vv = tl.where(offs_c < nc, v, 0.0)
+    return tl.where(offs_r < nr, tl.sum(w * vv[None, :], axis=1), 0.0)
 
 
 @triton.jit
 def _mvt(w_ptr, r0, c0, ld, nr, nc, u, offs_r, offs_c):
-    """W[r0:r0+nr, c0:c0+nc]^T @ u -> (len(offs_c),)."""
+    """W[r0:r0+nr, c0:c0+nc]^T @ u -> (len(offs_c),), zero in the padded lanes (as _mv)."""
     w = _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, u.dtype)
-    return tl.sum(w * u[:, None], axis=0)
+    uu = tl.where(offs_r < nr, u, 0.0)
+    return tl.where(offs_c < nc, tl.sum(w * uu[:, None], axis=0), 0.0)
 
 
 @triton.jit
