@@ -565,6 +565,62 @@ void mimn_scan_fwd(const py::array& x, const py::array& lengths, const py::array
     }
 }
 
+// ops.mimn.bind_step's C++ stepper: the parameters checked, copied and packed once; step()
+// checks its arrays (cheap) and runs one step for every row of x.
+class MimnStepperPy {
+   public:
+    MimnStepperPy(const py::array& ctrl_w_ih, const py::array& ctrl_w_hh,
+                  const py::array& ctrl_b_ih, const py::array& ctrl_b_hh,
+                  const py::array& heads_w, const py::array& heads_b, const py::array& mur_w,
+                  const py::array& mur_b, const py::array& miu_w_ih, const py::array& miu_w_hh,
+                  const py::array& miu_b_ih, const py::array& miu_b_hh, bool has_mur,
+                  int64_t miu_k, int64_t x_dim, int64_t mem_dim, int64_t slots,
+                  int64_t ctrl_dim, int64_t miu_dim) {
+        const char* fn = "MimnStepper";
+        kind_ = float_kind(ctrl_w_ih);
+        expect(x_dim >= 0 && mem_dim >= 1 && slots >= 1 && ctrl_dim >= 1 && miu_dim >= 0 &&
+                   miu_k >= 0 && miu_k <= slots,
+               fn, "sizes must be positive and miu_k in [0, slots]");
+        d_.Dx = x_dim, d_.D = mem_dim, d_.m = slots, d_.Hc = ctrl_dim, d_.Hs = miu_dim;
+        d_.has_mur = has_mur, d_.miu_k = miu_k;
+        const MimnParamArrays p{&ctrl_w_ih, &ctrl_w_hh, &ctrl_b_ih, &ctrl_b_hh, &heads_w,
+                                &heads_b,   &mur_w,     &mur_b,     &miu_w_ih,  &miu_w_hh,
+                                &miu_b_ih,  &miu_b_hh};
+        check_mimn_params(p, d_, fn, kind_, false);
+        if (kind_ == Kind::f64)
+            f64_ = std::make_unique<fastattn::MimnStepper<double>>(d_, mimn_weights<double>(p, d_));
+        else
+            f32_ = std::make_unique<fastattn::MimnStepper<float>>(d_, mimn_weights<float>(p, d_));
+    }
+    void step(const py::array& x, const py::array& h, const py::array& r, const py::array& M,
+              const py::array& g, const py::array& S, py::array& reads, py::array& h_out,
+              py::array& r_out, py::array& M_out, py::array& g_out, py::array& S_out,
+              int nthreads) const {
+        const char* fn = "MimnStepper.step";
+        check_threads(nthreads, fn);
+        fastattn::MimnDims d = d_;
+        d.B = check(x, fn, "x", kind_, 2)[0];
+        need(x, fn, "x", kind_, {d.B, d.Dx});
+        const StateArrays s0{&h, &r, &M, &g, &S}, s1{&h_out, &r_out, &M_out, &g_out, &S_out};
+        check_states(s0, d, fn, kind_, "", false);
+        check_states(s1, d, fn, kind_, "", true);
+        need(reads, fn, "reads", kind_, {d.B, d.D}, true);
+        py::gil_scoped_release release;
+        if (f64_)
+            f64_->step(d.B, cptr<double>(x), states_of<const double>(s0), ptr<double>(reads),
+                       states_of<double>(s1), nthreads);
+        else
+            f32_->step(d.B, cptr<float>(x), states_of<const float>(s0), ptr<float>(reads),
+                       states_of<float>(s1), nthreads);
+    }
+
+   private:
+    Kind kind_ = Kind::f32;
+    fastattn::MimnDims d_;
+    std::unique_ptr<fastattn::MimnStepper<float>> f32_;
+    std::unique_ptr<fastattn::MimnStepper<double>> f64_;
+};
+
 void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::array& d_r,
                    const py::array& d_M, const py::array& d_g, const py::array& d_S,
                    const py::array& x, const py::array& lengths, const py::array& ctrl_w_ih,
@@ -1003,7 +1059,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("scale"), py::arg("dq").noconvert(), py::arg("dk_slots").noconvert(),
           py::arg("dv_slots").noconvert(), py::arg("nthreads"),
           "Backward of topk_attention_fwd -> dq (B, H, Dh), dk_slots (B, K, H, Dh), dv_slots (B, K, H, Dv).");
-    // MIMN (docs/kernel_api.md "MIMN"); parameter gradients are per row, summed by the op layer.
+    // MIMN (docs/kernel_api.md "MIMN"); parameter gradients are partial sums (per row or
+    // per row tile), summed over the first axis by the op layer.
     m.def("ntm_read_write_fwd", &ntm_read_write_fwd,
           py::arg("M").noconvert(), py::arg("g").noconvert(), py::arg("head").noconvert(),
           py::arg("mur_w").noconvert(), py::arg("mur_b").noconvert(), py::arg("has_mur"),
@@ -1071,7 +1128,18 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dmur_b").noconvert(), py::arg("dmiu_w_ih").noconvert(),
           py::arg("dmiu_w_hh").noconvert(), py::arg("dmiu_b_ih").noconvert(),
           py::arg("dmiu_b_hh").noconvert(), py::arg("nthreads"),
-          "BPTT of mimn_scan_fwd by chunked recomputation; per-row parameter gradients.");
+          "BPTT of mimn_scan_fwd by chunked recomputation; parameter-gradient partial sums.");
+    py::class_<MimnStepperPy>(m, "MimnStepper",
+                              "MIMN parameters packed once; step() = one step for every row.")
+        .def(py::init<const py::array&, const py::array&, const py::array&, const py::array&,
+                      const py::array&, const py::array&, const py::array&, const py::array&,
+                      const py::array&, const py::array&, const py::array&, const py::array&,
+                      bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>())
+        .def("step", &MimnStepperPy::step, py::arg("x"), py::arg("h"), py::arg("r"),
+             py::arg("M"), py::arg("g"), py::arg("S"), py::arg("reads").noconvert(),
+             py::arg("h_out").noconvert(), py::arg("r_out").noconvert(),
+             py::arg("M_out").noconvert(), py::arg("g_out").noconvert(),
+             py::arg("S_out").noconvert(), py::arg("nthreads"));
     m.def("popcount_limit", &popcount_limit, py::arg("keys").noconvert(), py::arg("q").noconvert(),
           py::arg("isa"), py::arg("nthreads"),
           "Machine-limit micro-kernel: XOR+popcount of q (nq, 4) against keys (n, 4) (tile "

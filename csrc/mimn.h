@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 namespace fastattn {
 
@@ -22,7 +23,10 @@ struct MimnWeights {
         *miu_w_ih, *miu_w_hh, *miu_b_ih, *miu_b_hh;
 };
 
-// Per-row parameter gradients, each (B, *param.shape), same order; absent ones untouched.
+// Parameter-gradient partial sums, each (B, *param.shape), same order; the caller sums
+// over the first axis. The scan and MIU kernels write the sums of their row tiles (of
+// min(16, B) rows) into the first slots, one per tile, and zero the rest; absent parameters
+// are untouched.
 template <typename T>
 struct MimnWeightGrads {
     T *ctrl_w_ih, *ctrl_w_hh, *ctrl_b_ih, *ctrl_b_hh, *heads_w, *heads_b, *mur_w, *mur_b,
@@ -72,5 +76,25 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                    const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,
                    MimnStates<const T> ck, T* dx, MimnStates<T> d_state0,
                    const MimnWeightGrads<T>& dw_rows, int nthreads);
+
+// The serving update: the twelve parameters copied and packed once (for ops.mimn.bind_step),
+// then step() runs one valid MIMN step for each of B rows: x (B, Dx), state s (B, ...) ->
+// reads (B, D), out (B, ...) (out must not alias s). d.B and d.T are not used.
+template <typename T>
+class MimnStepper {
+   public:
+    MimnStepper(const MimnDims& d, const MimnWeights<T>& w);
+    ~MimnStepper();
+    MimnStepper(const MimnStepper&) = delete;
+    MimnStepper& operator=(const MimnStepper&) = delete;
+    const MimnDims& dims() const { return d_; }
+    void step(int64_t B, const T* x, MimnStates<const T> s, T* reads, MimnStates<T> out,
+              int nthreads) const;
+
+   private:
+    struct Impl;
+    MimnDims d_;
+    std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace fastattn

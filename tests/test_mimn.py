@@ -165,7 +165,7 @@ def test_opcheck(kernel_backend):
     st = [t.detach().clone().contiguous().requires_grad_() for t in st]
     lens = torch.tensor([4, 2])
     torch.library.opcheck(torch.ops.fastattn.mimn_scan.default,
-                          (x, lens, *[getattr(p, n) for n in fastattn.ops.mimn._PARAM_NAMES],
+                          (x, lens, *fastattn.ops.mimn.kernel_params(p),
                            p.miu_k, *st, 2, backend))
     M = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     g = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)

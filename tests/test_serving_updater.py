@@ -191,3 +191,37 @@ def test_bound_stepper_equals_encoder_step(be):
             model.encoder.heads.bias.add_(0.1)         # in-place weight change: seen
             x = torch.randn(3, model.dim)
             state = type(state)(*(t[:3].contiguous() for t in state))
+
+
+def test_nanosecond_timestamps_keep_their_order(open_store):
+    """Integer epoch-nanosecond timestamps 1 ns apart (not representable in float64) are
+    applied in their order, whatever the arrival order."""
+    model = tiny_mimn()
+    hist = histories(1, 6, seed=7)
+    items, cats, _, _ = hist[0]
+    t0 = 1_764_460_800_000_000_000                      # 2025-11-30 in ns: > 2^53
+    ts = np.array([t0 + i for i in range(6)], dtype=np.int64)
+    assert len(set(ts.astype(np.float64).tolist())) < 6    # float64 would merge them
+    st = open_store(spec_of(model))
+    up = InterestUpdater(model, st)
+    order = [3, 0, 5, 1, 4, 2]
+    up.apply({"user_id": [0] * 6, "event_id": np.array(order), "item": items[order],
+              "category": cats[order], "timestamp": ts[order]})
+    assert_states_close(st.get_state([0]), forward_states(model, hist, [0]))
+
+
+def test_unknown_users_raise_with_create_missing_false(open_store):
+    from fastattn.serving import UnknownUserError
+    model = tiny_mimn()
+    hist = histories(2, 4, seed=8)
+    st = open_store(spec_of(model))
+    strict = InterestUpdater(model, st, create_missing=False)
+    with pytest.raises(UnknownUserError, match="no stored state for 2 user"):
+        strict.apply(events_of(hist, stop=2))
+    assert st.read([0, 1]) == [None, None]             # nothing written
+    InterestUpdater(model, st).warm_start({0: hist[0]}, progress=False)
+    with pytest.raises(UnknownUserError, match=r"\[1\]"):
+        strict.apply(events_of(hist, start=0))          # user 1 unknown: nothing applied
+    assert strict.apply(events_of({0: hist[0]}, start=4)).applied == 0
+    res = InterestUpdater(model, st).apply(events_of(hist, users=[1]))   # default: created
+    assert res.users == 1

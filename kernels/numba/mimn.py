@@ -408,14 +408,25 @@ def _ntm_bwd(d_read, d_M_out, d_g_out, d_wr, M, g, head, mur_w, mur_b, has_mur,
 # --------------------------------------------------------------------------- MIU helpers
 
 @_jit
+def _before(a, ia, b, ib):
+    """Channel ia ranks before ib in a stable descending sort, NaN above every number (the
+    order of torch.sort(descending=True, stable=True))."""
+    na, nb = a != a, b != b
+    if na or nb:
+        return na and (not nb or ia < ib)
+    return a > b or (a == b and ia < ib)
+
+
+@_jit
 def _select(wr, m, k, sel):
-    """The channels of the k largest read weights wr[:m] (ties to the smaller index), in
-    increasing channel order, into sel; returns how many (min(k, m), at most len(sel))."""
+    """The channels of the k largest read weights wr[:m] (ties to the smaller index, NaN
+    largest), in increasing channel order, into sel; returns how many (min(k, m), at most
+    len(sel))."""
     n = 0
     for i in range(m):
         rank = 0   # channels ranked before i by a stable descending sort
         for j in range(m):
-            if wr[j] > wr[i] or (wr[j] == wr[i] and j < i):
+            if _before(wr[j], j, wr[i], i):
                 rank += 1
         if rank < k and n < sel.shape[0]:
             sel[n] = i

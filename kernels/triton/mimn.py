@@ -120,16 +120,19 @@ def _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, ACC: tl.constexpr):
 
 @triton.jit
 def _mv(w_ptr, r0, c0, ld, nr, nc, v, offs_r, offs_c):
-    """W[r0:r0+nr, c0:c0+nc] @ v -> (len(offs_r),)."""
+    """W[r0:r0+nr, c0:c0+nc] @ v -> (len(offs_r),), zero in the padded lanes. The padded
+    lanes of v are zeroed first: an inf input times a zero padding weight would be NaN."""
     w = _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, v.dtype)
-    return tl.sum(w * v[None, :], axis=1)
+    vv = tl.where(offs_c < nc, v, 0.0)
+    return tl.where(offs_r < nr, tl.sum(w * vv[None, :], axis=1), 0.0)
 
 
 @triton.jit
 def _mvt(w_ptr, r0, c0, ld, nr, nc, u, offs_r, offs_c):
-    """W[r0:r0+nr, c0:c0+nc]^T @ u -> (len(offs_c),)."""
+    """W[r0:r0+nr, c0:c0+nc]^T @ u -> (len(offs_c),), zero in the padded lanes (as _mv)."""
     w = _wtile(w_ptr, r0, c0, ld, nr, nc, offs_r, offs_c, u.dtype)
-    return tl.sum(w * u[:, None], axis=0)
+    uu = tl.where(offs_r < nr, u, 0.0)
+    return tl.where(offs_c < nc, tl.sum(w * uu[:, None], axis=0), 0.0)
 
 
 @triton.jit
@@ -372,27 +375,32 @@ def _ntm_backprop(M, g, wr, ww, P, us, wt, kr, br, kw, bw, e, a, br_, bw_,
 
 
 @triton.jit
-def _miu_pick(avail, offs_m):
-    """One-hot of the largest entry of avail, ties to the smaller index."""
-    best = tl.max(avail, axis=0)
-    idx = tl.min(tl.where(avail == best, offs_m, 1 << 30), axis=0)
+def _miu_pick(wr, avail, offs_m):
+    """One-hot of the largest wr among the channels still available (avail), ties to the
+    smaller index, NaN above every number (torch.sort's descending order)."""
+    isnan = wr != wr
+    nan_idx = tl.min(tl.where(avail & isnan, offs_m, 1 << 30), axis=0)
+    best = tl.max(tl.where(avail & ~isnan, wr, float("-inf")), axis=0)
+    idx = tl.min(tl.where(avail & (wr == best), offs_m, 1 << 30), axis=0)
+    idx = tl.where(nan_idx < (1 << 30), nan_idx, idx)
     return offs_m == idx
 
 
 @triton.jit
 def _miu_fwd(M_new, x, S, wr, K, wi, wh, bi, bh, D, Dx, Hs, offs_m, mask_m, offs_d, offs_x,
              offs_hs):
-    """The K channels with the largest wr (repeated argmax, ties to the smaller index) get
+    """The K channels with the largest wr (repeated argmax, ties to the smaller index, NaN
+    largest) get
     GRU([M'(i), x], S(i)); the others keep S(i). The channels are distinct, so updating
     them one after the other is the same as updating them together."""
-    avail = tl.where(mask_m, wr, float("-inf"))
+    avail = mask_m
     S_out = S
     for _ in range(K):
-        sel = _miu_pick(avail, offs_m)
+        sel = _miu_pick(wr, avail, offs_m)
         s_new, _r, _z, _n, _hn = _gru_fwd(wi, wh, bi, bh, _row(M_new, sel), D, x, Dx,
                                           _row(S, sel), Hs, offs_hs, offs_d, offs_x)
         S_out = tl.where(sel[:, None], s_new[None, :], S_out)
-        avail = tl.where(sel, float("-inf"), avail)
+        avail = avail & ~sel
     return S_out
 
 
@@ -401,12 +409,12 @@ def _miu_bwd(M_new, x, S, wr, dS_new, K, wi, wh, bi, bh, dwi, dwh, dbi, dbh, D, 
              offs_m, mask_m, offs_d, offs_x, offs_hs, DXP: tl.constexpr):
     """Backward of _miu_fwd: returns (dM', dx, dS); no gradient reaches wr (the selection
     is discrete)."""
-    avail = tl.where(mask_m, wr, float("-inf"))
+    avail = mask_m
     dS = dS_new                                  # unselected channels pass through
     dM = tl.zeros_like(M_new)
     dx = tl.zeros((DXP,), M_new.dtype)
     for _ in range(K):
-        sel = _miu_pick(avail, offs_m)
+        sel = _miu_pick(wr, avail, offs_m)
         Mi = _row(M_new, sel)
         Si = _row(S, sel)
         _s, r, z, n, hn = _gru_fwd(wi, wh, bi, bh, Mi, D, x, Dx, Si, Hs, offs_hs, offs_d,
@@ -416,7 +424,7 @@ def _miu_bwd(M_new, x, S, wr, dS_new, K, wi, wh, bi, bh, dwi, dwh, dbi, dbh, D, 
         dM = tl.where(sel[:, None], dMi[None, :], dM)
         dS = tl.where(sel[:, None], dSi[None, :], dS)
         dx += dxi
-        avail = tl.where(sel, float("-inf"), avail)
+        avail = avail & ~sel
     return dM, dx, dS
 
 

@@ -442,8 +442,8 @@ def miu_gather_gru(memory: Tensor, x: Tensor, S: Tensor, read_weights: Tensor, k
         return S
     B, m, D = memory.shape
     inp = torch.cat([memory, x.unsqueeze(1).expand(B, m, x.shape[-1])], dim=-1)
-    new = gru_cell(inp.reshape(B * m, -1), S.reshape(B * m, -1), w_ih, w_hh, b_ih,
-                   b_hh).reshape(S.shape)
+    new = gru_cell(inp.reshape(B * m, inp.shape[-1]), S.reshape(B * m, S.shape[-1]), w_ih,
+                   w_hh, b_ih, b_hh).reshape(S.shape)   # explicit widths: B = 0 works
     return torch.where(miu_channels(read_weights, k).unsqueeze(-1), new, S)
 
 

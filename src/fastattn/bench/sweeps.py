@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.ops.mimn import bind_step
 
 from .sweep import F32, I32, I64, Cost, Point, Sweep, backends_for, torch_skip
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 100000]
@@ -231,14 +232,24 @@ def _mimn_encoder(backend: str, device: str = "cpu"):
     return MIMNEncoder(**MIMN_DIMS, mur=True, miu_k=1, backend=backend).to(device)
 
 
-def _mimn_step_flops() -> int:
-    """Matrix-product flops of one MIMN step of one row (elementwise work left out): the
-    controller GRU, the heads, content addressing and erase/add over the memory, MUR and
-    the MIU GRU on one channel."""
+def _mimn_step_flops(backward: bool = False) -> int:
+    """Flops of one MIMN step of one row, the flop model of the mimn sweeps.
+
+    Forward (mat-vecs and the O(m·D) memory work; elementwise activations left out): the
+    controller GRU 2·3Hc·(Dx+D+Hc), the heads 2·Hc·(4D+2), the norms, two content
+    addressings and the read 8·m·D, the erase/add write 3·m·D, MUR 2·m², and the MIU GRU
+    2·3Hs·(D+Dx+Hs) on each of its miu_k channels — about 45 kflop at the sweep's sizes.
+    Backward (per row-step, without the forward): the recomputation of the step from its
+    chunk's checkpoint (one forward) plus, for every product, the gradients of both its
+    operands (twice the forward): 3× the forward.
+    """
     x, D, m, c, s = (MIMN_DIMS[k] for k in ("x_dim", "mem_dim", "slots", "ctrl_dim",
                                              "miu_dim"))
+    miu_k = 1
     gru = lambda i, h: 2 * 3 * h * (i + h)  # noqa: E731
-    return gru(x + D, c) + 2 * c * (4 * D + 2) + 8 * m * D + 2 * m * m + gru(D + x, s)
+    fwd = (gru(x + D, c) + 2 * c * (4 * D + 2) + 8 * m * D + 3 * m * D + 2 * m * m
+           + miu_k * gru(D + x, s))
+    return 3 * fwd if backward else fwd
 
 
 def _mimn_state_bytes() -> int:
@@ -256,18 +267,20 @@ def mimn_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
     def cost(p: Dict[str, int], impl: str) -> Cost:
         """Forward: read x (B, T, x_dim), write the reads (B, T, D); the backward reads the
-        reads' gradient and x again. Flops: :func:`_mimn_step_flops` per row-step, three
-        times that with the backward."""
+        reads' gradient and x again. Flops: :func:`_mimn_step_flops` per row-step, forward
+        and backward; the compute floor is that at the measured fp32 GEMM rate, so
+        pct_of_bound is the % of the GEMM bound each row reaches."""
         rows = B * p["T"]
         fwd = Cost(bytes=F32 * rows * (Dx + D), flops=rows * _mimn_step_flops())
         if impl.endswith("_fwd_bwd"):
-            return Cost(bytes=2 * fwd.bytes, flops=3 * fwd.flops)
+            return Cost(bytes=2 * fwd.bytes,
+                        flops=fwd.flops + rows * _mimn_step_flops(backward=True))
         return fwd
 
     sweep = Sweep("mimn", f"MIMNEncoder B={B}, x_dim=D=32, slots=8, ctrl=miu=32, MUR, miu_k=1",
                   x="T", baseline="eager_torch_fwd",
                   baseline_of=lambda impl: "eager_torch_fwd_bwd" if impl.endswith("_fwd_bwd")
-                  else "eager_torch_fwd", cost=cost, device=device)
+                  else "eager_torch_fwd", cost=cost, roofline=True, device=device)
 
     def build(T: int):
         def make():
@@ -298,8 +311,10 @@ def mimn_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
 
 def mimn_step_sweep(quick: bool, device: str = "cpu") -> Sweep:
-    """Serving: one event applied to one user's state (mimn_step) vs re-running the user's
-    whole history of T events; the step's cost must not depend on T."""
+    """Serving: one event applied to one user's state vs re-running the user's whole history
+    of T events; the step's cost must not depend on T. ``step_*`` goes through the op
+    (mimn_step: checks and dispatch on every call), ``bound_step_*`` through
+    ``ops.mimn.bind_step`` (parameters packed once: the per-event update of the updater)."""
     steps = [1000] if quick else [100, 1000, 10000]
     Dx, D = MIMN_DIMS["x_dim"], MIMN_DIMS["mem_dim"]
     be = backends_for(device)[0]
@@ -324,15 +339,23 @@ def mimn_step_sweep(quick: bool, device: str = "cpu") -> Sweep:
                 _, state = enc(x)
             event = torch.randn(1, Dx).to(device)
 
-            def step():
+            bound = bind_step(enc.params(), be)
+            state = type(state)(*(t.contiguous() for t in state))
+
+            def step():                      # through the op: checks and dispatch per call
                 with torch.no_grad():
                     return enc.step(event, state)
+
+            def bound_step():                # the serving path: parameters bound once
+                with torch.no_grad():
+                    return bound(event, state)
 
             def rerun():
                 with torch.no_grad():
                     return enc(torch.cat([x, event.unsqueeze(1)], 1))
 
-            return {f"step_{be}": step, "rerun_history": rerun}
+            return {f"bound_step_{be}": bound_step, f"step_{be}": step,
+                    "rerun_history": rerun}
         return make
 
     sweep.points = [Point({"T": T}, build(T), pairs=1,

@@ -15,16 +15,19 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..backends import cpu_threads
 from ..reference import MIMNParams, MIMNState
 from ._common import (FLOAT_DTYPES, backend_for, check_same_device, check_tensor, cpu_call,
-                      kernels)
+                      kernels, set_numba_threads)
 
 __all__ = ["ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step", "mimn_reg_loss",
-           "mimn_initial_state", "MIMNParams", "MIMNState"]
+           "mimn_initial_state", "bind_step", "BoundStep", "KERNEL_PARAMS", "MIMNParams",
+           "MIMNState"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -38,6 +41,14 @@ def _c(*ts: Tensor):
     return tuple(t.contiguous() for t in ts)
 
 
+def _op_devices(fn: str, **tensors: Optional[Tensor]) -> None:
+    """ValueError unless every given tensor is on one device (checked in the custom ops)."""
+    devs = {k: t.device for k, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"{fn}: all tensors must be on one device, got "
+                         + ", ".join(f"{k} on {d}" for k, d in devs.items()))
+
+
 def default_chunk(T: int) -> int:
     return max(1, math.isqrt(max(T, 1) - 1) + 1)   # ceil(sqrt(T))
 
@@ -48,6 +59,7 @@ def default_chunk(T: int) -> int:
 def _ntm_read_write(M: Tensor, g: Tensor, head: Tensor, mur_w: Optional[Tensor],
                     mur_b: Optional[Tensor], backend: str
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _op_devices("fastattn::ntm_read_write", M=M, g=g, head=head, mur_w=mur_w, mur_b=mur_b)
     B, m, D = M.shape
     has_mur = mur_w is not None
     M, g, head = _c(M, g, head)
@@ -121,6 +133,11 @@ torch.library.register_autograd("fastattn::ntm_read_write", _ntm_backward,
 @torch.library.custom_op("fastattn::miu_gather_gru", mutates_args=())
 def _miu_gather_gru(M: Tensor, x: Tensor, S: Tensor, wr: Tensor, miu_k: int, w_ih: Tensor,
                     w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, backend: str) -> Tensor:
+    _op_devices("fastattn::miu_gather_gru", M=M, x=x, S=S, wr=wr, w_ih=w_ih, w_hh=w_hh,
+                b_ih=b_ih, b_hh=b_hh)
+    if isinstance(miu_k, bool) or not 0 <= miu_k <= M.shape[1]:
+        raise ValueError(f"fastattn::miu_gather_gru: miu_k must be in [0, slots="
+                         f"{M.shape[1]}], got {miu_k!r}")
     args = _c(M, x, S, wr)
     params = _c(w_ih, w_hh, b_ih, b_hh)
     if backend == "triton":
@@ -177,7 +194,93 @@ torch.library.register_autograd("fastattn::miu_gather_gru", _miu_backward,
 
 # --------------------------------------------------------------------------- mimn_scan
 
-_PARAM_NAMES = MIMNParams._fields[:6] + MIMNParams._fields[7:13]   # the twelve kernel params
+# The twelve parameter arrays of the kernels, in their argument order (docs/kernel_api.md
+# "MIMN"): written here once; mimn_scan and bind_step build their argument lists from it.
+KERNEL_PARAMS = ("ctrl_w_ih", "ctrl_w_hh", "ctrl_b_ih", "ctrl_b_hh", "heads_w", "heads_b",
+                 "mur_w", "mur_b", "miu_w_ih", "miu_w_hh", "miu_b_ih", "miu_b_hh")
+
+
+def kernel_params(p: MIMNParams) -> list:
+    """The twelve kernel parameters of ``p`` in KERNEL_PARAMS order; the MIU ones None
+    when ``p.miu_k`` is 0 (the kernels do not read them)."""
+    ps = [getattr(p, n) for n in KERNEL_PARAMS]
+    if not p.miu_k:
+        ps[8:] = [None] * 4
+    return ps
+
+
+def _check_scan_op(fn: str, x: Tensor, lengths: Tensor, params, miu_k: int, states,
+                   chunk: int) -> None:
+    """The custom ops' own checks (torch.compile and direct torch.ops calls skip the
+    wrapper): types, devices, dtypes, shapes, chunk and the range of lengths, before any
+    kernel reads an element."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"{fn}: chunk must be an int >= 1, got {chunk!r}")
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"{fn}: x must be a (B, T, x_dim) tensor")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{fn}: x must be float32 or float64, got {x.dtype}")
+    B, T, Dx = x.shape
+    if lengths.dtype != torch.int64 or tuple(lengths.shape) != (B,):
+        raise ValueError(f"{fn}: lengths must be int64 of shape (B,)=({B},), got "
+                         f"{lengths.dtype} {tuple(lengths.shape)}")
+    named = dict(zip(KERNEL_PARAMS, params))
+    h0, r0, M0, g0, S0 = states
+    if M0.dim() != 3 or S0.dim() != 3 or named["ctrl_w_hh"].dim() != 2:
+        raise ValueError(f"{fn}: M0 must be (B, slots, mem_dim), S0 (B, slots, miu_dim) and "
+                         f"ctrl_w_hh (3·ctrl_dim, ctrl_dim)")
+    _, m, D = M0.shape
+    Hs, Hc = S0.shape[2], named["ctrl_w_hh"].shape[1]
+    if isinstance(miu_k, bool) or not isinstance(miu_k, int) or not 0 <= miu_k <= m:
+        raise ValueError(f"{fn}: miu_k must be an int in [0, slots={m}], got {miu_k!r}")
+    if (named["mur_w"] is None) != (named["mur_b"] is None):
+        raise ValueError(f"{fn}: mur_w and mur_b must both be given or both be None")
+    want = dict(ctrl_w_ih=(3 * Hc, Dx + D), ctrl_w_hh=(3 * Hc, Hc), ctrl_b_ih=(3 * Hc,),
+                ctrl_b_hh=(3 * Hc,), heads_w=(4 * D + 2, Hc), heads_b=(4 * D + 2,),
+                mur_w=(m, m), mur_b=(m,), miu_w_ih=(3 * Hs, D + Dx), miu_w_hh=(3 * Hs, Hs),
+                miu_b_ih=(3 * Hs,), miu_b_hh=(3 * Hs,), h0=(B, Hc), r0=(B, D), M0=(B, m, D),
+                g0=(B, m), S0=(B, m, Hs))
+    tensors = dict(named, h0=h0, r0=r0, M0=M0, g0=g0, S0=S0)
+    for name, t in tensors.items():
+        if t is None:
+            if miu_k and name.startswith("miu_"):
+                raise ValueError(f"{fn}: miu_k={miu_k} needs {name}")
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, x on {x.device}: all tensors "
+                             "must be on one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{fn}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{fn}: {name} must have shape {want[name]} (B={B}, x_dim={Dx}, "
+                             f"mem_dim={D}, slots={m}, ctrl_dim={Hc}, miu_dim={Hs}), got "
+                             f"{tuple(t.shape)}")
+    _check_lengths(fn, lengths, T, x.device)
+
+
+def _check_lengths(fn: str, lengths: Tensor, T: int, device) -> None:
+    if lengths.device != device:
+        raise ValueError(f"{fn}: lengths is on {lengths.device}, x on {device}")
+    if lengths.numel():
+        lo, hi = torch.aminmax(lengths)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > T:
+            raise ValueError(f"{fn}: lengths must lie in [0, T={T}], got values in "
+                             f"[{lo}, {hi}]")
+
+
+@torch.library.custom_op("fastattn::mimn_check_lengths", mutates_args=())
+def _mimn_check_lengths(lengths: Tensor, T: int) -> Tensor:
+    """lengths (a copy), or ValueError unless they lie in [0, T]: the torch backend's check
+    under torch.compile (an opaque op, so the data-dependent test runs at run time; its
+    output is what the reference then reads, so the graph cannot drop it)."""
+    _check_lengths("mimn_scan", lengths, T, lengths.device)
+    return lengths.clone()
+
+
+@_mimn_check_lengths.register_fake
+def _(lengths, T):
+    return torch.empty_like(lengths)
 
 
 @torch.library.custom_op("fastattn::mimn_scan", mutates_args=())
@@ -190,6 +293,9 @@ def _mimn_scan(x: Tensor, lengths: Tensor, ctrl_w_ih: Tensor, ctrl_w_hh: Tensor,
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                           Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns reads, the final (h, r, M, g, S), and the five checkpoint arrays."""
+    _check_scan_op("fastattn::mimn_scan", x, lengths,
+                   (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
+                    miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh), miu_k, (h0, r0, M0, g0, S0), chunk)
     B, T, _ = x.shape
     params = _scan_params(x, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
                           mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh)
@@ -241,6 +347,22 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
                         ck_S: Tensor, backend: str) -> list[Tensor]:
     """Returns dx, d(h0, r0, M0, g0, S0) and the twelve parameter gradients (empty for absent
     optional parameters)."""
+    _check_scan_op("fastattn::mimn_scan_backward", x, lengths,
+                   (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
+                    miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh), miu_k, (d_h, d_r, d_M, d_g, d_S),
+                   chunk)
+    NC = -(-x.shape[1] // chunk)
+    for name, c, g in zip(("ck_h", "ck_r", "ck_M", "ck_g", "ck_S"),
+                          (ck_h, ck_r, ck_M, ck_g, ck_S), (d_h, d_r, d_M, d_g, d_S)):
+        want = (g.shape[0], NC, *g.shape[1:])
+        if tuple(c.shape) != want or c.dtype != x.dtype or c.device != x.device:
+            raise ValueError(f"fastattn::mimn_scan_backward: {name} must be {x.dtype} of shape "
+                             f"{want} on {x.device}, got {c.dtype} {tuple(c.shape)} on "
+                             f"{c.device}")
+    if tuple(d_reads.shape) != (x.shape[0], x.shape[1], d_r.shape[1]) or \
+            d_reads.dtype != x.dtype or d_reads.device != x.device:
+        raise ValueError("fastattn::mimn_scan_backward: d_reads must be (B, T, mem_dim) like "
+                         f"x's dtype and device, got {d_reads.dtype} {tuple(d_reads.shape)}")
     params = _scan_params(x, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
                           mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh)
     grads = _c(d_reads, d_h, d_r, d_M, d_g, d_S)
@@ -382,14 +504,20 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
                      what=f" and shape (B,)=({B},)")
         if lengths.shape[0] != B:
             raise ValueError(f"lengths must have shape (B,)=({B},), got {tuple(lengths.shape)}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or chunk < 1):
+        raise ValueError(f"chunk must be an int >= 1 (steps between checkpoints), got {chunk!r}")
     state0 = ref.mimn_initial_state(params, B, Hs) if state0 is None else state0
     _check_state(state0, B, D, m, Hc, Hs, x.dtype)
-    dev = check_same_device(x=x, lengths=lengths, mem0=params.mem0, **state0._asdict())
+    dev = check_same_device(x=x, lengths=lengths, mem0=params.mem0, **state0._asdict(),
+                            **dict(zip(KERNEL_PARAMS, kernel_params(params))))
     be = backend_for(dev, backend)
-    if lengths is not None and not torch.compiler.is_compiling() and lengths.numel() and (
-            int(lengths.min()) < 0 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must lie in [0, T={T}], got values in "
-                         f"[{int(lengths.min())}, {int(lengths.max())}]")
+    if lengths is not None:
+        if torch.compiler.is_compiling():
+            if be == "torch":        # the kernel ops check inside; the reference needs this
+                lengths = torch.ops.fastattn.mimn_check_lengths(lengths, T)
+        else:
+            _check_lengths("mimn_scan", lengths, T, dev)
     if be == "torch":
         return ref.mimn_scan(x, lengths, params, state0)
     if x.dtype not in _KERNEL_DTYPES:
@@ -398,11 +526,8 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
     lens = torch.full((B,), T, dtype=torch.int64, device=dev) if lengths is None \
         else lengths.to(torch.int64)
     chunk = default_chunk(T) if chunk is None else chunk
-    ps = [getattr(params, n) for n in _PARAM_NAMES]
-    miu_k = params.miu_k
-    if not miu_k:
-        ps[8:] = [None] * 4
-    out = torch.ops.fastattn.mimn_scan(x, lens, *ps, miu_k, *state0, chunk, be)
+    out = torch.ops.fastattn.mimn_scan(x, lens, *kernel_params(params), params.miu_k, *state0,
+                                       chunk, be)
     return out[0], MIMNState(*out[1:6])
 
 
@@ -416,6 +541,104 @@ def mimn_step(x_t: Tensor, state: Optional[MIMNState], params: MIMNParams, *,
     check_tensor("x_t", x_t, dtypes=FLOAT_DTYPES, ndim=2, what=" (B, x_dim)")
     reads, new = mimn_scan(x_t.unsqueeze(1), None, params, state, backend=backend, chunk=1)
     return reads[:, 0], new
+
+
+class BoundStep:
+    """:func:`mimn_step` with the parameters bound once: ``step(x_t (B, x_dim), state) ->
+    (read (B, mem_dim), state')``, equal to ``mimn_step(x_t, state, params)`` (the same
+    kernels). Made by :func:`bind_step`.
+
+    On CPU without gradients, the cpp backend steps through a ``MimnStepper`` that holds the
+    parameters copied and packed once (re-packed when a parameter's version counter shows
+    an in-place update); the numba backend calls its kernel on numpy views of the
+    parameters taken once. The kernel binding checks the arrays. Anything else (another
+    backend or device, gradients, non-contiguous inputs, bad inputs) goes through
+    :func:`mimn_step`, which reports bad inputs. Outputs are new tensors on every call.
+    """
+
+    def __init__(self, params: MIMNParams, backend: Optional[str] = None):
+        self.params = params
+        self.dims = _dims(params)
+        dev = params.mem0.device
+        self.backend = backend_for(dev, backend)
+        self.dtype = params.mem0.dtype
+        self._present = [p for p in kernel_params(params) if p is not None]
+        self._fast = (self.backend in ("cpp", "numba") and dev.type == "cpu"
+                      and self.dtype in _KERNEL_DTYPES
+                      and all(p.dtype == self.dtype and p.device == dev for p in self._present))
+        self._requires_grad = any(p.requires_grad for p in self._present)
+        self._versions = None
+        self._npdtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+        self._scratch: dict = {}
+
+    def _bind(self) -> None:
+        ps = kernel_params(self.params)
+        arrays = [t.detach().numpy() for t in _scan_params(self.params.mem0, *ps)]
+        has_mur, miu_k = self.params.mur_w is not None, self.params.miu_k
+        if self.backend == "cpp":
+            Dx, D, m, Hc, Hs = self.dims
+            self._stepper = kernels("cpp").MimnStepper(*arrays, has_mur, miu_k, Dx, D, m, Hc,
+                                                       Hs)
+        else:
+            self._arrays = (arrays, has_mur, miu_k)
+        self._versions = tuple(p._version for p in self._present)
+
+    def __call__(self, x_t: Tensor, state: Optional[MIMNState]) -> Tuple[Tensor, MIMNState]:
+        if self._fast and state is not None and not (torch.is_grad_enabled() and (
+                self._requires_grad or x_t.requires_grad
+                or any(t.requires_grad for t in state))):
+            try:
+                return self._kernel(x_t, state)
+            except (ValueError, TypeError, RuntimeError, AttributeError, IndexError):
+                pass    # not an input the bound kernel takes: mimn_step checks and reports it
+        return mimn_step(x_t, state, self.params, backend=self.backend)
+
+    def _kernel(self, x_t: Tensor, state) -> Tuple[Tensor, MIMNState]:
+        if self._versions != tuple(p._version for p in self._present):
+            self._bind()
+        B, D = x_t.shape[0], self.dims[1]
+        if self.backend == "cpp":
+            # numpy outputs wrapped once: allocating torch tensors costs ~3x more per call
+            reads = np.empty((B, D), self._npdtype)
+            outs = [np.empty(t.shape, self._npdtype) for t in state]
+            self._stepper.step(x_t.numpy(), *(t.numpy() for t in state), reads, *outs,
+                               cpu_threads())
+            return torch.from_numpy(reads), MIMNState(*map(torch.from_numpy, outs))
+        reads = torch.empty(B, D, dtype=self.dtype)
+        outs = [torch.empty(t.shape, dtype=self.dtype) for t in state]
+        Dx, _, m, Hc, Hs = self.dims     # the numba kernel trusts its arrays: check here
+        want = ((B, Dx), (B, Hc), (B, D), (B, m, D), (B, m), (B, m, Hs))
+        if len(state) != 5 or any(t.dtype != self.dtype or t.shape != w or not t.is_contiguous()
+                                  for t, w in zip((x_t, *state), want)):
+            raise ValueError("not a contiguous batch of this model's states")
+        arrays, has_mur, miu_k = self._arrays
+        lens, ckpts = self._scratch_for(B, state)
+        args = [x_t.numpy().reshape(B, 1, -1), lens, *arrays, has_mur, miu_k,
+                *(t.numpy() for t in state), 1, reads.numpy().reshape(B, 1, D),
+                *(o.numpy() for o in outs), *ckpts]
+        if B:
+            set_numba_threads()
+            kernels("numba").mimn_scan_fwd(*args)
+        return reads, MIMNState(*outs)
+
+    def _scratch_for(self, B: int, state):
+        """lengths (all 1) and the checkpoint arrays the numba kernel writes (unused here),
+        kept between calls."""
+        have = self._scratch.get(B)
+        if have is None:
+            have = (np.ones(B, np.int64),
+                    [np.zeros((B, 1, *t.shape[1:]), self._npdtype) for t in state])
+            if len(self._scratch) > 8:
+                self._scratch.clear()
+            self._scratch[B] = have
+        return have
+
+
+def bind_step(params: MIMNParams, backend: Optional[str] = None) -> BoundStep:
+    """A :class:`BoundStep`: one MIMN step per row (the serving update), with the twelve
+    parameter arrays packed once instead of on every call. ``step(x_t, state)`` returns
+    ``(read, state')`` like :func:`mimn_step`."""
+    return BoundStep(params, backend)
 
 
 def ntm_read_write(memory: Tensor, usage: Tensor, head: Tensor,
@@ -445,7 +668,8 @@ def ntm_read_write(memory: Tensor, usage: Tensor, head: Tensor,
                                    or tuple(mur_bias.shape) != (m,)):
         raise ValueError(f"mur_weight must be (m, m)=({m}, {m}) and mur_bias (m,), got "
                          f"{tuple(mur_weight.shape)} and {tuple(mur_bias.shape)}")
-    dev = check_same_device(memory=memory, usage=usage, head=head, mur_weight=mur_weight)
+    dev = check_same_device(memory=memory, usage=usage, head=head, mur_weight=mur_weight,
+                            mur_bias=mur_bias)
     be = backend_for(dev, backend)
     if be == "torch":
         return ref.ntm_read_write(memory, usage, head, mur_weight, mur_bias)
@@ -481,7 +705,8 @@ def miu_gather_gru(memory: Tensor, x: Tensor, S: Tensor, read_weights: Tensor, k
                          f"{tuple(w_hh.shape)}")
     b_ih = w_ih.new_zeros(3 * Hs) if b_ih is None else b_ih
     b_hh = w_hh.new_zeros(3 * Hs) if b_hh is None else b_hh
-    dev = check_same_device(memory=memory, x=x, S=S, read_weights=read_weights, w_ih=w_ih)
+    dev = check_same_device(memory=memory, x=x, S=S, read_weights=read_weights, w_ih=w_ih,
+                            w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     be = backend_for(dev, backend)
     if be == "torch":
         return ref.miu_gather_gru(memory, x, S, read_weights, k, w_ih, w_hh, b_ih, b_hh)

@@ -5,11 +5,14 @@ timestamp): it validates the whole batch, reads every affected user's record in 
 drops events already applied (replays, duplicates), orders each user's events by timestamp
 and steps all users with a pending event together (one ``mimn_step`` per round over the
 users), then writes every new record in one transaction. A bad event (NaN, unknown item,
-older than the user's last applied event) fails the whole batch before anything is written.
+older than the user's last applied event, a user without a state under
+``create_missing=False``) fails the whole batch before anything is written. Integer
+timestamps (nanoseconds included) order a batch's events exactly; against a user's stored
+last timestamp (a float64 in the record) the comparison has float64's resolution.
 
-:class:`BoundStepper` is the step it uses on CPU: the kernel of ``mimn_step`` called directly
-on numpy views of the parameters, bound once, with preallocated outputs (the op wrapper's
-checks and dispatch of ~30 arrays cost ~0.17 ms per call; the kernel for one user ~0.03 ms).
+:class:`BoundStepper` is the step it uses: ``fastattn.ops.mimn.bind_step`` over the
+encoder's parameters, bound once (the op wrapper's checks and dispatch of ~30 arrays cost
+~0.17 ms per call; the bound kernel call for one user a few tens of µs).
 """
 from __future__ import annotations
 
@@ -23,11 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends import cpu_threads
-from ..ops._common import backend_for, kernels, set_numba_threads
-from ..ops.mimn import _PARAM_NAMES, MIMNState, _scan_params
-from .store import (UserId, UserRecord, UserStateStore, WriteConflictError,
-                    stack_states)
+from ..ops.mimn import BoundStep, MIMNState, bind_step, kernel_params
+from .store import (UnknownUserError, UserId, UserRecord, UserStateStore,
+                    WriteConflictError, stack_states)
 
 __all__ = ["Event", "ApplyResult", "InterestUpdater", "BoundStepper", "OutOfOrderError"]
 
@@ -60,72 +61,24 @@ class BoundStepper:
     """``step(x (B, x_dim), state) -> state'`` of an :class:`~fastattn.nn.MIMNEncoder`,
     equal to ``encoder.step`` (the same kernel), for inference.
 
-    On CPU with the cpp or numba backend the kernel is called directly on numpy views of
-    the parameters, bound once (re-bound when a parameter tensor is replaced; in-place
-    updates are seen through the views), writing into preallocated buffers. Elsewhere
-    (GPU, the torch backend, gradients enabled) it calls ``encoder.step``. The returned
-    tensors are views of those buffers: copy them before the next call.
+    The encoder's parameters are bound once with :func:`fastattn.ops.mimn.bind_step` (which
+    calls the cpp/numba kernel directly on CPU without gradients, and ``mimn_step``
+    otherwise); they are bound again when a parameter tensor is replaced or the backend
+    changes (in-place updates are seen through the binding).
     """
 
     def __init__(self, encoder):
         self.encoder = encoder
-        self._bound: Optional[Tuple[Any, ...]] = None
-        self._buffers: Dict[Tuple[int, torch.dtype], List[np.ndarray]] = {}
-
-    def _backend(self, x: Tensor) -> Optional[str]:
-        if x.device.type != "cpu" or torch.is_grad_enabled():
-            return None
-        be = backend_for(x.device, self.encoder.backend)
-        return be if be in ("cpp", "numba") else None
-
-    def _params(self, x: Tensor) -> List[np.ndarray]:
-        p = self.encoder.params()
-        ts = [getattr(p, n) for n in _PARAM_NAMES]
-        if not p.miu_k:
-            ts[8:] = [None] * 4
-        key = tuple(None if t is None else (t.data_ptr(), t.dtype) for t in ts) + (p.miu_k,)
-        if self._bound is None or self._bound[0] != key:
-            arrays = [t.detach().numpy() for t in _scan_params(x, *ts)]
-            self._bound = (key, arrays, p.mur_w is not None, p.miu_k)
-        return self._bound[1]
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._step: Optional[BoundStep] = None
 
     def __call__(self, x: Tensor, state: MIMNState) -> MIMNState:
-        be = self._backend(x)
-        if be is None or any(not t.is_contiguous() for t in state) or not x.is_contiguous():
-            return self.encoder.step(x, state)[1]
-        params = self._params(x)
-        _, _, has_mur, miu_k = self._bound
-        if x.dtype != params[0].dtype or any(t.dtype != x.dtype for t in state):
-            return self.encoder.step(x, state)[1]     # the op reports the dtype mismatch
-        B = x.shape[0]
-        D = state.r.shape[1]
-        bufs = self._buffer(B, x.dtype, state)
-        lens, reads, outs, ckpts = bufs[0], bufs[1], bufs[2:7], bufs[7:]
-        args = [x.numpy().reshape(B, 1, -1), lens[:B], *params, has_mur, miu_k,
-                *(t.numpy() for t in state), 1, reads[:B].reshape(B, 1, D),
-                *(o[:B] for o in outs), *(c[:B] for c in ckpts)]
-        if be == "cpp":
-            kernels("cpp").mimn_scan_fwd(*args, cpu_threads())
-        else:
-            set_numba_threads()
-            kernels("numba").mimn_scan_fwd(*args)
-        return MIMNState(*(torch.from_numpy(o[:B]) for o in outs))
-
-    def _buffer(self, B: int, dtype: torch.dtype, state: MIMNState) -> List[np.ndarray]:
-        """lengths (all 1), reads, the five output states and five checkpoints, for at least
-        B rows, grown by doubling. Outputs are reused: the caller copies them before the
-        next call."""
-        shapes = [tuple(t.shape[1:]) for t in state]
-        key = (tuple(shapes), dtype)
-        have = self._buffers.get(key)
-        if have is None or have[0].shape[0] < B:
-            n = max(B, 2 * have[0].shape[0]) if have is not None else B
-            npd = torch.empty(0, dtype=dtype).numpy().dtype
-            have = ([np.ones(n, np.int64), np.zeros((n, shapes[1][0]), npd)]
-                    + [np.zeros((n, *s), npd) for s in shapes]
-                    + [np.zeros((n, 1, *s), npd) for s in shapes])
-            self._buffers = {key: have}
-        return have
+        p = self.encoder.params()
+        key = (self.encoder.backend, p.miu_k, p.mem0.data_ptr(), p.mem0.dtype) + tuple(
+            None if t is None else (t.data_ptr(), t.dtype, t.device) for t in kernel_params(p))
+        if key != self._key:
+            self._step, self._key = bind_step(p, self.encoder.backend), key
+        return self._step(x, state)[1]
 
 
 @dataclass
@@ -134,7 +87,8 @@ class _Events:
     event_id: np.ndarray     # (N,) int64
     item: np.ndarray         # (N,) int64
     category: np.ndarray     # (N,) int64
-    timestamp: np.ndarray    # (N,) float64
+    timestamp: np.ndarray    # (N,) float64, as records store it
+    order: np.ndarray        # (N,) the timestamps as given (int64 or float64): sort key
 
 
 def _int_column(name: str, values, n: int) -> np.ndarray:
@@ -173,12 +127,15 @@ def _events(events) -> _Events:
         raise ValueError(f"events timestamp must have shape (N,)=({n},), got {ts.shape}")
     if n and ts.dtype.kind not in "iuf":
         raise TypeError(f"events timestamp must be numbers, got dtype {ts.dtype}")
+    # Integer timestamps (e.g. nanoseconds since the epoch, beyond float64's 2^53) order
+    # the events exactly; records keep them as float64 (the store's format).
+    order = ts.astype(np.int64) if ts.dtype.kind in "iu" else ts.astype(np.float64)
     ts = ts.astype(np.float64)
     if not np.isfinite(ts).all():
         raise ValueError(f"events timestamp must be finite, got {ts[~np.isfinite(ts)][:5]} "
                          f"(event {int((~np.isfinite(ts)).argmax())})")
     return _Events(users, _int_column("event_id", cols[1], n), _int_column("item", cols[2], n),
-                   _int_column("category", cols[3], n), ts)
+                   _int_column("category", cols[3], n), ts, order)
 
 
 class InterestUpdater:
@@ -194,10 +151,14 @@ class InterestUpdater:
             its last timestamp) are kept to make replays idempotent; an event older than the
             user's last applied one and not among those ids is rejected.
         max_retries: re-reads after a concurrent writer changed one of the users.
+        create_missing: an event for a user without a stored state starts that user from
+            the model's initial state (True) or fails the batch with
+            :class:`~fastattn.serving.store.UnknownUserError` (False, a KeyError;
+            :meth:`warm_start` creates users).
     """
 
     def __init__(self, model, store: UserStateStore, *, batch_users: int = 1024,
-                 dedup_window: int = 128, max_retries: int = 8):
+                 dedup_window: int = 128, max_retries: int = 8, create_missing: bool = True):
         for name, v in (("batch_users", batch_users), ("dedup_window", dedup_window)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -208,6 +169,7 @@ class InterestUpdater:
         self.model, self.store, self.encoder = model, store, model.encoder
         self.batch_users, self.dedup_window, self.max_retries = (batch_users, dedup_window,
                                                                  max_retries)
+        self.create_missing = bool(create_missing)
         self.step = BoundStepper(self.encoder)
 
     # ------------------------------------------------------------------ helpers
@@ -289,9 +251,13 @@ class InterestUpdater:
         for u in ev.users:
             uniq.setdefault(u, len(uniq))
         uidx = np.fromiter((uniq[u] for u in ev.users), np.int64, len(ev.users))
-        order = np.lexsort((ev.timestamp, uidx))
+        order = np.lexsort((ev.order, uidx))
         users = list(uniq)
         records = self.store.read(users)
+        if not self.create_missing:
+            missing = [u for u, r in zip(users, records) if r is None]
+            if missing:
+                raise UnknownUserError(missing)   # before anything is written
         pending: List[np.ndarray] = []        # per user: positions into ev of events to apply
         skipped, late = 0, []
         bounds = np.searchsorted(uidx[order], np.arange(len(users) + 1))
@@ -387,7 +353,7 @@ class InterestUpdater:
                     ev = _events({"user_id": [u] * T, "event_id": ids, "item": h[0],
                                   "category": h[1], "timestamp": h[2]})
                     self._check_ids(ev)
-                    o = np.argsort(ev.timestamp, kind="stable")
+                    o = np.argsort(ev.order, kind="stable")
                     parsed.append((u, ev.item[o], ev.category[o], ev.timestamp[o],
                                    ev.event_id[o], len(h) == 4 and h[3] is not None))
                 L = max(1, max(len(p[1]) for p in parsed))
