@@ -83,3 +83,47 @@ def test_bad_input():
     with pytest.raises(ValueError, match="item_dim"):
         ReliableAttention(0, 3, 8)
     assert fastattn.nn.ReliableAttention is ReliableAttention
+
+
+def test_sequence_adversarial_players_get_only_their_own_gradients():
+    from fastattn.nn import SequenceAdversarial
+    torch.manual_seed(0)
+    m = SequenceAdversarial(6, 3, 8, hidden=16)
+    clicks = torch.randn(4, 5, 6)
+    exp_items, exp_details = torch.randn(4, 9, 6), torch.randn(4, 9, 3)
+    click_lengths, exp_lengths = torch.tensor([5, 2, 0, 3]), torch.tensor([9, 9, 4, 0])
+    selected, d_loss, g_loss = m(clicks, exp_items, exp_details, click_lengths=click_lengths,
+                                 exposure_lengths=exp_lengths)
+    assert selected.shape == (4, 8) and torch.isfinite(selected).all()
+    assert not selected[3].any()                  # no exposure: nothing selected
+    torch.testing.assert_close(selected, m.selector(
+        SequenceAdversarial.aggregate(clicks, click_lengths), exp_items, exp_details,
+        lengths=exp_lengths))
+    torch.testing.assert_close(SequenceAdversarial.aggregate(clicks, click_lengths)[1],
+                               clicks[1, :2].mean(0))
+    sel = list(m.selector.parameters())
+    dis = list(m.discriminator.parameters())
+    g_d = torch.autograd.grad(d_loss, sel + dis, allow_unused=True)
+    assert all(g is None for g in g_d[:len(sel)])
+    assert all(g is not None and g.abs().sum() > 0 for g in g_d[len(sel):])
+    g_g = torch.autograd.grad(g_loss, sel + dis, allow_unused=True)
+    assert all(g is None for g in g_g[len(sel):])
+    assert any(g is not None and g.abs().sum() > 0 for g in g_g[:len(sel)])
+    with pytest.raises(ValueError, match="click_items must be"):
+        m(clicks[:2], exp_items, exp_details)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_sequence_adversarial_real_is_the_selectors_value_of_the_clicks(heads):
+    """Exposures that hold only the click aggregate select exactly the "real" sample."""
+    from fastattn.nn import SequenceAdversarial
+    torch.manual_seed(0)
+    m = SequenceAdversarial(6, 3, 8, heads, hidden=16)
+    clicks = torch.randn(2, 4, 6)
+    agg = clicks.mean(1)
+    selected, d_loss, _ = m(clicks, agg[:, None].expand(2, 5, 6), torch.randn(2, 5, 3))
+    d = m.discriminator
+    real_logits = d(selected)    # the same input as the real sample: d_loss's two terms
+    want = (torch.nn.functional.softplus(-real_logits).mean()
+            + torch.nn.functional.softplus(real_logits).mean())
+    torch.testing.assert_close(d_loss, want)

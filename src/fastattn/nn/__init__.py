@@ -2,8 +2,8 @@
 from .attention import ETAAttention, TargetAttention
 from .bahe import AtomicBehaviourEncoder, BehaviourTable, TokenEncoder, TokenTransformer
 from .mimn import MIMNEncoder
-from .reliable import ReliableAttention
+from .reliable import ReliableAttention, SequenceAdversarial
 
 __all__ = ["TargetAttention", "ETAAttention", "MIMNEncoder", "AtomicBehaviourEncoder",
-           "BehaviourTable", "TokenEncoder", "TokenTransformer"]
-__all__ += ["ReliableAttention"]
+           "BehaviourTable", "TokenEncoder", "TokenTransformer", "ReliableAttention",
+           "SequenceAdversarial"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .attention import ETAAttention, TargetAttention
 
-__all__ = ["ReliableAttention"]
+__all__ = ["ReliableAttention", "SequenceAdversarial"]
 
 
 class ReliableAttention(nn.Module):
@@ -72,3 +72,62 @@ class ReliableAttention(nn.Module):
                 hist_rows: Optional[Tensor] = None) -> Tensor:
         return self.attention(query, self.keys(items, details), items, lengths=lengths,
                               hist_index=hist_index, hist_rows=hist_rows)
+
+
+class SequenceAdversarial(nn.Module):
+    """EdgeRec's sequence adversarial block: a selector picks the click-like part of the
+    exposure sequence, a discriminator tells it from the click sequence.
+
+    The selector is a :class:`ReliableAttention` over the exposures (keys item ⊕ details,
+    values item) queried by the aggregated click sequence (masked mean of its item rows).
+    "Fake" is the selector's output, "real" the click aggregate through the selector's own
+    value path (v_proj, then out_proj with several heads): what the selector would return
+    had it picked exactly the clicks, so both live in one space.
+    ``forward`` returns ``(selected (B, embed_dim), d_loss, g_loss)``: ``d_loss`` (binary
+    cross-entropy, real → 1, fake → 0) reaches only the discriminator (its inputs are
+    detached); ``g_loss`` (fake → 1) reaches only the selector (it runs the discriminator
+    with detached parameters). So one optimizer over the sum of the model loss, d_loss and
+    g_loss trains both players.
+
+    Args: ``item_dim``, ``detail_dim``, ``embed_dim``, ``heads``, ``topk``, ``backend`` as
+    :class:`ReliableAttention`; ``hidden``: width of the discriminator's hidden layer.
+    """
+
+    def __init__(self, item_dim: int, detail_dim: int, embed_dim: int, heads: int = 1, *,
+                 hidden: int = 64, topk: Optional[int] = None, backend: Optional[str] = None):
+        super().__init__()
+        self.selector = ReliableAttention(item_dim, detail_dim, embed_dim, heads,
+                                          query_dim=item_dim, topk=topk, backend=backend)
+        self.discriminator = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(),
+                                           nn.Linear(hidden, 1))
+
+    @staticmethod
+    def aggregate(items: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """Masked mean over the valid positions of items (B, L, D) -> (B, D); 0 if none."""
+        if lengths is None:
+            return items.mean(1) if items.shape[1] else items.new_zeros(items.shape[0],
+                                                                          items.shape[2])
+        valid = (torch.arange(items.shape[1], device=items.device)[None, :]
+                 < lengths[:, None]).to(items.dtype)
+        return (items * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+    def forward(self, click_items: Tensor, exposure_items: Tensor, exposure_details: Tensor,
+                *, click_lengths: Optional[Tensor] = None,
+                exposure_lengths: Optional[Tensor] = None):
+        if click_items.dim() != 3 or click_items.shape[0] != exposure_items.shape[0]:
+            raise ValueError(f"click_items must be (B, Lc, item_dim) with the B of "
+                             f"exposure_items {tuple(exposure_items.shape)}, got "
+                             f"{tuple(click_items.shape)}")
+        query = self.aggregate(click_items, click_lengths)
+        selected = self.selector(query, exposure_items, exposure_details,
+                                 lengths=exposure_lengths)
+        att = self.selector.attention
+        real = att.v_proj(query) if att.out_proj is None else att.out_proj(att.v_proj(query))
+        bce = nn.functional.binary_cross_entropy_with_logits
+        d_real = self.discriminator(real.detach())
+        d_fake = self.discriminator(selected.detach())
+        d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        g_fake = torch.func.functional_call(self.discriminator, frozen, (selected,))
+        g_loss = bce(g_fake, torch.ones_like(g_fake))
+        return selected, d_loss, g_loss
