@@ -101,9 +101,10 @@ class TargetAttention(nn.Module):
                                         backend=self.backend)
             U = keys.shape[0] if hist_rows is None else check_hist_rows(hist_rows).shape[0]
             check_lengths(lengths, U)
-            lens, hist = layout(q.shape[0], U, L, lengths, hist_index, q.device)   # checked
-            valid = lens[hist] > 0 if U else \
-                torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+            valid = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+            if U:                    # (value ranges checked; no history: nothing is valid)
+                lens, hist = layout(q.shape[0], U, L, lengths, hist_index, q.device)
+                valid = lens[hist] > 0
             return self.attend_inputs(q, attend, valid)
         q, k, v = self.project(query, keys, values)
         if hist_rows is not None and 0 < k.shape[0] and \
