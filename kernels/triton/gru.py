@@ -24,15 +24,21 @@ __all__ = ["gru_scan_fwd", "gru_scan_bwd"]
 
 
 @triton.jit
-def _gate_tiles(w_hh, H, BH: tl.constexpr):
-    """The r, z, n row blocks of W_hh (3H, H) as (BH, BH) tiles [c, k], 0-padded."""
+def _gate_tiles(w_hh, b_hh, H, BH: tl.constexpr):
+    """The r, z, n row blocks of W_hh (3H, H) as (BH, BH) tiles [c, k] and of b_hh (3H,) as
+    (BH,) vectors, 0-padded."""
     c = tl.arange(0, BH)[:, None]
     k = tl.arange(0, BH)[None, :]
     m = (c < H) & (k < H)
     wr = tl.load(w_hh + c * H + k, mask=m, other=0.0)
     wz = tl.load(w_hh + (H + c) * H + k, mask=m, other=0.0)
     wn = tl.load(w_hh + (2 * H + c) * H + k, mask=m, other=0.0)
-    return wr, wz, wn
+    j = tl.arange(0, BH)
+    hm = j < H
+    br = tl.load(b_hh + j, mask=hm, other=0.0)
+    bz = tl.load(b_hh + H + j, mask=hm, other=0.0)
+    bn = tl.load(b_hh + 2 * H + j, mask=hm, other=0.0)
+    return wr, wz, wn, br, bz, bn
 
 
 @triton.jit
@@ -40,10 +46,7 @@ def _gru_fwd_kernel(xp, lengths, w_hh, b_hh, h0, out, T, H, BH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BH)
     hm = j < H
-    wr, wz, wn = _gate_tiles(w_hh, H, BH)
-    br = tl.load(b_hh + j, mask=hm, other=0.0)
-    bz = tl.load(b_hh + H + j, mask=hm, other=0.0)
-    bn = tl.load(b_hh + 2 * H + j, mask=hm, other=0.0)
+    wr, wz, wn, br, bz, bn = _gate_tiles(w_hh, b_hh, H, BH)
     h = tl.load(h0 + b * H + j, mask=hm, other=0.0)
     n_steps = tl.load(lengths + b)
     for t in range(0, n_steps):
@@ -62,10 +65,7 @@ def _gru_bwd_kernel(d_out, xp, out, lengths, w_hh, b_hh, h0, dxp, dhp, dh0, T, H
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BH)
     hm = j < H
-    wr, wz, wn = _gate_tiles(w_hh, H, BH)
-    br = tl.load(b_hh + j, mask=hm, other=0.0)
-    bz = tl.load(b_hh + H + j, mask=hm, other=0.0)
-    bn = tl.load(b_hh + 2 * H + j, mask=hm, other=0.0)
+    wr, wz, wn, br, bz, bn = _gate_tiles(w_hh, b_hh, H, BH)
     dh = tl.load(h0 + b * H + j, mask=hm, other=0.0) * 0.0
     n_steps = tl.load(lengths + b)
     for i in range(0, n_steps):

@@ -119,10 +119,10 @@ def eta_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
             def table(be: str):
                 uniq, rows = fastattn.unique_rows(ids, backend=be)
-                table = emb(uniq)                                       # (N, D)
-                k_sig = fastattn.simhash_sign(table, planes, backend=be)
+                distinct = emb(uniq)                                    # (N, D)
+                k_sig = fastattn.simhash_sign(distinct, planes, backend=be)
                 q_sig = fastattn.simhash_sign(q, planes, backend=be)
-                return fastattn.eta_attention(q, table, table, q_sig, k_sig, K,
+                return fastattn.eta_attention(q, distinct, distinct, q_sig, k_sig, K,
                                               hist_rows=rows, backend=be).sum()
 
             def dense_eta(be: str):            # ETA on the (B, L, D) gather: every position
