@@ -8,6 +8,13 @@ and log-loss on held-out users, and writes ``train.csv``, ``train.json`` and ``t
 DIN is the short-history baseline: it always reads the ``short_len`` most recent
 behaviours, whatever the history length; the long-history models read up to the length.
 
+``--variant long`` / ``--variant recent`` train on the planted set's variants where the
+long-term interests / the recent window dominate the clicks (:data:`fastattn.data.VARIANTS`).
+``--epoch-auc`` adds the test AUC after every epoch to each row (``auc_by_epoch``).
+``--retrieval`` (synthetic data only) also writes ``retrieval.{csv,json}``: ETA's recall@k
+of SimHash top-k against the exact attention top-k by signature bits, and each retrieving
+model's hit rate on the generator's planted interests (:mod:`fastattn.bench.retrieval`).
+
 The BAHE rows (``--models llm_ctr,fp,fp_abe,bahe``: LLM-CTR, +FP, +ABE and BAHE, see
 :mod:`fastattn.models.bahe`) read the items' token strings; their rows add the time per
 training epoch, the peak memory of a training step and the distinct-behaviour ratio.
@@ -33,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import CTRDataset, load_csv, make_synthetic
+from .data import VARIANTS, CTRDataset, load_csv, make_synthetic
 from .data.batch import Batch
 from .data.metrics import auc, log_loss
 from .models import MODELS, build
@@ -136,6 +143,9 @@ class TrainConfig(argparse.Namespace):
     device: str = "cpu"
     backend: Optional[str] = None
     dedup: bool = True
+    epoch_auc: bool = False
+    truth: Optional[dict] = None          # make_synthetic's hidden variables (--retrieval)
+    retrieval_bits: Sequence[int] = (16, 32, 64, 128, 256)
 
 
 def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.Module:
@@ -153,8 +163,12 @@ def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.M
 
 def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
                 cfg: TrainConfig, progress=None, rank: int = 0,
-                world: int = 1) -> Dict[str, object]:
-    """Train model ``name`` on histories cut to ``max_len``; evaluate on ``test``."""
+                world: int = 1, retrieval: Optional[list] = None) -> Dict[str, object]:
+    """Train model ``name`` on histories cut to ``max_len``; evaluate on ``test``.
+
+    ``retrieval``: a list that gets the model's retrieval-quality rows
+    (:func:`fastattn.bench.retrieval.retrieval_rows`; needs ``cfg.truth``, the synthetic
+    set's hidden variables, and ``cfg.retrieval_bits``)."""
     torch.manual_seed(cfg.seed)
     model = _build(name, train, max_len, cfg).to(cfg.device)
     text = name in ABLATIONS
@@ -163,8 +177,10 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
     opt = make_optimizer(model, cfg.lr)
-    seen, train_s, cpu_s, losses = 0, 0.0, 0.0, []
+    seen, train_s, cpu_s, losses, by_epoch = 0, 0.0, 0.0, [], []
     for epoch in range(cfg.epochs):
+        if epoch and cfg.epoch_auc:            # the last epoch's is the row's own AUC
+            by_epoch.append(evaluate(model, test, max_len, device=cfg.device)["auc"])
         for batch in train.batches(cfg.batch_size, max_len=max_len, shuffle=True,
                                    seed=cfg.seed + epoch, drop_last=world > 1):
             batch = shard(batch, rank, world).to(cfg.device)
@@ -191,6 +207,12 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
            **metrics, "train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
            "train_samples_per_s": seen * world / train_s if train_s else None,
            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters())}
+    if cfg.epoch_auc:
+        row["auc_by_epoch"] = by_epoch + [metrics["auc"]]
+    if retrieval is not None:
+        from .bench.retrieval import retrieval_rows
+        retrieval.extend(retrieval_rows(name, model, test, cfg.truth, max_len,
+                                        bits=cfg.retrieval_bits))
     if text:
         # CPU time too: on a shared machine, load from other processes inflates wall time
         row.update(text_len=max_len * model.K, epoch_s=train_s / cfg.epochs,
@@ -269,6 +291,9 @@ def _parse(argv) -> argparse.Namespace:
                    help="longest synthetic history")
     p.add_argument("--behaviour-types", type=int, default=1,
                    help="synthetic behaviour types (the BAHE rows' feature-parallel groups)")
+    p.add_argument("--variant", default="planted", choices=sorted(VARIANTS),
+                   help="synthetic variant: planted (default), long (long-term interests "
+                        "dominate the clicks) or recent (the recent window does)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -281,6 +306,14 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
                    help="embed every history position (the dense path) instead of each "
                         "distinct behaviour of a batch once")
+    p.add_argument("--epoch-auc", action="store_true",
+                   help="evaluate the test AUC after every epoch (auc_by_epoch in each row)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="also write retrieval.{csv,json}: ETA's recall@k against the exact "
+                        "attention top-k by bits, and the planted-interest hit rate per "
+                        "model and length (synthetic data only)")
+    p.add_argument("--retrieval-bits", default=TrainConfig.retrieval_bits,
+                   help="signature bits of the recall@k rows (comma-separated)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true",
                    help="small data, one epoch, lengths 50,200 (a smoke run)")
@@ -289,6 +322,18 @@ def _parse(argv) -> argparse.Namespace:
     if args.quick:
         args.users, args.epochs = min(args.users, 600), 1
         args.max_history, args.lengths = min(args.max_history, 1000), "50,200"
+    try:
+        bits = args.retrieval_bits
+        args.retrieval_bits = [int(b) for b in (bits.split(",") if isinstance(bits, str)
+                                                else bits)]
+    except ValueError:
+        p.error(f"--retrieval-bits must be comma-separated ints, got {args.retrieval_bits!r}")
+    if any(b < 1 for b in args.retrieval_bits):
+        p.error(f"--retrieval-bits must be >= 1, got {args.retrieval_bits}")
+    if args.retrieval and args.csv:
+        p.error("--retrieval measures the synthetic set's planted interests: not with --csv")
+    if args.variant != "planted" and args.csv:
+        p.error("--variant chooses a synthetic variant: not with --csv")
     unknown = [m for m in args.models.split(",") if m not in MODELS and m not in ABLATIONS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS) + list(ABLATIONS)}")
@@ -303,9 +348,11 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     if args.csv:
         data = load_csv(args.csv, seed=args.data_seed)
     else:
-        data = make_synthetic(n_users=args.users, n_items=args.items, n_cats=args.cats,
-                              candidates_per_user=args.candidates, max_len=args.max_history,
-                              n_behaviour_types=args.behaviour_types, seed=args.data_seed)
+        data, args.truth = make_synthetic(
+            n_users=args.users, n_items=args.items, n_cats=args.cats,
+            candidates_per_user=args.candidates, max_len=args.max_history,
+            n_behaviour_types=args.behaviour_types, seed=args.data_seed, variant=args.variant,
+            return_truth=True)
     train, test = data.split(args.test_frac, seed=args.data_seed)
     models = args.models.split(",")
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -314,21 +361,23 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     from tqdm.auto import tqdm
     rows = []
+    retrieval = [] if args.retrieval and rank == 0 else None
     with tqdm(total=total, unit="sample", disable=rank != 0, file=sys.stderr) as progress:
         for name, n in runs:
-            rows.append(train_model(name, train, test, n, args, progress, rank, world))
+            rows.append(train_model(name, train, test, n, args, progress, rank, world,
+                                    retrieval))
             progress.write(f"{name:>5} L={n:<6} AUC {rows[-1]['auc']:.4f}  log-loss "
                            f"{rows[-1]['logloss']:.4f}  "
                            f"{rows[-1]['train_samples_per_s']:.0f} samples/s")
     if rank == 0:
-        _write(rows, args, data, world)
+        _write(rows, args, data, world, retrieval)
     if dist.is_initialized():
         gc.collect()        # DDP reducers first: dropping the group's last reference under
         dist.destroy_process_group()   # the GIL can deadlock gloo's worker threads
     return 0
 
 
-def _write(rows, args, data: CTRDataset, world: int) -> None:
+def _write(rows, args, data: CTRDataset, world: int, retrieval=None) -> None:
     from .bench.measure import machine_info
 
     os.makedirs(args.out, exist_ok=True)
@@ -337,7 +386,8 @@ def _write(rows, args, data: CTRDataset, world: int) -> None:
     stamp = f"{machine.get('host_cpu', '')}, {torch.get_num_threads()} threads, " \
             f"world {world} · {command}"
     meta = {"command": command, "machine": machine, "data": data.stats(),
-            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+            "config": {k: v for k, v in vars(args).items()
+                       if not k.startswith("_") and k != "truth"}}
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump({"rows": rows, **meta}, f, indent=1, default=str)
     with open(os.path.join(args.out, "train.csv"), "w", newline="") as f:
@@ -347,6 +397,17 @@ def _write(rows, args, data: CTRDataset, world: int) -> None:
         w.writerows(rows)
     _plot(rows, os.path.join(args.out, "train.png"), stamp)
     print("\n" + markdown(rows))
+    if retrieval is not None:
+        from .bench import retrieval as rq
+        with open(os.path.join(args.out, "retrieval.json"), "w") as f:
+            json.dump({"rows": retrieval, **meta}, f, indent=1, default=str)
+        with open(os.path.join(args.out, "retrieval.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in retrieval
+                                                                for k in r)))
+            w.writeheader()
+            w.writerows(retrieval)
+        print("\n" + rq.markdown(retrieval))
+        print(f"wrote {args.out}/retrieval.{{csv,json}}")
     print(f"\n{stamp}\nwrote {args.out}/train.{{csv,json,png}}")
 
 

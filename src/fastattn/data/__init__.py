@@ -11,8 +11,7 @@ from .batch import Batch, recent
 from .dataset import CTRDataset
 from .loader import load_csv, save_csv
 from .metrics import auc, gauc, log_loss
-from .synthetic import SyntheticConfig, make_synthetic
+from .synthetic import VARIANTS, SyntheticConfig, make_synthetic
 
-__all__ = ["Batch", "recent", "CTRDataset", "SyntheticConfig", "make_synthetic", "load_csv",
-           "save_csv", "auc", "gauc",
-           "log_loss"]
+__all__ = ["Batch", "recent", "CTRDataset", "SyntheticConfig", "make_synthetic", "VARIANTS",
+           "load_csv", "save_csv", "auc", "gauc", "log_loss"]

@@ -59,7 +59,21 @@ import torch
 
 from .dataset import CTRDataset
 
-__all__ = ["SyntheticConfig", "make_synthetic"]
+__all__ = ["SyntheticConfig", "make_synthetic", "VARIANTS"]
+
+# Named variants of the planted set (``make_synthetic(variant=...)``, ``fastattn-train
+# --variant``): overrides of the SyntheticConfig defaults that move the label's signal
+# between the long-term interests and the final window, to show each model's trade-off.
+VARIANTS = {
+    # the defaults: long-term interests are the strongest term, the current interest next
+    "planted": {},
+    # long-term interests dominate: stronger long-term term and candidates, a weak current
+    # interest, fewer session behaviours diluting the interests' share of the history
+    "long": dict(w_long=8.0, w_current=0.5, cand_long=0.5, cand_current=0.1, p_session=0.15),
+    # the recent window dominates: the current interest drives the clicks, the long-term
+    # interests add little
+    "recent": dict(w_long=1.5, w_current=4.0, cand_long=0.2, cand_current=0.4),
+}
 
 
 @dataclass(frozen=True)
@@ -204,10 +218,12 @@ def _text(cfg: SyntheticConfig, item_cat: np.ndarray, user_interests: np.ndarray
 
 
 def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bool = False,
-                   **overrides):
+                   variant: str = "planted", **overrides):
     """A :class:`CTRDataset` drawn from the model in the module docstring.
 
-    ``config`` (default ``SyntheticConfig()``) with any field replaced by ``overrides``, e.g.
+    ``config`` (default ``SyntheticConfig()``) with the fields of ``VARIANTS[variant]``
+    ("planted": none; "long": long-term interests dominate the clicks; "recent": the
+    current interest does), then any field replaced by ``overrides``, e.g.
     ``make_synthetic(n_users=200, seed=3)``. Items carry token strings (``item_tokens``)
     and, with ``n_behaviour_types`` > 1, behaviours carry types (``beh_type``). With ``return_truth`` also returns a dict of the
     hidden variables: click_prob (S,) float32, interests (n_users, max_interests) int64
@@ -220,7 +236,9 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     unknown = set(overrides) - {f.name for f in fields(SyntheticConfig)}
     if unknown:
         raise TypeError(f"unknown SyntheticConfig fields: {sorted(unknown)}")
-    cfg = replace(cfg, **overrides)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    cfg = replace(cfg, **{**VARIANTS[variant], **overrides})
     rng = np.random.default_rng(cfg.seed)
     U, I, C, Kmax = cfg.n_users, cfg.n_items, cfg.n_cats, cfg.max_interests
 

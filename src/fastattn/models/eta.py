@@ -39,14 +39,16 @@ class ETANet(CTRModel):
     def __init__(self, n_items: int, n_cats: int, embed_dim: int = 16,
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
                  backend: Optional[str] = None, *, heads: int = 1, topk: int = 64,
-                 hash_bits: int = 64, seed: int = 0, dedup: bool = True):
+                 hash_bits: int = 64, seed: int = 0, hash_input: str = "projected",
+                 dedup: bool = True):
         super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
                          dedup=dedup)
         check_positive_int("topk", topk)
         check_positive_int("hash_bits", hash_bits)
         self.long_attn = ETAAttention(self.dim, heads, topk=topk, hash_bits=hash_bits, seed=seed,
-                                      backend=backend, query_dim=self.dim, key_dim=self.dim)
-        self._config.update(topk=topk, hash_bits=hash_bits, seed=seed)
+                                      backend=backend, query_dim=self.dim, key_dim=self.dim,
+                                      hash_input=hash_input)
+        self._config.update(topk=topk, hash_bits=hash_bits, seed=seed, hash_input=hash_input)
         self.build_head(n_matched=1 if self.short_attn is None else 2)
 
     @torch.no_grad()

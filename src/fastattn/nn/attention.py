@@ -173,7 +173,13 @@ class ETAAttention(TargetAttention):
         topk: behaviours attended per query.
         hash_bits: SimHash bits per signature (one signature per query / behaviour, shared
             by all heads).
-        seed: seed of the hashing hyperplanes, a (E, hash_bits) buffer saved in the state dict.
+        seed: seed of the hashing hyperplanes, a (E, hash_bits) buffer saved in the state dict
+            ((key_dim, hash_bits) with ``hash_input="raw"``).
+        hash_input: what is hashed: ``"projected"`` (default) the projected query q_proj(query)
+            and keys k_proj(keys), so retrieval approximates the attention scores' top-k;
+            ``"raw"`` the query and key inputs themselves (query_dim == key_dim), as the ETA
+            paper hashes the target and behaviour embeddings: retrieval by the embeddings'
+            angle, independent of the projections.
         backend: force a kernel backend (default: the best for the tensors' device).
 
     When the history is no longer than ``topk`` (L <= topk) every valid behaviour would be
@@ -188,12 +194,20 @@ class ETAAttention(TargetAttention):
     """
 
     def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
-                 seed: int = 0, backend: Optional[str] = None, **kwargs):
+                 seed: int = 0, backend: Optional[str] = None, hash_input: str = "projected",
+                 **kwargs):
         super().__init__(embed_dim, heads, backend=backend, **kwargs)
         if topk < 1 or hash_bits < 1:
             raise ValueError(f"topk ({topk}) and hash_bits ({hash_bits}) must be >= 1")
-        self.topk, self.hash_bits = topk, hash_bits
-        planes = make_planes(embed_dim, hash_bits, torch.Generator().manual_seed(seed))
+        if hash_input not in ("projected", "raw"):
+            raise ValueError(f"hash_input must be 'projected' or 'raw', got {hash_input!r}")
+        if hash_input == "raw" and self.q_proj.in_features != self.k_proj.in_features:
+            raise ValueError(f"hash_input='raw' hashes the query and key inputs with one set of "
+                             f"planes: query_dim ({self.q_proj.in_features}) must equal "
+                             f"key_dim ({self.k_proj.in_features})")
+        self.topk, self.hash_bits, self.hash_input = topk, hash_bits, hash_input
+        width = embed_dim if hash_input == "projected" else self.k_proj.in_features
+        planes = make_planes(width, hash_bits, torch.Generator().manual_seed(seed))
         self.register_buffer("planes", planes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -209,11 +223,20 @@ class ETAAttention(TargetAttention):
     def precompute_key_signatures(self, item_embeddings: Tensor) -> Tensor:
         """ETA+: signatures (N, W) of the projected keys of item embeddings (N, key_dim).
 
-        Valid as long as ``k_proj`` and ``planes`` do not change; gather the rows of the
-        table's behaviours into ``key_signatures`` (N, W) (indexed form), or of every
-        position (U, L, W) (dense form), for :meth:`forward`.
+        Valid as long as ``k_proj`` (with ``hash_input="projected"``) and ``planes`` do not
+        change; gather the rows of the table's behaviours into ``key_signatures`` (N, W)
+        (indexed form), or of every position (U, L, W) (dense form), for :meth:`forward`.
         """
-        return self.sign(self.k_proj(item_embeddings))
+        return self.sign(self.hashed_keys(item_embeddings))
+
+    def hashed_keys(self, keys: Tensor) -> Tensor:
+        """The vectors whose signatures retrieval compares: k_proj(keys), or the keys
+        themselves with ``hash_input="raw"``."""
+        return self.k_proj(keys) if self.hash_input == "projected" else keys
+
+    def hashed_query(self, query: Tensor, q: Tensor) -> Tensor:
+        """The query-side counterpart of :meth:`hashed_keys` (``q`` = q_proj(query))."""
+        return q if self.hash_input == "projected" else query
 
     def _check_key_signatures(self, key_signatures: Optional[Tensor], keys: Tensor,
                               hist_rows: Optional[Tensor]) -> None:
@@ -250,8 +273,9 @@ class ETAAttention(TargetAttention):
         q = self.q_proj(query)
         if key_signatures is None:
             with torch.no_grad():
-                key_signatures = self.sign(self.k_proj(keys))
-        _, idx = hamming_topk(self.sign(q.detach()), key_signatures, self.topk,
+                key_signatures = self.sign(self.hashed_keys(keys))
+        _, idx = hamming_topk(self.sign(self.hashed_query(query, q).detach()), key_signatures,
+                              self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
