@@ -40,9 +40,14 @@ bench-pytest: $(STAMP)
 		--benchmark-json=bench/results/pytest_benchmark.json --benchmark-columns=median,iqr,rounds
 
 # The reference CTR models trained on the planted long-history set (a few minutes on CPU),
-# then BAHE's ablation rows over item token strings at text lengths 1,024 and 2,048.
+# with test AUC per epoch and the retrieval-quality table (retrieval.{csv,json}); then the
+# two variants of the set (long-term interests / the recent window dominate the clicks) at
+# L=200 and 1,000; then BAHE's ablation rows over item token strings at text lengths 1,024
+# and 2,048.
 train: $(STAMP)
-	$(VENV)/bin/fastattn-train --out bench/results
+	$(VENV)/bin/fastattn-train --epoch-auc --retrieval --out bench/results
+	$(VENV)/bin/fastattn-train --variant long --lengths 200,1000 --out bench/results/train_variant_long
+	$(VENV)/bin/fastattn-train --variant recent --lengths 200,1000 --out bench/results/train_variant_recent
 	$(VENV)/bin/fastattn-train --models llm_ctr,fp,fp_abe,bahe --lengths 64,128 --users 160 \
 		--items 2000 --cats 100 --candidates 8 --max-history 512 --behaviour-types 3 \
 		--epochs 1 --batch-size 64 --embed-dim 32 --threads 1 --out bench/results/train_bahe

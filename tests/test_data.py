@@ -379,3 +379,22 @@ def test_csv_bad_header(tmp_path):
         load_csv(write(tmp_path, "user,item,category,timestamp,User\na,b,c,1,a\n"))
     with pytest.raises(ValueError, match="negatives"):
         load_csv(write(tmp_path, HEADER), negatives=-1)
+
+
+def test_synthetic_variants():
+    """The 'long' variant moves the clicks' signal to the long-term interests, 'recent' to
+    the current interest; an unknown variant is refused; overrides still apply."""
+    from fastattn.data import VARIANTS
+    kw = dict(n_users=300, n_items=2000, n_cats=100, min_len=200, max_len=2000)
+    gain = {}
+    for v in ("long", "recent"):
+        ds, truth = make_synthetic(variant=v, return_truth=True, **kw)
+        assert truth["config"]["w_long"] == VARIANTS[v]["w_long"]
+        full = ds.category_counts() / ds.history_lengths()
+        last50 = ds.category_counts(max_len=50) / ds.history_lengths().clamp(max=50)
+        gain[v] = auc(full, ds.sample_label) - auc(last50, ds.sample_label)
+    assert gain["long"] > 0.1 and gain["recent"] < 0.0, gain
+    with pytest.raises(ValueError, match="variant"):
+        make_synthetic(variant="nope", **kw)
+    _, truth = make_synthetic(variant="long", w_long=2.0, return_truth=True, **SMALL)
+    assert truth["config"]["w_long"] == 2.0

@@ -40,3 +40,47 @@ def test_train_on_a_csv_log(tmp_path):
 def test_unknown_model_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["--models", "din,nope", "--out", str(tmp_path)])
+
+
+def test_train_retrieval_epoch_auc_and_variant(tmp_path, capsys):
+    """--retrieval writes ETA's recall@k by bits and the planted-interest hit rates;
+    --epoch-auc records one AUC per epoch; --variant draws the named variant."""
+    args = ["--users", "40", "--items", "60", "--cats", "6", "--candidates", "4",
+            "--max-history", "120", "--lengths", "30,100", "--epochs", "2", "--batch-size",
+            "16", "--embed-dim", "4", "--models", "eta,sim,sdim,din,mimn", "--retrieval",
+            "--retrieval-bits", "32,64", "--epoch-auc", "--variant", "long",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["config"]["variant"] == "long"
+    for r in train["rows"]:
+        assert len(r["auc_by_epoch"]) == 2 and r["auc_by_epoch"][-1] == r["auc"]
+    rows = json.loads((tmp_path / "retrieval.json").read_text())["rows"]
+    recall = [r for r in rows if r["kind"] == "recall"]
+    assert {(r["model"], r["max_len"], r["bits"]) for r in recall} == \
+        {("eta", n, b) for n in (30, 100) for b in (32, 64)}
+    for r in recall:
+        assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["tie_share"] <= 1.0
+        assert r["default"] == (r["bits"] == 64)      # ETANet's default hash_bits
+    hits = {(r["model"], r["max_len"]): r for r in rows if r["kind"] == "interest"}
+    assert {m for m, _ in hits} == {"eta", "eta_exact", "sim", "sdim", "din"}
+    for (m, n), r in hits.items():
+        assert r["candidates"] > 0 and 0.0 <= r["hit_rate"] <= 1.0
+    assert all(hits[("sim", n)]["hit_rate"] == 1.0 for n in (30, 100))   # the GSU never misses
+    assert (tmp_path / "retrieval.csv").exists()
+    assert "| retrieval |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--retrieval-bits", "0"], ["--retrieval-bits", "a,b"],
+                                 ["--variant", "nope"]])
+def test_train_refuses_bad_retrieval_options(tmp_path, bad):
+    with pytest.raises(SystemExit):
+        main(["--models", "eta", "--out", str(tmp_path)] + bad)
+
+
+def test_retrieval_and_variant_need_synthetic_data(tmp_path):
+    data = make_synthetic(n_users=10, n_items=20, n_cats=6, min_len=3, max_len=10, seed=1)
+    save_csv(data, tmp_path / "log.csv")
+    for extra in (["--retrieval"], ["--variant", "recent"]):
+        with pytest.raises(SystemExit):
+            main(["--csv", str(tmp_path / "log.csv"), "--out", str(tmp_path)] + extra)
