@@ -357,3 +357,23 @@ def test_models_are_ctr_models():
         assert issubclass(cls, CTRModel) and cls.name == name
     assert (DIN, ETANet, MIMN, SIMHard, SDIM) == tuple(MODELS[n] for n in
                                                        ("din", "eta", "mimn", "sim", "sdim"))
+
+
+def test_eta_hash_input_raw_model():
+    """ETANet(hash_input="raw") hashes the embeddings: it is in config(), rebuilds, trains,
+    and its ETA+ item signatures give the same logits as hashing on the fly."""
+    m = make_model("eta", hash_input="raw")
+    assert m.config()["hash_input"] == "raw"
+    assert build(**m.config()).long_attn.hash_input == "raw"
+    batch = make_batch([12, 3, 0, 9], 12)
+    m.loss(batch).backward()
+    assert m.item_emb.weight.grad is not None
+    item_cat = torch.arange(N_ITEMS + 1) % (N_CATS + 1)
+    g = torch.Generator().manual_seed(5)
+    items = torch.randint(1, N_ITEMS + 1, (4, 12), generator=g)
+    b = Batch(items, item_cat[items], torch.tensor([12, 3, 0, 9]), items[:, 0],
+              item_cat[items[:, 0]])
+    table = m.item_signatures(item_cat)
+    torch.testing.assert_close(m(b, key_signatures=table), m(b), **FP64)
+    with pytest.raises(ValueError, match="hash_input"):
+        make_model("eta", hash_input="nope")

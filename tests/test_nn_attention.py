@@ -176,3 +176,37 @@ def test_indexed_key_signatures_eta_plus():
     query = torch.randn(7, 16)
     torch.testing.assert_close(m(query, items[uniq], hist_rows=rows, key_signatures=table[uniq]),
                                m(query, items[uniq], hist_rows=rows))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_eta_hash_input_raw(heads):
+    """hash_input="raw" retrieves by the signatures of the raw query and keys (planes of
+    the input width), then attends over the winners with the projections as usual; ETA+
+    signatures are those of the raw item embeddings."""
+    torch.manual_seed(4)
+    m = ETAAttention(16, heads, query_dim=8, key_dim=8, topk=5, hash_bits=128,
+                     hash_input="raw")
+    assert m.planes.shape == (8, 128)
+    query, keys = torch.randn(4, 8), torch.randn(4, 30, 8)
+    lengths = torch.tensor([30, 2, 0, 17])
+    out = m(query, keys, lengths=lengths)
+    q, k, v = m.project(query, keys, None)
+    H, Dh = heads, 16 // heads
+    want = fastattn.reference.eta_attention(
+        q.view(4, H, Dh), k.view(4, 30, H, Dh), v.view(4, 30, H, Dh), m.sign(query),
+        m.sign(keys), 5, lengths).flatten(-2)
+    torch.testing.assert_close(out, want if heads == 1 else m.out_proj(want),
+                               rtol=1e-4, atol=1e-5)
+    items = torch.randn(50, 8)
+    table = m.precompute_key_signatures(items)
+    assert torch.equal(table, m.sign(items))
+    history = torch.randint(0, 50, (2, 40))
+    torch.testing.assert_close(m(query[:2], items[history], key_signatures=table[history]),
+                               m(query[:2], items[history]))
+
+
+def test_eta_hash_input_checks():
+    with pytest.raises(ValueError, match="hash_input"):
+        ETAAttention(8, hash_input="keys")
+    with pytest.raises(ValueError, match="query_dim"):
+        ETAAttention(8, query_dim=6, key_dim=5, hash_input="raw")
