@@ -48,7 +48,8 @@ def test_train_retrieval_epoch_auc_and_variant(tmp_path, capsys):
     args = ["--users", "40", "--items", "60", "--cats", "6", "--candidates", "4",
             "--max-history", "120", "--lengths", "30,100", "--epochs", "2", "--batch-size",
             "16", "--embed-dim", "4", "--models", "eta,sim,sdim,din,mimn", "--retrieval",
-            "--retrieval-bits", "32,64", "--epoch-auc", "--variant", "long",
+            "--retrieval-bits", "32,64", "--retrieval-k", "3", "--epoch-auc", "--variant",
+            "long",
             "--out", str(tmp_path)]
     assert main(args) == 0
     train = json.loads((tmp_path / "train.json").read_text())
@@ -57,11 +58,14 @@ def test_train_retrieval_epoch_auc_and_variant(tmp_path, capsys):
         assert len(r["auc_by_epoch"]) == 2 and r["auc_by_epoch"][-1] == r["auc"]
     rows = json.loads((tmp_path / "retrieval.json").read_text())["rows"]
     recall = [r for r in rows if r["kind"] == "recall"]
-    assert {(r["model"], r["max_len"], r["bits"]) for r in recall} == \
-        {("eta", n, b) for n in (30, 100) for b in (32, 64)}
+    assert {(r["model"], r["max_len"], r["bits"], r["k"]) for r in recall} == \
+        {("eta", n, b, k) for n in (30, 100) for b in (32, 64) for k in (3, 256)}
     for r in recall:
         assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["tie_share"] <= 1.0
-        assert r["default"] == (r["bits"] == 64)      # ETANet's default hash_bits
+        # ETANet's defaults: 256 bits, topk 256 (these histories are shorter: exact)
+        assert r["default"] == (r["bits"] == 256 and r["k"] == 256)
+        if r["k"] == 256:
+            assert r["recall"] == 1.0
     hits = {(r["model"], r["max_len"]): r for r in rows if r["kind"] == "interest"}
     assert {m for m, _ in hits} == {"eta", "eta_exact", "sim", "sdim", "din"}
     for (m, n), r in hits.items():
@@ -72,6 +76,7 @@ def test_train_retrieval_epoch_auc_and_variant(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--retrieval-bits", "0"], ["--retrieval-bits", "a,b"],
+                                 ["--retrieval-k", "0"],
                                  ["--variant", "nope"]])
 def test_train_refuses_bad_retrieval_options(tmp_path, bad):
     with pytest.raises(SystemExit):

@@ -12,7 +12,8 @@ behaviours, whatever the history length; the long-history models read up to the 
 long-term interests / the recent window dominate the clicks (:data:`fastattn.data.VARIANTS`).
 ``--epoch-auc`` adds the test AUC after every epoch to each row (``auc_by_epoch``).
 ``--retrieval`` (synthetic data only) also writes ``retrieval.{csv,json}``: ETA's recall@k
-of SimHash top-k against the exact attention top-k by signature bits, and each retrieving
+of SimHash top-k against the exact attention top-k by signature bits (k: its topk and
+``--retrieval-k``), and each retrieving
 model's hit rate on the generator's planted interests (:mod:`fastattn.bench.retrieval`).
 
 The BAHE rows (``--models llm_ctr,fp,fp_abe,bahe``: LLM-CTR, +FP, +ABE and BAHE, see
@@ -146,6 +147,7 @@ class TrainConfig(argparse.Namespace):
     epoch_auc: bool = False
     truth: Optional[dict] = None          # make_synthetic's hidden variables (--retrieval)
     retrieval_bits: Sequence[int] = (16, 32, 64, 128, 256)
+    retrieval_k: Sequence[int] = (64,)
 
 
 def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.Module:
@@ -212,7 +214,7 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
     if retrieval is not None:
         from .bench.retrieval import retrieval_rows
         retrieval.extend(retrieval_rows(name, model, test, cfg.truth, max_len,
-                                        bits=cfg.retrieval_bits))
+                                        bits=cfg.retrieval_bits, recall_k=cfg.retrieval_k))
     if text:
         # CPU time too: on a shared machine, load from other processes inflates wall time
         row.update(text_len=max_len * model.K, epoch_s=train_s / cfg.epochs,
@@ -314,6 +316,9 @@ def _parse(argv) -> argparse.Namespace:
                         "model and length (synthetic data only)")
     p.add_argument("--retrieval-bits", default=TrainConfig.retrieval_bits,
                    help="signature bits of the recall@k rows (comma-separated)")
+    p.add_argument("--retrieval-k", default=TrainConfig.retrieval_k,
+                   help="k of further recall@k rows besides each model's own topk "
+                        "(comma-separated)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true",
                    help="small data, one epoch, lengths 50,200 (a smoke run)")
@@ -322,14 +327,15 @@ def _parse(argv) -> argparse.Namespace:
     if args.quick:
         args.users, args.epochs = min(args.users, 600), 1
         args.max_history, args.lengths = min(args.max_history, 1000), "50,200"
-    try:
-        bits = args.retrieval_bits
-        args.retrieval_bits = [int(b) for b in (bits.split(",") if isinstance(bits, str)
-                                                else bits)]
-    except ValueError:
-        p.error(f"--retrieval-bits must be comma-separated ints, got {args.retrieval_bits!r}")
-    if any(b < 1 for b in args.retrieval_bits):
-        p.error(f"--retrieval-bits must be >= 1, got {args.retrieval_bits}")
+    for opt in ("retrieval_bits", "retrieval_k"):
+        vals = getattr(args, opt)
+        try:
+            vals = [int(b) for b in (vals.split(",") if isinstance(vals, str) else vals)]
+        except ValueError:
+            p.error(f"--{opt.replace('_', '-')} must be comma-separated ints, got {vals!r}")
+        if any(b < 1 for b in vals):
+            p.error(f"--{opt.replace('_', '-')} must be >= 1, got {vals}")
+        setattr(args, opt, vals)
     if args.retrieval and args.csv:
         p.error("--retrieval measures the synthetic set's planted interests: not with --csv")
     if args.variant != "planted" and args.csv:

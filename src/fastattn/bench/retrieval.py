@@ -3,7 +3,8 @@
 
 Two measures on held-out samples, per trained model and history length:
 
-* **ETA recall@k by bits**: the share of the exact top-k (by the attention score q·k of the
+* **ETA recall@k by bits**, for the model's k and each of ``recall_k`` (default 64): the
+  share of the exact top-k (by the attention score q·k of the
   model's own projections) that SimHash top-k retrieval finds, over ``bits``-bit
   signatures (the model's own planes at its ``hash_bits``, fresh seeded planes otherwise).
   With it, ``tie_share``: the share of the retrieved slots filled from the group of
@@ -92,20 +93,23 @@ def _interest_stats(idx: Optional[Tensor], weight: Optional[Tensor], cats: Tenso
 
 @torch.no_grad()
 def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
-                   max_len: int, bits: Sequence[int] = DEFAULT_BITS, batch_size: int = 256,
+                   max_len: int, bits: Sequence[int] = DEFAULT_BITS,
+                   recall_k: Sequence[int] = (64,), batch_size: int = 256,
                    max_samples: int = 4096, seed: int = 0) -> List[Dict[str, object]]:
     """Rows of the retrieval-quality table for trained ``model`` (key ``name``) at
     ``max_len``: one ``interest`` row per retrieval (see the module docstring) and, for
-    ETA, one ``recall`` row per bit count. ``truth`` is the ``return_truth`` dict of
+    ETA, one ``recall`` row per bit count and k (the model's ``topk`` and each of
+    ``recall_k``; ``default`` marks the model's own bits and k). ``truth`` is the ``return_truth`` dict of
     :func:`fastattn.data.make_synthetic` for the data ``test`` was split from; the first
     ``max_samples`` test samples are read, in batches of ``batch_size`` (training layout)."""
     if name not in ("eta", "sim", "sdim", "din"):
         return []
     if not isinstance(truth, dict) or "interests" not in truth:
         raise ValueError("truth must be make_synthetic(..., return_truth=True)'s dict")
-    for b in bits:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"bits must be ints >= 1, got {list(bits)}")
+    for what, vals in (("bits", bits), ("recall_k", recall_k)):
+        for b in vals:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f"{what} must be ints >= 1, got {list(vals)}")
     model.eval()
     interests = truth["interests"]
     n = min(len(test), max_samples)
@@ -134,26 +138,30 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
             target, keys = model.embed(batch.target_item, tcat), model.embed(batch.hist_items,
                                                                              cats)
             q = attn.q_proj(target)
-            exact = exact_topk(q, attn.k_proj(keys), lengths, k)
+            kp = attn.k_proj(keys)
             hq, hk = attn.hashed_query(target, q), attn.hashed_keys(keys)
-            add("eta_exact", _interest_stats(exact, None, cats, lengths, tcat, planted, k))
             pos = torch.arange(L)[None, :]
             recent = pos >= (lengths[:, None] - (model.short_len or 0))
-            for b in bits:
-                idx, tie = simhash_topk(hq, hk, lengths, k, planes[b])
-                same = (idx[:, :, None] == exact[:, None, :]) & (idx[:, :, None] >= 0)
-                found = same.any(2).sum().item()
-                denom = int((exact >= 0).sum())
-                in_recent = (recent.gather(1, idx.clamp(min=0)) & (idx >= 0)).sum().item()
-                r = rec.setdefault(b, [0.0, 0.0, 0.0, 0.0, 0.0])
-                filled = int((idx >= 0).sum())
-                r[0] += found
-                r[1] += denom
-                r[2] += tie * filled
-                r[3] += in_recent
-                r[4] += filled
-                if b == attn.hash_bits:
-                    add("eta", _interest_stats(idx, None, cats, lengths, tcat, planted, k))
+            for kr in dict.fromkeys((k, *recall_k)):
+                exact = exact_topk(q, kp, lengths, kr)
+                if kr == k:
+                    add("eta_exact", _interest_stats(exact, None, cats, lengths, tcat,
+                                                     planted, k))
+                for b in bits:
+                    idx, tie = simhash_topk(hq, hk, lengths, kr, planes[b])
+                    same = (idx[:, :, None] == exact[:, None, :]) & (idx[:, :, None] >= 0)
+                    found = same.any(2).sum().item()
+                    denom = int((exact >= 0).sum())
+                    in_recent = (recent.gather(1, idx.clamp(min=0)) & (idx >= 0)).sum().item()
+                    r = rec.setdefault((kr, b), [0.0, 0.0, 0.0, 0.0, 0.0])
+                    filled = int((idx >= 0).sum())
+                    r[0] += found
+                    r[1] += denom
+                    r[2] += tie * filled
+                    r[3] += in_recent
+                    r[4] += filled
+            idx, _ = simhash_topk(hq, hk, lengths, k, attn.planes)     # what the model reads
+            add("eta", _interest_stats(idx, None, cats, lengths, tcat, planted, k))
         elif name == "sim":
             idx = model.search(batch)
             add("sim", _interest_stats(idx, None, cats, lengths, tcat, planted, model.sim_len))
@@ -176,9 +184,9 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
                      "hit_rate": hits / count if count else None,
                      "interest_recall": recall / count if count else None,
                      "candidates": count})
-    for b, (found, denom, tie, recent, filled) in sorted(rec.items()):
-        rows.append({"kind": "recall", "model": name, "max_len": max_len, "bits": b,
-                     "default": b == model.long_attn.hash_bits, "topk": model.long_attn.topk,
+    for (kr, b), (found, denom, tie, recent, filled) in sorted(rec.items()):
+        rows.append({"kind": "recall", "model": name, "max_len": max_len, "bits": b, "k": kr,
+                     "default": b == model.long_attn.hash_bits and kr == model.long_attn.topk,
                      "recall": found / denom if denom else None,
                      "tie_share": tie / filled if filled else None,
                      "recent_share": recent / filled if filled else None})
@@ -192,13 +200,13 @@ def markdown(rows: Iterable[Dict[str, object]]) -> str:
     rec = [r for r in rows if r["kind"] == "recall"]
     if rec:
         lengths = sorted({r["max_len"] for r in rec})
-        out += ["| bits | " + " | ".join(f"recall@{rec[0]['topk']} L={n} (ties, recent)"
-                                        for n in lengths) + " |",
-                "|---:|" + "---:|" * len(lengths)]
-        for b in sorted({r["bits"] for r in rec}):
-            cell = {r["max_len"]: r for r in rec if r["bits"] == b}
+        out += ["| k | bits | " + " | ".join(f"recall@k L={n} (ties, recent)"
+                                            for n in lengths) + " |",
+                "|---:|---:|" + "---:|" * len(lengths)]
+        for kr, b in sorted({(r["k"], r["bits"]) for r in rec}):
+            cell = {r["max_len"]: r for r in rec if r["bits"] == b and r["k"] == kr}
             mark = " (default)" if any(r["default"] for r in cell.values()) else ""
-            out.append(f"| {b}{mark} | " + " | ".join(
+            out.append(f"| {kr} | {b}{mark} | " + " | ".join(
                 f"{cell[n]['recall']:.3f} ({cell[n]['tie_share']:.2f}, "
                 f"{cell[n]['recent_share']:.2f})" if n in cell else "-" for n in lengths) + " |")
     hit = [r for r in rows if r["kind"] == "interest"]
