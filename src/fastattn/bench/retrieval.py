@@ -99,9 +99,10 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
     """Rows of the retrieval-quality table for trained ``model`` (key ``name``) at
     ``max_len``: one ``interest`` row per retrieval (see the module docstring) and, for
     ETA, one ``recall`` row per bit count and k (the model's ``topk`` and each of
-    ``recall_k``; ``default`` marks the model's own bits and k). ``truth`` is the ``return_truth`` dict of
-    :func:`fastattn.data.make_synthetic` for the data ``test`` was split from; the first
-    ``max_samples`` test samples are read, in batches of ``batch_size`` (training layout)."""
+    ``recall_k``; ``default`` marks the model's own bits and k). ``truth`` is the
+    ``return_truth`` dict of :func:`fastattn.data.make_synthetic` for the data ``test`` was
+    split from; the first ``max_samples`` test samples are read, in batches of
+    ``batch_size`` (training layout)."""
     if name not in ("eta", "sim", "sdim", "din"):
         return []
     if not isinstance(truth, dict) or "interests" not in truth:
