@@ -177,6 +177,20 @@ def test_gathered_rows_equal_the_gathered_table(backend, m, n, d, nbits, dtype):
         assert torch.equal(got, fastattn.simhash_sign(x[rows], planes, backend=backend))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_gathered_rows_signed_in_row_order(dtype):
+    """From 4096 rows the C++ kernel signs the rows sorted (two radix passes here) and
+    scatters the signatures back: still x[rows] bit for bit, repeats included."""
+    if not fastattn.backends()["available"]["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9000, 9, dtype=dtype, generator=g)
+    planes = fastattn.make_planes(9, 65, g, dtype=dtype)
+    rows = torch.randint(0, 9000, (5000,), generator=g)
+    got = fastattn.simhash_sign(x, planes, rows=rows, backend="cpp")
+    assert torch.equal(got, fastattn.simhash_sign(x[rows], planes, backend="cpp"))
+
+
 def test_gathered_rows_bad_input(backend):
     x, planes = torch.randn(6, 8), torch.randn(8, 64)
     with pytest.raises(ValueError, match=r"rows\[2\] = 6 is outside the table x \[0, N=6\)"):
