@@ -148,10 +148,11 @@ class EdgeRec(CTRModel):
     def rerank_logits(self, click_items: Tensor, click_cats: Tensor, click_details: Tensor,
                       click_len: Tensor, exp_items: Tensor, exp_cats: Tensor,
                       exp_details: Tensor, exp_len: Tensor, cand_items: Tensor,
-                      cand_cats: Tensor, hist_index: Optional[Tensor] = None
-                      ) -> Tuple[Tensor, Optional[Tensor]]:
+                      cand_cats: Tensor, hist_index: Optional[Tensor] = None,
+                      with_reg: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """(logits (B,), regulariser or None) from plain tensors, unchecked (the batch's
-        fields, see :class:`EdgeRecBatch`): the path :func:`export_reranker` traces."""
+        fields, see :class:`EdgeRecBatch`): the path :func:`export_reranker` traces
+        (with ``with_reg=False``: no adversarial losses, only the selection)."""
         B = cand_items.shape[0]
         clicks, exps, target = self.embed_many((click_items, click_cats),
                                                (exp_items, exp_cats), (cand_items, cand_cats))
@@ -162,11 +163,14 @@ class EdgeRec(CTRModel):
                    self.attend(self.exp_attn, target, e_rep, exp_details, exp_len, hist_index)]
         reg = None
         if self.adv is not None:
-            selected, d_loss, g_loss = self.adv(c_rep, e_rep, exp_details.to(e_rep.dtype),
-                                                click_lengths=click_len,
-                                                exposure_lengths=exp_len)
+            args = (c_rep, e_rep, exp_details.to(e_rep.dtype))
+            lens = dict(click_lengths=click_len, exposure_lengths=exp_len)
+            if with_reg:
+                selected, d_loss, g_loss = self.adv(*args, **lens)
+                reg = self.adv_weight * (d_loss + g_loss)
+            else:
+                selected = self.adv.select(*args, **lens)
             matched.append(per_query(selected, B, hist_index))
-            reg = self.adv_weight * (d_loss + g_loss)
         return self.score(target, matched), reg
 
     def logits_and_reg(self, batch: EdgeRecBatch) -> Tuple[Tensor, Optional[Tensor]]:
@@ -195,7 +199,8 @@ class EdgeRecReranker(nn.Module):
                 exp_len: Tensor, cand_items: Tensor, cand_cats: Tensor) -> Tensor:
         logits, _ = self.model.rerank_logits(click_items, click_cats, click_details,
                                              click_len, exp_items, exp_cats, exp_details,
-                                             exp_len, cand_items, cand_cats)
+                                             exp_len, cand_items, cand_cats,
+                                             with_reg=False)
         return torch.sigmoid(logits)
 
 
