@@ -223,13 +223,18 @@ def test_exported_reranker_matches_eager(data):
 
 
 def test_ablation_helpers(data):
-    from fastattn.bench.edgerec_sweeps import evaluate_pages, markdown, train_edgerec
+    from fastattn.bench.edgerec_sweeps import (evaluate_pages, export_latency, markdown,
+                                               train_edgerec)
     train, test = data.split(0.25)
-    model, row = train_edgerec("reliable", train, test, epochs=1, pages_per_batch=16,
+    model, row = train_edgerec("reliable_adv", train, test, epochs=1, pages_per_batch=16,
                                embed_dim=4)
     for k in ("auc", "gauc", "ndcg@5", "logloss", "train_s"):
         assert k in row
     assert evaluate_pages(model, test)["auc"] == pytest.approx(row["auc"])
+    lat = export_latency(model, test, candidates=6, repeats=2)
+    assert lat["max_abs_diff"] < 1e-5 and lat["candidates"] == 6
+    assert set(lat["exported"]) == {"p50_ms", "p90_ms", "cpu_p50_ms"}
+    assert "| exported |" in markdown([], lat)
     with pytest.raises(ValueError, match="ablation row"):
         train_edgerec("nope", train, test)
     summary = [{"row": "plain_ta", "seeds": 1, **{m: 0.5 for m in

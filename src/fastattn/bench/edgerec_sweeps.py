@@ -196,19 +196,24 @@ def ablation(seeds: int = 3, epochs: int = 3, quick: bool = False, data_seed: in
     return rows, summary, data.stats(), test, models
 
 
-def _time(fn, repeats: int) -> Dict[str, float]:
-    """Per call: the median and 90th percentile wall time, and the median process CPU
-    time (what a loaded machine inflates less)."""
-    wall, cpu = [], []
+def _time(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Dict[str, float]]:
+    """Per contender and call: the median and 90th percentile wall time and the median
+    process CPU time (what other processes' load inflates less), the contenders called
+    round-robin so that load hits each alike."""
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    wall.sort()
-    return {"p50_ms": 1e3 * wall[len(wall) // 2],
-            "p90_ms": 1e3 * wall[int(0.9 * (len(wall) - 1))],
-            "cpu_p50_ms": 1e3 * statistics.median(cpu)}
+        for k, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    out = {}
+    for k in fns:
+        w = sorted(wall[k])
+        out[k] = {"p50_ms": 1e3 * w[len(w) // 2], "p90_ms": 1e3 * w[int(0.9 * (len(w) - 1))],
+                  "cpu_p50_ms": 1e3 * statistics.median(cpu[k])}
+    return out
 
 
 @torch.no_grad()
@@ -216,12 +221,11 @@ def export_latency(model, test, candidates: int = 50, repeats: int = 200) -> Dic
     """Export ``model`` (:func:`fastattn.models.edgerec.export_reranker`) and time
     re-ranking ``candidates`` candidates of one held-out user (U == 1): eager
     ``model(batch)`` (with its input checks), the unchecked eager path, and the exported
-    program, each the median of ``repeats`` calls on this process's threads; plus the
+    program, ``repeats`` calls each, round-robin, on this process's threads; plus the
     largest difference of the exported program's scores from eager."""
     from ..data.edgerec import EdgeRecBatch
     from ..models.edgerec import EdgeRecReranker, export_reranker, reranker_inputs
     one = test.batch(torch.tensor([0]), full_width=True)
-    user_pages = (test.page_user == test.page_user[0]).nonzero().flatten()
     pool_items = test.cand_items.reshape(-1)
     pool_cats = test.cand_cats.reshape(-1)
     idx = torch.randperm(pool_items.shape[0], generator=torch.Generator().manual_seed(0))
@@ -243,12 +247,12 @@ def export_latency(model, test, candidates: int = 50, repeats: int = 200) -> Dic
         exported(*args)
         model(batch)
     out = {"candidates": candidates, "click_len": int(one.lengths[0]),
-           "exposure_len": int(one.exp_lengths[0]), "threads": torch.get_num_threads(),
-           "export_s": export_s, "max_abs_diff": diff, "user_pages": len(user_pages),
+           "exposure_len": int(one.exp_lengths[0]), "click_width": one.hist_items.shape[1],
+           "exposure_width": one.exp_items.shape[1], "threads": torch.get_num_threads(),
+           "export_s": export_s, "max_abs_diff": diff,
            "backend": model.backend,
-           "eager_checked": _time(lambda: model(batch), repeats),
-           "eager": _time(lambda: eager(*args), repeats),
-           "exported": _time(lambda: exported(*args), repeats)}
+           **_time({"eager_checked": lambda: model(batch), "eager": lambda: eager(*args),
+                    "exported": lambda: exported(*args)}, repeats)}
     return out
 
 
