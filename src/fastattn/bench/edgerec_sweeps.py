@@ -124,19 +124,25 @@ def page_metrics(scores, labels, pages, logits: bool = True) -> Dict[str, float]
             "logloss": log_loss(scores, labels, logits=logits)}
 
 
+def build_row(row: str, data, embed_dim: int = 16, backend: Optional[str] = None,
+              **overrides):
+    """The (untrained) EdgeRec model of ablation row ``row`` for ``data``'s ids."""
+    from ..models import build
+    from ..models.edgerec import ABLATIONS
+    if row not in ABLATIONS:
+        raise ValueError(f"unknown ablation row {row!r}; choose one of {list(ABLATIONS)}")
+    return build("edgerec", data.n_items, data.n_cats, embed_dim=embed_dim, mlp=(64, 32),
+                 backend=backend, **{**ABLATIONS[row], **overrides})
+
+
 def train_edgerec(row: str, train, test, *, seed: int = 0, epochs: int = 3,
                   pages_per_batch: int = 64, lr: float = 1e-2, embed_dim: int = 16,
                   backend: Optional[str] = None, **overrides):
     """Train ablation row ``row`` (a key of :data:`fastattn.models.edgerec.ABLATIONS`) on
     ``train`` with model seed ``seed``; returns (model, row dict with the test metrics)."""
-    from ..models import build
-    from ..models.edgerec import ABLATIONS
     from ..train import LossOf, make_optimizer, train_step
-    if row not in ABLATIONS:
-        raise ValueError(f"unknown ablation row {row!r}; choose one of {list(ABLATIONS)}")
     torch.manual_seed(seed)
-    model = build("edgerec", train.n_items, train.n_cats, embed_dim=embed_dim, mlp=(64, 32),
-                  backend=backend, **{**ABLATIONS[row], **overrides})
+    model = build_row(row, train, embed_dim=embed_dim, backend=backend, **overrides)
     loss_fn, opt = LossOf(model), make_optimizer(model, lr)
     t0, c0, losses = time.perf_counter(), time.process_time(), []
     for epoch in range(epochs):
@@ -274,18 +280,34 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=200, help="timed re-ranking calls")
     p.add_argument("--users", type=int, default=1500, help="synthetic users (train + test)")
     p.add_argument("--quick", action="store_true", help="400 users, one epoch")
+    p.add_argument("--latency-only", action="store_true",
+                   help="no training: time the export of an untrained reliable_adv model "
+                        "(the latency does not depend on the weights); writes only "
+                        "edgerec_export.json")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, summary, stats, test, models = ablation(args.seeds, args.epochs, args.quick,
-                                                  n_users=args.users)
-    torch.set_num_threads(1)
-    latency = export_latency(models["reliable_adv"], test, repeats=args.repeats)
     command = "python -m fastattn.bench.edgerec_sweeps " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     os.makedirs(args.out, exist_ok=True)
+    if args.latency_only:
+        from ..data.edgerec import make_edgerec
+        data = make_edgerec(n_users=args.users)
+        torch.manual_seed(0)
+        model, test, stats = build_row("reliable_adv", data), data.split(0.2)[1], data.stats()
+    else:
+        rows, summary, stats, test, models = ablation(args.seeds, args.epochs, args.quick,
+                                                      n_users=args.users)
+        model = models["reliable_adv"]
+    torch.set_num_threads(1)
+    latency = export_latency(model, test, repeats=args.repeats)
     meta = {"command": command, "machine": machine_info(), "data": stats}
+    if args.latency_only:
+        with open(os.path.join(args.out, "edgerec_export.json"), "w") as f:
+            json.dump({**latency, **meta}, f, indent=1, default=str)
+        print(markdown([], latency))
+        return 0
     with open(os.path.join(args.out, "edgerec_ablation.json"), "w") as f:
         json.dump({"rows": rows, "summary": summary, **meta}, f, indent=1, default=str)
     with open(os.path.join(args.out, "edgerec_ablation.csv"), "w", newline="") as f:
@@ -304,7 +326,8 @@ def markdown(summary: List[Dict[str, object]], latency: Optional[Dict] = None) -
     seeds won) and the export latency."""
     k = f"ndcg@{NDCG_K}"
     out = [f"| row | AUC | GAUC (pages) | NDCG@{NDCG_K} | log-loss | AUC vs plain_ta | "
-           "seeds with AUC > plain_ta |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "seeds with AUC > plain_ta |", "|---|---:|---:|---:|---:|---:|---:|"] \
+        if summary else []
     for r in summary:
         if r["row"] == "oracle":
             out.append(f"| oracle (true click prob.) | {r['auc']:.4f} | {r['gauc']:.4f} | "
@@ -314,7 +337,8 @@ def markdown(summary: List[Dict[str, object]], latency: Optional[Dict] = None) -
         out.append(f"| {r['row']} | {cell('auc')} | {cell('gauc')} | {cell(k)} | "
                    f"{cell('logloss')} | {r['auc_margin']:+.4f} | {r['auc_wins']}/{r['seeds']} |")
     if latency:
-        out += ["", f"| re-rank {latency['candidates']} candidates, "
+        out += [""] if out else []
+        out += [f"| re-rank {latency['candidates']} candidates, "
                 f"{latency['threads']} thread | p50 ms (wall) | p90 ms (wall) | "
                 "p50 ms (CPU time) |", "|---|---:|---:|---:|"]
         for name in ("eager_checked", "eager", "exported"):
