@@ -84,6 +84,12 @@ def test_split_and_batches(data):
     b = pages[0]
     assert torch.equal(b.hist_index.unique(), torch.arange(b.hist_items.shape[0]))
     assert b.page.shape == b.target_item.shape
+    short = b.truncate(2)
+    assert short.hist_details.shape[:2] == short.hist_items.shape == (b.hist_items.shape[0], 2)
+    last = (b.lengths - 1).clamp(min=0)
+    rows = torch.arange(b.hist_items.shape[0])
+    torch.testing.assert_close(short.hist_details[rows, (short.lengths - 1).clamp(min=0)],
+                               b.hist_details[rows, last])
 
 
 def test_config_validation():

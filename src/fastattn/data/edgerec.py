@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .batch import Batch
+from .batch import Batch, recent
 
 __all__ = ["EdgeRecConfig", "EdgeRecBatch", "EdgeRecData", "make_edgerec",
            "CLICK_DETAILS", "EXPOSURE_DETAILS"]
@@ -71,6 +71,13 @@ class EdgeRecBatch(Batch):
     exp_lengths: Optional[Tensor] = None
     exp_details: Optional[Tensor] = None
     page: Optional[Tensor] = None
+
+    def truncate(self, max_len: int) -> "EdgeRecBatch":
+        """Keep each user's ``max_len`` most recent clicks (and their details)."""
+        out = super().truncate(max_len)
+        if self.hist_details is None:
+            return out
+        return replace(out, hist_details=recent(self.hist_details, self.lengths, max_len))
 
 
 @dataclass(frozen=True)
