@@ -8,8 +8,8 @@ but runs the padding steps, so its states past a row's length are wrong for varl
 
 ``python -m fastattn.bench.edgerec_sweeps [--seeds S] [--threads N]`` trains the ablation
 rows of :data:`fastattn.models.edgerec.ABLATIONS` (plain target attention, reliable
-attention, + the adversarial block's selection without its losses, + sequence adversarial) on the synthetic set of :mod:`fastattn.data.edgerec`
-with S model seeds each, scores the held-out users' pages (AUC, GAUC and NDCG@5 per page,
+attention, + the adversarial block's selection without its losses, + sequence adversarial)
+on the synthetic set of :mod:`fastattn.data.edgerec` with S model seeds each, scores the held-out users' pages (AUC, GAUC and NDCG@5 per page,
 log-loss), then exports the last seed's full model with ``torch.export`` and times
 re-ranking 50 candidates of one user on 1 thread (eager and exported; the exported
 program's scores are checked against eager). It writes ``edgerec_ablation.{json,csv}``
