@@ -188,6 +188,21 @@ class _SlowModel(torch.nn.Module):
         return out
 
 
+class _Features:
+    """User ids -> the tower's (sparse, dense) inputs, from fixed random tables (a picklable
+    object, so that process workers can take it)."""
+
+    def __init__(self, users: int, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.sparse = torch.stack([torch.randint(0, c, (users,), generator=g)
+                                   for c in (N_ITEMS, N_CATS, 100)], 1)
+        self.dense = torch.randn(users, 16, generator=g)
+
+    def __call__(self, uids):
+        ix = torch.tensor(uids)
+        return self.sparse[ix], self.dense[ix]
+
+
 def load_run(get: Callable[[int], object], n_users: int, rps: float, threads: int,
              seconds: float, seed: int = 0) -> Dict[str, float]:
     """Open-loop load: ``threads`` clients each send ``rps / threads`` requests per second
