@@ -203,7 +203,7 @@ class _ProcessWorker:
 
     def __init__(self, ctx, opener, features: bytes, threads: int):
         self.ctx, self.opener, self.features, self.threads = ctx, opener, features, threads
-        self.proc, self.conn, self.model_version = None, None, -1
+        self.proc, self.conn, self.model_version, self.pid = None, None, -1, None
 
     def start(self, model: bytes, version: int) -> None:
         parent, child = self.ctx.Pipe()
@@ -212,7 +212,7 @@ class _ProcessWorker:
                                            self.threads), daemon=True)
         self.proc.start()
         child.close()
-        self.conn, self.model_version = parent, version
+        self.conn, self.model_version, self.pid = parent, version, self.proc.pid
 
     def ready(self, timeout: float) -> None:
         if not self.conn.poll(timeout):
@@ -257,11 +257,7 @@ class _ProcessWorker:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join(5)
-        self.proc = self.conn = None
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc is not None and self.proc.is_alive() else None
+        self.proc = self.conn = self.pid = None
 
 
 class UserEmbeddingService:
