@@ -10,6 +10,8 @@ model snapshot and write them back (fp16, pooled over the last refreshes; see
 * :class:`UserEmbeddingService`: ``get(user_ids)`` -> (B, K, D) from the store, or a
   cold-start default flagged as such; each get enqueues a refresh. The queue is bounded,
   deduplicated per user and drops its oldest entry when full (counted in :meth:`stats`).
+  Refresh batches are vectorised over their users (one read, one compare-and-set write)
+  and run in worker threads or, with ``mode="process"``, worker processes.
 """
 from __future__ import annotations
 
