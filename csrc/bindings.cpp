@@ -942,6 +942,8 @@ py::dict cpu_features() {
     d["avx512bw"] = f.avx512bw;
     d["avx512vl"] = f.avx512vl;
     d["avx512_vpopcntdq"] = f.avx512vpopcntdq;
+    d["avx512_bf16"] = f.avx512bf16;
+    d["amx_bf16"] = f.amx_bf16;
     d["isa_cap"] = f.isa_cap.empty() ? py::object(py::none()) : py::object(py::str(f.isa_cap));
     d["simhash_sign"] = fastattn::simhash_impl();
     d["hamming"] = fastattn::hamming_impl();

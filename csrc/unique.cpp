@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -222,6 +223,36 @@ FA_INLINE void stream_fence() {
 #endif
 }
 
+// The O(U·L) scratch of step 1, kept between calls: fresh pages cost a fault each, and on
+// a VM that costs more than the kernel's own pass over them (measured: ~1 ms per MB, 20-40 ms
+// of a 4M-position call). One set per process; a call that finds it taken by a concurrent
+// call allocates its own. Holds ~14 bytes per position of the largest call so far.
+struct StepOneScratch {
+    AlignedBuffer<int64_t> seg_id;
+    AlignedBuffer<uint16_t> seg_part;
+    AlignedBuffer<uint64_t> loc;  // Pos[V], as 8-byte words
+};
+struct ScratchLease {
+    StepOneScratch* s;
+    bool pooled;
+    ScratchLease() {
+        static StepOneScratch pool;
+        static std::mutex m;
+        pooled = m.try_lock();
+        s = pooled ? &pool : new StepOneScratch();
+        unlock = pooled ? &m : nullptr;
+    }
+    ~ScratchLease() {
+        if (pooled) unlock->unlock();
+        else delete s;
+    }
+    ScratchLease(const ScratchLease&) = delete;
+    ScratchLease& operator=(const ScratchLease&) = delete;
+
+   private:
+    std::mutex* unlock = nullptr;
+};
+
 // Pos: the type of a valid index, entry or local index (uint32_t when U * L allows: half
 // the scratch and table traffic).
 template <typename Pos>
@@ -253,17 +284,19 @@ std::vector<int64_t> unique_rows_impl(const int64_t* ids, const int64_t* lengths
     //    buffers costs no memory); loc[v] = local index of valid position v;
     //    count1[c * P1 + p] = entries of segment c in partition p.
     const HashBlockFn hash_block = pick_hash_block();
-    AlignedBuffer<int64_t> seg_id_buf(V);
-    AlignedBuffer<uint16_t> seg_part_buf(V);
-    AlignedBuffer<Pos> loc_buf(V);
-    int64_t* const seg_id = seg_id_buf.data();
-    uint16_t* const seg_part = seg_part_buf.data();
-    Pos* const loc = loc_buf.data();
+    ScratchLease lease;
+    lease.s->seg_id.resize(V);
+    lease.s->seg_part.resize(V);
+    lease.s->loc.resize((V * sizeof(Pos) + 7) / 8);
+    int64_t* const seg_id = lease.s->seg_id.data();
+    uint16_t* const seg_part = lease.s->seg_part.data();
+    Pos* const loc = reinterpret_cast<Pos*>(lease.s->loc.data());
     std::vector<int64_t> seg_n(C);
     std::vector<int64_t> count1(C * P1, 0);
 #pragma omp parallel num_threads(nthreads)
     {
-        IdTable<Pos> table;
+        // kept per thread between calls (the OpenMP pool's threads persist): no fresh pages
+        static thread_local IdTable<Pos> table;
         uint64_t hs[kBlock];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < C; ++c) {
@@ -333,7 +366,8 @@ std::vector<int64_t> unique_rows_impl(const int64_t* ids, const int64_t* lengths
     std::memset(is_first, 0, nwords * 64);
 #pragma omp parallel num_threads(nthreads)
     {
-        IdTable<Pos> table;
+        // kept per thread between calls (the OpenMP pool's threads persist): no fresh pages
+        static thread_local IdTable<Pos> table;
         std::vector<Pos> first;  // the first entry of each id of the partition
         uint64_t hs[kBlock];
         Pos index[kBlock];

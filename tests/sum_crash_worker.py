@@ -10,6 +10,7 @@ prefix).
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -30,6 +31,24 @@ class Constant(torch.nn.Module):
         return torch.full((users.shape[0], SPEC.K, SPEC.D), self.value)
 
 
+class SlowConstant(torch.nn.Module):
+    """(B, K, D) filled with ``value`` after ``ms`` milliseconds: a picklable model for the
+    process-worker tests (a worker can be killed while it runs)."""
+
+    def __init__(self, value: float, ms: float = 0.0):
+        super().__init__()
+        self.value, self.ms = value, ms
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.ms / 1e3)
+        return torch.full((users.shape[0], SPEC.K, SPEC.D), self.value)
+
+
+def user_tensor(users):
+    """The features of the test models: the user ids as a tensor (picklable)."""
+    return (torch.tensor(users),)
+
+
 def open_store(kind: str, where: str, prefix: str):
     if kind == "sqlite":
         return SQLiteStateStore(where, SPEC)
@@ -40,7 +59,7 @@ def main(argv) -> None:
     kind, where, prefix, n, batch = argv[:5]
     model = Constant()
     svc = UserEmbeddingService(model, open_store(kind, where, prefix),
-                               lambda users: (torch.tensor(users),), workers=1)
+                               user_tensor, workers=1)
     users = list(range(int(n)))
     g = 0
     while True:

@@ -89,7 +89,7 @@ def test_default_dispatch_is_used_by_ops():
 def _expected_paths(isa, cpu):
     """The path each C++ kernel family must run under FASTATTN_CPU_ISA=isa on a CPU with the
     (uncapped) features ``cpu``: the best one both the cap and the CPU allow."""
-    level = ["default", "popcnt", "avx2", "avx512"].index(isa)
+    level = ["default", "popcnt", "avx2", "avx512", "amx"].index(isa)
     vpopc = cpu["avx512f"] and cpu["avx512bw"] and cpu["avx512vl"] and \
         cpu["avx512_vpopcntdq"] and cpu["popcnt"]
     avx512f = cpu["avx512f"] and cpu["fma"]
@@ -98,10 +98,13 @@ def _expected_paths(isa, cpu):
            "popcnt" if level >= 1 and cpu["popcnt"] else "default")
     wide = ("avx512f" if level >= 3 and avx512f else
             "avx2" if level >= 2 and avx2 else "default")
-    return {"hamming": ham, "simhash_sign": wide, "attention": wide}
+    amx = cpu["amx_bf16"] and cpu["avx512_bf16"] and avx512f and cpu["avx512bw"] and \
+        cpu["avx512vl"]
+    sign = "amx_bf16" if level >= 4 and amx else wide
+    return {"hamming": ham, "simhash_sign": sign, "attention": wide}
 
 
-@pytest.mark.parametrize("isa", ["default", "popcnt", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["default", "popcnt", "avx2", "avx512", "amx"])
 def test_cpp_fallback_isa_paths(isa):
     """A wheel must run on x86-64 CPUs without AVX-512: each run-time path (capped with
     FASTATTN_CPU_ISA) reports the path it ran, and matches the reference (fp64 exactly where

@@ -429,6 +429,22 @@ def test_unique_rows_opcheck_and_compile(backend):
     torch.testing.assert_close(got, f(ids, lengths.clamp(min=1), emb))
 
 
+def test_unique_rows_concurrent_calls_cpp():
+    """The C++ kernel keeps its step-1 scratch between calls; calls running at once (the GIL
+    is released) must not share it: each equals the reference."""
+    if not fastattn.backends()["available"]["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    from concurrent.futures import ThreadPoolExecutor
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randint(0, 50 + 40 * i, (7 + i, 3000), generator=g),
+              torch.randint(0, 3001, (7 + i,), generator=g)) for i in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: fastattn.unique_rows(*c, backend="cpp"), cases * 3))
+    for (ids, lengths), (uniq, rows) in zip(cases * 3, got):
+        want = ref.unique_rows(ids, lengths)
+        assert torch.equal(uniq, want[0]) and torch.equal(rows, want[1])
+
+
 def test_unique_rows_bad_input():
     with pytest.raises(TypeError, match="ids must have dtype int32, int64"):
         fastattn.unique_rows(torch.zeros(2, 3))

@@ -111,6 +111,12 @@ def test_sequence_adversarial_players_get_only_their_own_gradients():
     assert any(g is not None and g.abs().sum() > 0 for g in g_g[:len(sel)])
     with pytest.raises(ValueError, match="click_items must be"):
         m(clicks[:2], exp_items, exp_details)
+    # serving: the selection alone, the same values
+    torch.testing.assert_close(m.select(clicks, exp_items, exp_details,
+                                        click_lengths=click_lengths,
+                                        exposure_lengths=exp_lengths), selected)
+    with pytest.raises(ValueError, match="click_items must be"):
+        m.select(clicks[:2], exp_items, exp_details)
 
 
 @pytest.mark.parametrize("heads", [1, 2])

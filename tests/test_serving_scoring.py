@@ -70,7 +70,7 @@ def test_eta_signature_table_matches_fresh_model_after_weight_changes():
     check()
     assert table.builds == 1                           # unchanged weights: reused
     old = table.signatures().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)   # large enough to flip some bits
     hist, tgt = _request(g)
     model.loss(Batch(hist[None].expand(16, -1), item_cat[hist][None].expand(16, -1),
                      torch.full((16,), len(hist)), tgt, item_cat[tgt],

@@ -4,7 +4,9 @@ writers) on SQLite and Redis."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -16,9 +18,9 @@ import torch
 
 from fastattn.serving import (EmbeddingRecord, EmbeddingSpec, SQLiteStateStore,
                               StateFormatError, SUMUserTower, UserEmbeddingService)
-from fastattn.serving.store.embedding import pool_embeddings
+from fastattn.serving.store.embedding import pool_batch, pool_embeddings
 from serving_support import kind, location, open_store  # noqa: F401
-from sum_crash_worker import SPEC as CRASH_SPEC
+from sum_crash_worker import SPEC as CRASH_SPEC, SlowConstant, user_tensor
 
 WORKER = os.path.join(os.path.dirname(__file__), "sum_crash_worker.py")
 SPEC = EmbeddingSpec({"name": "sum-test"}, K=2, D=6)
@@ -256,3 +258,106 @@ def test_killed_worker_loses_only_its_own_refresh(kind, location, open_store):  
             assert len(set(gens[b:b + batch])) == 1, f"batch {b} half written: {gens[b:b+batch]}"
             committed = max(g for g, bb in done if bb == b)
             assert gens[b] in (committed, committed + 1)
+
+
+def test_batched_pooling_and_codec_match_the_per_user_ones():
+    """pool_batch / encode_batch / decode_batch (the refresh path, vectorised over users)
+    give exactly what the per-user functions give, and name the first bad user."""
+    rng = np.random.default_rng(1)
+    B, keep = 7, SPEC.keep
+    n = np.array([0, 1, 2, 2, 0, 1, 2])
+    cached = rng.standard_normal((B, keep, SPEC.K, SPEC.D)).astype(np.float32)
+    cached[np.arange(keep) < keep - n[:, None]] = 0        # right-aligned, zero padding
+    cur = rng.standard_normal((B, SPEC.K, SPEC.D)).astype(np.float32)
+    pooled, raw, n2 = pool_batch(cached, n, cur)
+    assert n2.tolist() == [1, 2, 2, 2, 1, 2, 2]
+    users = [f"u{i}" for i in range(B)]
+    blobs = SPEC.encode_batch(pooled, raw, n2, ["t"] * B, np.arange(B, dtype=float), users)
+    for i in range(B):
+        valid = cached[i, keep - n[i]:]
+        np.testing.assert_array_equal(pooled[i], pool_embeddings(valid, cur[i], keep))
+        want_raw = np.concatenate([valid, cur[i][None]])[-keep:]
+        np.testing.assert_array_equal(raw[i, keep - n2[i]:], want_raw)
+        assert blobs[i] == SPEC.encode(EmbeddingRecord(pooled[i], want_raw, "t", float(i)))
+    got = SPEC.decode_batch(blobs + [None], users + ["absent"])
+    assert got.present.tolist() == [True] * B + [False] and got.record(B) is None
+    for i in range(B):
+        one = SPEC.decode(blobs[i])
+        np.testing.assert_array_equal(got.record(i).raw, one.raw)
+        np.testing.assert_array_equal(got.pooled[i], one.pooled)
+        assert (got.record(i).token, got.written[i], got.tags[i]) == (one.token, i, "t")
+    bad = pooled.copy()
+    bad[3, 1, 2] = np.nan
+    with pytest.raises(StateFormatError, match="'u3'.*NaN"):
+        SPEC.encode_batch(bad, raw, n2, ["t"] * B, np.zeros(B), users)
+    big = raw.copy()
+    big[5, -1, 0, 0] = 1e6
+    with pytest.raises(StateFormatError, match="'u5'.*fp16"):
+        SPEC.encode_batch(pooled, big, n2, ["t"] * B, np.zeros(B), users)
+    big[5, -1, 0, 0], big[0, 0, 0, 0] = 0.0, np.nan     # user 0's padding row: ignored
+    SPEC.encode_batch(pooled, big, n2, ["t"] * B, np.zeros(B), users)
+    with pytest.raises(StateFormatError, match="raw"):
+        SPEC.encode_batch(pooled, raw[:, :1], n2, ["t"] * B, np.zeros(B), users)
+    with pytest.raises(ValueError, match="cached"):
+        pool_batch(cached, n + 1, cur)
+
+
+def test_process_mode_refuses_what_it_cannot_ship(tmp_path):
+    store = _sqlite(tmp_path)
+    with pytest.raises(ValueError, match="mode"):
+        UserEmbeddingService(Generations(), store, _features, mode="fork")
+    with pytest.raises(TypeError, match="picklable"):
+        UserEmbeddingService(Generations(), store, lambda u: (torch.tensor(u),),
+                             mode="process")
+    store.write({7: EmbeddingRecord(np.ones((2, 6), np.float32), np.ones((1, 2, 6), np.float32),
+                                    "t", 1.0)})
+    again = pickle.loads(pickle.dumps(store.opener()))()     # what a worker process opens
+    assert again.read([7])[0].tag == "t"
+    again.close()
+
+
+def test_process_workers_refresh_swap_models_and_survive_sigkill(kind, location,  # noqa: F811
+                                                                  open_store):
+    """Process workers (mode="process") write what thread workers write; a worker process
+    killed with SIGKILL mid-refresh loses only its batch (records stay whole, the loss is
+    counted) and is restarted for the next batch."""
+    store = open_store(CRASH_SPEC)
+    users = list(range(60))
+    svc = UserEmbeddingService(SlowConstant(1.0, 20), store, user_tensor, workers=1,
+                               mode="process", batch_size=10)
+    try:
+        st = svc.stats()
+        assert st["mode"] == "process" and st["worker_pids"][0] != os.getpid()
+        assert svc.get(users).cold.all()
+        assert svc.wait_idle(120)
+        got = svc.get(users, refresh=False)
+        assert not got.cold.any() and set(got.tags) == {"v0"}
+        assert (got.embeddings == 1.0).all()
+        svc.set_model(SlowConstant(4.0, 20), "v1")        # shipped before the next batch
+        svc.refresh(users)
+        assert svc.wait_idle(120)
+        got = svc.get(users, refresh=False)
+        assert set(got.tags) == {"v1"}
+        np.testing.assert_allclose(got.embeddings.numpy(), 2.5)           # mean(1, 4)
+        svc.set_model(SlowConstant(5.0, 20), "v2")
+        svc.refresh(users)
+        deadline = time.monotonic() + 60
+        while svc.stats()["refreshing"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(random.uniform(0, 0.03))
+        os.kill(svc.stats()["worker_pids"][0], signal.SIGKILL)
+        assert svc.wait_idle(180)
+        st = svc.stats()
+        assert st["worker_errors"] >= 1 and "died" in st["last_error"]
+        for r in store.read(users):
+            assert _whole(r) in (4.0, 5.0)                # old or new, never torn
+        svc.set_model(SlowConstant(7.0), "v3")             # the restarted worker serves
+        svc.refresh(users)
+        assert svc.wait_idle(180)
+        assert svc.stats()["worker_pids"][0] is not None
+        got = svc.get(users, refresh=False)
+        assert set(got.tags) == {"v3"}
+        assert all(_whole(r) == 7.0 for r in store.read(users))
+    finally:
+        svc.close()

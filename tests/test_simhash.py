@@ -82,6 +82,70 @@ def test_make_planes_seeded():
         fastattn.make_planes(8, 0)
 
 
+def test_make_planes_are_exact_bf16():
+    for dtype in (torch.float32, torch.float64):
+        planes = fastattn.make_planes(40, 70, torch.Generator().manual_seed(1), dtype=dtype)
+        assert planes.dtype == dtype and planes.std() > 0.8
+        assert torch.equal(planes.to(torch.bfloat16).to(dtype), planes)
+
+
+def _cpp_amx():
+    info = fastattn.backends()
+    return info["available"]["cpp"] and info["cpu_features"].get("simhash_sign") == "amx_bf16"
+
+
+@pytest.mark.parametrize("exact_planes", [True, False])
+@pytest.mark.parametrize("n,d,nbits", [(97, 128, 256), (70, 37, 130), (33, 1, 5), (40, 300, 64),
+                                       (65, 33, 31)])
+def test_cpp_fp32_sign_edge_rows(n, d, nbits, exact_planes):
+    """The fp32 C++ path (AMX bf16 tiles + fp32 fix-up where the CPU has them, else the
+    fp32 kernel) on rows that stress it: projections near zero (inside and just outside
+    the rounding zone), norms beyond the tiles' range (1e-30, 1e30), zeros, NaN and Inf,
+    tables gathered by rows=. Bits must equal the exact sign outside the §4 zone."""
+    if not fastattn.backends()["available"]["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    g = torch.Generator().manual_seed(n * d)
+    planes = fastattn.make_planes(d, nbits, g) if exact_planes else torch.randn(d, nbits, generator=g)
+    x = torch.randn(n, d, generator=g)
+    p0 = planes[:, 0].double()
+    for i, frac in enumerate((0.0, 3e-6, -3e-6, 2e-5, -2e-5, 6e-5, -6e-5, 2e-4)):
+        v = x[i].double()
+        v = v - (v @ p0) / (p0 @ p0) * p0                      # orthogonal to plane 0
+        v = v + frac * v.norm() / p0.norm() * p0                # projection frac·|x|·|p0|
+        x[i] = v.float()
+    x[10] *= 1e-30
+    x[11] *= 1e30
+    x[12] = 0
+    x[13, d // 2] = float("nan")
+    x[14, 0] = float("inf")
+    x[15, -1] = -float("inf")
+    x[16] *= 1e-18
+    x[17] *= 1e-10                                               # small but in the tiles' range
+    x[18] *= 1e10
+    got = fastattn.simhash_sign(x, planes, backend="cpp")
+    finite = torch.isfinite(x).all(dim=1)
+    want = ref.simhash_sign(x[finite].double(), planes.double())
+    _assert_sig_equal(got[finite], want, x[finite], planes)
+    assert torch.equal(got[13], torch.zeros_like(got[13]))      # NaN row: all zero
+    # Inf rows: the fp32 kernel's sign of ±inf·p (a NaN projection gives 0)
+    inf_rows = ~finite & ~torch.isnan(x).any(dim=1)
+    proj = x[inf_rows] @ planes
+    assert torch.equal(_bits(got[inf_rows], nbits), proj > 0)
+    rows = torch.randint(0, n, (3 * n,), generator=g)
+    assert torch.equal(fastattn.simhash_sign(x, planes, rows=rows, backend="cpp"), got[rows])
+
+
+def test_cpp_amx_path_reported():
+    """Where the CPU has AMX-BF16 (and no cap), fp32 signing runs on it and says so."""
+    if not _cpp_amx():
+        pytest.skip("no AMX-BF16 here, or FASTATTN_CPU_ISA caps it")
+    x, planes = torch.randn(500, 64), fastattn.make_planes(64, 128)
+    before = fastattn.backends()["cpu_features"]["ran"]["simhash_sign"].get("amx_bf16", 0)
+    got = fastattn.simhash_sign(x, planes, backend="cpp")
+    _assert_sig_equal(got, ref.simhash_sign(x.double(), planes.double()), x, planes)
+    assert fastattn.backends()["cpu_features"]["ran"]["simhash_sign"]["amx_bf16"] == before + 1
+
+
 def test_bad_input():
     x, planes = torch.randn(3, 8), torch.randn(8, 64)
     with pytest.raises(TypeError, match="planes"):
@@ -111,6 +175,20 @@ def test_gathered_rows_equal_the_gathered_table(backend, m, n, d, nbits, dtype):
         got = fastattn.simhash_sign(x, planes, rows=r, backend=backend)
         assert got.shape == (m, (nbits + 63) // 64)
         assert torch.equal(got, fastattn.simhash_sign(x[rows], planes, backend=backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_gathered_rows_signed_in_row_order(dtype):
+    """From 4096 rows the C++ kernel signs the rows sorted (two radix passes here) and
+    scatters the signatures back: still x[rows] bit for bit, repeats included."""
+    if not fastattn.backends()["available"]["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9000, 9, dtype=dtype, generator=g)
+    planes = fastattn.make_planes(9, 65, g, dtype=dtype)
+    rows = torch.randint(0, 9000, (5000,), generator=g)
+    got = fastattn.simhash_sign(x, planes, rows=rows, backend="cpp")
+    assert torch.equal(got, fastattn.simhash_sign(x[rows], planes, backend="cpp"))
 
 
 def test_gathered_rows_bad_input(backend):

@@ -104,8 +104,13 @@ def unique_rows(ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, 
 
 def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = None,
                 dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`."""
-    return torch.randn(dim, nbits, generator=generator, dtype=dtype, device=device)
+    """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`.
+
+    The draws are rounded to bfloat16 values (stored in ``dtype``): SimHash needs random
+    directions, not 24-bit ones, and planes exact in bf16 let the C++ AMX path sign fp32
+    rows with two bf16 tile products instead of three (DESIGN §7)."""
+    planes = torch.randn(dim, nbits, generator=generator, dtype=torch.float32, device=device)
+    return planes.to(torch.bfloat16).to(dtype)
 
 
 # Bit weights 2**j for j in [0, 64) as int64 (bit 63 is the sign bit: -2**63).

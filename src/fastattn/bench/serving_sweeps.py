@@ -188,6 +188,21 @@ class _SlowModel(torch.nn.Module):
         return out
 
 
+class _Features:
+    """User ids -> the tower's (sparse, dense) inputs, from fixed random tables (a picklable
+    object, so that process workers can take it)."""
+
+    def __init__(self, users: int, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.sparse = torch.stack([torch.randint(0, c, (users,), generator=g)
+                                   for c in (N_ITEMS, N_CATS, 100)], 1)
+        self.dense = torch.randn(users, 16, generator=g)
+
+    def __call__(self, uids):
+        ix = torch.tensor(uids)
+        return self.sparse[ix], self.dense[ix]
+
+
 def load_run(get: Callable[[int], object], n_users: int, rps: float, threads: int,
              seconds: float, seed: int = 0) -> Dict[str, float]:
     """Open-loop load: ``threads`` clients each send ``rps / threads`` requests per second
@@ -231,15 +246,16 @@ def load_run(get: Callable[[int], object], n_users: int, rps: float, threads: in
 
 def sum_serving_sweep(quick: bool) -> Sweep:
     """SUM: get() of one user's embedding from the asynchronous service (SQLite store, 2
-    refresh workers) while 8 client threads send 1,000 requests/s, vs synchronous inference
-    (the model run for the request, then written), by model latency."""
+    refresh worker processes) while 8 client threads send 1,000 requests/s, vs synchronous
+    inference (the model run for the request, then written), by model latency. The same
+    load on thread workers gives ``p99_ms_threads`` (their Python shares get()'s GIL)."""
     users, rps, threads, seconds = 2000, 1000.0, 8, (2.0 if quick else 4.0)
     sweep = Sweep("sum_serving", f"SUM: get() of one user's (K=2, D=96) embedding, async "
-                  f"service vs synchronous inference; load: {threads} client threads at "
-                  f"{rps:,.0f} requests/s for {seconds:g} s over {users} users",
-                  x="model_ms", baseline="sync_inference",
+                  f"service (2 worker processes) vs synchronous inference; load: {threads} "
+                  f"client threads at {rps:,.0f} requests/s for {seconds:g} s over {users} "
+                  f"users", x="model_ms", baseline="sync_inference",
                   info=["p50_ms", "p99_ms", "max_ms", "achieved_rps", "dropped", "refreshed",
-                        "cold"])
+                        "cold", "p99_ms_threads"])
 
     def build(ms: float, params: Dict[str, float]):
         def make() -> Dict[str, Callable[[], object]]:
@@ -248,21 +264,22 @@ def sum_serving_sweep(quick: bool) -> Sweep:
             torch.manual_seed(0)
             tower = SUMUserTower([N_ITEMS, N_CATS, 100], dense_dim=16, dim=96,
                                  pyramid=(8, 2)).eval()
-            model = _SlowModel(tower, ms)
-            feats = torch.Generator().manual_seed(1)
-            sparse = torch.stack([torch.randint(0, c, (users,), generator=feats)
-                                  for c in (N_ITEMS, N_CATS, 100)], 1)
-            dense = torch.randn(users, 16, generator=feats)
-
-            def features(uids):
-                ix = torch.tensor(uids)
-                return sparse[ix], dense[ix]
+            model, features = _SlowModel(tower, ms), _Features(users)
             tmp = tempfile.TemporaryDirectory(prefix="fastattn-bench-")
-            store = SQLiteStateStore(os.path.join(tmp.name, "sum.db"),
-                                     EmbeddingSpec(tower.config(), tower.K, tower.D))
-            svc = UserEmbeddingService(model, store, features, workers=2, batch_size=64)
-            for b in range(0, users, 500):                  # every user served once before
-                svc.refresh_now(list(range(b, min(users, b + 500))))
+            spec = EmbeddingSpec(tower.config(), tower.K, tower.D)
+
+            def service(mode: str, name: str):
+                store = SQLiteStateStore(os.path.join(tmp.name, name), spec)
+                svc = UserEmbeddingService(model, store, features, workers=2, batch_size=64,
+                                           mode=mode)
+                for b in range(0, users, 500):              # every user served once before
+                    svc.refresh_now(list(range(b, min(users, b + 500))))
+                return svc
+
+            with service("thread", "sum-threads.db") as svc:
+                run = load_run(lambda u: svc.get([u]), users, rps, threads, seconds)
+                params["p99_ms_threads"] = run["p99_ms"]
+            svc = service("process", "sum.db")
             params.update(load_run(lambda u: svc.get([u]), users, rps, threads, seconds))
             st = svc.stats()
             params.update(dropped=st["dropped"], refreshed=st["refreshed"], cold=st["cold"])

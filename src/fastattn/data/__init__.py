@@ -10,8 +10,10 @@ from __future__ import annotations
 from .batch import Batch, recent
 from .dataset import CTRDataset
 from .loader import load_csv, save_csv
-from .metrics import auc, gauc, log_loss
+from .edgerec import EdgeRecBatch, EdgeRecConfig, EdgeRecData, make_edgerec
+from .metrics import auc, gauc, log_loss, ndcg
 from .synthetic import VARIANTS, SyntheticConfig, make_synthetic
 
 __all__ = ["Batch", "recent", "CTRDataset", "SyntheticConfig", "make_synthetic", "VARIANTS",
-           "load_csv", "save_csv", "auc", "gauc", "log_loss"]
+           "load_csv", "save_csv", "auc", "gauc", "ndcg", "log_loss", "EdgeRecConfig",
+           "EdgeRecData", "EdgeRecBatch", "make_edgerec"]

@@ -1,4 +1,5 @@
-"""CTR metrics: rank AUC (ties averaged), group AUC (per-user, as in DIN) and log loss.
+"""CTR metrics: rank AUC (ties averaged), group AUC (per-user, as in DIN), NDCG@k per group
+(list-wise, e.g. per page of candidates) and log loss.
 
 All vectorised torch: one sort by (group, score), tie runs averaged with scatter-adds.
 """
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["auc", "gauc", "log_loss"]
+__all__ = ["auc", "gauc", "ndcg", "log_loss"]
 
 
 def _check(scores: Tensor, labels: Tensor, groups: Optional[Tensor] = None) -> None:
@@ -88,6 +89,39 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
         raise ValueError("gauc needs a group with both a positive and a negative label")
     weight = (pos + neg)[ok]
     return float((value[ok] * weight).sum() / weight.sum())
+
+
+def ndcg(scores: Tensor, labels: Tensor, groups: Tensor, k: int = 10) -> float:
+    """Mean NDCG@k over the groups (e.g. pages) of ``scores`` (S,) that have a positive.
+
+    Within a group, items are ranked by descending score (ties by their order in the input);
+    DCG@k = sum over the top k of label / log2(rank + 1), divided by the DCG@k of the
+    ideal order. Binary ``labels`` (S,), ``groups`` (S,) int. ValueError if no group has
+    a positive label."""
+    _check(scores, labels, groups)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    s, y, g = scores.cpu().double(), labels.cpu().double(), groups.cpu().long()
+    _, gid = torch.unique(g, return_inverse=True)
+
+    def dcg(key: Tensor) -> Tensor:
+        # sort by (group, key descending): stable sorts, key first
+        order = torch.argsort(-key, stable=True)
+        order = order[torch.argsort(gid[order], stable=True)]
+        gs = gid[order]
+        start = torch.ones_like(gs, dtype=torch.bool)
+        start[1:] = gs[1:] != gs[:-1]
+        first = torch.cummax(torch.where(start, torch.arange(gs.shape[0]), 0), 0).values
+        rank = torch.arange(gs.shape[0]) - first                    # 0-based within group
+        gain = torch.where(rank < k, y[order] / torch.log2(rank.double() + 2), 0.0)
+        return torch.zeros(int(gid.max()) + 1 if gid.numel() else 0,
+                           dtype=torch.float64).scatter_add_(0, gs, gain)
+
+    real, ideal = dcg(s), dcg(y)
+    ok = ideal > 0
+    if not bool(ok.any()):
+        raise ValueError("ndcg needs a group with a positive label")
+    return float((real[ok] / ideal[ok]).mean())
 
 
 def log_loss(probs: Tensor, labels: Tensor, *, logits: bool = False, eps: float = 1e-7) -> float:

@@ -89,6 +89,8 @@ class SequenceAdversarial(nn.Module):
     with detached parameters). So one optimizer over the sum of the model loss, d_loss and
     g_loss trains both players.
 
+    ``select(...)`` (same arguments) returns the selection alone (serving: no losses).
+
     Args: ``item_dim``, ``detail_dim``, ``embed_dim``, ``heads``, ``topk``, ``backend`` as
     :class:`ReliableAttention`; ``hidden``: width of the discriminator's hidden layer.
     """
@@ -111,16 +113,29 @@ class SequenceAdversarial(nn.Module):
                  < lengths[:, None]).to(items.dtype)
         return (items * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
-    def forward(self, click_items: Tensor, exposure_items: Tensor, exposure_details: Tensor,
-                *, click_lengths: Optional[Tensor] = None,
-                exposure_lengths: Optional[Tensor] = None):
+    def _select(self, click_items: Tensor, exposure_items: Tensor, exposure_details: Tensor,
+                click_lengths: Optional[Tensor], exposure_lengths: Optional[Tensor]):
+        """(click aggregate (B, item_dim), selection (B, embed_dim))."""
         if click_items.dim() != 3 or click_items.shape[0] != exposure_items.shape[0]:
             raise ValueError(f"click_items must be (B, Lc, item_dim) with the B of "
                              f"exposure_items {tuple(exposure_items.shape)}, got "
                              f"{tuple(click_items.shape)}")
         query = self.aggregate(click_items, click_lengths)
-        selected = self.selector(query, exposure_items, exposure_details,
-                                 lengths=exposure_lengths)
+        return query, self.selector(query, exposure_items, exposure_details,
+                                    lengths=exposure_lengths)
+
+    def select(self, click_items: Tensor, exposure_items: Tensor, exposure_details: Tensor,
+               *, click_lengths: Optional[Tensor] = None,
+               exposure_lengths: Optional[Tensor] = None) -> Tensor:
+        """The selection (B, embed_dim) alone, without the discriminator (serving)."""
+        return self._select(click_items, exposure_items, exposure_details, click_lengths,
+                            exposure_lengths)[1]
+
+    def forward(self, click_items: Tensor, exposure_items: Tensor, exposure_details: Tensor,
+                *, click_lengths: Optional[Tensor] = None,
+                exposure_lengths: Optional[Tensor] = None):
+        query, selected = self._select(click_items, exposure_items, exposure_details,
+                                       click_lengths, exposure_lengths)
         att = self.selector.attention
         real = att.v_proj(query) if att.out_proj is None else att.out_proj(att.v_proj(query))
         bce = nn.functional.binary_cross_entropy_with_logits

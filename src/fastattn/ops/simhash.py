@@ -17,7 +17,9 @@ def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = Non
                 dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`.
 
-    Pass a seeded ``torch.Generator`` for reproducible signatures.
+    Pass a seeded ``torch.Generator`` for reproducible signatures. The values are
+    N(0, 1) draws rounded to bfloat16 (exact in ``dtype``), which the C++ AMX path signs
+    with two bf16 products instead of three; any planes work, these are just faster.
     """
     for name, v in (("dim", dim), ("nbits", nbits)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

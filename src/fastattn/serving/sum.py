@@ -10,11 +10,16 @@ model snapshot and write them back (fp16, pooled over the last refreshes; see
 * :class:`UserEmbeddingService`: ``get(user_ids)`` -> (B, K, D) from the store, or a
   cold-start default flagged as such; each get enqueues a refresh. The queue is bounded,
   deduplicated per user and drops its oldest entry when full (counted in :meth:`stats`).
+  Refresh batches are vectorised over their users (one read, one compare-and-set write)
+  and run in worker threads or, with ``mode="process"``, worker processes.
 """
 from __future__ import annotations
 
 import collections
 import math
+import multiprocessing
+import os
+import pickle
 import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -24,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .store import UserId, UserStateStore, WriteConflictError
-from .store.embedding import EmbeddingRecord, EmbeddingSpec, pool_embeddings
+from .store.embedding import EmbeddingSpec, pool_batch
+from .store.record import _user_key
 
 __all__ = ["SUMUserTower", "InteractionLayer", "UserEmbeddingService", "Served"]
 
@@ -124,6 +130,138 @@ class Served(NamedTuple):
     tags: List[Optional[str]]   # model snapshot of each served embedding (None if cold)
 
 
+class _Refresher:
+    """One worker's compute path for a batch of users, vectorised over the batch: features
+    -> model -> one read of their records -> pool -> encode -> one compare-and-set write.
+    A conflict (another worker or process refreshed some users meanwhile) re-reads and
+    pools those users again."""
+
+    def __init__(self, features: Callable[[List[UserId]], Sequence[Tensor]],
+                 writer: UserStateStore):
+        self.features, self.writer, self.spec = features, writer, writer.spec
+
+    def run(self, model: nn.Module, tag: str, user_ids: Sequence[UserId]) -> int:
+        """Refresh ``user_ids`` with ``model``; returns the number of users written."""
+        users = list(dict.fromkeys(user_ids))
+        if not users:
+            return 0
+        with torch.inference_mode():
+            emb = model(*self.features(users))
+        emb = emb.detach().float().cpu().numpy()
+        spec = self.spec
+        if emb.shape != (len(users), spec.K, spec.D):
+            raise ValueError(f"the model returned {emb.shape}, expected (B, K, D)="
+                             f"{(len(users), spec.K, spec.D)}")
+        pending = np.arange(len(users))
+        for _ in range(16):
+            sub = [users[i] for i in pending]
+            got = spec.decode_batch(self.writer.read_blobs(sub), sub)
+            pooled, raw, n = pool_batch(got.raw, got.n, emb[pending])
+            blobs = spec.encode_batch(pooled, raw, n, [tag] * len(sub),
+                                      np.full(len(sub), time.time()), sub)
+            try:
+                self.writer.write_blobs(list(zip(sub, got.tokens, blobs)))
+                return len(users)
+            except WriteConflictError as e:
+                again = {_user_key(u) for u in e.users}
+                pending = np.array([i for i in pending if _user_key(users[i]) in again])
+        raise RuntimeError(f"gave up refreshing {[users[i] for i in pending[:5]]} after 16 "
+                           f"write conflicts")
+
+
+def _process_main(conn, opener, features: bytes, model: bytes, threads: int) -> None:
+    """A refresh worker process: opens the store, then serves ("refresh", users) with
+    ("ok", n) or ("error", message) and takes ("model", pickled (model, tag)) swaps, until
+    its pipe closes."""
+    try:
+        torch.set_num_threads(threads)
+        store = opener()
+        refresher = _Refresher(pickle.loads(features), store)
+        net, tag = pickle.loads(model)
+    except BaseException as e:    # noqa: BLE001 - reported to the parent, then exit
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg[0] == "model":
+            net, tag = pickle.loads(msg[1])
+        elif msg[0] == "refresh":
+            try:
+                conn.send(("ok", refresher.run(net, tag, msg[1])))
+            except Exception as e:     # noqa: BLE001 - the batch is lost, the worker serves on
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+        else:
+            break
+    store.close()
+
+
+class _ProcessWorker:
+    """The parent's handle on one refresh worker process (started with ``ctx``), restarted
+    after it dies. Used by one dispatch thread only."""
+
+    def __init__(self, ctx, opener, features: bytes, threads: int):
+        self.ctx, self.opener, self.features, self.threads = ctx, opener, features, threads
+        self.proc, self.conn, self.model_version, self.pid = None, None, -1, None
+
+    def start(self, model: bytes, version: int) -> None:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_process_main, name="sum-refresh-process",
+                                     args=(child, self.opener, self.features, model,
+                                           self.threads), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn, self.model_version, self.pid = parent, version, self.proc.pid
+
+    def ready(self, timeout: float) -> None:
+        if not self.conn.poll(timeout):
+            self.stop(0)
+            raise RuntimeError(f"refresh worker process not ready after {timeout:g} s")
+        try:
+            kind, what = self.conn.recv()
+        except EOFError:
+            kind, what = "error", f"exited with code {self.proc.exitcode} while starting"
+        if kind != "ready":
+            self.stop(0)
+            raise RuntimeError(f"refresh worker process failed to start: {what}")
+
+    def run(self, users: List[UserId], model: bytes, version: int) -> int:
+        """Refresh ``users`` in the process (sending ``model`` first if it has an older
+        one); RuntimeError on a failed batch or a dead process (restarted for the next)."""
+        if self.proc is None or not self.proc.is_alive():
+            self.stop(0)
+            self.start(model, version)
+            self.ready(120)
+        try:
+            if self.model_version != version:
+                self.conn.send(("model", model))
+                self.model_version = version
+            self.conn.send(("refresh", users))
+            kind, what = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.stop(0)
+            raise RuntimeError(f"refresh worker process died (exit code {code}); its batch "
+                               f"of {len(users)} users was lost") from None
+        if kind != "ok":
+            raise RuntimeError(what)
+        return what
+
+    def stop(self, timeout: float) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.proc is not None and self.proc.pid is not None:     # started
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+        self.proc = self.conn = self.pid = None
+
+
 class UserEmbeddingService:
     """Asynchronous user-embedding serving (SUM's SOAP).
 
@@ -134,7 +272,16 @@ class UserEmbeddingService:
         features: ``features(user_ids) -> tuple of model inputs`` for a batch of users.
         snapshot: tag of the model snapshot (written with every embedding it computes);
             :meth:`set_model` swaps in a new snapshot.
-        workers: background refresh threads (torch releases the GIL during inference).
+        workers: background refresh workers.
+        mode: ``"thread"``: the workers are threads of this process (torch releases the GIL
+            during inference, but each batch's Python still competes with ``get`` for it);
+            ``"process"``: each worker is a process (``start_method``, default spawn, one
+            torch thread each) with its own store handle (``store.opener()``), and this
+            process only dispatches batches, so refreshes never hold ``get``'s GIL. Process
+            mode needs a picklable ``model`` and ``features`` (module-level functions or
+            objects) and a store that can be reopened (SQLite, or Redis from a URL); a
+            worker process that dies loses its batch (counted in ``worker_errors``) and is
+            restarted for the next.
         batch_size: users per refresh batch.
         max_queue: bound of the refresh queue; when full, the oldest queued user is dropped
             (counted) to admit the new one.
@@ -146,8 +293,9 @@ class UserEmbeddingService:
 
     def __init__(self, model: nn.Module, store: UserStateStore,
                  features: Callable[[List[UserId]], Sequence[Tensor]], *, snapshot: str = "v0",
-                 workers: int = 1, batch_size: int = 64, max_queue: int = 4096,
-                 default: Optional[Tensor] = None):
+                 workers: int = 1, mode: str = "thread", batch_size: int = 64,
+                 max_queue: int = 4096, default: Optional[Tensor] = None,
+                 start_method: str = "spawn"):
         spec = store.spec
         if not isinstance(spec, EmbeddingSpec):
             raise TypeError(f"store must be opened with an EmbeddingSpec, got "
@@ -156,17 +304,41 @@ class UserEmbeddingService:
                         ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.store, self.spec, self.features = store, spec, features
-        # The workers write through a handle of their own, so that a read never queues
-        # behind a refresh's write transaction (SQLite: another connection).
-        self._writer = store.connect()
+        if mode not in ("thread", "process"):
+            raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
+        self.store, self.spec, self.features, self.mode = store, spec, features, mode
         self.batch_size, self.max_queue = batch_size, max_queue
         self.default = (torch.zeros(spec.K, spec.D) if default is None
                         else torch.as_tensor(default, dtype=torch.float32))
         if tuple(self.default.shape) != (spec.K, spec.D):
             raise ValueError(f"default must be (K, D)={(spec.K, spec.D)}, got "
                              f"{tuple(self.default.shape)}")
+        self._default = self.default.numpy()
         self._model, self._snapshot = model, snapshot
+        self._model_version, self._model_blob = 0, b""
+        self._procs: List[_ProcessWorker] = []
+        if mode == "process":
+            try:
+                feats, self._model_blob = pickle.dumps(features), pickle.dumps((model, snapshot))
+            except Exception as e:
+                raise TypeError(f"mode='process' needs a picklable model and features "
+                                f"(module-level functions or objects): {e}") from e
+            ctx = multiprocessing.get_context(start_method)
+            self._procs = [_ProcessWorker(ctx, store.opener(), feats, 1)
+                           for _ in range(workers)]
+            try:
+                for p in self._procs:
+                    p.start(self._model_blob, 0)
+                for p in self._procs:
+                    p.ready(120)
+            except BaseException:
+                for p in self._procs:
+                    p.stop(0)
+                raise
+        # The workers write through a handle of their own, so that a read never queues
+        # behind a refresh's write transaction (SQLite: another connection).
+        self._writer = store.connect()
+        self._refresher = _Refresher(features, self._writer)
         self._queue: "collections.OrderedDict[UserId, float]" = collections.OrderedDict()
         self._cond = threading.Condition()
         self._busy = 0
@@ -174,33 +346,29 @@ class UserEmbeddingService:
         self._counts = collections.Counter()
         self._last_error: Optional[str] = None
         self._ages: "collections.deque[float]" = collections.deque(maxlen=4096)
-        self._threads = [threading.Thread(target=self._work, name=f"sum-refresh-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, args=(i,),
+                                          name=f"sum-refresh-{i}", daemon=True)
+                         for i in range(workers)]
         for t in self._threads:
             t.start()
 
     # -- the request path
     def get(self, user_ids: Sequence[UserId], refresh: bool = True) -> Served:
-        """The served embeddings of ``user_ids`` (one store read), and a refresh of each
-        enqueued (``refresh=False``: read only)."""
+        """The served embeddings of ``user_ids`` (one store read, decoded in one pass), and
+        a refresh of each enqueued (``refresh=False``: read only)."""
         users = list(user_ids)
-        recs = self.store.read(users)
-        now = time.time()
-        out = self.default.expand(len(users), -1, -1).clone()
-        cold = torch.ones(len(users), dtype=torch.bool)
-        age = torch.full((len(users),), math.inf, dtype=torch.float64)
-        tags: List[Optional[str]] = [None] * len(users)
-        for i, r in enumerate(recs):
-            if r is not None:
-                out[i] = torch.from_numpy(r.pooled)
-                cold[i], age[i], tags[i] = False, max(0.0, now - r.written), r.tag
+        got = self.spec.decode_batch(self.store.read_blobs(users), users)
+        cold = ~got.present
+        emb = np.where(cold[:, None, None], self._default, got.pooled).astype(np.float32)
+        age = np.where(cold, np.inf, np.maximum(0.0, time.time() - got.written))
         with self._cond:
             self._counts["served"] += len(users)
             self._counts["cold"] += int(cold.sum())
-            self._ages.extend(float(a) for a in age[~cold])
+            self._ages.extend(age[got.present].tolist())
         if refresh:
             self.refresh(users)
-        return Served(out, cold, age, tags)
+        return Served(torch.from_numpy(emb), torch.from_numpy(cold), torch.from_numpy(age),
+                      got.tags)
 
     def refresh(self, user_ids: Sequence[UserId]) -> None:
         """Enqueue refreshes (never blocks): a user already queued keeps its place; a full
@@ -221,48 +389,26 @@ class UserEmbeddingService:
 
     # -- the compute path
     def refresh_now(self, user_ids: Sequence[UserId]) -> None:
-        """Compute and write the embeddings of ``user_ids`` in the caller (what the workers
-        run per batch; also a warm start). Compare-and-set: a user refreshed concurrently by
-        another worker or process is re-read and pooled again."""
-        users = list(dict.fromkeys(user_ids))
-        if not users:
-            return
+        """Compute and write the embeddings of ``user_ids`` in the caller (what a thread
+        worker runs per batch; also a warm start): one read of their records, the model,
+        pooling and encoding over the batch at once, one compare-and-set write. A user
+        refreshed concurrently by another worker or process is re-read and pooled again."""
         with self._cond:
             model, tag = self._model, self._snapshot
-        with torch.inference_mode():
-            emb = model(*self.features(users))
-        emb = emb.detach().float().cpu().numpy()
-        if emb.shape != (len(users), self.spec.K, self.spec.D):
-            raise ValueError(f"the model returned {emb.shape}, expected (B, K, D)="
-                             f"{(len(users), self.spec.K, self.spec.D)}")
-        pending = dict(zip(users, emb))
-        for _ in range(16):
-            recs = self._writer.read(list(pending))
-            now = time.time()
-            writes = {}
-            for (u, e), r in zip(pending.items(), recs):
-                cached = r.raw if r is not None else np.zeros((0, self.spec.K, self.spec.D),
-                                                              np.float32)
-                pooled = pool_embeddings(cached, e, self.spec.keep)
-                raw = np.concatenate([cached, e[None]])[-self.spec.keep:] if self.spec.keep \
-                    else cached[:0]
-                writes[u] = EmbeddingRecord(pooled, raw, tag, now,
-                                            None if r is None else r.token)
-            try:
-                self._writer.write(writes)
-                with self._cond:
-                    self._counts["refreshed"] += len(writes)
-                return
-            except WriteConflictError as e:
-                pending = {u: pending[u] for u in e.users}
-        raise RuntimeError(f"gave up refreshing {list(pending)[:5]} after 16 write conflicts")
+        n = self._refresher.run(model, tag, user_ids)
+        with self._cond:
+            self._counts["refreshed"] += n
 
     def set_model(self, model: nn.Module, snapshot: str) -> None:
-        """Serve refreshes from a new model snapshot from now on."""
+        """Serve refreshes from a new model snapshot from now on (process workers receive it
+        before their next batch)."""
+        blob = pickle.dumps((model, snapshot)) if self.mode == "process" else b""
         with self._cond:
             self._model, self._snapshot = model, snapshot
+            self._model_version += 1
+            self._model_blob = blob
 
-    def _work(self) -> None:
+    def _work(self, i: int) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -272,8 +418,14 @@ class UserEmbeddingService:
                 batch = [self._queue.popitem(last=False)[0]
                          for _ in range(min(self.batch_size, len(self._queue)))]
                 self._busy += 1
+                blob, version = self._model_blob, self._model_version
             try:
-                self.refresh_now(batch)
+                if self.mode == "thread":
+                    self.refresh_now(batch)
+                else:
+                    n = self._procs[i].run(batch, blob, version)
+                    with self._cond:
+                        self._counts["refreshed"] += n
             except Exception as e:     # a failed batch is lost, the worker keeps serving
                 with self._cond:
                     self._counts["worker_errors"] += 1
@@ -291,8 +443,8 @@ class UserEmbeddingService:
 
     def stats(self) -> Dict[str, object]:
         """Queue depth, counters (served, cold, enqueued, deduplicated, dropped, refreshed,
-        worker_errors), the last worker error, and the age (s) of served embeddings: median
-        and max over the last 4096 served."""
+        worker_errors), the last worker error, the age (s) of served embeddings (median and
+        max over the last 4096 served), the mode and the worker process ids (process mode)."""
         with self._cond:
             ages = np.array(self._ages) if self._ages else np.zeros(0)
             return {"queue_depth": len(self._queue), "refreshing": self._busy,
@@ -301,16 +453,21 @@ class UserEmbeddingService:
                                                      "worker_errors")},
                     "last_error": self._last_error, "snapshot": self._snapshot,
                     "age_s_p50": float(np.median(ages)) if ages.size else None,
-                    "age_s_max": float(ages.max()) if ages.size else None}
+                    "age_s_max": float(ages.max()) if ages.size else None,
+                    "mode": self.mode, "worker_pids": [p.pid for p in self._procs]}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers (queued refreshes are dropped; a running one finishes)."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
+        for p in self._procs:
+            p.stop(timeout)
         if self._writer is not self.store:
             self._writer.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,10 +35,13 @@ class UserStateStore(ABC):
     # -- records
     def read(self, user_ids: Sequence[UserId]) -> List[Optional[UserRecord]]:
         """The records of ``user_ids`` (None for users not in the store), in one call."""
-        keys = [_user_key(u) for u in user_ids]
-        blobs = self._get_blobs(keys)
         return [None if b is None else self.spec.decode(b, u)
-                for u, b in zip(user_ids, blobs)]
+                for u, b in zip(user_ids, self.read_blobs(user_ids))]
+
+    def read_blobs(self, user_ids: Sequence[UserId]) -> List[Optional[bytes]]:
+        """The encoded records of ``user_ids`` (None if absent), in one call; for callers
+        that decode a batch at once (``spec.decode_batch``)."""
+        return self._get_blobs([_user_key(u) for u in user_ids])
 
     def write(self, records: Mapping[UserId, UserRecord], check: bool = True) -> None:
         """Write all ``records`` in one transaction, or none of them.
@@ -48,10 +51,17 @@ class UserStateStore(ABC):
         overwrites. Records are validated (shapes, finite, fp16 range) before anything is
         written.
         """
-        items = [(_user_key(u), (rec.token if check else "*") or "",
-                  self.spec.encode(rec, u)) for u, rec in records.items()]
-        if items:
-            bad = self._cas_put(items)
+        self.write_blobs([(u, rec.token, self.spec.encode(rec, u))
+                          for u, rec in records.items()], check)
+
+    def write_blobs(self, items: Sequence[Tuple[UserId, Optional[str], bytes]],
+                    check: bool = True) -> None:
+        """:meth:`write` of already encoded records: ``(user, token, blob)`` items, token the
+        SHA-1 hex of the blob it replaces (None: the user must not exist yet). All or none;
+        :class:`WriteConflictError` naming the users whose token no longer matches."""
+        put = [(_user_key(u), (t if check else "*") or "", b) for u, t, b in items]
+        if put:
+            bad = self._cas_put(put)
             if bad:
                 raise WriteConflictError([_user_of(k) for k in bad])
 
@@ -76,6 +86,12 @@ class UserStateStore(ABC):
         The default shares this object (Redis: its client's connection pool is
         thread-safe); SQLite opens a new connection."""
         return self
+
+    def opener(self) -> Callable[[], "UserStateStore"]:
+        """A picklable callable that opens this store again, e.g. in a worker process
+        (SQLite: the same file; Redis: the same URL and prefix). TypeError for a store that
+        cannot be reopened elsewhere."""
+        raise TypeError(f"{type(self).__name__} cannot be reopened in another process")
 
     def users(self) -> List[UserId]:
         return [_user_of(k) for k in self._keys()]

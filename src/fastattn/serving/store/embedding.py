@@ -16,13 +16,14 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .record import ConfigMismatchError, StateFormatError, UserId, _canonical
 
-__all__ = ["EmbeddingSpec", "EmbeddingRecord", "EMBEDDING_FORMAT", "pool_embeddings"]
+__all__ = ["EmbeddingSpec", "EmbeddingRecord", "EmbeddingBatch", "EMBEDDING_FORMAT",
+           "pool_embeddings", "pool_batch"]
 
 EMBEDDING_FORMAT = 1
 _MAGIC = b"FASE"
@@ -32,13 +33,73 @@ _HEADER = struct.Struct("<4sBB2xIIdI4x")
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
+def pool_batch(cached: np.ndarray, n: np.ndarray, current: np.ndarray
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SUM's stabilisation for B users at once.
+
+    Args:
+        cached: (B, keep, K, D) raw embeddings, right-aligned: user i's n[i] most recent ones
+            (oldest first) are ``cached[i, keep - n[i]:]``, the rows before them are zeros.
+        n: (B,) ints in [0, keep], how many each user has.
+        current: (B, K, D) the embeddings just computed.
+
+    Returns ``(pooled (B, K, D) float32, raw (B, keep, K, D) float32, n (B,))``: the mean of
+    each user's cached and current embeddings (summed in float64), and the ``keep`` most
+    recent raw ones after this refresh (current included) in the same layout.
+    """
+    cached = np.asarray(cached, np.float32)
+    current = np.asarray(current, np.float32)
+    n = np.asarray(n, np.int64)
+    B, keep = cached.shape[:2]
+    if cached.ndim != 4 or current.shape != (B,) + cached.shape[2:] or n.shape != (B,) or \
+            (n < 0).any() or (n > keep).any():
+        raise ValueError(f"cached must be (B, keep, K, D), current (B, K, D) and n (B,) in "
+                         f"[0, keep]; got {cached.shape}, {current.shape}, {n.shape}")
+    # Padding rows are zeros, so the sum over all keep + 1 rows is the sum over the valid
+    # ones, added in the same order as a mean over the valid rows alone.
+    stack = np.concatenate([cached, current[:, None]], 1)
+    pooled = stack.sum(1, dtype=np.float64) / (n + 1).astype(np.float64)[:, None, None]
+    return pooled.astype(np.float32), stack[:, 1:], np.minimum(n + 1, keep)
+
+
 def pool_embeddings(cached: np.ndarray, current: np.ndarray, keep: int) -> np.ndarray:
-    """The served embedding: the mean of the ``keep`` most recent ``cached`` (n, K, D) raw
-    embeddings (oldest first; fewer while a user has fewer) and ``current`` (K, D)."""
-    stack = np.concatenate([np.asarray(cached, np.float32)[-keep:] if keep else
-                            np.zeros((0,) + current.shape, np.float32),
-                            np.asarray(current, np.float32)[None]])
-    return stack.mean(0, dtype=np.float64).astype(np.float32)
+    """The served embedding of one user: the mean of the ``keep`` most recent ``cached``
+    (n, K, D) raw embeddings (oldest first; fewer while a user has fewer) and ``current``
+    (K, D). :func:`pool_batch` for one user."""
+    current = np.asarray(current, np.float32)
+    cached = np.asarray(cached, np.float32).reshape((-1,) + current.shape)
+    cached = cached[-keep:] if keep else cached[:0]
+    pad = np.zeros((1, keep) + current.shape, np.float32)
+    if len(cached):
+        pad[0, keep - len(cached):] = cached
+    return pool_batch(pad, np.array([len(cached)]), current[None])[0][0]
+
+
+@dataclass
+class EmbeddingBatch:
+    """The stored embeddings of B users, as arrays (:meth:`EmbeddingSpec.decode_batch`).
+
+    present: (B,) bool, False for users with no record (their rows are zeros).
+    pooled: (B, K, D) float32; raw: (B, keep, K, D) float32 right-aligned, n: (B,) int64
+    (the layout of :func:`pool_batch`); written: (B,) float64 unix times (nan if absent);
+    tags and tokens: per user, None if absent.
+    """
+
+    present: np.ndarray
+    pooled: np.ndarray
+    raw: np.ndarray
+    n: np.ndarray
+    written: np.ndarray
+    tags: List[Optional[str]]
+    tokens: List[Optional[str]]
+
+    def record(self, i: int) -> Optional["EmbeddingRecord"]:
+        """User i's :class:`EmbeddingRecord` (None if absent)."""
+        if not self.present[i]:
+            return None
+        keep = self.raw.shape[1]
+        return EmbeddingRecord(self.pooled[i], self.raw[i, keep - int(self.n[i]):],
+                               self.tags[i], float(self.written[i]), self.tokens[i])
 
 
 @dataclass
@@ -103,7 +164,7 @@ class EmbeddingSpec:
 
     def encode(self, rec: EmbeddingRecord, user: UserId = "?") -> bytes:
         """The record as a blob; StateFormatError on a wrong shape, a non-finite value or a
-        value beyond fp16's range."""
+        value beyond fp16's range. :meth:`encode_batch` for one record."""
         pooled = np.asarray(rec.pooled, np.float32)
         raw = np.asarray(rec.raw, np.float32)
         if pooled.shape != (self.K, self.D) or raw.ndim != 3 or \
@@ -111,33 +172,94 @@ class EmbeddingSpec:
             raise StateFormatError(f"user {user!r}: embeddings must be pooled (K, D)="
                                    f"{(self.K, self.D)} and raw (n <= {self.keep}, K, D), got "
                                    f"{pooled.shape} and {raw.shape}")
-        for name, a in (("pooled", pooled), ("raw", raw)):
-            if not np.isfinite(a).all():
-                raise StateFormatError(f"user {user!r}: {name} embedding has NaN or inf")
-            if a.size and np.abs(a).max() > _FP16_MAX:
-                raise StateFormatError(f"user {user!r}: {name} embedding reaches "
-                                       f"{np.abs(a).max():.4g}, beyond fp16's range")
-        tag = rec.tag.encode()
-        head = _HEADER.pack(_MAGIC, EMBEDDING_FORMAT, raw.shape[0], self.K, self.D,
-                            float(rec.written), len(tag))
-        return b"".join([head, tag, pooled.astype(np.float16).tobytes(),
-                         raw.astype(np.float16).tobytes()])
+        pad = np.zeros((1, self.keep, self.K, self.D), np.float32)
+        if len(raw):
+            pad[0, self.keep - len(raw):] = raw
+        return self.encode_batch(pooled[None], pad, [len(raw)], [rec.tag], [rec.written],
+                                 [user])[0]
+
+    def encode_batch(self, pooled: np.ndarray, raw: np.ndarray, n: Sequence[int],
+                     tags: Sequence[str], written: Sequence[float],
+                     users: Optional[Sequence[UserId]] = None) -> List[bytes]:
+        """B records as blobs, validated and converted to fp16 in one pass over the arrays.
+
+        pooled (B, K, D), raw (B, keep, K, D) right-aligned with n (B,) valid rows each (the
+        layout of :func:`pool_batch`; the rows before them are ignored), tags and written
+        (B,). StateFormatError naming the first bad user (a shape, NaN/inf, beyond fp16)."""
+        pooled = np.asarray(pooled, np.float32)
+        raw = np.asarray(raw, np.float32)
+        n = np.asarray(n, np.int64).reshape(-1)
+        B = len(n)
+        users = list(users) if users is not None else ["?"] * B
+        if pooled.shape != (B, self.K, self.D) or raw.shape != (B, self.keep, self.K, self.D) \
+                or len(tags) != B or len(written) != B or len(users) != B or \
+                (n < 0).any() or (n > self.keep).any():
+            raise StateFormatError(f"user {users[0] if B else '?'!r}: embeddings must be "
+                                   f"pooled (B, K, D)={(B, self.K, self.D)} and raw (B, keep, K, "
+                                   f"D)={(B, self.keep, self.K, self.D)} with n in [0, "
+                                   f"{self.keep}], got {pooled.shape} and {raw.shape}")
+        valid = np.arange(self.keep) >= self.keep - n[:, None]                 # (B, keep)
+        for name, a, rows in (("pooled", pooled, None), ("raw", raw, valid)):
+            flat = a.reshape(B, -1) if rows is None else \
+                np.where(rows[:, :, None, None], a, 0.0).reshape(B, -1)
+            finite = np.isfinite(flat).all(1)
+            if not finite.all():
+                raise StateFormatError(f"user {users[int(np.argmin(finite))]!r}: {name} "
+                                       f"embedding has NaN or inf")
+            peak = np.abs(flat).max(1) if flat.shape[1] else np.zeros(B, np.float32)
+            if (peak > _FP16_MAX).any():
+                i = int(np.argmax(peak))
+                raise StateFormatError(f"user {users[i]!r}: {name} embedding reaches "
+                                       f"{peak[i]:.4g}, beyond fp16's range")
+        p16, r16 = pooled.astype(np.float16), raw.astype(np.float16)
+        out = []
+        for i in range(B):
+            tag, k = tags[i].encode(), int(n[i])
+            out.append(b"".join([_HEADER.pack(_MAGIC, EMBEDDING_FORMAT, k, self.K, self.D,
+                                              float(written[i]), len(tag)), tag,
+                                 p16[i].tobytes(), r16[i, self.keep - k:].tobytes()]))
+        return out
 
     def decode(self, blob: bytes, user: UserId = "?") -> EmbeddingRecord:
-        if len(blob) < _HEADER.size:
-            raise StateFormatError(f"user {user!r}: record of {len(blob)} bytes is truncated")
-        magic, fmt, n, K, D, written, ntag = _HEADER.unpack_from(blob)
-        if magic != _MAGIC or fmt != EMBEDDING_FORMAT:
-            raise StateFormatError(f"user {user!r}: not a format-{EMBEDDING_FORMAT} embedding "
-                                   f"record (magic {magic!r}, format {fmt})")
-        size = self.K * self.D
-        if (K, D) != (self.K, self.D) or n > self.keep or \
-                len(blob) != _HEADER.size + ntag + 2 * size * (1 + n):
-            raise StateFormatError(f"user {user!r}: record of {len(blob)} bytes with shape "
-                                   f"{(n, K, D)} does not fit this store's {(self.K, self.D)}")
-        off = _HEADER.size + ntag
-        tag = blob[_HEADER.size:off].decode()
-        pooled = np.frombuffer(blob, np.float16, size, off).reshape(K, D).astype(np.float32)
-        raw = np.frombuffer(blob, np.float16, n * size, off + 2 * size)
-        return EmbeddingRecord(pooled, raw.reshape(n, K, D).astype(np.float32), tag, written,
-                               hashlib.sha1(blob).hexdigest())
+        """The record of a blob (:meth:`decode_batch` for one)."""
+        return self.decode_batch([blob], [user]).record(0)
+
+    def decode_batch(self, blobs: Sequence[Optional[bytes]],
+                     users: Optional[Sequence[UserId]] = None) -> EmbeddingBatch:
+        """B blobs (None: absent) as arrays, converted from fp16 in one pass;
+        StateFormatError naming the first malformed record."""
+        B, size, keep = len(blobs), self.K * self.D, self.keep
+        users = list(users) if users is not None else ["?"] * B
+        p16 = np.zeros((B, self.K, self.D), np.float16)
+        r16 = np.zeros((B, keep, self.K, self.D), np.float16)
+        n = np.zeros(B, np.int64)
+        written = np.full(B, np.nan)
+        present = np.zeros(B, bool)
+        tags: List[Optional[str]] = [None] * B
+        tokens: List[Optional[str]] = [None] * B
+        for i, blob in enumerate(blobs):
+            if blob is None:
+                continue
+            user = users[i]
+            if len(blob) < _HEADER.size:
+                raise StateFormatError(f"user {user!r}: record of {len(blob)} bytes is "
+                                       f"truncated")
+            magic, fmt, k, K, D, w, ntag = _HEADER.unpack_from(blob)
+            if magic != _MAGIC or fmt != EMBEDDING_FORMAT:
+                raise StateFormatError(f"user {user!r}: not a format-{EMBEDDING_FORMAT} "
+                                       f"embedding record (magic {magic!r}, format {fmt})")
+            if (K, D) != (self.K, self.D) or k > keep or \
+                    len(blob) != _HEADER.size + ntag + 2 * size * (1 + k):
+                raise StateFormatError(f"user {user!r}: record of {len(blob)} bytes with shape "
+                                       f"{(k, K, D)} does not fit this store's "
+                                       f"{(self.K, self.D)}")
+            off = _HEADER.size + ntag
+            tags[i] = blob[_HEADER.size:off].decode()
+            p16[i] = np.frombuffer(blob, np.float16, size, off).reshape(K, D)
+            if k:
+                r16[i, keep - k:] = np.frombuffer(blob, np.float16, k * size,
+                                                  off + 2 * size).reshape(k, K, D)
+            n[i], written[i], present[i] = k, w, True
+            tokens[i] = hashlib.sha1(blob).hexdigest()
+        return EmbeddingBatch(present, p16.astype(np.float32), r16.astype(np.float32), n,
+                              written, tags, tokens)

@@ -1,7 +1,8 @@
 """The Redis store (>= 6.2): records in one hash, snapshots as server-side copies."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .base import UserStateStore
 from .lua import _LUA_CAS, _LUA_ROLLBACK, _LUA_SNAPSHOT
@@ -28,6 +29,7 @@ class RedisStateStore(UserStateStore):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.spec, self.keep, self.prefix = spec, keep, prefix
+        self._url = url if isinstance(url, str) else None
         self._r = redis.Redis.from_url(url) if isinstance(url, str) else url
         self._k_users, self._k_meta = prefix + "users", prefix + "meta"
         self._k_snaps, self._k_info = prefix + "snapshots", prefix + "snapshot_info"
@@ -36,6 +38,15 @@ class RedisStateStore(UserStateStore):
         self._snap = self._r.register_script(_LUA_SNAPSHOT)
         self._roll = self._r.register_script(_LUA_ROLLBACK)
         self._open_meta(f"Redis store {prefix!r}")
+
+    def opener(self) -> Callable[[], "RedisStateStore"]:
+        """Opens the same URL and prefix (picklable: for worker processes); TypeError for a
+        store opened from a client object (open it from a URL instead)."""
+        if self._url is None:
+            raise TypeError("this RedisStateStore was opened from a client object; open it "
+                            "from a redis:// URL to reopen it in another process")
+        return functools.partial(RedisStateStore, self._url, self.spec, prefix=self.prefix,
+                                 keep=self.keep)
 
     def _meta_set_if_absent(self, meta: str) -> str:
         self._r.set(self._k_meta, meta, nx=True)

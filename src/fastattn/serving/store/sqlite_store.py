@@ -1,10 +1,11 @@
 """The embedded default store: one SQLite file in WAL mode."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .base import UserStateStore
 from .record import SnapshotInfo, StateSpec
@@ -45,6 +46,11 @@ class SQLiteStateStore(UserStateStore):
         return SQLiteStateStore(self.path, self.spec, keep=self.keep, timeout=self._timeout,
                                 synchronous=self._synchronous)
 
+    def opener(self) -> Callable[[], "SQLiteStateStore"]:
+        """Opens the same file with the same settings (picklable: for worker processes)."""
+        return functools.partial(SQLiteStateStore, self.path, self.spec, keep=self.keep,
+                                 timeout=self._timeout, synchronous=self._synchronous)
+
     def _tx(self):
         return _Transaction(self._db, self._lock)
 
@@ -55,6 +61,8 @@ class SQLiteStateStore(UserStateStore):
 
     def _get_blobs(self, keys: List[str]) -> List[Optional[bytes]]:
         with self._lock:
+            if len(keys) <= _SQL_CHUNK:   # one statement: its own consistent read
+                return self._get_unlocked(keys)
             self._db.execute("BEGIN")     # one read transaction: a consistent view of all users
             try:
                 return self._get_unlocked(keys)
