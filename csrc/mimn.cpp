@@ -1423,7 +1423,8 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                     const int64_t n = running(lengths, rows, nr, t);
                     point(t, n);
                     for (int64_t r = 0; r < n; ++r) {
-                        if (d_reads) add_to(gc[r] + L.s_r, d_reads + (rows[r] * d.T + t) * L.D, L.D);
+                        if (d_reads)
+                            add_to(gc[r] + L.s_r, d_reads + (rows[r] * d.T + t) * L.D, L.D);
                         dxp[r] = dx + (rows[r] * d.T + t) * L.Dx;
                         zero(dxp[r], L.Dx);
                     }
@@ -1435,7 +1436,7 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
             for (int64_t r = 0; r < nr; ++r) store_state(L, gc[r], d_state0, rows[r]);
         }
     }
-    // Tile partials, summed in tile order (the accumulators are one flat array each).
+    // The tile partials (each tile's accumulators one contiguous block), in tile order.
     T* total = partials.data();
     for (int64_t ti = 1; ti < ntiles; ++ti) add_to(total, partials.data() + ti * accn, accn);
     Arena<T> pa{total};
