@@ -451,15 +451,16 @@ Shape mimn_param_shape(int i, const fastattn::MimnDims& d) {
                          {3 * Hs, Hs},         {3 * Hs},     {3 * Hs}};
     return s[i];
 }
-// Parameters (per_row false) or their per-row gradients (B, *shape) (per_row true).
+// Parameters (grads 0), their gradients (*shape) (grads 1, outputs) or their per-row
+// gradients (B, *shape) (grads 2, outputs).
 void check_mimn_params(const MimnParamArrays& p, const fastattn::MimnDims& d, const char* fn,
-                       Kind kind, bool per_row) {
+                       Kind kind, int grads) {
     for (int i = 0; i < 12; ++i) {
         if (!mimn_param_present(i, d)) continue;
-        const std::string name = std::string(per_row ? "d" : "") + kMimnParam[i] +
-                                 (per_row ? "_rows" : "");
+        const std::string name = std::string(grads ? "d" : "") + kMimnParam[i] +
+                                 (grads == 2 ? "_rows" : "");
         need(*p[i], fn, name.c_str(), kind,
-             per_row ? rows(d.B, mimn_param_shape(i, d)) : mimn_param_shape(i, d), per_row);
+             grads == 2 ? rows(d.B, mimn_param_shape(i, d)) : mimn_param_shape(i, d), grads > 0);
     }
 }
 template <typename T>
@@ -544,7 +545,7 @@ void mimn_scan_fwd(const py::array& x, const py::array& lengths, const py::array
     need(lengths, fn, "lengths", Kind::i64, {d.B});
     const MimnParamArrays p{&ctrl_w_ih, &ctrl_w_hh, &ctrl_b_ih, &ctrl_b_hh, &heads_w, &heads_b,
                             &mur_w,     &mur_b,     &miu_w_ih,  &miu_w_hh,  &miu_b_ih, &miu_b_hh};
-    check_mimn_params(p, d, fn, kind, false);
+    check_mimn_params(p, d, fn, kind, 0);
     const StateArrays s0{&h0, &r0, &M0, &g0, &S0}, s1{&h, &r, &M, &g, &S},
         ck{&ck_h, &ck_r, &ck_M, &ck_g, &ck_S};
     check_states(s0, d, fn, kind, "", false);
@@ -586,7 +587,7 @@ class MimnStepperPy {
         const MimnParamArrays p{&ctrl_w_ih, &ctrl_w_hh, &ctrl_b_ih, &ctrl_b_hh, &heads_w,
                                 &heads_b,   &mur_w,     &mur_b,     &miu_w_ih,  &miu_w_hh,
                                 &miu_b_ih,  &miu_b_hh};
-        check_mimn_params(p, d_, fn, kind_, false);
+        check_mimn_params(p, d_, fn, kind_, 0);
         if (kind_ == Kind::f64)
             f64_ = std::make_unique<fastattn::MimnStepper<double>>(d_, mimn_weights<double>(p, d_));
         else
@@ -644,15 +645,18 @@ void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::arr
     expect(chunk >= 1, fn, "chunk must be >= 1");
     const int64_t NC = (d.T + chunk - 1) / chunk;
     need(lengths, fn, "lengths", Kind::i64, {d.B});
-    need(d_reads, fn, "d_reads", kind, {d.B, d.T, d.D});
+    // d_reads: (B, T, D), or empty (0,) for no gradient on the reads
+    const bool has_d_reads = !(d_reads.ndim() == 1 && d_reads.shape(0) == 0);
+    if (has_d_reads) need(d_reads, fn, "d_reads", kind, {d.B, d.T, d.D});
+    else need(d_reads, fn, "d_reads", kind, {0});
     need(dx, fn, "dx", kind, {d.B, d.T, d.Dx}, true);
     const MimnParamArrays p{&ctrl_w_ih, &ctrl_w_hh, &ctrl_b_ih, &ctrl_b_hh, &heads_w, &heads_b,
                             &mur_w,     &mur_b,     &miu_w_ih,  &miu_w_hh,  &miu_b_ih, &miu_b_hh};
     const MimnParamArrays dp{&dctrl_w_ih, &dctrl_w_hh, &dctrl_b_ih, &dctrl_b_hh,
                              &dheads_w,   &dheads_b,   &dmur_w,     &dmur_b,
                              &dmiu_w_ih,  &dmiu_w_hh,  &dmiu_b_ih,  &dmiu_b_hh};
-    check_mimn_params(p, d, fn, kind, false);
-    check_mimn_params(dp, d, fn, kind, true);
+    check_mimn_params(p, d, fn, kind, 0);
+    check_mimn_params(dp, d, fn, kind, 1);
     const StateArrays dfin{&d_h, &d_r, &d_M, &d_g, &d_S}, ck{&ck_h, &ck_r, &ck_M, &ck_g, &ck_S},
         ds0{&dh0, &dr0, &dM0, &dg0, &dS0};
     check_states(dfin, d, fn, kind, "d_", false);
@@ -660,14 +664,16 @@ void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::arr
     check_states(ds0, d, fn, kind, "d", true);
     py::gil_scoped_release release;
     if (kind == Kind::f64) {
-        fastattn::mimn_scan_bwd<double>(d, cptr<double>(d_reads), states_of<const double>(dfin),
+        fastattn::mimn_scan_bwd<double>(d, has_d_reads ? cptr<double>(d_reads) : nullptr,
+                                        states_of<const double>(dfin),
                                         cptr<double>(x), cptr<int64_t>(lengths),
                                         mimn_weights<double>(p, d), chunk,
                                         states_of<const double>(ck), ptr<double>(dx),
                                         states_of<double>(ds0), mimn_weight_grads<double>(dp, d),
                                         nthreads);
     } else {
-        fastattn::mimn_scan_bwd<float>(d, cptr<float>(d_reads), states_of<const float>(dfin),
+        fastattn::mimn_scan_bwd<float>(d, has_d_reads ? cptr<float>(d_reads) : nullptr,
+                                       states_of<const float>(dfin),
                                        cptr<float>(x), cptr<int64_t>(lengths),
                                        mimn_weights<float>(p, d), chunk,
                                        states_of<const float>(ck), ptr<float>(dx),

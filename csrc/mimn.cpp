@@ -1070,30 +1070,6 @@ inline int64_t running(const int64_t* lengths, const int64_t* rows, int64_t nr, 
     return n;
 }
 
-// Zeroes the partial-sum slots [from, B) of the twelve per-row gradient arrays.
-template <typename T>
-void zero_grad_slots(const MimnDims& d, const MimnWeightGrads<T>& dw, int64_t from) {
-    const Layout L(d);
-    const int64_t n = d.B - from, Gc = 3 * d.Hc, Gs = 3 * d.Hs, P = L.P;
-    if (n <= 0) return;
-    zero(dw.ctrl_w_ih + from * Gc * (d.Dx + d.D), n * Gc * (d.Dx + d.D));
-    zero(dw.ctrl_w_hh + from * Gc * d.Hc, n * Gc * d.Hc);
-    zero(dw.ctrl_b_ih + from * Gc, n * Gc);
-    zero(dw.ctrl_b_hh + from * Gc, n * Gc);
-    zero(dw.heads_w + from * P * d.Hc, n * P * d.Hc);
-    zero(dw.heads_b + from * P, n * P);
-    if (L.mur) {
-        zero(dw.mur_w + from * d.m * d.m, n * d.m * d.m);
-        zero(dw.mur_b + from * d.m, n * d.m);
-    }
-    if (L.k > 0) {
-        zero(dw.miu_w_ih + from * Gs * (d.D + d.Dx), n * Gs * (d.D + d.Dx));
-        zero(dw.miu_w_hh + from * Gs * d.Hs, n * Gs * d.Hs);
-        zero(dw.miu_b_ih + from * Gs, n * Gs);
-        zero(dw.miu_b_hh + from * Gs, n * Gs);
-    }
-}
-
 }  // namespace
 
 // ============================================================================= entry points
@@ -1106,6 +1082,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
     Scratch<T> sc(nthreads, L.NT);
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
@@ -1125,6 +1102,7 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
     Scratch<T> sc(nthreads, L.NT + 4 * L.m + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
         T* work = rec + L.NT;
         T* junk = work + 4 * L.m;  // M_out / read of the recomputation
@@ -1168,6 +1146,7 @@ void miu_gather_gru_fwd(const MimnDims& d, const T* M, const T* x, const T* S, c
     const int64_t ntiles = (d.B + R - 1) / R;
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         Arena<T> a{sc.buf[omp_get_thread_num()].data()};
         TileWork<T> w;
         w.carve(a, L, none, c, 0, R, false);
@@ -1221,6 +1200,7 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
     zero(db_hh_rows + ntiles * G, (d.B - ntiles) * G);
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         Arena<T> a{sc.buf[omp_get_thread_num()].data()};
         TileWork<T> w;
         w.carve(a, L, none, c, 0, R, true);
@@ -1269,6 +1249,7 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
     Scratch<T> sc(nthreads, count.used);
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         Arena<T> a{sc.buf[omp_get_thread_num()].data()};
         TileWork<T> wk;
         wk.carve(a, L, md.ctrl, md.miu, md.Pp, R, false);
@@ -1361,7 +1342,9 @@ void MimnStepper<T>::step(int64_t B, const T* x, MimnStates<const T> s, T* reads
                  nthreads);
 }
 
-// Parameter gradients as in miu_gather_gru_bwd: tile partial sums in slots [0, ntiles).
+// Parameter gradients: each row tile accumulates into its own slot of a buffer of tile
+// partials; after the parallel region the partials are summed in tile order into the
+// outputs (the totals): deterministic, independent of the thread count.
 template <typename T>
 void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_final,
                    const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,
@@ -1379,18 +1362,20 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
     // a chunk's states (C + 1) and tapes (C) per tile row, two gradient carries, work, sums
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, md.ctrl, md.miu, md.Pp, R, true);
-    TileAcc<T>().carve(count, md);
     count.take((C + 1) * R * L.SS), count.take(C * R * L.TS);  // as carved below
     count.take(R * L.SS), count.take(R * L.SS);
     Scratch<T> sc(nthreads, count.used);
-    zero_grad_slots(d, dw, ntiles);
+    Arena<T> acc_count{nullptr};
+    TileAcc<T>().carve(acc_count, md);
+    const size_t accn = acc_count.used;
+    AlignedBuffer<T> partials(std::max<size_t>(1, ntiles * accn));
+    std::memset(partials.data(), 0, sizeof(T) * std::max<size_t>(1, ntiles * accn));
 #pragma omp parallel num_threads(nthreads)
     {
+        const FlushDenormals ftz;  // per thread: see cpu_features.h
         Arena<T> a{sc.buf[omp_get_thread_num()].data()};
         TileWork<T> wk;
         wk.carve(a, L, md.ctrl, md.miu, md.Pp, R, true);
-        TileAcc<T> acc;
-        acc.carve(a, md);
         T* states = a.take((C + 1) * R * L.SS);
         T* tapes = a.take(C * R * L.TS);
         T* gA = a.take(R * L.SS);
@@ -1401,6 +1386,9 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
         for (int64_t ti = 0; ti < ntiles; ++ti) {
             const int64_t* rows = order.data() + ti * R;
             const int64_t nr = std::min(R, d.B - ti * R);
+            Arena<T> pa{partials.data() + ti * accn};
+            TileAcc<T> acc;
+            acc.carve(pa, md);
             acc.clear(md);
             // Padded steps are the tail t >= len: they pass the final-state gradients
             // through unchanged and get dx = 0.
@@ -1435,7 +1423,8 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                     const int64_t n = running(lengths, rows, nr, t);
                     point(t, n);
                     for (int64_t r = 0; r < n; ++r) {
-                        add_to(gc[r] + L.s_r, d_reads + (rows[r] * d.T + t) * L.D, L.D);
+                        if (d_reads)
+                            add_to(gc[r] + L.s_r, d_reads + (rows[r] * d.T + t) * L.D, L.D);
                         dxp[r] = dx + (rows[r] * d.T + t) * L.Dx;
                         zero(dxp[r], L.Dx);
                     }
@@ -1445,9 +1434,15 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                 }
             }
             for (int64_t r = 0; r < nr; ++r) store_state(L, gc[r], d_state0, rows[r]);
-            acc.store(md, dw, ti);
         }
     }
+    // The tile partials (each tile's accumulators one contiguous block), in tile order.
+    T* total = partials.data();
+    for (int64_t ti = 1; ti < ntiles; ++ti) add_to(total, partials.data() + ti * accn, accn);
+    Arena<T> pa{total};
+    TileAcc<T> acc;
+    acc.carve(pa, md);
+    acc.store(md, dw, 0);
 }
 
 #define FASTATTN_MIMN_INSTANTIATE(T)                                                            \

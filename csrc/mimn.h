@@ -23,10 +23,10 @@ struct MimnWeights {
         *miu_w_ih, *miu_w_hh, *miu_b_ih, *miu_b_hh;
 };
 
-// Parameter-gradient partial sums, each (B, *param.shape), same order; the caller sums
-// over the first axis. The scan and MIU kernels write the sums of their row tiles (of
-// min(16, B) rows) into the first slots, one per tile, and zero the rest; absent parameters
-// are untouched.
+// Parameter gradients, same order. miu_gather_gru_bwd: partial sums (B, *param.shape),
+// the sums of its row tiles (of min(16, B) rows) in the first slots, one per tile, zeros in
+// the rest; the caller sums over the first axis. mimn_scan_bwd: the totals (*param.shape),
+// its tiles' partial sums added in tile order. Absent parameters are untouched.
 template <typename T>
 struct MimnWeightGrads {
     T *ctrl_w_ih, *ctrl_w_hh, *ctrl_b_ih, *ctrl_b_hh, *heads_w, *heads_b, *mur_w, *mur_b,
@@ -70,7 +70,8 @@ template <typename T>
 void mimn_scan_fwd(const MimnDims& d, const T* x, const int64_t* lengths,
                    const MimnWeights<T>& w, MimnStates<const T> state0, int64_t chunk,
                    T* reads, MimnStates<T> final_state, MimnStates<T> ck, int nthreads);
-// Backpropagation through time by chunked recomputation from the checkpoints.
+// Backpropagation through time by chunked recomputation from the checkpoints. d_reads may
+// be null (no gradient on the reads); dw receives the totals.
 template <typename T>
 void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_final,
                    const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,

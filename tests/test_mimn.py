@@ -90,6 +90,49 @@ def test_streaming_step_equals_scan(backend):
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_final_state_only_gradients(kernel_backend):
+    """A loss on the final state alone (the MIMN model's): no reads gradient reaches the
+    backward op (the C++ kernel then skips it); gradients equal the reference's."""
+    enc = _encoder(backend=kernel_backend)
+    oracle = _encoder(backend="torch")
+    x = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 0])
+    grads = []
+    for e in (enc, oracle):
+        _, st = e(x, lengths)
+        loss = st.M.sum() + st.S.square().sum() + st.h.sum() + 3 * e.reg_loss(st)
+        grads.append(torch.autograd.grad(loss, [x] + list(e.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_subnormal_mur_softmax_matches_reference(cpu_kernel_backend):
+    """Long fp32 histories with a sharp MUR: the usage g grows with t, so the MUR softmax
+    underflows into subnormals (the C++ kernels flush them to zero, DESIGN §6). Against the
+    fp64 reference, the kernel's values and gradients are as close as the fp32 reference's
+    own (300 steps of this recurrence are ill-conditioned in fp32: both are ~10% off in the
+    gradients)."""
+    dims = dict(x_dim=4, mem_dim=4, slots=4, ctrl=4, miu=4, miu_k=1)
+    enc = _encoder(**dims, dtype=torch.float32, backend=cpu_kernel_backend)
+    with torch.no_grad():
+        enc.mur.weight.mul_(10)
+    ref32 = _encoder(**dims, dtype=torch.float32, backend="torch")
+    ref32.load_state_dict(enc.state_dict())
+    ref64 = _encoder(**dims, backend="torch")
+    ref64.load_state_dict({k: v.double() for k, v in enc.state_dict().items()})
+    x = torch.randn(2, 300, 4)
+    lengths = torch.tensor([300, 250])
+    got = _run(enc, x.clone().requires_grad_(), lengths)
+    base = _run(ref32, x.clone().requires_grad_(), lengths)
+    want = _run(ref64, x.double().requires_grad_(), lengths)
+    logits = want[1].g @ ref64.mur.weight.T + ref64.mur.bias
+    assert (logits.max(-1).values - logits.min(-1).values).min() > 104   # exp < FLT_MIN
+    flat = lambda r: [r[0], *r[1], *r[2]]                               # noqa: E731
+    for a, b, w in zip(flat(got), flat(base), flat(want)):
+        err, err32 = (a.double() - w).abs().max(), (b.double() - w).abs().max()
+        assert err <= 2 * err32 + 1e-4 * (1 + w.abs().max()), (err, err32)
+
+
 def test_gradcheck_scan(backend):
     enc = _encoder(x_dim=2, mem_dim=2, slots=3, ctrl=3, miu=2, miu_k=1, backend=backend)
     x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)

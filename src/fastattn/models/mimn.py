@@ -23,7 +23,8 @@ from ..data.batch import Batch
 from ..nn import MIMNEncoder
 from ..ops import MIMNState
 from ..reference import content_weights
-from .base import CTRModel, check_positive_int, per_query
+from ..ops._common import backend_for
+from .base import CTRModel, _Lookup, check_positive_int, per_query
 
 __all__ = ["MIMN"]
 
@@ -49,9 +50,10 @@ class MIMN(CTRModel):
                  heads: int = 1, mem_dim: int = 32, slots: int = 16, ctrl_dim: int = 32,
                  miu_dim: int = 32, mur: bool = True, miu_k: int = 1,
                  reg_lambda: float = 0.01, dedup: bool = True):
-        # The scan reads every position of the dense (U, L, D) input in order, so the
-        # indexed form does not apply (``dedup`` is accepted for a uniform build()); its
-        # input projection is ~6% of a step's work, too little to pay for a gather.
+        # The scan reads every position of the dense (U, L, D) input in order; with
+        # ``dedup`` the distinct behaviours are embedded once and gathered into it (the
+        # gather's backward one deterministic scatter over distinct rows instead of two
+        # table-sized ones: ~25% less embedding time at B=128, L=1000).
         super().__init__(n_items, n_cats, embed_dim, mlp, 0, backend, heads=heads,
                          dedup=dedup)
         if isinstance(reg_lambda, bool) or not isinstance(reg_lambda, (int, float)) \
@@ -72,7 +74,14 @@ class MIMN(CTRModel):
     def encode(self, batch: Batch) -> MIMNState:
         """The final state (U rows) after each history's ``lengths[u]`` behaviours (padded
         steps leave it unchanged)."""
-        x = self.embed(batch.hist_items, batch.hist_cats)
+        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
+        if h.hist_rows is None:
+            x = self.embed(h.items, h.cats)
+        else:
+            # padded positions (row -1) read row 0: the scan never reads them and gives
+            # them a zero gradient
+            x = _Lookup.apply(self.embed(h.items, h.cats), h.hist_rows.clamp(min=0), -1,
+                              backend_for(h.hist_rows.device, self.backend))
         return self.encoder(x, batch.lengths)[1]
 
     def score_state(self, state: MIMNState, target_item: Tensor, target_cat: Tensor,

@@ -307,7 +307,8 @@ def _mimn_scan(x: Tensor, lengths: Tensor, ctrl_w_ih: Tensor, ctrl_w_hh: Tensor,
                                                       *state0, chunk))
     D = r0.shape[1]
     NC = -(-T // chunk)
-    reads = x.new_zeros(B, T, D)
+    # the C++ kernel writes every element (zeros at padded steps): no fill needed
+    reads = x.new_empty(B, T, D) if backend == "cpp" else x.new_zeros(B, T, D)
     final = [torch.empty_like(s) for s in state0]
     ckpts = [s.new_empty(B, NC, *s.shape[1:]) for s in state0]
     if B:
@@ -346,7 +347,8 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
                         chunk: int, ck_h: Tensor, ck_r: Tensor, ck_M: Tensor, ck_g: Tensor,
                         ck_S: Tensor, backend: str) -> list[Tensor]:
     """Returns dx, d(h0, r0, M0, g0, S0) and the twelve parameter gradients (empty for absent
-    optional parameters)."""
+    optional parameters). ``d_reads`` is (B, T, mem_dim), or an empty (0,) tensor for no
+    gradient on the reads (a model that reads only the final state)."""
     _check_scan_op("fastattn::mimn_scan_backward", x, lengths,
                    (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
                     miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh), miu_k, (d_h, d_r, d_M, d_g, d_S),
@@ -359,10 +361,13 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
             raise ValueError(f"fastattn::mimn_scan_backward: {name} must be {x.dtype} of shape "
                              f"{want} on {x.device}, got {c.dtype} {tuple(c.shape)} on "
                              f"{c.device}")
-    if tuple(d_reads.shape) != (x.shape[0], x.shape[1], d_r.shape[1]) or \
+    if tuple(d_reads.shape) not in ((x.shape[0], x.shape[1], d_r.shape[1]), (0,)) or \
             d_reads.dtype != x.dtype or d_reads.device != x.device:
-        raise ValueError("fastattn::mimn_scan_backward: d_reads must be (B, T, mem_dim) like "
-                         f"x's dtype and device, got {d_reads.dtype} {tuple(d_reads.shape)}")
+        raise ValueError("fastattn::mimn_scan_backward: d_reads must be (B, T, mem_dim) or "
+                         f"empty (0,), with x's dtype and device, got {d_reads.dtype} "
+                         f"{tuple(d_reads.shape)}")
+    if d_reads.numel() == 0 and backend != "cpp":     # only the C++ kernel skips them itself
+        d_reads = x.new_zeros(x.shape[0], x.shape[1], d_r.shape[1])
     params = _scan_params(x, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
                           mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh)
     grads = _c(d_reads, d_h, d_r, d_M, d_g, d_S)
@@ -373,6 +378,16 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
         return list(kernels("triton").mimn_scan_bwd(*grads, x, lengths, *params, has_mur,
                                                      miu_k, chunk, *ckpts))
     B = x.shape[0]
+    if backend == "cpp":
+        # writes every element of dx and the state0 gradients, and the parameter-gradient
+        # totals (its tiles' partial sums added in tile order)
+        dx = torch.empty_like(x) if B else torch.zeros_like(x)
+        dstate0 = [torch.empty_like(g) if B else torch.zeros_like(g) for g in grads[1:]]
+        dparams = [torch.zeros_like(p) for p in params]
+        if B:
+            cpu_call(backend, "mimn_scan_bwd", *grads, x, lengths, *params, has_mur, miu_k,
+                     chunk, *ckpts, dx, *dstate0, *dparams)
+        return [dx, *dstate0, *dparams]
     dx = torch.zeros_like(x)
     dstate0 = [torch.zeros_like(g) for g in grads[1:]]
     rows = [x.new_zeros(B, *p.shape) for p in params]
@@ -408,6 +423,8 @@ def _scan_backward(ctx, d_reads, d_h, d_r, d_M, d_g, d_S, *_ckpt_grads):
     B, T, _ = x.shape
     shapes = [(B, T, ckpts[1].shape[2])] + [(B, *c.shape[2:]) for c in ckpts]
     grads = [x.new_zeros(s) if d is None else d for d, s in zip(outs, shapes)]
+    if d_reads is None:       # a model that reads only the final state: no (B, T, D) zeros
+        grads[0] = x.new_zeros(0)
     res = torch.ops.fastattn.mimn_scan_backward(*grads, x, lengths, *params12, ctx.miu_k,
                                                 ctx.chunk, *ckpts, ctx.backend)
     dx, dstate0, dparams = res[0], res[1:6], res[6:]
