@@ -265,12 +265,10 @@ FA_TARGET_AMX inline float dot_f32(const float* a, const float* b, int64_t D) {
 }
 
 // Signs n <= kRowChunk rows; row i is x + rows[i]·D (rows == nullptr: x + i·D). `packed` is
-// the fp32 kernel's panels, for the rows the tiles must not take. Gathered rows are scattered
-// over a table far larger than the caches: while the tiles work, the n_next rows of the
-// next chunk (next[i]) are prefetched into L2, so their misses overlap the compute.
+// the fp32 kernel's panels, for the rows the tiles must not take.
 FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
-                                 const int64_t* next, int64_t n_next, const AmxPlan& plan,
-                                 const float* packed, AmxScratch& scratch, int64_t* out) {
+                                 const AmxPlan& plan, const float* packed, AmxScratch& scratch,
+                                 int64_t* out) {
     const int64_t D = plan.D, Dp = plan.Dp, K = plan.K, W = plan.W;
     uint16_t* a = scratch.a.data();
     float* norm = scratch.norm.data();
@@ -283,7 +281,7 @@ FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
             std::memset(ai, 0, K * sizeof(uint16_t));
             continue;
         }
-        if (rows != nullptr && i + 8 < n) {  // in case the previous chunk did not
+        if (rows != nullptr && i + 8 < n) {
             const float* ahead = row(i + 8);
             for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(ahead + d);
         }
@@ -317,11 +315,6 @@ FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
     const uint16_t* b = plan.b.data();
     const float* zone = plan.zone.data();
     uint32_t* half = reinterpret_cast<uint32_t*>(out);  // 32 bits per C block, little endian
-    const int64_t lines = (D * 4 + 63) / 64 + (D % 16 != 0);  // lines a row may span
-    const int64_t pf_total = next != nullptr ? n_next * lines : 0;
-    const int64_t blocks = (n + 2 * kTile - 1) / (2 * kTile) * (plan.CT / 2);
-    const int64_t pf_step = (pf_total + blocks - 1) / std::max<int64_t>(1, blocks);
-    int64_t pf = 0;
     for (int64_t i0 = 0; i0 < n; i0 += 2 * kTile) {
         const uint16_t* a0 = a + i0 * K;
         const uint16_t* a1 = a0 + kTile * K;
@@ -341,9 +334,6 @@ FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
             }
-            for (const int64_t end = std::min(pf_total, pf + pf_step); pf < end; ++pf)
-                _mm_prefetch(reinterpret_cast<const char*>(x + next[pf / lines] * D) +
-                                 (pf % lines) * 64, _MM_HINT_T1);
             _tile_stored(0, c, 128);
             _tile_stored(1, c + kTile, 128);
             _tile_stored(2, c + kTile * 32, 128);
@@ -430,11 +420,8 @@ void simhash_sign_impl(const T* x, const int64_t* rows, const T* planes, int64_t
                 for (int64_t c = 0; c < chunks; ++c) {
                     const int64_t r0 = c * kRowChunk;
                     const int64_t n = std::min(kRowChunk, N - r0);
-                    const bool more = rows != nullptr && c + 1 < chunks;
                     sign_rows_amx(rows != nullptr ? x : x + r0 * D,
-                                  rows != nullptr ? rows + r0 : nullptr, n,
-                                  more ? rows + r0 + n : nullptr,
-                                  more ? std::min(kRowChunk, N - r0 - n) : 0, plan, pk,
+                                  rows != nullptr ? rows + r0 : nullptr, n, plan, pk,
                                   scratch[omp_get_thread_num()], out + r0 * W);
                 }
                 return;
