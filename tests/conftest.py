@@ -72,6 +72,13 @@ def _on_device(name):
         torch.set_default_device(prev)
 
 
+@pytest.fixture
+def cpp_backend():
+    """The C++ backend, for tests of C++-only paths: skipped where it is not built, a failure
+    where it is required (FASTATTN_REQUIRE_BACKENDS), like the parametrised fixtures."""
+    return _require("cpp")
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request):
     """Every backend (triton on CUDA tensors when a GPU is present, else the interpreter)."""
