@@ -80,14 +80,6 @@ FA_INLINE void prefetch_row(const T* row, int64_t n) {
         __builtin_prefetch(p + off);
 }
 
-template <typename T>
-FA_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-    return acc;
-}
-
 // One query vector against four rows: four independent FMA chains hide the FMA latency
 // (and the cache misses of four random rows) that a single dot product would expose.
 template <typename T>

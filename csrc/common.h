@@ -9,7 +9,19 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
+
 namespace fastattn {
+
+// a·b over n elements, the summation vectorised by the compiler. FA_INLINE: each ISA-specific
+// caller compiles it for its own target.
+template <typename T>
+FA_INLINE T dot(const T* a, const T* b, int64_t n) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
 
 // A 64-byte aligned, uninitialised array, so that vector loads never split cache lines.
 template <typename T>

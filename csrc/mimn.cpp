@@ -252,13 +252,6 @@ FA_INLINE void exp_n(T* p, int64_t n) {
     inline void NAME(A&&... a) { NAME##_body(std::forward<A>(a)...); }
 #endif
 
-template <typename T>
-FA_INLINE T dot(const T* a, const T* b, int64_t n) {
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
 // y = W x + bias, W (rows, K) row-major. Only the tiny MUR mat-vec (m x m) uses it.
 template <typename T>
 FA_INLINE void matvec(const T* W, const T* bias, const T* x, int64_t rows, int64_t K, T* y) {

@@ -253,17 +253,6 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-FA_TARGET_AMX inline float dot_f32(const float* a, const float* b, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-    if (d < D) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (D - d)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 // Signs n <= kRowChunk rows; row i is x + rows[i]·D (rows == nullptr: x + i·D). `packed` is
 // the fp32 kernel's panels, for the rows the tiles must not take.
 FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
@@ -353,7 +342,7 @@ FA_TARGET_AMX void sign_rows_amx(const float* x, const int64_t* rows, int64_t n,
                     const int bit = __builtin_ctz(fix);
                     fix &= fix - 1;
                     const uint32_t one = 1u << bit;
-                    bits = dot_f32(xi, plan.pt.data() + (j0 + bit) * D, D) > 0.0f ? bits | one : bits & ~one;
+                    bits = dot(xi, plan.pt.data() + (j0 + bit) * D, D) > 0.0f ? bits | one : bits & ~one;
                 }
                 half[(i0 + r) * W * 2 + j0 / 32] = bits;
             }
