@@ -278,14 +278,17 @@ class ETAAttention(TargetAttention):
                               self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
+        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
+            # The winners are read in place (no (B, topk, ·) copy); the backward adds their
+            # gradients into the inputs' rows with the op's deterministic scatter.
+            return self.attend_inputs(
+                q, lambda qk, scale: topk_attention(
+                    qk, keys, keys if values is None else values, idx, hist_index=hist_index,
+                    hist_rows=hist_rows, scale=scale, backend=self.backend),
+                (idx >= 0).any(1))
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
         k_in = rows.gather(keys)
         v_in = k_in if values is None else rows.gather(values)
-        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
-            return self.attend_inputs(
-                q, lambda qk, scale: topk_attention(qk, k_in, v_in, rows.slots, scale=scale,
-                                                    backend=self.backend),
-                (rows.slots >= 0).any(1))
         out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
                              self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
         return self._merge(out)
