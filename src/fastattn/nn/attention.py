@@ -187,7 +187,8 @@ class ETAAttention(TargetAttention):
     In the indexed form (a table plus ``hist_rows``) each table row is projected and hashed
     once: one signature per distinct behaviour. Keys are projected without autograd just to
     be hashed; the B·topk retrieved rows are gathered and projected again with autograd, so
-    V is projected for them only and the backward touches B·topk rows (DESIGN.md §7).
+    V is projected for them only and the backward touches B·topk rows (DESIGN.md §7). With
+    one head they are read in place, unprojected (:meth:`attend_inputs`).
     For serving (ETA+), :meth:`precompute_key_signatures` hashes item embeddings once; pass
     the signatures of the table's rows (indexed form) or of every position (dense form) as
     ``key_signatures`` while the weights stay frozen.
