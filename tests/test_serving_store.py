@@ -160,3 +160,53 @@ def test_default_keep_is_seven(open_store):
     for i in range(9):
         st.snapshot(f"t{i}")
     assert [s.tag for s in st.snapshots()] == [f"t{i}" for i in range(2, 9)]
+
+
+def test_sqlite_reads_never_wait_on_the_writer_or_each_other(tmp_path):
+    """Record reads take pooled read-only connections: with this object's writer holding a
+    write transaction (and its lock), reads from other threads still answer at once, see
+    the last committed records, and concurrent readers hold a connection each."""
+    import sqlite3
+    import threading
+
+    from fastattn.serving import SQLiteStateStore
+    store = SQLiteStateStore(str(tmp_path / "s.db"), SPEC)
+    store.write({1: rec(1.0)})
+    tx = store._tx()
+    db = tx.__enter__()                   # a write in progress: BEGIN IMMEDIATE, lock held
+    try:
+        db.execute("DELETE FROM users")   # uncommitted: readers must not see it
+        got = []
+        t = threading.Thread(target=lambda: got.append(store.read([1, 2])))
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "a read waited on the writer"
+        assert got[0][1] is None and got[0][0].state[0][0] == 1.0
+    finally:
+        tx.__exit__(None, None, None)
+    assert store.read([1]) == [None]      # committed now: read your writes
+    store.write({1: rec(2.0)})
+    assert store.read([1])[0].state[0][0] == 2.0
+    # Readers in flight at once hold a connection each; idle ones are reused.
+    gate, inner = threading.Barrier(3), store._reader
+
+    def held():                           # each reader keeps its connection until all have one
+        db = inner()
+        gate.wait(5)
+        return db
+
+    store._reader = held
+    threads = [threading.Thread(target=store.read, args=([1],)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    del store._reader
+    assert len(store._all_readers) == 3
+    before = len(store._all_readers)
+    for _ in range(5):
+        store.read([1])
+    assert len(store._all_readers) == before
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.read([1])

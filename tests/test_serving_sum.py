@@ -306,6 +306,8 @@ def test_process_mode_refuses_what_it_cannot_ship(tmp_path):
     store = _sqlite(tmp_path)
     with pytest.raises(ValueError, match="mode"):
         UserEmbeddingService(Generations(), store, _features, mode="fork")
+    with pytest.raises(ValueError, match="worker_nice"):
+        UserEmbeddingService(Generations(), store, _features, mode="process", worker_nice=20)
     with pytest.raises(TypeError, match="picklable"):
         UserEmbeddingService(Generations(), store, lambda u: (torch.tensor(u),),
                              mode="process")
@@ -328,6 +330,9 @@ def test_process_workers_refresh_swap_models_and_survive_sigkill(kind, location,
     try:
         st = svc.stats()
         assert st["mode"] == "process" and st["worker_pids"][0] != os.getpid()
+        # workers yield the CPU to the request path: niceness raised by worker_nice (10)
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert os.getpriority(os.PRIO_PROCESS, st["worker_pids"][0]) == nice
         assert svc.get(users).cold.all()
         assert svc.wait_idle(120)
         got = svc.get(users, refresh=False)
@@ -356,6 +361,7 @@ def test_process_workers_refresh_swap_models_and_survive_sigkill(kind, location,
         svc.refresh(users)
         assert svc.wait_idle(180)
         assert svc.stats()["worker_pids"][0] is not None
+        assert os.getpriority(os.PRIO_PROCESS, svc.stats()["worker_pids"][0]) == nice
         got = svc.get(users, refresh=False)
         assert set(got.tags) == {"v3"}
         assert all(_whole(r) == 7.0 for r in store.read(users))

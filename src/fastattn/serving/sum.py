@@ -169,11 +169,14 @@ class _Refresher:
                            f"write conflicts")
 
 
-def _process_main(conn, opener, features: bytes, model: bytes, threads: int) -> None:
-    """A refresh worker process: opens the store, then serves ("refresh", users) with
-    ("ok", n) or ("error", message) and takes ("model", pickled (model, tag)) swaps, until
-    its pipe closes."""
+def _process_main(conn, opener, features: bytes, model: bytes, threads: int,
+                  nice: int = 0) -> None:
+    """A refresh worker process: lowers its CPU priority by ``nice``, opens the store, then
+    serves ("refresh", users) with ("ok", n) or ("error", message) and takes ("model",
+    pickled (model, tag)) swaps, until its pipe closes."""
     try:
+        if nice and hasattr(os, "nice"):
+            os.nice(nice)
         torch.set_num_threads(threads)
         store = opener()
         refresher = _Refresher(pickle.loads(features), store)
@@ -203,15 +206,16 @@ class _ProcessWorker:
     """The parent's handle on one refresh worker process (started with ``ctx``), restarted
     after it dies. Used by one dispatch thread only."""
 
-    def __init__(self, ctx, opener, features: bytes, threads: int):
+    def __init__(self, ctx, opener, features: bytes, threads: int, nice: int = 0):
         self.ctx, self.opener, self.features, self.threads = ctx, opener, features, threads
+        self.nice = nice
         self.proc, self.conn, self.model_version, self.pid = None, None, -1, None
 
     def start(self, model: bytes, version: int) -> None:
         parent, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=_process_main, name="sum-refresh-process",
                                      args=(child, self.opener, self.features, model,
-                                           self.threads), daemon=True)
+                                           self.threads, self.nice), daemon=True)
         self.proc.start()
         child.close()
         self.conn, self.model_version, self.pid = parent, version, self.proc.pid
@@ -282,6 +286,10 @@ class UserEmbeddingService:
             objects) and a store that can be reopened (SQLite, or Redis from a URL); a
             worker process that dies loses its batch (counted in ``worker_errors``) and is
             restarted for the next.
+        worker_nice: process mode: the worker processes lower their CPU priority by this
+            (``os.nice``, 0..19; default 10), so that on a busy host the request threads
+            preempt refresh work instead of queueing behind it for a CPU; refreshes still
+            get every idle cycle.
         batch_size: users per refresh batch.
         max_queue: bound of the refresh queue; when full, the oldest queued user is dropped
             (counted) to admit the new one.
@@ -295,7 +303,7 @@ class UserEmbeddingService:
                  features: Callable[[List[UserId]], Sequence[Tensor]], *, snapshot: str = "v0",
                  workers: int = 1, mode: str = "thread", batch_size: int = 64,
                  max_queue: int = 4096, default: Optional[Tensor] = None,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", worker_nice: int = 10):
         spec = store.spec
         if not isinstance(spec, EmbeddingSpec):
             raise TypeError(f"store must be opened with an EmbeddingSpec, got "
@@ -306,6 +314,9 @@ class UserEmbeddingService:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if mode not in ("thread", "process"):
             raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
+        if isinstance(worker_nice, bool) or not isinstance(worker_nice, int) or \
+                not 0 <= worker_nice <= 19:
+            raise ValueError(f"worker_nice must be an int in [0, 19], got {worker_nice!r}")
         self.store, self.spec, self.features, self.mode = store, spec, features, mode
         self.batch_size, self.max_queue = batch_size, max_queue
         self.default = (torch.zeros(spec.K, spec.D) if default is None
@@ -324,7 +335,7 @@ class UserEmbeddingService:
                 raise TypeError(f"mode='process' needs a picklable model and features "
                                 f"(module-level functions or objects): {e}") from e
             ctx = multiprocessing.get_context(start_method)
-            self._procs = [_ProcessWorker(ctx, store.opener(), feats, 1)
+            self._procs = [_ProcessWorker(ctx, store.opener(), feats, 1, worker_nice)
                            for _ in range(workers)]
             try:
                 for p in self._procs:

@@ -1,6 +1,7 @@
 """The embedded default store: one SQLite file in WAL mode."""
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import sqlite3
@@ -16,8 +17,12 @@ class SQLiteStateStore(UserStateStore):
 
     Every operation is one transaction (``BEGIN IMMEDIATE``), so a killed process leaves the
     last committed state; snapshots are copies into the ``snapshot_users`` table inside one
-    transaction. One object may be shared by threads (calls are serialised by a lock); other
-    processes open their own (SQLite's file locks serialise writers, ``timeout`` seconds).
+    transaction. One object may be shared by threads: writes and snapshots are serialised
+    by a lock on one connection; record reads (``read``, ``read_blobs``) take a read-only
+    connection from a pool instead (one per concurrent reader, opened on demand), so a
+    reader never queues behind another reader or a writer of this object (WAL readers do
+    not wait on writers). Other processes open their own (SQLite's file locks serialise
+    writers, ``timeout`` seconds).
     ``synchronous="NORMAL"`` survives process crashes; use ``"FULL"`` to survive power loss.
     """
 
@@ -33,6 +38,12 @@ class SQLiteStateStore(UserStateStore):
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                    check_same_thread=False)
+        # Idle read connections (deque pop/append are atomic: no lock on the read path);
+        # _all_readers holds every one opened, for close().
+        self._readers: "collections.deque[sqlite3.Connection]" = collections.deque()
+        self._all_readers: List[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()     # opening / closing readers only, never the
+        self._closed = False                   # writer's lock
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         with self._tx():
@@ -60,14 +71,32 @@ class SQLiteStateStore(UserStateStore):
             return db.execute("SELECT value FROM meta WHERE key = 'spec'").fetchone()[0]
 
     def _get_blobs(self, keys: List[str]) -> List[Optional[bytes]]:
-        with self._lock:
+        db = self._reader()
+        try:
             if len(keys) <= _SQL_CHUNK:   # one statement: its own consistent read
-                return self._get_unlocked(keys)
-            self._db.execute("BEGIN")     # one read transaction: a consistent view of all users
+                return _select(db, keys)
+            db.execute("BEGIN")           # one read transaction: a consistent view of all users
             try:
-                return self._get_unlocked(keys)
+                return _select(db, keys)
             finally:
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
+        finally:
+            self._readers.append(db)
+
+    def _reader(self) -> sqlite3.Connection:
+        """An idle pooled read connection, or a new one (query_only) when all are busy."""
+        try:
+            return self._readers.pop()
+        except IndexError:
+            pass
+        with self._pool_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA query_only=1")
+            self._all_readers.append(db)
+            return db
 
     def _cas_put(self, items: List[Tuple[str, str, bytes]]) -> List[str]:
         with self._tx() as db:
@@ -85,12 +114,7 @@ class SQLiteStateStore(UserStateStore):
         return []
 
     def _get_unlocked(self, keys: List[str]) -> List[Optional[bytes]]:
-        found: Dict[str, bytes] = {}
-        for i in range(0, len(keys), _SQL_CHUNK):
-            part = keys[i:i + _SQL_CHUNK]
-            q = f"SELECT uid, rec FROM users WHERE uid IN ({','.join('?' * len(part))})"
-            found.update(self._db.execute(q, part).fetchall())
-        return [found.get(k) for k in keys]
+        return _select(self._db, keys)
 
     def _keys(self) -> List[str]:
         with self._lock:
@@ -136,8 +160,23 @@ class SQLiteStateStore(UserStateStore):
                                    (tag,)).fetchall())
 
     def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            self._readers.clear()
+            for db in self._all_readers:     # a read in flight fails (closed database)
+                db.close()
+            self._all_readers.clear()
         with self._lock:
             self._db.close()
+
+
+def _select(db: sqlite3.Connection, keys: List[str]) -> List[Optional[bytes]]:
+    found: Dict[str, bytes] = {}
+    for i in range(0, len(keys), _SQL_CHUNK):
+        part = keys[i:i + _SQL_CHUNK]
+        q = f"SELECT uid, rec FROM users WHERE uid IN ({','.join('?' * len(part))})"
+        found.update(db.execute(q, part).fetchall())
+    return [found.get(k) for k in keys]
 
 
 _SQL_CHUNK = 500    # bound parameters per IN (...) query (SQLite's limit is >= 999)
