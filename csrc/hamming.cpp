@@ -429,6 +429,7 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i packed_of(const uint16_t* g) {
 
 // g[j] = the k-th smallest of query j's minima (slot j of mins[0..ng)), all queries at once by
 // bisection on vector counts; 64 W (every key) when query j has fewer than k minima.
+constexpr int64_t kMaxPackedCount = 65535 / kBlockKeys;
 FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k, int64_t W,
                                      uint16_t* g) {
     uint16_t lo[kMaxQueries], hi[kMaxQueries];
@@ -444,9 +445,23 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
         if (!open) break;
         const __m512i mv = packed_of(mid);
         int64_t c[kMaxQueries] = {0, 0, 0, 0};
-        for (int64_t i = 0; i < ng; ++i) {
-            const uint32_t m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
-            for (int j = 0; j < kMaxQueries; ++j) c[j] += __builtin_popcount(m & (kSlot << j));
+        if (ng <= kMaxPackedCount) {
+            // One masked uint16 increment per vector counts all 4 queries' minima <= mid (a
+            // lane's counters stay <= ng); the 64-bit sum over the 8 lanes then holds query
+            // j's count in bits 16j..16j+15 (<= 8 ng < 65536: no carry between slots).
+            const __m512i one = _mm512_set1_epi16(1);
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t i = 0; i < ng; ++i) {
+                const __mmask32 m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
+                acc = _mm512_mask_add_epi16(acc, m, acc, one);
+            }
+            const uint64_t sum = static_cast<uint64_t>(_mm512_reduce_add_epi64(acc));
+            for (int j = 0; j < kMaxQueries; ++j) c[j] = static_cast<int64_t>((sum >> (16 * j)) & 0xFFFF);
+        } else {  // (a huge k: one group per block)
+            for (int64_t i = 0; i < ng; ++i) {
+                const uint32_t m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
+                for (int j = 0; j < kMaxQueries; ++j) c[j] += __builtin_popcount(m & (kSlot << j));
+            }
         }
         for (int j = 0; j < kMaxQueries; ++j) {
             if (lo[j] >= hi[j]) continue;
@@ -459,9 +474,10 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 
 // Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos in
 // increasing position order, every key of the top k among them, d <= g. A counting sort
-// over the distances the candidates span, so ties keep position order. The placement is
-// branch-free (a dropped candidate goes to the dump slot slot[k]): whether a candidate is
-// kept follows no pattern a branch predictor could learn.
+// over the distances the candidates span, so ties keep position order. The placement has
+// no data-dependent branch (whether a candidate is kept follows no pattern a branch
+// predictor could learn): every distance past t starts at slot take, and every candidate
+// goes to slot min(count[d]++, take), so the dropped ones land in the dump slot slot[take].
 FA_INLINE void select_topk(const uint64_t* cand, int64_t nc, uint16_t g, int64_t k, int64_t W,
                            int32_t* count, uint64_t* slot, int32_t* out_dist,
                            int64_t* out_idx) {
@@ -484,12 +500,12 @@ FA_INLINE void select_topk(const uint64_t* cand, int64_t nc, uint16_t g, int64_t
         }
     }
     count[t] = static_cast<int32_t>(below);
+    for (int64_t v = t + 1; v <= g; ++v) count[v] = static_cast<int32_t>(take);
     for (int64_t i = 0; i < nc; ++i) {
-        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
-        const int64_t s = count[v];
-        const bool keep = v < t || (v == t && s < take);
-        count[v] = static_cast<int32_t>(s + keep);
-        slot[keep ? s : k] = cand[i];
+        int32_t& c = count[cand[i] >> 32];
+        const int64_t s = c;
+        c = static_cast<int32_t>(s + 1);
+        slot[std::min(s, take)] = cand[i];
     }
     for (int64_t s = 0; s < take; ++s) {
         out_dist[s] = static_cast<int32_t>(slot[s] >> 32);
