@@ -514,6 +514,15 @@ FA_INLINE int64_t select_topk(const uint64_t* cand, int64_t nc, int64_t hi, int6
     return take;
 }
 
+// Appends the keys of one block with distance d <= g (d: the block's 8 distances to one
+// query, pos: their positions) to a candidate list as (d << 32) | pos, by one compress.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void append_hits(__m512i d, __m512i g, __m512i pos,
+                                                    uint64_t* cand, int64_t& nc) {
+    const __mmask8 m = _mm512_cmple_epu64_mask(d, g);
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi64(m, _mm512_or_si512(_mm512_slli_epi64(d, 32), pos)));
+    nc += __builtin_popcount(m);
+}
+
 // Keys are scanned in chunks of up to kChunkKeys, so that a chunk of the tile (512 KiB at
 // W = 4) and its packed distances stay in L2 while every query block of a group reads it;
 // each query carries its running top k from chunk to chunk.
@@ -614,6 +623,10 @@ class TileWorker {
         // are visited; each query's hits in such a block are appended as (d << 32) | pos
         // entries by one vector compress, with no per-hit branch.
         const __m512i gv = packed_of(g);
+        // (about 5k hits per block of 4 queries: under one per key block past 4k blocks)
+        const bool sparse = nblocks > 4 * topk_;
+        __m512i gq[kMaxQueries];
+        for (int j = 0; j < kMaxQueries; ++j) gq[j] = _mm512_set1_epi64(g[j]);
         const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
         const __m512i low16 = _mm512_set1_epi64(0xFFFF);
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
@@ -632,12 +645,22 @@ class TileWorker {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
                 const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64(c0 + (b0 + i) * kBlockKeys));
-                for (int j = 0; j < count; ++j) {
-                    const __m512i d = _mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16);
-                    const __mmask8 mj = _mm512_cmple_epu64_mask(d, _mm512_set1_epi64(g[j]));
-                    const __m512i e = _mm512_or_si512(_mm512_slli_epi64(d, 32), pos);
-                    _mm512_storeu_si512(cand[j] + nc[j], _mm512_maskz_compress_epi64(mj, e));
-                    nc[j] += __builtin_popcount(mj);
+                if (sparse) {
+                    // Only the queries with a hit in this block (bit j of the folded mask;
+                    // usually one); absent queries never hit (kNoKey > g).
+                    uint32_t m = masks[i];
+                    m |= m >> 16;
+                    m |= m >> 8;
+                    m |= m >> 4;
+                    for (uint32_t qm = m & 0xF; qm; qm &= qm - 1) {
+                        const int j = __builtin_ctz(qm);
+                        append_hits(_mm512_and_si512(_mm512_srl_epi64(p, _mm_cvtsi32_si128(16 * j)), low16),
+                                    gq[j], pos, cand[j], nc[j]);
+                    }
+                } else {  // dense hits (short chunks): a fixed trip count predicts better
+                    for (int j = 0; j < count; ++j)
+                        append_hits(_mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16), gq[j], pos,
+                                    cand[j], nc[j]);
                 }
             }
         }
