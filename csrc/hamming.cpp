@@ -429,6 +429,7 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i packed_of(const uint16_t* g) {
 
 // g[j] = the k-th smallest of query j's minima (slot j of mins[0..ng)), all queries at once by
 // bisection on vector counts; 64 W (every key) when query j has fewer than k minima.
+constexpr int64_t kMaxPackedCount = 65535 / kBlockKeys;
 FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k, int64_t W,
                                      uint16_t* g) {
     uint16_t lo[kMaxQueries], hi[kMaxQueries];
@@ -444,9 +445,26 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
         if (!open) break;
         const __m512i mv = packed_of(mid);
         int64_t c[kMaxQueries] = {0, 0, 0, 0};
-        for (int64_t i = 0; i < ng; ++i) {
-            const uint32_t m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
-            for (int j = 0; j < kMaxQueries; ++j) c[j] += __builtin_popcount(m & (kSlot << j));
+        if (ng <= kMaxPackedCount) {
+            // One masked uint16 increment per vector counts all 4 queries' minima <= mid (a
+            // lane's counters stay <= ng); the 64-bit sum over the 8 lanes then holds query
+            // j's count in bits 16j..16j+15 (<= 8 ng < 65536: no carry between slots).
+            const __m512i one = _mm512_set1_epi16(1);
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t i = 0; i < ng; ++i) {
+                const __mmask32 m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
+                acc = _mm512_mask_add_epi16(acc, m, acc, one);
+            }
+            alignas(64) uint64_t lane[kBlockKeys];
+            _mm512_store_si512(lane, acc);
+            uint64_t sum = 0;
+            for (int i = 0; i < kBlockKeys; ++i) sum += lane[i];
+            for (int j = 0; j < kMaxQueries; ++j) c[j] = static_cast<int64_t>((sum >> (16 * j)) & 0xFFFF);
+        } else {  // (a huge k: one group per block)
+            for (int64_t i = 0; i < ng; ++i) {
+                const uint32_t m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
+                for (int j = 0; j < kMaxQueries; ++j) c[j] += __builtin_popcount(m & (kSlot << j));
+            }
         }
         for (int j = 0; j < kMaxQueries; ++j) {
             if (lo[j] >= hi[j]) continue;
@@ -457,17 +475,19 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
     for (int j = 0; j < kMaxQueries; ++j) g[j] = lo[j];
 }
 
-// Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos in
-// increasing position order, every key of the top k among them, d <= g. A counting sort
-// over the distances the candidates span, so ties keep position order. The placement is
-// branch-free (a dropped candidate goes to the dump slot slot[k]): whether a candidate is
-// kept follows no pattern a branch predictor could learn.
-FA_INLINE void select_topk(const uint64_t* cand, int64_t nc, uint16_t g, int64_t k, int64_t W,
-                           int32_t* count, uint64_t* slot, int32_t* out_dist,
-                           int64_t* out_idx) {
+// Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos, every
+// key of the top k among them, d <= hi, ordered so that entries of equal distance are in
+// position order. A stable counting sort over the distances the candidates span, so ties keep
+// position order. The placement has no data-dependent branch (whether a candidate is kept
+// follows no pattern a branch predictor could learn): every distance past t starts at slot
+// take, and every candidate goes to slot min(count[d]++, take), so the dropped ones land in
+// the dump slot slot[take]. Writes the take = min(k, nc) best to slot[0..take) in
+// (distance, position) order and returns take.
+FA_INLINE int64_t select_topk(const uint64_t* cand, int64_t nc, int64_t hi, int64_t k,
+                              int32_t* count, uint64_t* slot) {
     const int64_t take = std::min(k, nc);
-    int64_t lo = g;
-    std::fill(count, count + g + 1, 0);
+    int64_t lo = hi;
+    std::fill(count, count + hi + 1, 0);
     for (int64_t i = 0; i < nc; ++i) {
         const int64_t v = static_cast<int64_t>(cand[i] >> 32);
         ++count[v];
@@ -484,42 +504,86 @@ FA_INLINE void select_topk(const uint64_t* cand, int64_t nc, uint16_t g, int64_t
         }
     }
     count[t] = static_cast<int32_t>(below);
+    for (int64_t v = t + 1; v <= hi; ++v) count[v] = static_cast<int32_t>(take);
     for (int64_t i = 0; i < nc; ++i) {
-        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
-        const int64_t s = count[v];
-        const bool keep = v < t || (v == t && s < take);
-        count[v] = static_cast<int32_t>(s + keep);
-        slot[keep ? s : k] = cand[i];
+        int32_t& c = count[cand[i] >> 32];
+        const int64_t s = c;
+        c = static_cast<int32_t>(s + 1);
+        slot[std::min(s, take)] = cand[i];
     }
-    for (int64_t s = 0; s < take; ++s) {
-        out_dist[s] = static_cast<int32_t>(slot[s] >> 32);
-        out_idx[s] = static_cast<int64_t>(slot[s] & 0xFFFFFFFFu);
-    }
-    for (int64_t s = take; s < k; ++s) {
-        out_dist[s] = static_cast<int32_t>(64 * W + 1);
-        out_idx[s] = -1;
-    }
+    return take;
 }
 
+// Appends the keys of one block with distance d <= g (d: the block's 8 distances to one
+// query, pos: their positions) to a candidate list as (d << 32) | pos, by one compress.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void append_hits(__m512i d, __m512i g, __m512i pos,
+                                                    uint64_t* cand, int64_t& nc) {
+    const __mmask8 m = _mm512_cmple_epu64_mask(d, g);
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi64(m, _mm512_or_si512(_mm512_slli_epi64(d, 32), pos)));
+    nc += __builtin_popcount(m);
+}
+
+// Keys are scanned in chunks of up to kChunkKeys, so that a chunk of the tile (512 KiB at
+// W = 4) and its packed distances stay in L2 while every query block of a group reads it;
+// each query carries its running top k from chunk to chunk.
+constexpr int64_t kChunkKeys = 16384;
+constexpr int64_t kGroupBlocks = 8;  // query blocks sharing each chunk
+
 // Per-thread scratch of the AVX-512 top-k: packed distances and minima of one block of
-// queries, and each query's candidate list.
+// queries over one chunk, each query's candidate list, and the running top k of the queries
+// of a group.
 class TileWorker {
    public:
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          nblocks_((L + kBlockKeys - 1) / kBlockKeys), count_(64 * W + 2) {
+          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), count_(64 * W + 2) {
         packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
-        cand_.resize(static_cast<size_t>(kMaxQueries * (nblocks_ * kBlockKeys + kBlockKeys)));
+        stride_ = topk + nblocks_ * kBlockKeys + kBlockKeys;  // running + chunk + a vector store
+        cand_.resize(static_cast<size_t>(kMaxQueries * stride_));
         slot_.resize(static_cast<size_t>(topk + 1));
+        run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
 
-    // Top-k of queries ids[0..count) (count <= kMaxQueries) against the first n keys of a
-    // tile, or of a history's keys (see scan_packed).
+    // Top-k of queries ids[0..nq) (nq <= kGroupBlocks * qb), in blocks of qb <= kMaxQueries,
+    // against the first n keys of a tile, or of a history's keys (see scan_packed).
     template <Layout kLayout>
     FA_TARGET_AVX512_VPOPCNT void run(const uint64_t* keys, const int64_t* rows, int64_t n,
-                                      const int64_t* ids, int count) {
+                                      const int64_t* ids, int64_t nq, int64_t qb) {
+        const int64_t nblk = (nq + qb - 1) / qb;
+        std::fill(take_, take_ + kGroupBlocks * kMaxQueries, 0);
+        for (int64_t c0 = 0; c0 < n; c0 += kChunkKeys) {
+            const int64_t nc = std::min(kChunkKeys, n - c0);
+            const uint64_t* ck = kLayout == Layout::kTable ? keys : keys + c0 * W_;
+            const int64_t* cr = kLayout == Layout::kTable ? rows + c0 : rows;
+            for (int64_t b = 0; b < nblk; ++b) {
+                step<kLayout>(ck, cr, c0, nc, ids + b * qb,
+                              static_cast<int>(std::min(qb, nq - b * qb)), b * kMaxQueries);
+            }
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+            const int64_t r = (i / qb) * kMaxQueries + i % qb;
+            const uint64_t* best = run_.data() + r * topk_;
+            int32_t* const od = out_dist_ + ids[i] * topk_;
+            int64_t* const oi = out_idx_ + ids[i] * topk_;
+            for (int64_t s = 0; s < take_[r]; ++s) {
+                od[s] = static_cast<int32_t>(best[s] >> 32);
+                oi[s] = static_cast<int64_t>(best[s] & 0xFFFFFFFFu);
+            }
+            for (int64_t s = take_[r]; s < topk_; ++s) {
+                od[s] = static_cast<int32_t>(64 * W_ + 1);
+                oi[s] = -1;
+            }
+        }
+    }
+
+   private:
+    // One block of count queries over the n keys of the chunk starting at position c0: merges
+    // each query's candidates of the chunk into its running top k (run_ at r0 + j).
+    template <Layout kLayout>
+    FA_TARGET_AVX512_VPOPCNT void step(const uint64_t* keys, const int64_t* rows, int64_t c0,
+                                       int64_t n, const int64_t* ids, int count, int64_t r0) {
         const uint64_t* qs[kMaxQueries];
         for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
         // Groups of R blocks give about 4k minima: enough that the k-th of them is close
@@ -531,6 +595,26 @@ class TileWorker {
         const int64_t ng = pick_scan<kLayout>(W_, count)(keys, rows, n, W_, R, qs, packed, mins);
         uint16_t g[kMaxQueries];
         bounds(mins, ng, topk_, W_, g);
+        // A query whose running list is full admits no key beyond its k-th distance; each
+        // candidate list starts with the running top k (earlier positions, ties in position
+        // order), so the stable selection keeps the tie order of the spec.
+        uint64_t* cand[kMaxQueries];
+        int64_t nc[kMaxQueries] = {0, 0, 0, 0};
+        int64_t hi[kMaxQueries];
+        for (int j = 0; j < kMaxQueries; ++j) {
+            cand[j] = cand_.data() + j * stride_;
+            hi[j] = g[j];
+            if (j >= count) continue;
+            const int64_t take = take_[r0 + j];
+            const uint64_t* best = run_.data() + (r0 + j) * topk_;
+            std::copy(best, best + take, cand[j]);
+            nc[j] = take;
+            if (take > 0) {
+                const int64_t t = static_cast<int64_t>(best[take - 1] >> 32);
+                hi[j] = std::max<int64_t>(g[j], t);
+                if (take == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
+            }
+        }
 
         // Candidates (d <= g) of all queries in one pass: bit 4i + j of a block's compare
         // mask is key 8 blk + i for query j (absent queries' slots hold kNoKey > g). Only
@@ -539,48 +623,65 @@ class TileWorker {
         // are visited; each query's hits in such a block are appended as (d << 32) | pos
         // entries by one vector compress, with no per-hit branch.
         const __m512i gv = packed_of(g);
-        const int64_t stride = nblocks_ * kBlockKeys + kBlockKeys;  // + a whole-vector store
-        uint64_t* cand[kMaxQueries];
-        int64_t nc[kMaxQueries] = {0, 0, 0, 0};
-        for (int j = 0; j < kMaxQueries; ++j) cand[j] = cand_.data() + j * stride;
+        // (about 5k hits per block of 4 queries: under one per key block past 4k blocks)
+        const bool sparse = nblocks > 4 * topk_;
+        __m512i gq[kMaxQueries];
+        for (int j = 0; j < kMaxQueries; ++j) gq[j] = _mm512_set1_epi64(g[j]);
         const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
         const __m512i low16 = _mm512_set1_epi64(0xFFFF);
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
             const int64_t nb = std::min<int64_t>(64, nblocks - b0);
-            uint32_t masks[64];
-            uint64_t hit = 0;
-            for (int64_t i = 0; i < nb; ++i) {
+            // (the bitmap from 4 vector tests of the stored masks, not a test per block)
+            alignas(64) uint32_t masks[64];
+            for (int64_t i = 0; i < nb; ++i)
                 masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + b0 + i), gv);
-                hit |= static_cast<uint64_t>(masks[i] != 0) << i;
+            for (int64_t i = nb; i < 64; ++i) masks[i] = 0;
+            uint64_t hit = 0;
+            for (int v = 0; v < 4; ++v) {
+                const __m512i m = _mm512_load_si512(masks + 16 * v);
+                hit |= static_cast<uint64_t>(_mm512_test_epi32_mask(m, m)) << (16 * v);
             }
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64((b0 + i) * kBlockKeys));
-                for (int j = 0; j < count; ++j) {
-                    const __m512i d = _mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16);
-                    const __mmask8 mj = _mm512_cmple_epu64_mask(d, _mm512_set1_epi64(g[j]));
-                    const __m512i e = _mm512_or_si512(_mm512_slli_epi64(d, 32), pos);
-                    _mm512_storeu_si512(cand[j] + nc[j], _mm512_maskz_compress_epi64(mj, e));
-                    nc[j] += __builtin_popcount(mj);
+                const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64(c0 + (b0 + i) * kBlockKeys));
+                if (sparse) {
+                    // Only the queries with a hit in this block (bit j of the folded mask;
+                    // usually one); absent queries never hit (kNoKey > g).
+                    uint32_t m = masks[i];
+                    m |= m >> 16;
+                    m |= m >> 8;
+                    m |= m >> 4;
+                    for (uint32_t qm = m & 0xF; qm; qm &= qm - 1) {
+                        const int j = __builtin_ctz(qm);
+                        append_hits(_mm512_and_si512(_mm512_srl_epi64(p, _mm_cvtsi32_si128(16 * j)), low16),
+                                    gq[j], pos, cand[j], nc[j]);
+                    }
+                } else {  // dense hits (short chunks): a fixed trip count predicts better
+                    for (int j = 0; j < count; ++j)
+                        append_hits(_mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16), gq[j], pos,
+                                    cand[j], nc[j]);
                 }
             }
         }
         for (int j = 0; j < count; ++j) {
-            select_topk(cand[j], nc[j], g[j], topk_, W_, count_.data(), slot_.data(),
-                        out_dist_ + ids[j] * topk_, out_idx_ + ids[j] * topk_);
+            const int64_t take = select_topk(cand[j], nc[j], hi[j], topk_, count_.data(), slot_.data());
+            std::copy(slot_.data(), slot_.data() + take, run_.data() + (r0 + j) * topk_);
+            take_[r0 + j] = take;
         }
     }
 
-   private:
     const int64_t* q_;
     int64_t W_, topk_;
     int32_t* out_dist_;
     int64_t* out_idx_;
-    int64_t nblocks_;  // blocks of the longest history
+    int64_t nblocks_;  // blocks of the longest chunk
+    int64_t stride_;   // entries per query in cand_
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
     AlignedBuffer<uint64_t> cand_;
     AlignedBuffer<uint64_t> slot_;  // topk + 1: the selection's output, and a dump slot
+    AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
+    int64_t take_[kGroupBlocks * kMaxQueries];
     std::vector<int32_t> count_;
 };
 
@@ -621,15 +722,18 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < nblocks; ++blk)
                 tile_block(Keys::of(keys, rows, u, L, W), n, W, blk, shared);
-            // Blocks small enough that every thread gets work, up to kMaxQueries.
+            // Blocks small enough that every thread gets work, up to kMaxQueries; groups of
+            // up to kGroupBlocks blocks share each chunk of keys.
             const int64_t nq = g.start[u + 1] - g.start[u];
             const int64_t qb = std::min<int64_t>(kMaxQueries, (nq + nthreads - 1) / nthreads);
             const int64_t nqb = (nq + qb - 1) / qb;
+            const int64_t gb = std::max<int64_t>(1, std::min<int64_t>(kGroupBlocks, nqb / (4 * nthreads)));
+            const int64_t ngroups = (nqb + gb - 1) / gb;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < nqb; ++i) {
-                const int64_t first = i * qb;
+            for (int64_t i = 0; i < ngroups; ++i) {
+                const int64_t first = i * gb * qb;
                 worker.run<Layout::kTile>(shared, nullptr, n, g.order.data() + g.start[u] + first,
-                                          static_cast<int>(std::min(qb, nq - first)));
+                                          std::min(gb * qb, nq - first), qb);
             }
             // (the implicit barrier keeps the next hot history from overwriting the tile)
         }
@@ -637,9 +741,11 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
         for (size_t i = 0; i < cold.size(); ++i) {
             const int64_t u = cold[i];
             const Keys hk = Keys::of(keys, rows, u, L, W);
-            for (int64_t first = g.start[u]; first < g.start[u + 1]; first += kMaxQueries) {
+            constexpr int64_t kGroup = kGroupBlocks * kMaxQueries;
+            for (int64_t first = g.start[u]; first < g.start[u + 1]; first += kGroup) {
                 worker.run<Keys::kLayout>(hk.keys, hk.rows, lengths[u], g.order.data() + first,
-                                          static_cast<int>(std::min<int64_t>(kMaxQueries, g.start[u + 1] - first)));
+                                          std::min<int64_t>(kGroup, g.start[u + 1] - first),
+                                          kMaxQueries);
             }
         }
     }

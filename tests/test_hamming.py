@@ -106,6 +106,32 @@ def test_topk_many_queries_per_history(backend, W, nbits):
     _check_topk(backend, q[:37], k[:1], 64)
 
 
+@pytest.mark.parametrize("nbits", [None, 12])
+def test_topk_longer_than_a_chunk(backend, nbits):
+    """Histories longer than the C++ AVX-512 path's key chunk (16384 keys): each query's
+    running top k is carried from chunk to chunk, by groups of query blocks sharing a chunk
+    (serving layout) and by single histories (training layout); ties across a chunk
+    boundary must still go to the smaller position."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter takes minutes at this length")
+    g = torch.Generator().manual_seed(14)
+    L, W = 2 * 16384 + 1003, 4
+    q = random_sigs(70, W, nbits=nbits, generator=g)
+    k = random_sigs(1, L, W, nbits=nbits, generator=g)
+    k[0, 16384 + 5] = q[3]                       # distance 0, in the second chunk
+    k[0, 2 * 16384 + 7] = q[3]                   # the same, later: ranks after it
+    for topk in (1, 64, 300):
+        _check_topk(backend, q, k, topk)
+    _check_topk(backend, q[:9], k, 64, lengths=torch.tensor([16384 + 9]))
+    k3 = random_sigs(3, L, W, nbits=nbits, generator=g)
+    _check_topk(backend, q[:3], k3, 64, lengths=torch.tensor([L, 16384, 20000]))
+    rows = torch.randint(0, 500, (2, L), generator=g)   # the indexed form: heavy repeats
+    table = random_sigs(500, W, nbits=nbits, generator=g)
+    got = fastattn.hamming_topk(q[:2], table, 64, hist_rows=rows, backend=backend)
+    want = ref.hamming_topk(q[:2], table[rows], 64)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("W", [1023, 1024, 1100])
 def test_topk_wide_signatures(backend, W):
     """W >= 1024: 64 W no longer fits the AVX-512 path's uint16 distances, which used to wrap
