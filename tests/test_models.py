@@ -8,7 +8,7 @@ import torch
 from fastattn.data.batch import Batch
 from fastattn.models import DIN, MIMN, MODELS, SDIM, CTRModel, ETANet, SIMHard, build
 from fastattn.models.sdim import bucket_interest, hash_codes
-from fastattn.models.sim import category_search
+from fastattn.models.sim import category_search, interval_buckets
 
 N_ITEMS, N_CATS = 50, 5
 # Tiny configurations that still exercise every branch: ETA retrieves (L > topk), SIM's
@@ -308,8 +308,23 @@ def test_sim_attends_only_retrieved_rows():
     batch.target_cat = torch.ones(3, dtype=torch.int64)
     target = model.embed(batch.target_item, batch.target_cat)
     keys = model.embed(batch.hist_items, batch.hist_cats)
+    pos = torch.arange(keys.shape[1]).expand(3, -1)
+    pos = torch.where(pos < batch.lengths[:, None], pos, -1)
+    interval = model.time_emb(interval_buckets(pos, batch.lengths, model.time_buckets))
+    keys = torch.cat([keys, interval], -1)          # SIM's ESU keys: [behaviour, interval]
     torch.testing.assert_close(model.esu_attn(target, keys, lengths=batch.lengths),
                                _esu(model, batch, target), **FP64)
+
+
+def test_sim_interval_buckets():
+    """Behaviours after the position, log2-bucketed from 1, capped; 0 for empty slots."""
+    idx = torch.tensor([[9, 8, 7, 6, 3, 0, -1], [0, 1, 2, -1, -1, -1, -1]])
+    lengths = torch.tensor([10, 3])
+    assert interval_buckets(idx, lengths, 3).tolist() == [[1, 2, 2, 3, 3, 3, 0],
+                                                          [2, 2, 1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="time_buckets"):
+        make_model("sim", time_buckets=-1)
+    assert make_model("sim", time_buckets=0).time_emb is None
 
 
 def _esu(model, batch, target):
