@@ -108,3 +108,17 @@ def test_tie_aware_recall_counts_tied_copies():
     assert tie_aware_hits(scores, idx, exact).tolist() == [2, 1]
     idx = torch.tensor([[3, 2, 1], [0, 1, -1]])        # three tied copies: only two count
     assert tie_aware_hits(scores, idx, exact).tolist() == [2, 2]
+
+
+def test_model_arg_reaches_the_constructor(tmp_path):
+    """--model-arg MODEL:KEY=VALUE passes a constructor argument to that model only."""
+    args = ["--users", "30", "--items", "40", "--cats", "5", "--candidates", "2",
+            "--max-history", "60", "--lengths", "20", "--epochs", "1", "--batch-size", "16",
+            "--embed-dim", "4", "--models", "eta,sim", "--model-arg", "eta:time_buckets=3",
+            "--model-arg", "sim:time_buckets=0", "--out", str(tmp_path)]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "train.json").read_text())["config"]
+    assert config["model_args"] == {"eta": {"time_buckets": 3}, "sim": {"time_buckets": 0}}
+    for bad in ("eta:time_buckets", "nope:x=1", "eta:x=not a literal", "time_buckets=3"):
+        with pytest.raises(SystemExit):
+            main(["--models", "eta", "--model-arg", bad, "--out", str(tmp_path)])
