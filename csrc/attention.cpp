@@ -112,6 +112,13 @@ FA_INLINE void scaled_copy(T* __restrict y, T a, const T* __restrict x, int64_t 
     for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
 }
 
+template <typename T>
+FA_INLINE void scaled_sum(T* __restrict y, T a, const T* __restrict x, T c,
+                          const T* __restrict z, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = a * x[i] + c * z[i];
+}
+
 // Forward of one query: scores into scratch, softmax per head, then the weighted sum of
 // value rows. Two passes over the rows (keys, then values) instead of an online softmax:
 // the scores are only K * H floats, and no accumulator ever needs rescaling.
@@ -168,11 +175,13 @@ FA_INLINE void forward_query(const Problem<T>& p, int64_t b, Scratch<T>& sc, T* 
 
 // Backward of one query. lse is given, so p_j = exp(s_j - lse) needs no second pass and
 // each slot is finished in one visit: dv_j = p g, ds = p (g.v_j - g.out),
-// dq += scale ds k_j, dk_j = scale ds q.
+// dq += scale ds k_j, dk_j = scale ds q. When dv_slots is dk_slots (the keys are the
+// values, Dh == Dv) each slot's row gets both terms, dk_j + dv_j, in one write.
 template <typename T>
 FA_INLINE void backward_query(const Problem<T>& p, int64_t b, Scratch<T>& sc, const T* grad_out,
                               const T* out, const T* lse, T* dq, T* dk_slots, T* dv_slots) {
     const int64_t H = p.H, Dh = p.Dh, Dv = p.Dv, K = p.K;
+    const bool tied = dv_slots == dk_slots;
     T* dqb = dq + b * H * Dh;
     std::fill(dqb, dqb + H * Dh, T(0));
     // Empty slots get zero gradient: clear them here rather than trusting the caller.
@@ -209,9 +218,13 @@ FA_INLINE void backward_query(const Problem<T>& p, int64_t b, Scratch<T>& sc, co
             const T* gh = grad_out + (b * H + h) * Dv;
             const T pj = std::exp(p.scale * dot(qh, kj + h * Dh, Dh) - lse[b * H + h]);
             const T ds = pj * (dot(gh, vj + h * Dv, Dv) - g_out[h]);
-            scaled_copy(dvj + h * Dv, pj, gh, Dv);
             axpy(dqb + h * Dh, p.scale * ds, kj + h * Dh, Dh);
-            scaled_copy(dkj + h * Dh, p.scale * ds, qh, Dh);
+            if (tied) {
+                scaled_sum(dkj + h * Dh, p.scale * ds, qh, pj, gh, Dh);
+            } else {
+                scaled_copy(dvj + h * Dv, pj, gh, Dv);
+                scaled_copy(dkj + h * Dh, p.scale * ds, qh, Dh);
+            }
         }
     }
 }

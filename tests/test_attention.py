@@ -131,6 +131,41 @@ def test_topk_attention_with_external_idx(backend):
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_topk_attention_own_rows(backend, tied):
+    """Rows gathered per query beforehand (U = B, L = K, idx[b, j] in {j, -1}, as
+    ETAAttention's winners): the backward skips the scatter; the keys may be the values."""
+    B, K, H, D = 4, 9, 2, 5
+    q, keys, values, _, _ = _inputs(B, B, K, H, D, D)
+    idx = torch.arange(K).repeat(B, 1)
+    idx[0, 3:] = -1
+    idx[1] = -1
+    idx[2, ::2] = -1
+    g = torch.randn(B, H, D, dtype=torch.float64)
+    if tied:
+        def f(q, kv):
+            return fastattn.topk_attention(q, kv, kv, idx, backend=backend)
+
+        def oracle(q, kv):
+            return ref.topk_attention(q, kv, kv, idx, None, D ** -0.5)[0]
+        inputs = (q, keys)
+    else:
+        def f(q, k, v):
+            return fastattn.topk_attention(q, k, v, idx, backend=backend)
+
+        def oracle(q, k, v):
+            return ref.topk_attention(q, k, v, idx, None, D ** -0.5)[0]
+        inputs = (q, keys, values)
+    out, grads = _grads(f, inputs, g)
+    want, want_grads = _grads(oracle, inputs, g)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert (grads[1][1] == 0).all() and (grads[1][0, 3:] == 0).all()
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
 def test_opcheck(backend):
     q, keys, values, _, _ = _inputs(4, 2, 10, 2, 3, 5)
     for t in (q, keys, values):

@@ -368,6 +368,32 @@ def test_sdim_bucket_interest_equals_brute_force():
                                                torch.arange(4)), **FP64)
 
 
+@pytest.mark.parametrize("N, L, by_row", [(6, 40, True), (60, 3, False)])
+def test_sdim_bucket_interest_indexed_paths(monkeypatch, N, L, by_row):
+    """Indexed training layout: per distinct row (a small table for long histories) or per
+    position equals the dense call on table[hist_rows], gradient included."""
+    import fastattn.models.sdim as sdim
+    calls = []
+    real = sdim._collisions_by_row
+    monkeypatch.setattr(sdim, "_collisions_by_row", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    D, H, nb = 5, 4, 4
+    table = torch.randn(N, D, dtype=torch.float64, generator=g, requires_grad=True)
+    codes = torch.randint(0, nb, (N, H), generator=g)
+    lengths = torch.tensor([L, 0, L // 2 + 1, 1])
+    rows = torch.randint(0, N, (4, L), generator=g)
+    rows[torch.arange(L) >= lengths[:, None]] = -1
+    qc = torch.randint(0, nb, (4, H), generator=g)
+    got = bucket_interest(table, codes, lengths, qc, nb, hist_rows=rows)
+    dense = rows.clamp(min=0)
+    want = bucket_interest(table[dense], codes[dense], lengths, qc, nb)
+    torch.testing.assert_close(got, want, **FP64)
+    assert (got[1] == 0).all() and bool(calls) == by_row
+    (gt,) = torch.autograd.grad(got.sum(), table)
+    (gw,) = torch.autograd.grad(want.sum(), table)
+    torch.testing.assert_close(gt, gw, **FP64)
+
+
 def test_models_are_ctr_models():
     for name, cls in MODELS.items():
         assert issubclass(cls, CTRModel) and cls.name == name

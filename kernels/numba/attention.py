@@ -98,7 +98,8 @@ def topk_attention_bwd(grad_out, q, keys, values, idx, hist_index, out, lse, sca
 
     grad_out / out (B, H, Dv), lse (B, H) from the forward; dq (B, H, Dh),
     dk_slots (B, K, H, Dh), dv_slots (B, K, H, Dv) zero-filled by the caller (empty slots
-    and queries with no valid slot keep their zeros). With p_j = exp(s_j - lse) recomputed
+    and queries with no valid slot keep their zeros); dv_slots may be dk_slots (keys are
+    the values): it then gets both gradients. With p_j = exp(s_j - lse) recomputed
     from the stored lse (no softmax kept from the forward):
     dv_j = p_j g; ds_j = p_j (g . v_j - g . out); dq = scale sum_j ds_j k_j;
     dk_j = scale ds_j q. One pass over the slots reads each k_j and v_j once.
@@ -126,10 +127,11 @@ def topk_attention_bwd(grad_out, q, keys, values, idx, hist_index, out, lse, sca
                 p = q.dtype.type(np.exp(sc * _dot(qr, kr, zero) - lse_bh))
                 ds = p * (_dot(g, vr, zero) - gout)
                 c = sc * ds
+                # Added (into zeros), so dv_slots may be dk_slots itself (tied keys/values).
                 dvr = dv_slots[b, j, h]
                 for d in range(dvr.shape[0]):
-                    dvr[d] = p * g[d]
+                    dvr[d] += p * g[d]
                 dkr = dk_slots[b, j, h]
                 for d in range(dkr.shape[0]):
-                    dkr[d] = c * qr[d]
+                    dkr[d] += c * qr[d]
                     dqr[d] += c * kr[d]

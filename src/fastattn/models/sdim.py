@@ -55,10 +55,17 @@ def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_code
     dev = keys.device
     if hist_rows is not None:
         U, L = hist_rows.shape
-        if keys.shape[0] == 0:                     # no valid behaviour anywhere
+        N = keys.shape[0]
+        if N == 0:                                 # no valid behaviour anywhere
             return keys.new_zeros(B, D)
         rows = hist_rows.clamp(min=0)              # padding is masked by lengths below
-        key_codes = key_codes[rows]                # (U, L, H) int: per position, no floats
+        valid = torch.arange(L, device=dev) < lengths[:, None]                # (U, L)
+        if hist_index is None and U == B and \
+                N * (H * n_buckets + D) <= 8 * L * (H + D):
+            return _collisions_by_row(keys, key_codes, rows, valid, query_codes, n_buckets)
+        # (U, L, H) per position, in the narrowest dtype the codes fit (uint8 for w <= 8:
+        # 8x less to gather, compare and mask than int64 at long L); no floats
+        key_codes = key_codes.to(torch.uint8 if n_buckets <= 256 else torch.int32)[rows]
     else:
         U, L = keys.shape[:2]
     nb = H * n_buckets
@@ -67,8 +74,9 @@ def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_code
         # Training layout (one history per query): weigh each behaviour by how many of the
         # query's buckets it falls in, 1 / (bucket size · H) each: O(B·L·H) compares and one
         # weighted sum per query, far cheaper than building B bucket tables that serve one.
-        hit = (key_codes == query_codes[:, None, :]) & valid[..., None]           # (B, L, H)
-        share = (hit.to(keys.dtype) / (hit.sum(1, keepdim=True).clamp(min=1) * H)).sum(-1)
+        hit = (key_codes == query_codes.to(key_codes.dtype)[:, None, :]) & valid[..., None]
+        weight = 1 / (hit.sum(1).clamp(min=1) * H).to(keys.dtype)                 # (B, H)
+        share = torch.bmm(hit.to(keys.dtype), weight[:, :, None])[..., 0]         # (B, L)
         if hist_rows is not None:     # the weighted sum reads the table rows in place
             return F.embedding_bag(rows, keys, per_sample_weights=share, mode="sum")
         return torch.bmm(share[:, None, :], keys)[:, 0]
@@ -91,6 +99,30 @@ def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_code
     s = sums[flat]                                                    # (B, H, D)
     c = counts[flat]                                                  # (B, H)
     return (s / c.clamp(min=1)[..., None]).mean(1)    # an empty bucket's sum is 0: mean 0
+
+
+def _collisions_by_row(table: Tensor, codes: Tensor, rows: Tensor, valid: Tensor,
+                       query_codes: Tensor, n_buckets: int) -> Tensor:
+    """:func:`bucket_interest` in the indexed training layout (query b reads history b),
+    per distinct row instead of per position: three small GEMMs over (B, N) instead of
+    (B, L, H) compares, masks and weights, the better when the table has few rows (N) for
+    the histories' length (L), as a batch of long histories over a catalogue has.
+
+    table (N, D), codes (N, H), rows (B, L) clamped, valid (B, L), query_codes (B, H).
+    With c[b, n] the valid occurrences of row n in history b and onehot(n) its codes' one-hot
+    (H·n_buckets,): bucket sizes c @ onehot, each row's share Σ_h [hit] / (size·H), and the
+    interest Σ_n c[b, n] share[b, n] table[n] (differentiable in ``table``)."""
+    B, H = query_codes.shape
+    N = table.shape[0]
+    dt = table.dtype
+    count = torch.zeros(B, N, dtype=dt, device=table.device).scatter_add_(1, rows,
+                                                                          valid.to(dt))
+    onehot = F.one_hot(codes, n_buckets).to(dt).reshape(N, H * n_buckets)
+    want = F.one_hot(query_codes, n_buckets).to(dt)                          # (B, H, nb)
+    size = ((count @ onehot).view(B, H, n_buckets) * want).sum(-1)           # (B, H)
+    weight = want / (size.clamp(min=1) * H)[..., None]
+    share = count * (weight.reshape(B, H * n_buckets) @ onehot.T)            # (B, N)
+    return share @ table
 
 
 class SDIM(CTRModel):

@@ -194,7 +194,8 @@ class ETAAttention(TargetAttention):
     In the indexed form (a table plus ``hist_rows``) each table row is projected and hashed
     once: one signature per distinct behaviour. Keys are projected without autograd just to
     be hashed; the B·topk retrieved rows are gathered and projected again with autograd, so
-    V is projected for them only and the backward touches B·topk rows (DESIGN.md §7).
+    V is projected for them only and the backward touches B·topk rows (DESIGN.md §7). With
+    one head they are read in place, unprojected (:meth:`attend_inputs`).
     For serving (ETA+), :meth:`precompute_key_signatures` hashes item embeddings once; pass
     the signatures of the table's rows (indexed form) or of every position (dense form) as
     ``key_signatures`` while the weights stay frozen.
@@ -300,14 +301,17 @@ class ETAAttention(TargetAttention):
                               self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
+        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
+            # The winners are read in place (no (B, topk, ·) copy); the backward adds their
+            # gradients into the inputs' rows with the op's deterministic scatter.
+            return self.attend_inputs(
+                q, lambda qk, scale: topk_attention(
+                    qk, keys, keys if values is None else values, idx, hist_index=hist_index,
+                    hist_rows=hist_rows, scale=scale, backend=self.backend),
+                (idx >= 0).any(1))
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
         k_in = rows.gather(keys)
         v_in = k_in if values is None else rows.gather(values)
-        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
-            return self.attend_inputs(
-                q, lambda qk, scale: topk_attention(qk, k_in, v_in, rows.slots, scale=scale,
-                                                    backend=self.backend),
-                (rows.slots >= 0).any(1))
         out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
                              self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
         return self._merge(out)

@@ -164,13 +164,17 @@ def slot_rows(hist_rows: Tensor, hist: Tensor, idx: Tensor, n_rows: int) -> Tens
     """Table row (B, K) int64 of each selected slot: hist_rows[hist[b], idx[b, j]], -1 where
     idx = -1. ``idx`` must already be checked to lie in [-1, L); a selected position whose
     row is outside [0, n_rows) (e.g. -1 padding inside the selection) raises ValueError."""
-    rows = hist_rows.to(torch.int64)
     sel = idx >= 0
-    if rows.numel() == 0:        # no position at all: idx can only hold -1
+    if hist_rows.numel() == 0:   # no position at all: idx can only hold -1
         return idx.contiguous()
-    L = rows.shape[1]
-    at = rows.reshape(-1)[(hist[:, None] * L + idx.clamp(min=0)).reshape(-1)]
-    flat = torch.where(sel, at.view(idx.shape), -1)
+    U, L = hist_rows.shape
+    pos = idx.clamp(min=0)
+    # One history per query: no flat index. (Deciding reads hist: CPU only, no CUDA sync.)
+    if U == idx.shape[0] and hist.device.type == "cpu" and torch.equal(hist, torch.arange(U)):
+        at = torch.gather(hist_rows, 1, pos)
+    else:
+        at = hist_rows.reshape(-1).index_select(0, (hist[:, None] * L + pos).reshape(-1))
+    flat = torch.where(sel, at.view(idx.shape).to(torch.int64), -1)
     if not idx.numel():
         return flat
     bad = sel & ((flat < 0) | (flat >= n_rows))

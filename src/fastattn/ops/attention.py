@@ -74,29 +74,48 @@ def _(q, keys, values, idx, hist_index, hist_rows, scale, backend):
 
 
 def _backward_slots(backend: str, g: Tensor, q: Tensor, keys: Tensor, values: Tensor,
-                    ix: Tensor, hist: Tensor, out: Tensor, lse: Tensor,
-                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                    ix: Tensor, hist: Tensor, out: Tensor, lse: Tensor, scale: float,
+                    tied: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """dq (B, H, Dh) and the gradient of each selected row, dk_slots (B, K, H, Dh) and
-    dv_slots (B, K, H, Dv), in the accumulation dtype (fp32 for half inputs on CPU)."""
+    dv_slots (B, K, H, Dv), in the accumulation dtype (fp32 for half inputs on CPU). With
+    ``tied`` (the keys are the values) dk_slots holds both gradients and dv_slots is None."""
     B, H, Dh = q.shape
     K, Dv = ix.shape[1], values.shape[-1]
-    if backend == "torch":
-        return ref.topk_attention_backward_slots(g, q, keys, values, ix, hist, out, lse, scale)
-    if backend == "triton":
-        return kernels("triton").topk_attention_bwd(
-            g.contiguous(), q.contiguous(), keys.contiguous(), values.contiguous(), ix,
-            hist, out.contiguous(), lse.contiguous(), scale)
+    if backend in ("torch", "triton"):
+        if backend == "torch":
+            dq, dk_slots, dv_slots = ref.topk_attention_backward_slots(
+                g, q, keys, values, ix, hist, out, lse, scale)
+        else:
+            dq, dk_slots, dv_slots = kernels("triton").topk_attention_bwd(
+                g.contiguous(), q.contiguous(), keys.contiguous(), values.contiguous(), ix,
+                hist, out.contiguous(), lse.contiguous(), scale)
+        return (dq, dk_slots.add_(dv_slots), None) if tied else (dq, dk_slots, dv_slots)
     acc = _acc_dtype(q.dtype)
-    gc, qc, kc, vc, oc = (t.to(acc).contiguous() for t in (g, q, keys, values, out))
+    gc, qc, kc, oc = (t.to(acc).contiguous() for t in (g, q, keys, out))
+    vc = kc if tied else values.to(acc).contiguous()
     # The C++ kernel writes every element (zeros for empty slots); numba adds into zeros.
+    # Tied: both kernels take dk_slots as dv_slots too and write the sum into it.
     alloc = torch.empty if backend == "cpp" else torch.zeros
     dq = alloc(B, H, Dh, dtype=acc)
     dk_slots = alloc(B, K, H, Dh, dtype=acc)
-    dv_slots = alloc(B, K, H, Dv, dtype=acc)
+    dv_slots = dk_slots if tied else alloc(B, K, H, Dv, dtype=acc)
     if B and H:
         cpu_call(backend, "topk_attention_bwd", gc, qc, kc, vc, ix, hist, oc,
                  lse.to(acc).contiguous(), float(scale), dq, dk_slots, dv_slots)
-    return dq, dk_slots, dv_slots
+    return dq, dk_slots, None if tied else dv_slots
+
+
+def _own_rows(ix: Tensor, hist: Tensor, U: int, L: int) -> bool:
+    """Whether every selected slot (b, j) is row (b, j) of its own history (U = B, L = K,
+    hist = b, ix[b, j] in {j, -1}): the rows were gathered per query beforehand, so the slot
+    gradients are the rows' gradients, with zeros where a slot is empty. CPU only (the
+    check reads values)."""
+    B, K = ix.shape
+    if ix.device.type != "cpu" or U != B or L != K:
+        return False
+    pos = torch.arange(K, dtype=ix.dtype)
+    return bool(torch.equal(hist, torch.arange(B, dtype=hist.dtype))
+                and ((ix == pos) | (ix < 0)).all())
 
 
 @torch.library.custom_op("fastattn::topk_attention_backward", mutates_args=())
@@ -114,17 +133,20 @@ def _topk_attention_backward(grad_out: Tensor, q: Tensor, keys: Tensor,
     k4, v4 = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
     K = ix.shape[1]
     step = max(1, _SLOT_CHUNK_ELEMS // max(1, B * H * max(Dh, Dv)))
+    if K <= step and _own_rows(ix, hist, U, L):
+        dq, dk, dv = _backward_slots(backend, grad_out, q, k4, v4, ix, hist, out, lse, scale,
+                                     tied)
+        dv = keys.new_empty(0) if tied else dv.reshape(values.shape).to(values.dtype)
+        return dq.to(q.dtype), dk.reshape(keys.shape).to(keys.dtype), dv
     dq = dk = dv = None
     for j0 in range(0, max(K, 1), step):
         sl = ix[:, j0:j0 + step].contiguous()
         kc = sl.shape[1]
         dq_c, dk_slots, dv_slots = _backward_slots(backend, grad_out, q, k4, v4, sl, hist, out,
-                                                   lse, scale)
+                                                   lse, scale, tied)
         dq = dq_c if dq is None else dq.add_(dq_c)
         dk = scatter_add_rows(dk_slots.reshape(B, kc, H * Dh), sl, hist, U, L, backend, dk)
-        if tied:
-            dk = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend, dk)
-        else:
+        if not tied:
             dv = scatter_add_rows(dv_slots.reshape(B, kc, H * Dv), sl, hist, U, L, backend,
                                   dv)
     dv = keys.new_empty(0) if tied else dv.reshape(values.shape).to(values.dtype)
