@@ -8,7 +8,8 @@ import torch
 from fastattn.data.batch import Batch
 from fastattn.models import DIN, MIMN, MODELS, SDIM, CTRModel, ETANet, SIMHard, build
 from fastattn.models.sdim import bucket_interest, hash_codes
-from fastattn.models.sim import category_search
+from fastattn.models.sim import category_search, interval_buckets
+from fastattn.nn import ETAAttention
 
 N_ITEMS, N_CATS = 50, 5
 # Tiny configurations that still exercise every branch: ETA retrieves (L > topk), SIM's
@@ -308,8 +309,23 @@ def test_sim_attends_only_retrieved_rows():
     batch.target_cat = torch.ones(3, dtype=torch.int64)
     target = model.embed(batch.target_item, batch.target_cat)
     keys = model.embed(batch.hist_items, batch.hist_cats)
+    pos = torch.arange(keys.shape[1]).expand(3, -1)
+    pos = torch.where(pos < batch.lengths[:, None], pos, -1)
+    interval = model.time_emb(interval_buckets(pos, batch.lengths, model.time_buckets))
+    keys = torch.cat([keys, interval], -1)          # SIM's ESU keys: [behaviour, interval]
     torch.testing.assert_close(model.esu_attn(target, keys, lengths=batch.lengths),
                                _esu(model, batch, target), **FP64)
+
+
+def test_sim_interval_buckets():
+    """Behaviours after the position, log2-bucketed from 1, capped; 0 for empty slots."""
+    idx = torch.tensor([[9, 8, 7, 6, 3, 0, -1], [0, 1, 2, -1, -1, -1, -1]])
+    lengths = torch.tensor([10, 3])
+    assert interval_buckets(idx, lengths, 3).tolist() == [[1, 2, 2, 3, 3, 3, 0],
+                                                          [2, 2, 1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="time_buckets"):
+        make_model("sim", time_buckets=-1)
+    assert make_model("sim", time_buckets=0).time_emb is None
 
 
 def _esu(model, batch, target):
@@ -403,3 +419,32 @@ def test_eta_hash_input_raw_model():
     torch.testing.assert_close(m(b, key_signatures=table), m(b), **FP64)
     with pytest.raises(ValueError, match="hash_input"):
         make_model("eta", hash_input="nope")
+
+
+def test_eta_time_buckets():
+    """ETANet(time_buckets=): the interval embedding is attended, not hashed: serving and
+    training layouts agree, the indexed (item, category, bucket) rows give the dense
+    path's loss and gradients, ETA+ item signatures still hold, and it is in config()."""
+    dense = make_model("eta", time_buckets=5, dedup=False)
+    assert dense.config()["time_buckets"] == 5
+    assert build(**dense.config()).long_attn.hash_dims == dense.dim
+    serving = make_batch([33], 37, B=5, label=False)
+    torch.testing.assert_close(dense(serving), dense(repeated(serving)), **FP64)
+    indexed = copy.deepcopy(dense)
+    indexed.dedup, indexed.dedup_min_positions = True, 0
+    for batch in (make_batch([37, 12, 0, 1, 30], 37), make_batch([33], 37, B=4)):
+        batch.hist_items = batch.hist_items % 7
+        batch.hist_cats = torch.where(batch.hist_items > 0, batch.hist_items % 3 + 1, 0)
+        want_loss, want = grads(dense, batch)
+        loss, got = grads(indexed, batch)
+        torch.testing.assert_close(loss, want_loss, **FP64)
+        assert "time_emb.weight" in got and got["time_emb.weight"].abs().sum() > 0
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], **FP64, msg=f"grad of {n}")
+        item_cat = torch.arange(N_ITEMS + 1) % (N_CATS + 1)
+        batch.hist_cats = item_cat[batch.hist_items]
+        table = indexed.item_signatures(item_cat)
+        for m in (dense, indexed):
+            torch.testing.assert_close(m(batch, key_signatures=table), m(batch), **FP64)
+    with pytest.raises(ValueError, match="hash_dims"):
+        ETAAttention(8, topk=2, hash_dims=9)

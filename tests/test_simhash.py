@@ -89,6 +89,25 @@ def test_make_planes_are_exact_bf16():
         assert torch.equal(planes.to(torch.bfloat16).to(dtype), planes)
 
 
+def test_make_planes_orthogonal_super_bit():
+    """Each group of D consecutive planes is orthogonal (up to the bf16 rounding), every
+    column keeps its Gaussian draw's length, and the draw is seeded like the plain one."""
+    D, NB = 12, 40                                  # groups of 12, 12, 12, 4 columns
+    planes = fastattn.make_planes(D, NB, torch.Generator().manual_seed(5), orthogonal=True)
+    plain = fastattn.make_planes(D, NB, torch.Generator().manual_seed(5))
+    assert torch.equal(planes.to(torch.bfloat16).float(), planes)
+    torch.testing.assert_close(planes.norm(dim=0), plain.norm(dim=0), rtol=2e-2, atol=0)
+    unit = planes / planes.norm(dim=0)
+    for lo in range(0, NB, D):
+        g = unit[:, lo:lo + D]
+        torch.testing.assert_close(g.T @ g, torch.eye(g.shape[1]), atol=2e-2, rtol=0)
+    assert not torch.allclose((unit.T @ unit)[:D, D:2 * D], torch.zeros(D, D), atol=2e-2)
+    assert torch.equal(planes, fastattn.make_planes(D, NB, torch.Generator().manual_seed(5),
+                                                    orthogonal=True))
+    with pytest.raises(TypeError, match="orthogonal"):
+        fastattn.make_planes(D, NB, orthogonal=1)
+
+
 def _cpp_amx():
     info = fastattn.backends()
     return info["available"]["cpp"] and info["cpu_features"].get("simhash_sign") == "amx_bf16"

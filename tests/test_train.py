@@ -61,9 +61,10 @@ def test_train_retrieval_epoch_auc_and_variant(tmp_path, capsys):
     assert {(r["model"], r["max_len"], r["bits"], r["k"]) for r in recall} == \
         {("eta", n, b, k) for n in (30, 100) for b in (32, 64) for k in (3, 256)}
     for r in recall:
-        assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["tie_share"] <= 1.0
-        # ETANet's defaults: 256 bits, topk 256 (these histories are shorter: exact)
-        assert r["default"] == (r["bits"] == 256 and r["k"] == 256)
+        assert 0.0 <= r["recall_positions"] <= r["recall"] <= 1.0
+        assert 0.0 <= r["tie_share"] <= 1.0
+        # ETANet's default bits: 256 (these histories are shorter than topk 256: exact)
+        assert r["default"] == (r["bits"] == 256)
         if r["k"] == 256:
             assert r["recall"] == 1.0
     hits = {(r["model"], r["max_len"]): r for r in rows if r["kind"] == "interest"}
@@ -89,3 +90,35 @@ def test_retrieval_and_variant_need_synthetic_data(tmp_path):
     for extra in (["--retrieval"], ["--variant", "recent"]):
         with pytest.raises(SystemExit):
             main(["--csv", str(tmp_path / "log.csv"), "--out", str(tmp_path)] + extra)
+
+
+def test_tie_aware_recall_counts_tied_copies():
+    """Recall by score: a retrieved copy of a behaviour tied with the exact top-k's last
+    entry counts (up to the number of tied entries the exact top-k holds)."""
+    import torch
+    from fastattn.bench.retrieval import exact_topk, tie_aware_hits
+    scores = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, float("-inf")],
+                           [2.0, 1.0, float("-inf"), float("-inf"), float("-inf"),
+                            float("-inf")]])
+    lengths = torch.tensor([5, 2])
+    q = torch.ones(2, 1)
+    exact = exact_topk(q, scores.nan_to_num(neginf=0)[..., None], lengths, 3)
+    assert exact[0, 0] == 0 and exact[1].tolist() == [0, 1, -1]   # row 0: 0, two 3.0s
+    idx = torch.tensor([[3, 1, 4], [1, -1, -1]])       # the other 3.0 copy, a 3.0, a 1.0
+    assert tie_aware_hits(scores, idx, exact).tolist() == [2, 1]
+    idx = torch.tensor([[3, 2, 1], [0, 1, -1]])        # three tied copies: only two count
+    assert tie_aware_hits(scores, idx, exact).tolist() == [2, 2]
+
+
+def test_model_arg_reaches_the_constructor(tmp_path):
+    """--model-arg MODEL:KEY=VALUE passes a constructor argument to that model only."""
+    args = ["--users", "30", "--items", "40", "--cats", "5", "--candidates", "2",
+            "--max-history", "60", "--lengths", "20", "--epochs", "1", "--batch-size", "16",
+            "--embed-dim", "4", "--models", "eta,sim", "--model-arg", "eta:time_buckets=3",
+            "--model-arg", "sim:time_buckets=0", "--out", str(tmp_path)]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "train.json").read_text())["config"]
+    assert config["model_args"] == {"eta": {"time_buckets": 3}, "sim": {"time_buckets": 0}}
+    for bad in ("eta:time_buckets", "nope:x=1", "eta:x=not a literal", "time_buckets=3"):
+        with pytest.raises(SystemExit):
+            main(["--models", "eta", "--model-arg", bad, "--out", str(tmp_path)])

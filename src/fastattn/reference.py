@@ -103,13 +103,26 @@ def unique_rows(ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, 
 # --------------------------------------------------------------------------- SimHash
 
 def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = None,
-                dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+                dtype: torch.dtype = torch.float32, device=None, *,
+                orthogonal: bool = False) -> Tensor:
     """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`.
 
     The draws are rounded to bfloat16 values (stored in ``dtype``): SimHash needs random
     directions, not 24-bit ones, and planes exact in bf16 let the C++ AMX path sign fp32
-    rows with two bf16 tile products instead of three (DESIGN §7)."""
+    rows with two bf16 tile products instead of three (DESIGN §7).
+    ``orthogonal``: super-bit planes (Ji et al., NeurIPS 2012): the columns, in consecutive
+    groups of D, are orthogonalised (QR of each group), keeping each column's Gaussian
+    length. Each column is still a uniformly random direction, so every bit is a SimHash
+    bit; within a group the bits are decorrelated, which lowers the variance of the
+    Hamming-distance estimate of the angle."""
     planes = torch.randn(dim, nbits, generator=generator, dtype=torch.float32, device=device)
+    if orthogonal:
+        for lo in range(0, nbits, dim):
+            g = planes[:, lo:lo + dim]
+            q, r = torch.linalg.qr(g.double())
+            d = torch.diagonal(r).sign()
+            d = torch.where(d == 0, 1.0, d)
+            planes[:, lo:lo + dim] = (q * d * g.double().norm(dim=0)).float()
     return planes.to(torch.bfloat16).to(dtype)
 
 

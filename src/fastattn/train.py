@@ -11,6 +11,7 @@ behaviours, whatever the history length; the long-history models read up to the 
 ``--variant long`` / ``--variant recent`` train on the planted set's variants where the
 long-term interests / the recent window dominate the clicks (:data:`fastattn.data.VARIANTS`).
 ``--epoch-auc`` adds the test AUC after every epoch to each row (``auc_by_epoch``).
+``--model-arg eta:time_buckets=16`` (repeatable) passes a constructor argument to one model.
 ``--retrieval`` (synthetic data only) also writes ``retrieval.{csv,json}``: ETA's recall@k
 of SimHash top-k against the exact attention top-k by signature bits (k: its topk and
 ``--retrieval-k``), and each retrieving
@@ -28,6 +29,7 @@ on its shard of every batch; DistributedDataParallel averages the gradients)::
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import gc
 import json
@@ -148,12 +150,13 @@ class TrainConfig(argparse.Namespace):
     truth: Optional[dict] = None          # make_synthetic's hidden variables (--retrieval)
     retrieval_bits: Sequence[int] = (16, 32, 64, 128, 256)
     retrieval_k: Sequence[int] = (64,)
+    model_args: Dict[str, Dict[str, object]] = {}   # per model: constructor kwargs (--model-arg)
 
 
 def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.Module:
     if name not in ABLATIONS:
         return build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
-                     backend=cfg.backend, dedup=cfg.dedup)
+                     backend=cfg.backend, dedup=cfg.dedup, **cfg.model_args.get(name, {}))
     if train.item_tokens is None:
         raise ValueError(f"model {name!r} reads item token strings: the data has none (a CSV "
                          "log needs a tokens column)")
@@ -319,6 +322,9 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--retrieval-k", default=TrainConfig.retrieval_k,
                    help="k of further recall@k rows besides each model's own topk "
                         "(comma-separated)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE",
+                   help="a constructor argument of one model, e.g. eta:time_buckets=16 "
+                        "(repeatable; VALUE is a Python literal)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true",
                    help="small data, one epoch, lengths 50,200 (a smoke run)")
@@ -336,6 +342,18 @@ def _parse(argv) -> argparse.Namespace:
         if any(b < 1 for b in vals):
             p.error(f"--{opt.replace('_', '-')} must be >= 1, got {vals}")
         setattr(args, opt, vals)
+    args.model_args = {}
+    for item in args.model_arg:
+        model, sep, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (sep and eq and key.isidentifier()) or model not in MODELS:
+            p.error(f"--model-arg must be MODEL:KEY=VALUE with MODEL one of {list(MODELS)}, "
+                    f"got {item!r}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            p.error(f"--model-arg {item!r}: VALUE must be a Python literal")
+        args.model_args.setdefault(model, {})[key] = value
     if args.retrieval and args.csv:
         p.error("--retrieval measures the synthetic set's planted interests: not with --csv")
     if args.variant != "planted" and args.csv:

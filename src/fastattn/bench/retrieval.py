@@ -6,7 +6,10 @@ Two measures on held-out samples, per trained model and history length:
 * **ETA recall@k by bits**, for the model's k and each of ``recall_k`` (default 64): the
   share of the exact top-k (by the attention score q·k of the
   model's own projections) that SimHash top-k retrieval finds, over ``bits``-bit
-  signatures (the model's own planes at its ``hash_bits``, fresh seeded planes otherwise).
+  signatures (the model's own planes at its ``hash_bits``, fresh seeded planes of the same
+  kind otherwise). ``recall`` counts by score (:func:`tie_aware_hits`: a history repeats
+  items, and copies of one behaviour tie; either copy gives the same attention output);
+  ``recall_positions`` requires the same positions.
   With it, ``tie_share``: the share of the retrieved slots filled from the group of
   positions tied at the cut-off distance when that group does not fit (the op breaks those
   ties to the smaller, i.e. older, position); and ``recent_share``, the share of retrieved
@@ -26,12 +29,13 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import CTRDataset
 from ..ops import hamming_distance, hamming_topk, make_planes, simhash_sign
 
-__all__ = ["exact_topk", "simhash_topk", "retrieval_rows", "markdown", "DEFAULT_BITS"]
+__all__ = ["exact_topk", "simhash_topk", "tie_aware_hits", "retrieval_rows", "markdown", "DEFAULT_BITS"]
 
 DEFAULT_BITS = (16, 32, 64, 128, 256)
 
@@ -50,6 +54,24 @@ def exact_topk(q: Tensor, k_proj: Tensor, lengths: Tensor, k: int) -> Tensor:
     val, idx = scores.topk(kk, dim=1)
     idx = torch.where(torch.isfinite(val), idx, -1)
     return torch.nn.functional.pad(idx, (0, k - kk), value=-1)
+
+
+def tie_aware_hits(scores: Tensor, idx: Tensor, exact: Tensor) -> Tensor:
+    """Per row (B,), how many of the exact top-k the retrieved positions ``idx`` (B, k)
+    (-1: empty) find, counting by score: a retrieved position with a score above the k-th
+    exact score counts, and those tied with it count up to the exact top-k's own number of
+    tied entries. Identical behaviours have identical keys and scores, so which copy
+    either side kept does not matter (the attention output is the same). ``scores``
+    (B, L) with -inf past the history; ``exact`` (B, k) as :func:`exact_topk`."""
+    ok, eok = idx >= 0, exact >= 0
+    n = eok.sum(1)
+    thr = scores.gather(1, exact.clamp(min=0)).masked_fill(~eok, float("inf"))
+    thr = thr.min(1, keepdim=True).values                       # the k-th exact score
+    got = scores.gather(1, idx.clamp(min=0))
+    above = ((got > thr) & ok).sum(1)
+    tied = torch.minimum(((got == thr) & ok).sum(1),
+                         ((scores.gather(1, exact.clamp(min=0)) == thr) & eok).sum(1))
+    return torch.where(n > 0, above + tied, 0)
 
 
 def simhash_topk(q: Tensor, k_proj: Tensor, lengths: Tensor, k: int, planes: Tensor):
@@ -99,7 +121,7 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
     """Rows of the retrieval-quality table for trained ``model`` (key ``name``) at
     ``max_len``: one ``interest`` row per retrieval (see the module docstring) and, for
     ETA, one ``recall`` row per bit count and k (the model's ``topk`` and each of
-    ``recall_k``; ``default`` marks the model's own bits and k). ``truth`` is the
+    ``recall_k``; ``default`` marks the model's own bits). ``truth`` is the
     ``return_truth`` dict of :func:`fastattn.data.make_synthetic` for the data ``test`` was
     split from; the first ``max_samples`` test samples are read, in batches of
     ``batch_size`` (training layout)."""
@@ -127,7 +149,8 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
         attn = model.long_attn
         for b in bits:
             planes[b] = attn.planes if b == attn.hash_bits else make_planes(
-                attn.planes.shape[0], b, torch.Generator().manual_seed(seed + 1 + b))
+                attn.planes.shape[0], b, torch.Generator().manual_seed(seed + 1 + b),
+                orthogonal=attn.orthogonal_planes)
     for lo in range(0, n, batch_size):
         batch = test.batch(torch.arange(lo, min(n, lo + batch_size)), max_len)
         cats, lengths, tcat = batch.hist_cats, batch.lengths, batch.target_cat
@@ -136,13 +159,18 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
         L = cats.shape[1]
         if name == "eta":
             attn, k = model.long_attn, model.long_attn.topk
-            target, keys = model.embed(batch.target_item, tcat), model.embed(batch.hist_items,
-                                                                             cats)
+            target, keys = model.embed(batch.target_item, tcat), model.history_keys(batch)
             q = attn.q_proj(target)
-            kp = attn.k_proj(keys)
+            # the scores retrieval approximates: of the hashed key features (all but ETA's
+            # time-interval embedding, which is attended, not hashed)
+            kp = attn.k_proj(keys) if attn.hash_dims == keys.shape[-1] else F.linear(
+                keys[..., :attn.hash_dims], attn.k_proj.weight[:, :attn.hash_dims],
+                attn.k_proj.bias)
             hq, hk = attn.hashed_query(target, q), attn.hashed_keys(keys)
             pos = torch.arange(L)[None, :]
             recent = pos >= (lengths[:, None] - (model.short_len or 0))
+            scores = torch.einsum("be,ble->bl", q, kp).masked_fill(~_valid(lengths, L),
+                                                                   float("-inf"))
             for kr in dict.fromkeys((k, *recall_k)):
                 exact = exact_topk(q, kp, lengths, kr)
                 if kr == k:
@@ -151,16 +179,18 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
                 for b in bits:
                     idx, tie = simhash_topk(hq, hk, lengths, kr, planes[b])
                     same = (idx[:, :, None] == exact[:, None, :]) & (idx[:, :, None] >= 0)
-                    found = same.any(2).sum().item()
+                    found = tie_aware_hits(scores, idx, exact).sum().item()
+                    found_pos = same.any(2).sum().item()
                     denom = int((exact >= 0).sum())
                     in_recent = (recent.gather(1, idx.clamp(min=0)) & (idx >= 0)).sum().item()
-                    r = rec.setdefault((kr, b), [0.0, 0.0, 0.0, 0.0, 0.0])
+                    r = rec.setdefault((kr, b), [0.0] * 6)
                     filled = int((idx >= 0).sum())
                     r[0] += found
                     r[1] += denom
                     r[2] += tie * filled
                     r[3] += in_recent
                     r[4] += filled
+                    r[5] += found_pos
             idx, _ = simhash_topk(hq, hk, lengths, k, attn.planes)     # what the model reads
             add("eta", _interest_stats(idx, None, cats, lengths, tcat, planted, k))
         elif name == "sim":
@@ -185,10 +215,11 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
                      "hit_rate": hits / count if count else None,
                      "interest_recall": recall / count if count else None,
                      "candidates": count})
-    for (kr, b), (found, denom, tie, recent, filled) in sorted(rec.items()):
+    for (kr, b), (found, denom, tie, recent, filled, found_pos) in sorted(rec.items()):
         rows.append({"kind": "recall", "model": name, "max_len": max_len, "bits": b, "k": kr,
-                     "default": b == model.long_attn.hash_bits and kr == model.long_attn.topk,
+                     "default": b == model.long_attn.hash_bits,
                      "recall": found / denom if denom else None,
+                     "recall_positions": found_pos / denom if denom else None,
                      "tie_share": tie / filled if filled else None,
                      "recent_share": recent / filled if filled else None})
     return rows
@@ -201,14 +232,15 @@ def markdown(rows: Iterable[Dict[str, object]]) -> str:
     rec = [r for r in rows if r["kind"] == "recall"]
     if rec:
         lengths = sorted({r["max_len"] for r in rec})
-        out += ["| k | bits | " + " | ".join(f"recall@k L={n} (ties, recent)"
+        out += ["| k | bits | " + " | ".join(f"recall@k L={n} (by position; ties, recent)"
                                             for n in lengths) + " |",
                 "|---:|---:|" + "---:|" * len(lengths)]
         for kr, b in sorted({(r["k"], r["bits"]) for r in rec}):
             cell = {r["max_len"]: r for r in rec if r["bits"] == b and r["k"] == kr}
             mark = " (default)" if any(r["default"] for r in cell.values()) else ""
             out.append(f"| {kr} | {b}{mark} | " + " | ".join(
-                f"{cell[n]['recall']:.3f} ({cell[n]['tie_share']:.2f}, "
+                f"{cell[n]['recall']:.3f} ({cell[n]['recall_positions']:.3f}; "
+                f"{cell[n]['tie_share']:.2f}, "
                 f"{cell[n]['recent_share']:.2f})" if n in cell else "-" for n in lengths) + " |")
     hit = [r for r in rows if r["kind"] == "interest"]
     if hit:

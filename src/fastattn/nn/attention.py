@@ -180,6 +180,13 @@ class ETAAttention(TargetAttention):
             ``"raw"`` the query and key inputs themselves (query_dim == key_dim), as the ETA
             paper hashes the target and behaviour embeddings: retrieval by the embeddings'
             angle, independent of the projections.
+        hash_dims: retrieval hashes the first ``hash_dims`` key features only (default all):
+            their part of the projected key, k_proj's first ``hash_dims`` input columns plus
+            its bias; the attention over the retrieved behaviours reads every feature
+            (e.g. ETA-Net's time-interval embedding is attended, not hashed).
+        orthogonal_planes: super-bit planes (:func:`fastattn.make_planes` with
+            ``orthogonal=True``, the default): each group of E planes orthogonal, which
+            raises recall against the exact top-k at equal bits; False: i.i.d. Gaussian.
         backend: force a kernel backend (default: the best for the tensors' device).
 
     When the history is no longer than ``topk`` (L <= topk) every valid behaviour would be
@@ -196,19 +203,28 @@ class ETAAttention(TargetAttention):
 
     def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
                  seed: int = 0, backend: Optional[str] = None, hash_input: str = "projected",
-                 **kwargs):
+                 orthogonal_planes: bool = True, hash_dims: Optional[int] = None, **kwargs):
         super().__init__(embed_dim, heads, backend=backend, **kwargs)
         if topk < 1 or hash_bits < 1:
             raise ValueError(f"topk ({topk}) and hash_bits ({hash_bits}) must be >= 1")
         if hash_input not in ("projected", "raw"):
             raise ValueError(f"hash_input must be 'projected' or 'raw', got {hash_input!r}")
-        if hash_input == "raw" and self.q_proj.in_features != self.k_proj.in_features:
+        key_dim = self.k_proj.in_features
+        if hash_dims is None:
+            hash_dims = key_dim
+        if isinstance(hash_dims, bool) or not isinstance(hash_dims, int) \
+                or not 1 <= hash_dims <= key_dim:
+            raise ValueError(f"hash_dims must be an int in [1, key_dim={key_dim}], got "
+                             f"{hash_dims!r}")
+        if hash_input == "raw" and self.q_proj.in_features != hash_dims:
             raise ValueError(f"hash_input='raw' hashes the query and key inputs with one set of "
                              f"planes: query_dim ({self.q_proj.in_features}) must equal "
-                             f"key_dim ({self.k_proj.in_features})")
+                             f"the hashed key width ({hash_dims})")
         self.topk, self.hash_bits, self.hash_input = topk, hash_bits, hash_input
-        width = embed_dim if hash_input == "projected" else self.k_proj.in_features
-        planes = make_planes(width, hash_bits, torch.Generator().manual_seed(seed))
+        self.orthogonal_planes, self.hash_dims = bool(orthogonal_planes), hash_dims
+        width = embed_dim if hash_input == "projected" else hash_dims
+        planes = make_planes(width, hash_bits, torch.Generator().manual_seed(seed),
+                             orthogonal=bool(orthogonal_planes))
         self.register_buffer("planes", planes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -232,7 +248,13 @@ class ETAAttention(TargetAttention):
 
     def hashed_keys(self, keys: Tensor) -> Tensor:
         """The vectors whose signatures retrieval compares: k_proj(keys), or the keys
-        themselves with ``hash_input="raw"``."""
+        themselves with ``hash_input="raw"``; of the first ``hash_dims`` key features only
+        (keys may be that wide, e.g. the item embeddings of ETA+)."""
+        hd = self.hash_dims
+        if hd < self.k_proj.in_features:
+            keys = keys[..., :hd]
+            if self.hash_input == "projected":
+                return F.linear(keys, self.k_proj.weight[:, :hd], self.k_proj.bias)
         return self.k_proj(keys) if self.hash_input == "projected" else keys
 
     def hashed_query(self, query: Tensor, q: Tensor) -> Tensor:

@@ -14,19 +14,26 @@ __all__ = ["simhash_sign", "make_planes"]
 
 
 def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = None, *,
-                dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+                dtype: torch.dtype = torch.float32, device=None,
+                orthogonal: bool = False) -> Tensor:
     """Gaussian random hyperplanes (D, NB) for :func:`simhash_sign`.
 
     Pass a seeded ``torch.Generator`` for reproducible signatures. The values are
     N(0, 1) draws rounded to bfloat16 (exact in ``dtype``), which the C++ AMX path signs
     with two bf16 products instead of three; any planes work, these are just faster.
+    ``orthogonal=True``: super-bit planes, each group of D consecutive columns
+    orthogonalised (same marginal distribution per column, lower-variance angle estimates;
+    :func:`fastattn.reference.make_planes`).
     """
     for name, v in (("dim", dim), ("nbits", nbits)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    return ref.make_planes(dim, nbits, generator=generator, dtype=dtype, device=device)
+    if not isinstance(orthogonal, bool):
+        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
+    return ref.make_planes(dim, nbits, generator=generator, dtype=dtype, device=device,
+                           orthogonal=orthogonal)
 
 
 def _checked_table_rows(rows: Tensor, n_rows: int) -> Tensor:
