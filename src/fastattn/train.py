@@ -256,13 +256,18 @@ def compare_text_rows(rows: List[Dict[str, object]], scores: Sequence[torch.Tens
     boot = auc_bootstrap(torch.stack([scores[i] for i in text]), test.sample_label,
                          test.sample_user, rounds=rounds, seed=seed)
     col = dict(zip(text, range(len(text))))
+
+    def spread(x: torch.Tensor) -> float:   # resamples that lack a class (NaN) left out
+        x = x[~x.isnan()]
+        return float(x.std()) if x.numel() > 1 else float("nan")
+
     for i in text:
-        rows[i]["auc_se"] = float(boot[:, col[i]].std())
+        rows[i]["auc_se"] = spread(boot[:, col[i]])
         base = [j for j in text if rows[j]["model"] == "llm_ctr"
                 and rows[j]["max_len"] == rows[i]["max_len"]]
         if base and base[0] != i:
             rows[i]["auc_vs_llm_ctr"] = rows[i]["auc"] - rows[base[0]]["auc"]
-            rows[i]["auc_vs_llm_ctr_se"] = float((boot[:, col[i]] - boot[:, col[base[0]]]).std())
+            rows[i]["auc_vs_llm_ctr_se"] = spread(boot[:, col[i]] - boot[:, col[base[0]]])
 
 
 def _plot(rows: List[Dict[str, object]], path: str, stamp: str) -> None:
