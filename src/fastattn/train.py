@@ -353,6 +353,9 @@ def _parse(argv) -> argparse.Namespace:
                         "dominate the clicks), recent (the recent window does) or text (the "
                         "candidate category's share of the recent behaviours does; the BAHE "
                         "rows)")
+    p.add_argument("--label-window", type=int, default=None,
+                   help="--variant text: the recent behaviours whose category shares drive "
+                        "the clicks (default 128)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -422,7 +425,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             n_users=args.users, n_items=args.items, n_cats=args.cats,
             candidates_per_user=args.candidates, max_len=args.max_history,
             n_behaviour_types=args.behaviour_types, seed=args.data_seed, variant=args.variant,
-            return_truth=True)
+            return_truth=True,
+            **({} if args.label_window is None else {"label_window": args.label_window}))
     is_test = data.split_mask(args.test_frac, seed=args.data_seed)
     train, test = data.subset(~is_test), data.subset(is_test)
     if args.truth is not None:           # the generator's click probabilities: the oracle
