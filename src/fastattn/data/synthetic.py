@@ -245,7 +245,8 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
 
     ``config`` (default ``SyntheticConfig()``) with the fields of ``VARIANTS[variant]``
     ("planted": none; "long": long-term interests dominate the clicks; "recent": the
-    current interest does), then any field replaced by ``overrides``, e.g.
+    current interest does; "text": the candidate category's share of the recent behaviours
+    does), then any field replaced by ``overrides``, e.g.
     ``make_synthetic(n_users=200, seed=3)``. Items carry token strings (``item_tokens``)
     and, with ``n_behaviour_types`` > 1, behaviours carry types (``beh_type``). With ``return_truth`` also returns a dict of the
     hidden variables: click_prob (S,) float32, interests (n_users, max_interests) int64
