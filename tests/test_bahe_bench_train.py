@@ -43,4 +43,27 @@ def test_train_rows(tmp_path, capsys):
         assert float(r["epoch_s"]) > 0 and float(r["peak_step_mib"]) >= 0
         assert r["text_len"] == str(6 * 16)
     assert rows[1]["distinct_ratio"] == "" and 0 < float(rows[4]["distinct_ratio"]) <= 1
-    assert "| bahe | 6 (96) |" in capsys.readouterr().out
+    # bootstrap standard errors; the ablation rows' paired difference to LLM-CTR
+    assert float(rows[1]["auc_se"]) > 0 and rows[1]["auc_vs_llm_ctr"] == ""
+    for r in rows[2:]:
+        assert abs(float(r["auc_vs_llm_ctr"]) - (float(r["auc"]) - float(rows[1]["auc"]))) < 1e-9
+        assert float(r["auc_vs_llm_ctr_se"]) >= 0
+    out = capsys.readouterr().out
+    assert "| bahe | 6 (96) |" in out and "Oracle AUC" in out
+
+
+def test_train_rows_text_variant_shared_histories(tmp_path):
+    """--variant text --share-histories: whole users per batch; the rows train and score."""
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "--models", "llm_ctr,bahe", "--lengths", "6",
+                     "--variant", "text", "--share-histories", "--users", "16", "--items",
+                     "40", "--cats", "6", "--candidates", "4", "--max-history", "50",
+                     "--behaviour-types", "3", "--epochs", "1", "--batch-size", "8",
+                     "--embed-dim", "8", "--bootstrap", "50", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader(open(out / "train.csv")))
+    assert [r["model"] for r in rows] == ["llm_ctr", "bahe"]
+    assert float(rows[1]["auc_vs_llm_ctr_se"]) >= 0

@@ -75,3 +75,21 @@ def test_synthetic_csv_round_trip_keeps_text(tmp_path):
     n = lambda t: (t != 0).sum(1)  # noqa: E731
     raw = torch.tensor([int(back.item_ids[i]) for i in back.beh_items.tolist()])
     assert torch.equal(n(back.item_tokens)[back.beh_items], n(ds.item_tokens)[raw])
+
+
+def test_text_variant_clicks_follow_the_visible_category_share():
+    """variant="text": the click probability is sigmoid(bias + w_share · the candidate
+    category's share of the label_window most recent behaviours), nothing hidden; the
+    behaviours and candidates are the planted draws."""
+    kw = dict(SMALL, n_behaviour_types=3, seed=2, label_window=20)
+    ds, truth = make_synthetic(variant="text", return_truth=True, **kw)
+    cfg = truth["config"]
+    assert cfg["click_model"] == "overlap" and cfg["label_noise"] == 0.0
+    share = ds.category_counts(max_len=20) / ds.history_lengths().clamp(max=20)
+    want = torch.sigmoid(cfg["label_bias"] + cfg["w_share"] * share.double())
+    torch.testing.assert_close(truth["click_prob"].double(), want, rtol=1e-6, atol=1e-7)
+    base = make_synthetic(**kw, recent_len=cfg["recent_len"])
+    for name in ("beh_items", "beh_type", "sample_item", "item_tokens"):
+        assert torch.equal(getattr(ds, name), getattr(base, name)), name
+    with pytest.raises(ValueError, match="click_model"):
+        make_synthetic(**SMALL, click_model="hidden")

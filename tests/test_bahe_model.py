@@ -106,3 +106,57 @@ def test_length_buckets_do_not_change_results(data, variant):
     one = _model(data, torch.float64, buckets=1, **VARIANTS[variant])
     many = _model(data, torch.float64, buckets=5, **VARIANTS[variant])
     torch.testing.assert_close(many(batch), one(batch), rtol=1e-9, atol=1e-10)
+
+
+def test_frozen_lower_layers_train_on_the_cached_table(data, tmp_path):
+    """freeze_lower: the forward and the upper layers' gradients read the cached table and
+    equal recomputation; the table is reused across steps while the lower layers are
+    frozen, rebuilt (or refused) when their weights change, and a saved table loads."""
+    from fastattn.nn import BehaviourTable
+    from fastattn.nn.bahe import StaleBehaviourTableError
+    batch = data.batch(torch.arange(12))
+    cached = _model(data, torch.float64, **VARIANTS["bahe"])
+    fresh = _model(data, torch.float64, **VARIANTS["bahe"])
+    table = cached.freeze_lower()
+    assert table.builds == 1 and not any(p.requires_grad for p in cached.low.parameters())
+    lc, lf = cached.loss(batch), fresh.loss(batch)
+    torch.testing.assert_close(lc, lf, rtol=1e-9, atol=1e-10)
+    lc.backward()
+    lf.backward()
+    for (name, pc), pf in zip(cached.named_parameters(), fresh.parameters()):
+        if name.startswith("low."):
+            assert pc.grad is None
+        else:
+            torch.testing.assert_close(pc.grad, pf.grad, rtol=1e-8, atol=1e-10)
+    # upper layers train on the table, which is reused: no rebuild after optimizer steps
+    opt = torch.optim.Adam([p for p in cached.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.step()
+        opt.zero_grad()
+        cached.loss(batch).backward()
+    assert table.builds == 1
+    fresh.load_state_dict(cached.state_dict())
+    torch.testing.assert_close(cached(batch), fresh(batch), rtol=1e-9, atol=1e-10)
+    # a weight change of the lower layers invalidates it: rebuilt, equal to recomputation
+    with torch.no_grad():
+        cached.low.embed.weight.mul_(1.5)
+        fresh.low.embed.weight.mul_(1.5)
+    torch.testing.assert_close(cached(batch), fresh(batch), rtol=1e-9, atol=1e-10)
+    assert table.builds == 2
+    path = tmp_path / "behaviours.pt"
+    table.save(path)
+    strict = cached.freeze_lower(BehaviourTable.load(path, cached.abe, cached.item_tokens,
+                                                     on_change="raise"))
+    assert strict.builds == 0                                   # loaded, not recomputed
+    torch.testing.assert_close(cached(batch), fresh(batch), rtol=1e-9, atol=1e-10)
+    cached.load_state_dict(_model(data, torch.float64, **VARIANTS["bahe"]).state_dict())
+    with pytest.raises(StaleBehaviourTableError):
+        cached(batch)
+    cached.unfreeze_lower()
+    assert cached.behaviour_table is None and all(p.requires_grad for p in cached.parameters())
+    with pytest.raises(ValueError, match="abe=True and ba=True"):
+        _model(data, **VARIANTS["fp_abe"]).freeze_lower()
+    with pytest.raises(ValueError, match="built for this model"):
+        fresh.freeze_lower(table)
+    with pytest.raises(TypeError, match="BehaviourTable"):
+        fresh.freeze_lower(object())

@@ -398,3 +398,39 @@ def test_synthetic_variants():
         make_synthetic(variant="nope", **kw)
     _, truth = make_synthetic(variant="long", w_long=2.0, return_truth=True, **SMALL)
     assert truth["config"]["w_long"] == 2.0
+
+
+def test_auc_bootstrap():
+    """Per-row AUCs of resamples (whole groups with groups), the same resamples for every
+    row: a row equal to another has a zero-spread difference; deterministic in seed; the
+    spread shrinks with the sample count; split_mask is split's test side."""
+    from fastattn.data.metrics import auc_bootstrap
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(4000, generator=g) < 0.4).float()
+    s = y + torch.randn(4000, generator=g)
+    noisy = s + 0.5 * torch.randn(4000, generator=g)
+    users = torch.arange(4000) // 8
+    boot = auc_bootstrap(torch.stack([s, s.clone(), noisy]), y, users, rounds=200, seed=1)
+    assert boot.shape == (200, 3) and not torch.isnan(boot).any()
+    assert torch.equal(boot[:, 0], boot[:, 1])
+    assert torch.equal(boot, auc_bootstrap(torch.stack([s, s, noisy]), y, users, rounds=200,
+                                           seed=1))
+    assert abs(float(boot[:, 0].mean()) - auc(s, y)) < 0.005
+    small = auc_bootstrap(s[:400], y[:400], rounds=200)
+    assert small.shape == (200, 1) and small.std() > 2 * boot[:, 0].std()
+    assert (boot[:, 0] - boot[:, 2]).std() < boot[:, 0].std()      # paired: tighter
+    with pytest.raises(ValueError, match="rounds"):
+        auc_bootstrap(s, y, rounds=0)
+    ds = make_synthetic(**SMALL)
+    mask = ds.split_mask(0.3, seed=5)
+    _, test = ds.split(0.3, seed=5)
+    assert torch.equal(ds.sample_item[mask], test.sample_item)
+
+
+def test_shuffled_shared_batches_hold_whole_users():
+    ds = make_synthetic(**SMALL)
+    seen = []
+    for b in ds.batches(3 * 4, shuffle=True, seed=2, share_histories=True):
+        assert b.hist_items.shape[0] == 3            # 4 candidates per user: 3 users
+        seen.append(b.target_item)
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.sort(ds.sample_item).values)

@@ -19,7 +19,13 @@ model's hit rate on the generator's planted interests (:mod:`fastattn.bench.retr
 
 The BAHE rows (``--models llm_ctr,fp,fp_abe,bahe``: LLM-CTR, +FP, +ABE and BAHE, see
 :mod:`fastattn.models.bahe`) read the items' token strings; their rows add the time per
-training epoch, the peak memory of a training step and the distinct-behaviour ratio.
+training epoch, the peak memory of a training step and the distinct-behaviour ratio, and
+each row's bootstrap standard error of the test AUC and its difference to the LLM-CTR row of
+the same length (paired: both scored on the same resamples of test users); on synthetic
+data the oracle AUC (the generator's click probabilities) too. ``--variant text`` draws
+clicks from the overlap of the candidate's category with the recent behaviours, which the
+text models can learn; ``--share-histories`` trains on batches of whole users whose
+candidates share one encoded history.
 
 Runs single-process on CPU or GPU, and data-parallel under ``torchrun`` (each rank trains
 on its shard of every batch; DistributedDataParallel averages the gradients)::
@@ -45,7 +51,7 @@ from torch import nn
 
 from .data import VARIANTS, CTRDataset, load_csv, make_synthetic
 from .data.batch import Batch
-from .data.metrics import auc, log_loss
+from .data.metrics import auc, auc_bootstrap, log_loss
 from .models import MODELS, build
 from .models.bahe import ABLATIONS
 
@@ -119,11 +125,13 @@ def train_step(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: CTRDataset, max_len: Optional[int],
-             batch_size: int = 512, device: str = "cpu") -> Dict[str, float]:
+             batch_size: int = 512, device: str = "cpu", scores_out: Optional[list] = None
+             ) -> Dict[str, float]:
     """AUC and log-loss of ``model`` on every sample of ``data``.
 
     The candidates of one user share one history row (``hist_index``) instead of a copy
-    each: the serving layout, same scores, a fraction of the work on long histories."""
+    each: the serving layout, same scores, a fraction of the work on long histories.
+    ``scores_out``: a list that gets the (S,) logits, in sample order."""
     model.eval()
     scores, labels = [], []
     for batch in data.batches(batch_size, max_len=max_len, share_histories=True):
@@ -132,6 +140,8 @@ def evaluate(model: nn.Module, data: CTRDataset, max_len: Optional[int],
         labels.append(batch.label.float().cpu())
     model.train()
     s, y = torch.cat(scores), torch.cat(labels)
+    if scores_out is not None:
+        scores_out.append(s)
     return {"auc": float(auc(s, y)), "logloss": float(log_loss(s, y, logits=True))}
 
 
@@ -146,6 +156,8 @@ class TrainConfig(argparse.Namespace):
     device: str = "cpu"
     backend: Optional[str] = None
     dedup: bool = True
+    share_histories: bool = False
+    bootstrap: int = 1000
     epoch_auc: bool = False
     truth: Optional[dict] = None          # make_synthetic's hidden variables (--retrieval)
     retrieval_bits: Sequence[int] = (16, 32, 64, 128, 256)
@@ -168,12 +180,18 @@ def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.M
 
 def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
                 cfg: TrainConfig, progress=None, rank: int = 0,
-                world: int = 1, retrieval: Optional[list] = None) -> Dict[str, object]:
+                world: int = 1, retrieval: Optional[list] = None,
+                scores_out: Optional[list] = None) -> Dict[str, object]:
     """Train model ``name`` on histories cut to ``max_len``; evaluate on ``test``.
 
     ``retrieval``: a list that gets the model's retrieval-quality rows
     (:func:`fastattn.bench.retrieval.retrieval_rows`; needs ``cfg.truth``, the synthetic
-    set's hidden variables, and ``cfg.retrieval_bits``)."""
+    set's hidden variables, and ``cfg.retrieval_bits``). ``scores_out``: a list that gets
+    the test logits (S,). ``cfg.share_histories``: batches of whole users, each history
+    encoded once per batch (single process only)."""
+    if cfg.share_histories and world > 1:
+        raise ValueError("share_histories trains on batches of whole users: single process "
+                         "only (the ranks' shards would split the shared rows)")
     torch.manual_seed(cfg.seed)
     model = _build(name, train, max_len, cfg).to(cfg.device)
     text = name in ABLATIONS
@@ -187,7 +205,8 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
         if epoch and cfg.epoch_auc:            # the last epoch's is the row's own AUC
             by_epoch.append(evaluate(model, test, max_len, device=cfg.device)["auc"])
         for batch in train.batches(cfg.batch_size, max_len=max_len, shuffle=True,
-                                   seed=cfg.seed + epoch, drop_last=world > 1):
+                                   seed=cfg.seed + epoch, drop_last=world > 1,
+                                   share_histories=cfg.share_histories):
             batch = shard(batch, rank, world).to(cfg.device)
             if text and peak is None and seen and cfg.device == "cpu":
                 # the peak of one (not the first) forward + backward, outside the timed
@@ -205,7 +224,7 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
             if progress is not None:
                 progress.update(len(batch) * world)
                 progress.set_postfix_str(f"{name} L={max_len} loss={losses[-1]:.4f}")
-    metrics = evaluate(model, test, max_len, device=cfg.device)
+    metrics = evaluate(model, test, max_len, device=cfg.device, scores_out=scores_out)
     row = {"model": name, "max_len": max_len,
            "history_read": min(max_len, model.config().get("short_len") or max_len)
            if name == "din" else max_len,
@@ -225,6 +244,33 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
                    peak_step_mib=None if peak is None else peak / 2**20,
                    distinct_ratio=distinct / behaviours if behaviours else None)
     return row
+
+
+def compare_text_rows(rows: List[Dict[str, object]], scores: Sequence[torch.Tensor],
+                      test: CTRDataset, rounds: int = 1000, seed: int = 0) -> None:
+    """Adds to each BAHE-ablation row (those with ``text_len``) ``auc_se``, the bootstrap
+    standard error of its test AUC, and where an ``llm_ctr`` row of the same length exists
+    ``auc_vs_llm_ctr`` (AUC minus the baseline's) with ``auc_vs_llm_ctr_se``, the paired
+    bootstrap's (``rounds`` resamples of whole test users: their candidates share a
+    history). ``scores[i]`` are row i's test logits (S,)."""
+    text = [i for i, r in enumerate(rows) if "text_len" in r]
+    if not text or rounds < 1:
+        return
+    boot = auc_bootstrap(torch.stack([scores[i] for i in text]), test.sample_label,
+                         test.sample_user, rounds=rounds, seed=seed)
+    col = dict(zip(text, range(len(text))))
+
+    def spread(x: torch.Tensor) -> float:   # resamples that lack a class (NaN) left out
+        x = x[~x.isnan()]
+        return float(x.std()) if x.numel() > 1 else float("nan")
+
+    for i in text:
+        rows[i]["auc_se"] = spread(boot[:, col[i]])
+        base = [j for j in text if rows[j]["model"] == "llm_ctr"
+                and rows[j]["max_len"] == rows[i]["max_len"]]
+        if base and base[0] != i:
+            rows[i]["auc_vs_llm_ctr"] = rows[i]["auc"] - rows[base[0]]["auc"]
+            rows[i]["auc_vs_llm_ctr_se"] = spread(boot[:, col[i]] - boot[:, col[base[0]]])
 
 
 def _plot(rows: List[Dict[str, object]], path: str, stamp: str) -> None:
@@ -254,8 +300,10 @@ def _plot(rows: List[Dict[str, object]], path: str, stamp: str) -> None:
     plt.close(fig)
 
 
-def markdown(rows: Sequence[Dict[str, object]]) -> str:
-    """The README table: test AUC (log-loss) per model and history length."""
+def markdown(rows: Sequence[Dict[str, object]], oracle_auc: Optional[float] = None) -> str:
+    """The README table: test AUC (log-loss) per model and history length; the BAHE rows'
+    table (with bootstrap standard errors, the AUC difference to LLM-CTR and the oracle's
+    AUC when given)."""
     lengths = sorted({r["max_len"] for r in rows})
     out = ["| model | " + " | ".join(f"L={n}" for n in lengths) + " | samples/s at L="
            f"{lengths[-1]} |", "|---|" + "---:|" * (len(lengths) + 1)]
@@ -269,13 +317,20 @@ def markdown(rows: Sequence[Dict[str, object]]) -> str:
     text = [r for r in rows if "epoch_s" in r]
     if text:
         out += ["", "| row | L (text length) | s / epoch | CPU s / epoch | peak MiB / step | "
-                "AUC | distinct ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+                "AUC (± SE) | vs LLM-CTR (± SE) | distinct ratio |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in text:
             mib = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
             ratio = "-" if r["distinct_ratio"] is None else f"{r['distinct_ratio']:.3f}"
+            se = f" ± {r['auc_se']:.4f}" if "auc_se" in r else ""
+            diff = (f"{r['auc_vs_llm_ctr']:+.4f} ± {r['auc_vs_llm_ctr_se']:.4f}"
+                    if "auc_vs_llm_ctr" in r else "–")
             out.append(f"| {r['model']} | {r['max_len']} ({r['text_len']}) | "
                        f"{r['epoch_s']:.1f} | {r['epoch_cpu_s']:.1f} | {mib} | "
-                       f"{r['auc']:.4f} | {ratio} |")
+                       f"{r['auc']:.4f}{se} | {diff} | {ratio} |")
+        if oracle_auc is not None:
+            out += ["", f"Oracle AUC (the generator's click probabilities, same test "
+                    f"samples): {oracle_auc:.4f}"]
     return "\n".join(out)
 
 
@@ -298,7 +353,12 @@ def _parse(argv) -> argparse.Namespace:
                    help="synthetic behaviour types (the BAHE rows' feature-parallel groups)")
     p.add_argument("--variant", default="planted", choices=sorted(VARIANTS),
                    help="synthetic variant: planted (default), long (long-term interests "
-                        "dominate the clicks) or recent (the recent window does)")
+                        "dominate the clicks), recent (the recent window does) or text (the "
+                        "candidate category's share of the recent behaviours does; the BAHE "
+                        "rows)")
+    p.add_argument("--label-window", type=int, default=None,
+                   help="--variant text: the recent behaviours whose category shares drive "
+                        "the clicks (default 128)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -311,6 +371,13 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
                    help="embed every history position (the dense path) instead of each "
                         "distinct behaviour of a batch once")
+    p.add_argument("--share-histories", action="store_true",
+                   help="training batches of whole users (shuffled by user) whose candidates "
+                        "share one history row: each history encoded once per batch (same "
+                        "outputs and gradients per sample; single process)")
+    p.add_argument("--bootstrap", type=int, default=TrainConfig.bootstrap,
+                   help="bootstrap resamples of test users for the BAHE rows' AUC standard "
+                        "errors (0: none)")
     p.add_argument("--epoch-auc", action="store_true",
                    help="evaluate the test AUC after every epoch (auc_by_epoch in each row)")
     p.add_argument("--retrieval", action="store_true",
@@ -376,24 +443,29 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             n_users=args.users, n_items=args.items, n_cats=args.cats,
             candidates_per_user=args.candidates, max_len=args.max_history,
             n_behaviour_types=args.behaviour_types, seed=args.data_seed, variant=args.variant,
-            return_truth=True)
-    train, test = data.split(args.test_frac, seed=args.data_seed)
+            return_truth=True,
+            **({} if args.label_window is None else {"label_window": args.label_window}))
+    is_test = data.split_mask(args.test_frac, seed=args.data_seed)
+    train, test = data.subset(~is_test), data.subset(is_test)
+    if args.truth is not None:           # the generator's click probabilities: the oracle
+        args.oracle_auc = auc(args.truth["click_prob"][is_test], test.sample_label)
     models = args.models.split(",")
     lengths = [int(n) for n in args.lengths.split(",")]
     runs = [(m, n) for n in lengths for m in models]
     total = len(runs) * args.epochs * len(train)
 
     from tqdm.auto import tqdm
-    rows = []
+    rows, scores = [], []
     retrieval = [] if args.retrieval and rank == 0 else None
     with tqdm(total=total, unit="sample", disable=rank != 0, file=sys.stderr) as progress:
         for name, n in runs:
             rows.append(train_model(name, train, test, n, args, progress, rank, world,
-                                    retrieval))
+                                    retrieval, scores))
             progress.write(f"{name:>5} L={n:<6} AUC {rows[-1]['auc']:.4f}  log-loss "
                            f"{rows[-1]['logloss']:.4f}  "
                            f"{rows[-1]['train_samples_per_s']:.0f} samples/s")
     if rank == 0:
+        compare_text_rows(rows, scores, test, args.bootstrap, args.seed)
         _write(rows, args, data, world, retrieval)
     if dist.is_initialized():
         gc.collect()        # DDP reducers first: dropping the group's last reference under
@@ -410,8 +482,9 @@ def _write(rows, args, data: CTRDataset, world: int, retrieval=None) -> None:
     stamp = f"{machine.get('host_cpu', '')}, {torch.get_num_threads()} threads, " \
             f"world {world} · {command}"
     meta = {"command": command, "machine": machine, "data": data.stats(),
+            "oracle_auc": getattr(args, "oracle_auc", None),
             "config": {k: v for k, v in vars(args).items()
-                       if not k.startswith("_") and k != "truth"}}
+                       if not k.startswith("_") and k not in ("truth", "oracle_auc")}}
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump({"rows": rows, **meta}, f, indent=1, default=str)
     with open(os.path.join(args.out, "train.csv"), "w", newline="") as f:
@@ -420,7 +493,7 @@ def _write(rows, args, data: CTRDataset, world: int, retrieval=None) -> None:
         w.writeheader()
         w.writerows(rows)
     _plot(rows, os.path.join(args.out, "train.png"), stamp)
-    print("\n" + markdown(rows))
+    print("\n" + markdown(rows, getattr(args, "oracle_auc", None)))
     if retrieval is not None:
         from .bench import retrieval as rq
         with open(os.path.join(args.out, "retrieval.json"), "w") as f:

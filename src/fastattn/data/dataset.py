@@ -213,12 +213,18 @@ class CTRDataset:
 
     def split(self, test_frac: float = 0.2, seed: int = 0,
               by: str = "user") -> Tuple["CTRDataset", "CTRDataset"]:
-        """(train, test), deterministic in ``seed``.
+        """(train, test), deterministic in ``seed``: the samples of :meth:`split_mask`'s
+        False / True entries. Samples keep their relative order on each side."""
+        test = self.split_mask(test_frac, seed, by)
+        return self.subset(~test), self.subset(test)
+
+    def split_mask(self, test_frac: float = 0.2, seed: int = 0, by: str = "user") -> Tensor:
+        """(S,) bool: True for the test samples of :meth:`split` (e.g. to read per-sample
+        side information, such as the synthetic set's click probabilities, of one side).
 
         by="user": ``round(test_frac * users)`` of the users that have samples (at least one,
         at most all but one) give all their samples to test, the rest to train, so no user's
         behaviours inform both sides. by="sample": a random ``test_frac`` of the samples.
-        Samples keep their relative order on each side.
         """
         if not 0.0 < float(test_frac) < 1.0:
             raise ValueError(f"test_frac must lie in (0, 1), got {test_frac}")
@@ -232,16 +238,15 @@ class CTRDataset:
             test_users = users[torch.randperm(users.numel(), generator=gen)[:n_test]]
             is_test = torch.zeros(self.n_users, dtype=torch.bool)
             is_test[test_users] = True
-            test = is_test[self.sample_user]
-        elif by == "sample":
+            return is_test[self.sample_user]
+        if by == "sample":
             if len(self) < 2:
                 raise ValueError(f"split(by='sample') needs >= 2 samples, got {len(self)}")
             n_test = min(max(round(test_frac * len(self)), 1), len(self) - 1)
             test = torch.zeros(len(self), dtype=torch.bool)
             test[torch.randperm(len(self), generator=gen)[:n_test]] = True
-        else:
-            raise ValueError(f"by must be 'user' or 'sample', got {by!r}")
-        return self.subset(~test), self.subset(test)
+            return test
+        raise ValueError(f"by must be 'user' or 'sample', got {by!r}")
 
     # ------------------------------------------------------------------ batching
     def batch(self, sample_idx: Tensor, max_len: Optional[int] = None,
@@ -301,13 +306,21 @@ class CTRDataset:
                 share_histories: bool = False) -> Iterator[Batch]:
         """Batches of ``batch_size`` samples in order (or in a permutation seeded by
         ``seed`` when ``shuffle``); the last one is smaller unless ``drop_last``.
-        See :meth:`batch` for the layouts (sharing pays off without shuffling, when a
-        user's samples are adjacent, as in the synthetic and CSV data sets)."""
+        See :meth:`batch` for the layouts (sharing pays off when a user's samples are
+        adjacent, as in the synthetic and CSV data sets). With ``share_histories`` and
+        ``shuffle`` the permutation is of whole users (each user's samples stay adjacent, in
+        order), so a training batch encodes each of its users' histories once."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         S = len(self)
-        order = (torch.randperm(S, generator=torch.Generator().manual_seed(int(seed)))
-                 if shuffle else torch.arange(S))
+        gen = torch.Generator().manual_seed(int(seed))
+        if not shuffle:
+            order = torch.arange(S)
+        elif share_histories:
+            rank = torch.randperm(self.n_users, generator=gen)
+            order = torch.argsort(rank[self.sample_user], stable=True)
+        else:
+            order = torch.randperm(S, generator=gen)
         stop = S - S % batch_size if drop_last else S
         for lo in range(0, stop, batch_size):
             yield self.batch(order[lo:lo + batch_size], max_len, share_histories)

@@ -39,6 +39,14 @@ so one seed gives identical tensors):
    mostly reveal c*_u. A count-based oracle (share of the candidate's category in the
    history) therefore ranks clearly better on the full history than on the last 50
    (tests/test_data.py checks the AUC gap). The default positive rate is about 0.4.
+   With ``click_model="overlap"`` (the ``text`` variant, BAHE's rows) the logit reads the
+   visible history instead of the hidden interests:
+       logit = label_bias + w_share · share_u(c) + w_pop · z(...) + label_noise · ε,
+   where share_u(c) is the share of category c among the user's ``label_window`` most
+   recent behaviours (all of them when fewer): the overlap of the candidate's category
+   tokens with the behaviours' tokens. Without noise and popularity terms (the ``text``
+   variant) the click probability is a function of what a model reading ``label_window``
+   behaviours sees, so its AUC (the oracle's) is reachable.
 5. **Text and behaviour types** (BAHE), from a second generator seeded by (seed, 1), so
    they leave every draw above unchanged. Item i gets a token string of
    K_i ~ U{token_len_min..token_len_max} tokens: its category's ``cat_tokens`` tokens
@@ -73,6 +81,11 @@ VARIANTS = {
     # the recent window dominates: the current interest drives the clicks, the long-term
     # interests add little
     "recent": dict(w_long=1.5, w_current=4.0, cand_long=0.2, cand_current=0.4),
+    # BAHE's text rows: clicks follow the candidate category's share of the 128 most recent
+    # behaviours (the longer text length's window), nothing hidden, so a model can reach
+    # the oracle AUC; a short final window keeps the older behaviours in the signal
+    "text": dict(click_model="overlap", label_window=128, w_share=12.0, label_bias=-2.0,
+                 w_pop=0.0, label_noise=0.0, recent_len=30),
 }
 
 
@@ -94,6 +107,9 @@ class SyntheticConfig:
     cand_long / cand_current: share of candidates from the long-term interests / the
         current interest (the rest are popular items).
     label_bias, w_long, w_current, w_pop, label_noise: the hidden click model's logit.
+    click_model: "planted" (step 4) or "overlap" (the candidate category's share of the
+        ``label_window`` most recent behaviours, weighted by w_share, replaces the
+        w_long and w_current terms).
     mean_gap: mean time between behaviours (timestamp units).
     token_len_min / token_len_max / cat_tokens / item_vocab: item token strings (step 5).
     n_behaviour_types: behaviour types per user's log (1: no beh_type).
@@ -124,6 +140,9 @@ class SyntheticConfig:
     w_pop: float = 0.3
     label_noise: float = 0.5
     mean_gap: float = 300.0
+    click_model: str = "planted"
+    label_window: int = 128
+    w_share: float = 12.0
     token_len_min: int = 5
     token_len_max: int = 16
     cat_tokens: int = 3
@@ -134,7 +153,7 @@ class SyntheticConfig:
         for name in ("n_users", "n_items", "n_cats", "min_len", "max_len",
                      "candidates_per_user", "min_interests", "max_interests", "recent_len",
                      "token_len_min", "token_len_max", "cat_tokens", "item_vocab",
-                     "n_behaviour_types"):
+                     "n_behaviour_types", "label_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SyntheticConfig.{name} must be an int >= 1, got {v!r}")
@@ -162,6 +181,9 @@ class SyntheticConfig:
         if not self.cat_tokens <= self.token_len_min <= self.token_len_max:
             raise ValueError("need cat_tokens <= token_len_min <= token_len_max, got "
                              f"{self.cat_tokens}, {self.token_len_min}, {self.token_len_max}")
+        if self.click_model not in ("planted", "overlap"):
+            raise ValueError(f"click_model must be 'planted' or 'overlap', got "
+                             f"{self.click_model!r}")
         if self.session_len < 1:
             raise ValueError(f"session_len must be >= 1, got {self.session_len}")
 
@@ -223,7 +245,8 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
 
     ``config`` (default ``SyntheticConfig()``) with the fields of ``VARIANTS[variant]``
     ("planted": none; "long": long-term interests dominate the clicks; "recent": the
-    current interest does), then any field replaced by ``overrides``, e.g.
+    current interest does; "text": the candidate category's share of the recent behaviours
+    does), then any field replaced by ``overrides``, e.g.
     ``make_synthetic(n_users=200, seed=3)``. Items carry token strings (``item_tokens``)
     and, with ``n_behaviour_types`` > 1, behaviours carry types (``beh_type``). With ``return_truth`` also returns a dict of the
     hidden variables: click_prob (S,) float32, interests (n_users, max_interests) int64
@@ -323,8 +346,17 @@ def make_synthetic(config: Optional[SyntheticConfig] = None, *, return_truth: bo
     log_pop = np.log(pop)
     mean = (pop * log_pop).sum()
     z_pop = (log_pop - mean) / max(np.sqrt((pop * (log_pop - mean) ** 2).sum()), 1e-12)
-    logit = (cfg.label_bias + cfg.w_long * affinity + cfg.w_current * (s_cat == current_cat[s_user])
-             + cfg.w_pop * z_pop[s_item - 1] + cfg.label_noise * rng.standard_normal(S))
+    if cfg.click_model == "overlap":
+        # share of each (user, category) among the user's label_window most recent ones
+        win = from_end < cfg.label_window
+        counts = np.zeros((U, C + 1))
+        np.add.at(counts, (user[win], cats[win]), 1.0)
+        share = counts[s_user, s_cat] / np.minimum(n, cfg.label_window)[s_user]
+        signal = cfg.w_share * share
+    else:
+        signal = cfg.w_long * affinity + cfg.w_current * (s_cat == current_cat[s_user])
+    logit = (cfg.label_bias + signal + cfg.w_pop * z_pop[s_item - 1]
+             + cfg.label_noise * rng.standard_normal(S))
     prob = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(S) < prob).astype(np.float32)
 

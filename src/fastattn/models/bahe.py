@@ -21,6 +21,12 @@ The target item is encoded like a one-behaviour history from its own tokens (wit
 in the same set of distinct behaviours as the histories). Head: F_d (Linear T·d → d) of
 the user vectors, then MLP([user, item, user ⊙ item]) → logit. Without ``hist_types`` in
 the batch every behaviour has type 0.
+
+**Offline behaviour table.** With ABE and BA the lower layers' only output is one vector
+per distinct behaviour, so a model whose lower layers are frozen can read those vectors from
+a :class:`fastattn.nn.BehaviourTable` of every item instead of encoding them in every step
+(:meth:`BAHE.freeze_lower`): the upper layers, F_d and the head train on the cached table,
+which is rebuilt (or refused) when the lower layers' weights change.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
-from ..nn.bahe import AtomicBehaviourEncoder, TokenEncoder, TokenTransformer, gather_histories
+from ..nn.bahe import (AtomicBehaviourEncoder, BehaviourTable, TokenEncoder, TokenTransformer,
+                       gather_histories)
 from ..ops import masked_mean
 from .base import CTRModel, check_positive_int, per_query
 
@@ -134,6 +141,44 @@ class BAHE(CTRModel):
                             abe=self.abe_on, ba=self.ba)
         #: {"behaviours", "distinct"} of the last ABE step (|H| / behaviours in the batch).
         self.last_stats: dict = {}
+        #: the frozen lower layers' behaviour table (:meth:`freeze_lower`), or None.
+        self.behaviour_table: Optional[BehaviourTable] = None
+
+    # ------------------------------------------------------------------ offline table
+
+    def freeze_lower(self, table: Optional[BehaviourTable] = None, *,
+                     on_change: str = "rebuild") -> BehaviourTable:
+        """Freeze the lower layers and read the behaviour vectors from a cached table.
+
+        The lower layers' parameters stop requiring gradients; every forward then reads
+        the (n_items + 1, d) :class:`~fastattn.nn.BehaviourTable` of ``item_tokens``
+        (built here, or ``table``: one built or loaded for this model's ``abe`` and
+        ``item_tokens``) instead of running the lower layers, so a training step costs the
+        upper layers, F_d and the head only. The outputs equal the unfrozen model's (the
+        table holds the same vectors, computed in eval mode). When the lower layers'
+        weights change (``load_state_dict``, an optimizer step after re-enabling their
+        gradients) the table is rebuilt (``on_change="rebuild"``) or reading it raises
+        :class:`~fastattn.nn.StaleBehaviourTableError` (``"raise"``). Needs ``abe`` and
+        ``ba`` (the table holds pooled vectors). Returns the table."""
+        if not (self.abe_on and self.ba):
+            raise ValueError("freeze_lower needs abe=True and ba=True: the table holds one "
+                             "pooled vector per behaviour, which only BAHE's upper layers read")
+        if table is None:
+            table = BehaviourTable(self.abe, self.item_tokens, on_change=on_change)
+        elif not isinstance(table, BehaviourTable):
+            raise TypeError(f"table must be a BehaviourTable, got {type(table).__name__}")
+        elif table.abe is not self.abe or not torch.equal(table.token_table,
+                                                          self.item_tokens):
+            raise ValueError("table must be built for this model: BehaviourTable(model.abe, "
+                             "model.item_tokens)")
+        self.low.requires_grad_(False)
+        self.behaviour_table = table
+        return table
+
+    def unfreeze_lower(self) -> None:
+        """Drop the table; the lower layers require gradients and run in every step again."""
+        self.low.requires_grad_(True)
+        self.behaviour_table = None
 
     # ------------------------------------------------------------------ encoders
 
@@ -166,9 +211,12 @@ class BAHE(CTRModel):
         if self.abe_on:
             uniq, rows = self.abe.distinct(ids, lengths)
             self.last_stats = dict(self.abe.last_stats)
-            states, tmask = self.abe.token_states(self.item_tokens[uniq])     # (N, K, d)
-            if self.ba:
-                emb = masked_mean(states, tmask, backend=self._backend)      # (N, d)
+            if self.behaviour_table is not None:                             # frozen lower
+                emb = self.behaviour_table.embeddings()[uniq]               # (N, d)
+            else:
+                states, tmask = self.abe.token_states(self.item_tokens[uniq])  # (N, K, d)
+                if self.ba:
+                    emb = masked_mean(states, tmask, backend=self._backend)  # (N, d)
         def run(r: Tensor, lens: Tensor) -> Tensor:
             """Rows ``r`` (indices) at their own width (their longest sequence)."""
             W = max(int(lens.max()) if lens.numel() else 0, 1)
