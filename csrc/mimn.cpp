@@ -518,15 +518,15 @@ void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* X,
 
 // ----------------------------------------------------------------------------- addressing
 
-// w = softmax_i(beta · cos(key, M(i))). rec = [|key|, dots (m), denominators (m), w (m)].
+// w = softmax_i(beta · cos(key, M(i))). rec = [|key|, dots (m), denominators (m), w (m)];
+// the dots key·M(i) are in rec already (ntm_fwd computes them with |M(i)| in one pass).
 template <typename T>
-FA_INLINE void content_fwd(const T* key, T beta, const T* M, const T* nM, int64_t m, int64_t D, T* rec) {
+FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t D, T* rec) {
     const T nk = std::sqrt(dot(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < m; ++i) {
-        dots[i] = dot(key, M + i * D, D);
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
         mx = std::max(mx, w[i]);
@@ -577,7 +577,8 @@ FA_INLINE T content_bwd(const T* dw, const T* rec, const T* key, T beta, const T
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
-// One row. M_out must not alias M. rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m.
+// One row. M_out and g_out may alias M and g (in place: M and g are read in full before
+// the write). rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m.
 template <typename T>
 FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, const T* M, const T* g,
              const T* head, T* read, T* M_out, T* g_out, T* rec) {
@@ -595,20 +596,27 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     sigmoid_n(act + 2 * D + 2, D);
     tanh_n(act + 3 * D + 2, D);
     const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
-    for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(dot(M + i * D, M + i * D, D));
     T* rd = rec + L.n_rd;
     T* wd = rec + L.n_wd;
-    content_fwd(kr, act[D], M, nM, m, D, rd);
-    content_fwd(kw, act[2 * D + 1], M, nM, m, D, wd);
+    // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
+    for (int64_t i = 0; i < m; ++i) {
+        const T* Mi = M + i * D;
+        T nn = 0, dr = 0, dw = 0;
+#pragma omp simd reduction(+ : nn, dr, dw)
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            nn += v * v;
+            dr += kr[e] * v;
+            dw += kw[e] * v;
+        }
+        nM[i] = std::sqrt(nn);
+        rd[1 + i] = dr;
+        wd[1 + i] = dw;
+    }
+    content_fwd(kr, act[D], nM, m, D, rd);
+    content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
     const T* wr = rd + 1 + 2 * m;
     const T* ww = wd + 1 + 2 * m;
-    zero(read, D);
-    for (int64_t i = 0; i < m; ++i) {
-        const T c = wr[i];
-        const T* Mi = M + i * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) read[e] += c * Mi[e];
-    }
     T* wt = rec + L.n_wt;
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
@@ -628,13 +636,19 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     } else {
         copy(wt, ww, m);
     }
+    // read (from M before the write) and write in one pass; in place when M_out = M
+    zero(read, D);
     for (int64_t i = 0; i < m; ++i) {
         g_out[i] = g[i] + wt[i];
-        const T c = wt[i];
+        const T c = wt[i], cr = wr[i];
         const T* Mi = M + i * D;
         T* Oi = M_out + i * D;
 #pragma omp simd
-        for (int64_t e = 0; e < D; ++e) Oi[e] = Mi[e] * (T(1) - c * er[e]) + c * ad[e];
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            read[e] += cr * v;
+            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
+        }
     }
 }
 
