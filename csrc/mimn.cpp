@@ -340,7 +340,9 @@ struct Layout {
     // ([|k|, dots (m), denominators (m), weights (m)] each), MUR softmax, its normaliser,
     // and the final write weights w~.
     int64_t n_act, n_spg, n_nM, n_rd, n_wd, n_Pm, n_sum, n_wt, NT;
-    // tape; the MIU record is [k channel ids | k GRU tapes (4Hs)]
+    // tape; the MIU record is [k channel ids | k GRU tapes (4Hs) | the k channels' states
+    // before the step (Hs each)], so that S can be updated in place (the backward reads
+    // S_{t-1} of the chosen channels from here, not from a per-step copy of all m channels)
     int64_t t_ctrl, t_ntm, t_miu, TS;
 
     explicit Layout(const MimnDims& d) {
@@ -351,7 +353,7 @@ struct Layout {
         const int64_t rec = 1 + 3 * m;
         n_act = 0, n_spg = P, n_nM = P + 2, n_rd = n_nM + m, n_wd = n_rd + rec;
         n_Pm = n_wd + rec, n_sum = n_Pm + m, n_wt = n_sum + 1, NT = n_wt + m;
-        t_ctrl = 0, t_ntm = 4 * Hc, t_miu = t_ntm + NT, TS = t_miu + k * (1 + 4 * Hs);
+        t_ctrl = 0, t_ntm = 4 * Hc, t_miu = t_ntm + NT, TS = t_miu + k * (1 + 5 * Hs);
     }
 };
 
@@ -516,15 +518,15 @@ void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* X,
 
 // ----------------------------------------------------------------------------- addressing
 
-// w = softmax_i(beta · cos(key, M(i))). rec = [|key|, dots (m), denominators (m), w (m)].
+// w = softmax_i(beta · cos(key, M(i))). rec = [|key|, dots (m), denominators (m), w (m)];
+// the dots key·M(i) are in rec already (ntm_fwd computes them with |M(i)| in one pass).
 template <typename T>
-FA_INLINE void content_fwd(const T* key, T beta, const T* M, const T* nM, int64_t m, int64_t D, T* rec) {
+FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t D, T* rec) {
     const T nk = std::sqrt(dot(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < m; ++i) {
-        dots[i] = dot(key, M + i * D, D);
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
         mx = std::max(mx, w[i]);
@@ -575,7 +577,8 @@ FA_INLINE T content_bwd(const T* dw, const T* rec, const T* key, T beta, const T
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
-// One row. M_out must not alias M. rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m.
+// One row. M_out and g_out may alias M and g (in place: M and g are read in full before
+// the write). rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m.
 template <typename T>
 FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, const T* M, const T* g,
              const T* head, T* read, T* M_out, T* g_out, T* rec) {
@@ -593,20 +596,27 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     sigmoid_n(act + 2 * D + 2, D);
     tanh_n(act + 3 * D + 2, D);
     const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
-    for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(dot(M + i * D, M + i * D, D));
     T* rd = rec + L.n_rd;
     T* wd = rec + L.n_wd;
-    content_fwd(kr, act[D], M, nM, m, D, rd);
-    content_fwd(kw, act[2 * D + 1], M, nM, m, D, wd);
+    // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
+    for (int64_t i = 0; i < m; ++i) {
+        const T* Mi = M + i * D;
+        T nn = 0, dr = 0, dw = 0;
+#pragma omp simd reduction(+ : nn, dr, dw)
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            nn += v * v;
+            dr += kr[e] * v;
+            dw += kw[e] * v;
+        }
+        nM[i] = std::sqrt(nn);
+        rd[1 + i] = dr;
+        wd[1 + i] = dw;
+    }
+    content_fwd(kr, act[D], nM, m, D, rd);
+    content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
     const T* wr = rd + 1 + 2 * m;
     const T* ww = wd + 1 + 2 * m;
-    zero(read, D);
-    for (int64_t i = 0; i < m; ++i) {
-        const T c = wr[i];
-        const T* Mi = M + i * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) read[e] += c * Mi[e];
-    }
     T* wt = rec + L.n_wt;
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
@@ -626,13 +636,19 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     } else {
         copy(wt, ww, m);
     }
+    // read (from M before the write) and write in one pass; in place when M_out = M
+    zero(read, D);
     for (int64_t i = 0; i < m; ++i) {
         g_out[i] = g[i] + wt[i];
-        const T c = wt[i];
+        const T c = wt[i], cr = wr[i];
         const T* Mi = M + i * D;
         T* Oi = M_out + i * D;
 #pragma omp simd
-        for (int64_t e = 0; e < D; ++e) Oi[e] = Mi[e] * (T(1) - c * er[e]) + c * ad[e];
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            read[e] += cr * v;
+            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
+        }
     }
 }
 
@@ -795,7 +811,8 @@ FA_INLINE void put_row(T* dst, const T* src, int64_t n, int64_t ld) {
 }
 
 // Step 7 over n rows: Mt[r] (m, D) the memory after the write, x[r] (Dx), S[r] (m, Hs),
-// wr[r] (m) -> S_out[r] (m, Hs) (must not alias S[r]) and the MIU record rec[r].
+// wr[r] (m) -> S_out[r] (m, Hs) and the MIU record rec[r]. S_out[r] may be S[r] (in place:
+// only the chosen channels are written).
 template <typename T>
 void miu_tile_fwd(const Layout& L, const GruP<T>& c, int64_t n, const T* const* Mt,
                   const T* const* x, const T* const* S, const T* const* wr, T* const* S_out,
@@ -803,7 +820,7 @@ void miu_tile_fwd(const Layout& L, const GruP<T>& c, int64_t n, const T* const* 
     const int64_t D = L.D, Hs = L.Hs, k = L.k;
     int64_t q = 0;
     for (int64_t r = 0; r < n; ++r) {
-        copy(S_out[r], S[r], L.m * Hs);
+        if (S_out[r] != S[r]) copy(S_out[r], S[r], L.m * Hs);
         const int64_t ns = miu_select(wr[r], L.m, k, w.sel.data());
         for (int64_t j = 0; j < ns; ++j, ++q) {
             const int64_t i = w.sel[j];
@@ -812,6 +829,7 @@ void miu_tile_fwd(const Layout& L, const GruP<T>& c, int64_t n, const T* const* 
             copy(xr, Mt[r] + i * D, D);
             put_row(xr + D, x[r], L.Dx, c.Kp - D);
             put_row(w.sm + q * c.Hp, S[r] + i * Hs, Hs, c.Hp);
+            copy(rec[r] + k + 4 * Hs * k + Hs * j, S[r] + i * Hs, Hs);
             w.gt[q] = rec[r] + k + 4 * Hs * j;
             w.go[q] = S_out[r] + i * Hs;
         }
@@ -819,22 +837,23 @@ void miu_tile_fwd(const Layout& L, const GruP<T>& c, int64_t n, const T* const* 
     gru_tile_fwd(c, q, w.xm, w.sm, w.gt.data(), w.go.data(), w.gm);
 }
 
-// Its backward: writes dS[r] (m, Hs), accumulates dMt[r], dx[r] and the GRU gradients.
+// Its backward: writes dS[r] (m, Hs) (may be dS_out[r]: in place), accumulates dMt[r],
+// dx[r] and the GRU gradients. The chosen channels' states before the step come from rec.
 template <typename T>
 void miu_tile_bwd(const Layout& L, const GruP<T>& c, const GruAcc<T>& acc, int64_t n,
-                  const T* const* Mt, const T* const* x, const T* const* S,
-                  const T* const* rec, const T* const* dS_out, T* const* dMt, T* const* dx,
-                  T* const* dS, TileWork<T>& w) {
+                  const T* const* Mt, const T* const* x, const T* const* rec,
+                  const T* const* dS_out, T* const* dMt, T* const* dx, T* const* dS,
+                  TileWork<T>& w) {
     const int64_t D = L.D, Hs = L.Hs, k = L.k;
     int64_t q = 0;
     for (int64_t r = 0; r < n; ++r) {
-        copy(dS[r], dS_out[r], L.m * Hs);
+        if (dS[r] != dS_out[r]) copy(dS[r], dS_out[r], L.m * Hs);
         for (int64_t j = 0; j < k; ++j, ++q) {
             const int64_t i = static_cast<int64_t>(rec[r][j]);
             T* xr = w.xm + q * c.Kp;
             copy(xr, Mt[r] + i * D, D);
             put_row(xr + D, x[r], L.Dx, c.Kp - D);
-            put_row(w.sm + q * c.Hp, S[r] + i * Hs, Hs, c.Hp);
+            put_row(w.sm + q * c.Hp, rec[r] + k + 4 * Hs * k + Hs * j, Hs, c.Hp);
             w.gt[q] = const_cast<T*>(rec[r] + k + 4 * Hs * j);
             w.gd[q] = dS_out[r] + i * Hs;
         }
@@ -918,11 +937,13 @@ struct TileAcc {
     }
 };
 
-// Steps 1-7 of one valid step for the first n rows of a tile: state s[r] -> s1[r] (no
-// aliasing), tape[r] written; x[r] is row r's x_t.
+// Steps 1-7 of one valid step for the first n rows of a tile: state s[r] -> s1[r], tape[r]
+// written; x[r] is row r's x_t. s1[r] may be s[r] (the whole step in place). S: with Sio
+// null, s[r]'s S -> s1[r]'s; else Sio[r] (m, Hs) is updated in place and the S slots of s
+// and s1 are not touched (the tape keeps the chosen channels' previous states).
 template <typename T>
 void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* const* s,
-                   T* const* s1, T* const* tape, TileWork<T>& w) {
+                   T* const* s1, T* const* tape, TileWork<T>& w, T* const* Sio = nullptr) {
     const Layout& L = md.L;
     const GruP<T>& c = md.ctrl;
     for (int64_t r = 0; r < n; ++r) {
@@ -941,14 +962,16 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
         ntm_fwd(L, md.mur_w, md.mur_b, s[r] + L.s_M, s[r] + L.s_g, w.head + r * md.Pp,
                 s1[r] + L.s_r, s1[r] + L.s_M, s1[r] + L.s_g, tape[r] + L.t_ntm);
     if (L.k == 0) {
-        for (int64_t r = 0; r < n; ++r) copy(s1[r] + L.s_S, s[r] + L.s_S, L.m * L.Hs);
+        if (!Sio)
+            for (int64_t r = 0; r < n; ++r)
+                if (s1[r] != s[r]) copy(s1[r] + L.s_S, s[r] + L.s_S, L.m * L.Hs);
         return;
     }
     for (int64_t r = 0; r < n; ++r) {
         w.q0[r] = s1[r] + L.s_M;
-        w.q1[r] = s[r] + L.s_S;
+        w.q1[r] = Sio ? Sio[r] : s[r] + L.s_S;
         w.q2[r] = tape[r] + L.t_ntm + L.n_rd + 1 + 2 * L.m;  // wr
-        w.p0[r] = s1[r] + L.s_S;
+        w.p0[r] = Sio ? Sio[r] : s1[r] + L.s_S;
         w.p1[r] = tape[r] + L.t_miu;
     }
     miu_tile_fwd(L, md.miu, n, w.q0.data(), x, w.q1.data(), w.q2.data(), w.p0.data(),
@@ -958,26 +981,27 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
 // Backward of one valid step for the first n rows: gs[r] holds the gradients of the state
 // after the step (its r slot already includes d_reads[t]; its M slot is modified); writes
 // the gradients of the state before the step into gs0[r], accumulates dx[r] and the
-// tile's parameter gradients.
+// tile's parameter gradients. The S slots of s and s1 are not read (the tape has what the
+// MIU needs). dSio non-null: the S gradient is dSio[r], updated in place, and the S slots
+// of gs and gs0 are not touched.
 template <typename T>
 void tile_step_bwd(const Model<T>& md, const TileAcc<T>& acc, int64_t n, const T* const* x,
                    const T* const* s, const T* const* s1, const T* const* tape, T* const* gs,
-                   T* const* gs0, T* const* dx, TileWork<T>& w) {
+                   T* const* gs0, T* const* dx, TileWork<T>& w, T* const* dSio = nullptr) {
     const Layout& L = md.L;
     const GruP<T>& c = md.ctrl;
     if (L.k > 0) {
         for (int64_t r = 0; r < n; ++r) {
             w.q0[r] = s1[r] + L.s_M;
-            w.q1[r] = s[r] + L.s_S;
             w.q2[r] = tape[r] + L.t_miu;
             w.p0[r] = gs[r] + L.s_M;
-            w.p1[r] = gs0[r] + L.s_S;
+            w.p1[r] = dSio ? dSio[r] : gs0[r] + L.s_S;
         }
-        // dS_out = gs.S: read through p2 as const
-        for (int64_t r = 0; r < n; ++r) w.p2[r] = gs[r] + L.s_S;
-        miu_tile_bwd(L, md.miu, acc.miu, n, w.q0.data(), x, w.q1.data(), w.q2.data(),
-                     w.p2.data(), w.p0.data(), dx, w.p1.data(), w);
-    } else {
+        // dS_out = gs.S: read through q1 as const
+        for (int64_t r = 0; r < n; ++r) w.q1[r] = dSio ? dSio[r] : gs[r] + L.s_S;
+        miu_tile_bwd(L, md.miu, acc.miu, n, w.q0.data(), x, w.q2.data(), w.q1.data(),
+                     w.p0.data(), dx, w.p1.data(), w);
+    } else if (!dSio) {
         for (int64_t r = 0; r < n; ++r) copy(gs0[r] + L.s_S, gs[r] + L.s_S, L.m * L.Hs);
     }
     for (int64_t r = 0; r < n; ++r)
@@ -1131,7 +1155,7 @@ void miu_gather_gru_fwd(const MimnDims& d, const T* M, const T* x, const T* S, c
     }
     const GruP<T> none(nullptr, nullptr, nullptr, nullptr, 0, 0, false);
     const GruP<T> c(w_ih, w_hh, b_ih, b_hh, d.Hs, d.D + d.Dx, true);
-    const int64_t R = tile_rows(d.B), recn = L.k * (1 + 4 * L.Hs);
+    const int64_t R = tile_rows(d.B), recn = L.k * (1 + 5 * L.Hs);
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, none, c, 0, R, false);
     count.take(R * recn);
@@ -1180,7 +1204,7 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
     }
     const GruP<T> none(nullptr, nullptr, nullptr, nullptr, 0, 0, false);
     const GruP<T> c(w_ih, w_hh, b_ih, b_hh, d.Hs, K, true);
-    const int64_t recn = L.k * (1 + 4 * L.Hs);
+    const int64_t recn = L.k * (1 + 5 * L.Hs);
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, none, c, 0, R, true);
     GruAcc<T>().carve(count, c);
@@ -1216,7 +1240,7 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
             miu_tile_fwd(L, c, n, pM.data(), px.data(), pS.data(), pw.data(), po.data(),
                          pr.data(), w);
             acc.clear(c);
-            miu_tile_bwd(L, c, acc, n, pM.data(), px.data(), pS.data(), pr.data(), pdo.data(),
+            miu_tile_bwd(L, c, acc, n, pM.data(), px.data(), pr.data(), pdo.data(),
                          pdM.data(), pdx.data(), pdS.data(), w);
             acc.store(c, dw_ih_rows + ti * G * K, dw_hh_rows + ti * G * L.Hs,
                       db_ih_rows + ti * G, db_hh_rows + ti * G);
@@ -1238,7 +1262,7 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, ntiles)));
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, md.ctrl, md.miu, md.Pp, R, false);
-    count.take(R * L.SS), count.take(R * L.SS), count.take(R * L.TS);  // as carved below
+    count.take(R * L.SS), count.take(R * L.TS);  // as carved below
     Scratch<T> sc(nthreads, count.used);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1246,10 +1270,10 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
         Arena<T> a{sc.buf[omp_get_thread_num()].data()};
         TileWork<T> wk;
         wk.carve(a, L, md.ctrl, md.miu, md.Pp, R, false);
+        // one state per row, stepped in place (tile_step_fwd with s1 = s)
         T* sA = a.take(R * L.SS);
-        T* sB = a.take(R * L.SS);
         T* tape = a.take(R * L.TS);
-        std::vector<T*> cur(R), nxt(R), tp(R);
+        std::vector<T*> cur(R), tp(R);
         std::vector<const T*> xp(R);
         for (int64_t r = 0; r < R; ++r) tp[r] = tape + r * L.TS;
 #pragma omp for schedule(dynamic, 1)
@@ -1257,7 +1281,7 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
             const int64_t* rows = order.data() + ti * R;
             const int64_t nr = std::min(R, d.B - ti * R);
             for (int64_t r = 0; r < nr; ++r) {
-                cur[r] = sA + r * L.SS, nxt[r] = sB + r * L.SS;
+                cur[r] = sA + r * L.SS;
                 load_state(L, state0, rows[r], cur[r]);
             }
             for (int64_t t = 0; t < d.T; ++t) {
@@ -1269,11 +1293,9 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
                     zero(reads + (rows[r] * d.T + t) * L.D, L.D);
                 if (n == 0) continue;
                 for (int64_t r = 0; r < n; ++r) xp[r] = x + (rows[r] * d.T + t) * L.Dx;
-                tile_step_fwd(md, n, xp.data(), cur.data(), nxt.data(), tp.data(), wk);
-                for (int64_t r = 0; r < n; ++r) {
-                    copy(reads + (rows[r] * d.T + t) * L.D, nxt[r] + L.s_r, L.D);
-                    std::swap(cur[r], nxt[r]);
-                }
+                tile_step_fwd(md, n, xp.data(), cur.data(), cur.data(), tp.data(), wk);
+                for (int64_t r = 0; r < n; ++r)
+                    copy(reads + (rows[r] * d.T + t) * L.D, cur[r] + L.s_r, L.D);
             }
             for (int64_t r = 0; r < nr; ++r) store_state(L, cur[r], final_state, rows[r]);
         }
@@ -1373,8 +1395,13 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
         T* tapes = a.take(C * R * L.TS);
         T* gA = a.take(R * L.SS);
         T* gB = a.take(R * L.SS);
-        std::vector<T*> gc(R), gn(R), dxp(R), s1p(R), tp(R);
+        std::vector<T*> gc(R), gn(R), dxp(R), s1p(R), tp(R), Sio(R), dSio(R);
         std::vector<const T*> xp(R), sp(R);
+        // S and its gradient are updated in place (only the chosen channels change per
+        // step): S in the chunk's first state slot, dS in gA's rows; the per-step states
+        // and gradient carries leave their S slots untouched
+        for (int64_t r = 0; r < R; ++r)
+            Sio[r] = states + r * L.SS + L.s_S, dSio[r] = gA + r * L.SS + L.s_S;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < ntiles; ++ti) {
             const int64_t* rows = order.data() + ti * R;
@@ -1410,7 +1437,8 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                 for (int64_t t = t0; t < t1; ++t) {
                     const int64_t n = running(lengths, rows, nr, t);
                     point(t, n);
-                    tile_step_fwd(md, n, xp.data(), sp.data(), s1p.data(), tp.data(), wk);
+                    tile_step_fwd(md, n, xp.data(), sp.data(), s1p.data(), tp.data(), wk,
+                                  Sio.data());
                 }
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     const int64_t n = running(lengths, rows, nr, t);
@@ -1422,11 +1450,14 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                         zero(dxp[r], L.Dx);
                     }
                     tile_step_bwd(md, acc, n, xp.data(), sp.data(), s1p.data(), tp.data(),
-                                  gc.data(), gn.data(), dxp.data(), wk);
+                                  gc.data(), gn.data(), dxp.data(), wk, dSio.data());
                     for (int64_t r = 0; r < n; ++r) std::swap(gc[r], gn[r]);
                 }
             }
-            for (int64_t r = 0; r < nr; ++r) store_state(L, gc[r], d_state0, rows[r]);
+            for (int64_t r = 0; r < nr; ++r) {
+                if (gc[r] + L.s_S != dSio[r]) copy(gc[r] + L.s_S, dSio[r], L.m * L.Hs);
+                store_state(L, gc[r], d_state0, rows[r]);
+            }
         }
     }
     // The tile partials (each tile's accumulators one contiguous block), in tile order.
