@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..nn import ETAAttention
-from .base import CTRModel, check_positive_int
+from .base import CTRModel, check_positive_int, lookup
 from .sim import interval_buckets
 
 __all__ = ["ETANet"]
@@ -116,7 +116,7 @@ class ETANet(CTRModel):
         embeddings, then the time-interval embedding with ``time_buckets``."""
         keys = self.embed(batch.hist_items, batch.hist_cats)
         bucket = self.interval_buckets(batch)
-        return keys if bucket is None else torch.cat([keys, self.time_emb(bucket)], -1)
+        return keys if bucket is None else torch.cat([keys, lookup(self.time_emb, bucket, self.backend)], -1)
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
         """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
@@ -135,7 +135,7 @@ class ETANet(CTRModel):
                                                *([window.ids] if window else []))
         sigs = None if key_signatures is None else key_signatures[h.items]
         if self.time_emb is not None:
-            keys = torch.cat([keys, self.time_emb(h.extra).to(keys.dtype)], -1)
+            keys = torch.cat([keys, lookup(self.time_emb, h.extra, self.backend).to(keys.dtype)], -1)
         matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
                                   key_signatures=sigs)]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..ops import topk_gather
-from .base import CTRModel, Histories, check_positive_int, history_rows
+from .base import CTRModel, Histories, check_positive_int, history_rows, lookup
 
 __all__ = ["SIMHard", "category_search", "interval_buckets"]
 
@@ -123,9 +123,13 @@ class SIMHard(CTRModel):
             # Only the GSU's picks are read: gather their ids (B, sim_len) and embed those
             # (each distinct one once), instead of embedding the whole (U, L) history.
             pos = idx.clamp(min=0)
-            items, cats = ((batch.hist_items[rows[:, None], pos],
-                            batch.hist_cats[rows[:, None], pos]) if L
-                           else (torch.zeros_like(idx), torch.zeros_like(idx)))
+            if not L:
+                items, cats = torch.zeros_like(idx), torch.zeros_like(idx)
+            elif batch.hist_index is None and U == len(batch):   # history b: no flat index
+                items, cats = batch.hist_items.gather(1, pos), batch.hist_cats.gather(1, pos)
+            else:
+                items, cats = (batch.hist_items[rows[:, None], pos],
+                               batch.hist_cats[rows[:, None], pos])
             # with time intervals each position's key differs: dense (B, sim_len) keys
             h = self.histories(items, cats, count) if self.time_emb is None \
                 else Histories(items, cats, None, count)
@@ -137,8 +141,8 @@ class SIMHard(CTRModel):
                                  backend=self.backend)                    # (B, sim_len, D)
             h = None
         if self.time_emb is not None:
-            interval = self.time_emb(interval_buckets(idx, batch.lengths[rows],
-                                                      self.time_buckets))
+            interval = lookup(self.time_emb, interval_buckets(idx, batch.lengths[rows],
+                                                              self.time_buckets), self.backend)
             picked = torch.cat([picked, interval.to(picked.dtype)], dim=-1)
         esu = self.esu_attn(target, picked, lengths=count,
                             hist_rows=None if h is None else h.hist_rows)
