@@ -116,7 +116,9 @@ class ETANet(CTRModel):
         embeddings, then the time-interval embedding with ``time_buckets``."""
         keys = self.embed(batch.hist_items, batch.hist_cats)
         bucket = self.interval_buckets(batch)
-        return keys if bucket is None else torch.cat([keys, lookup(self.time_emb, bucket, self.backend)], -1)
+        if bucket is None:
+            return keys
+        return torch.cat([keys, lookup(self.time_emb, bucket, self.backend)], -1)
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
         """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
@@ -135,7 +137,8 @@ class ETANet(CTRModel):
                                                *([window.ids] if window else []))
         sigs = None if key_signatures is None else key_signatures[h.items]
         if self.time_emb is not None:
-            keys = torch.cat([keys, lookup(self.time_emb, h.extra, self.backend).to(keys.dtype)], -1)
+            interval = lookup(self.time_emb, h.extra, self.backend)
+            keys = torch.cat([keys, interval.to(keys.dtype)], -1)
         matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
                                   key_signatures=sigs)]
