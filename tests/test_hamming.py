@@ -112,8 +112,8 @@ def test_topk_longer_than_a_chunk(backend, nbits):
     running top k is carried from chunk to chunk, by groups of query blocks sharing a chunk
     (serving layout) and by single histories (training layout); ties across a chunk
     boundary must still go to the smaller position."""
-    if backend == "triton":
-        pytest.skip("the Triton interpreter takes minutes at this length")
+    if backend == "triton" and torch.get_default_device().type == "cpu":
+        pytest.skip("the Triton interpreter takes minutes at this length (runs on a GPU)")
     g = torch.Generator().manual_seed(14)
     L, W = 2 * 16384 + 1003, 4
     q = random_sigs(70, W, nbits=nbits, generator=g)

@@ -141,7 +141,13 @@ def test_kernel_backends_match_reference(name, kernel_backend):
 def test_dedup_equals_dense(name, backend):
     """The indexed path (each distinct behaviour embedded, projected and hashed once; the
     default) gives the dense path's loss and every gradient, in fp64, in every backend."""
-    dense = make_model(name, backend=backend, dedup=False)
+    for _ in dedup_matches_dense(make_model(name, backend=backend, dedup=False)):
+        pass
+
+
+def dedup_matches_dense(dense):
+    """Check that a copy of ``dense`` with dedup on (even for tiny batches) gives its loss
+    and every gradient in fp64; yields (indexed model, batch, its gradients) per batch."""
     indexed = copy.deepcopy(dense)
     indexed.dedup = True
     indexed.dedup_min_positions = 0        # these tiny batches would be embedded densely
@@ -154,7 +160,9 @@ def test_dedup_equals_dense(name, backend):
         torch.testing.assert_close(loss, want_loss, **FP64)
         assert got.keys() == want.keys()
         for n in want:
-            torch.testing.assert_close(got[n], want[n], **FP64, msg=f"{name} grad of {n}")
+            torch.testing.assert_close(got[n], want[n], **FP64,
+                                       msg=f"{dense.name} grad of {n}")
+        yield indexed, batch, got
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -430,17 +438,8 @@ def test_eta_time_buckets():
     assert build(**dense.config()).long_attn.hash_dims == dense.dim
     serving = make_batch([33], 37, B=5, label=False)
     torch.testing.assert_close(dense(serving), dense(repeated(serving)), **FP64)
-    indexed = copy.deepcopy(dense)
-    indexed.dedup, indexed.dedup_min_positions = True, 0
-    for batch in (make_batch([37, 12, 0, 1, 30], 37), make_batch([33], 37, B=4)):
-        batch.hist_items = batch.hist_items % 7
-        batch.hist_cats = torch.where(batch.hist_items > 0, batch.hist_items % 3 + 1, 0)
-        want_loss, want = grads(dense, batch)
-        loss, got = grads(indexed, batch)
-        torch.testing.assert_close(loss, want_loss, **FP64)
+    for indexed, batch, got in dedup_matches_dense(dense):
         assert "time_emb.weight" in got and got["time_emb.weight"].abs().sum() > 0
-        for n in want:
-            torch.testing.assert_close(got[n], want[n], **FP64, msg=f"grad of {n}")
         item_cat = torch.arange(N_ITEMS + 1) % (N_CATS + 1)
         batch.hist_cats = item_cat[batch.hist_items]
         table = indexed.item_signatures(item_cat)
