@@ -68,8 +68,8 @@ def bucket_interest(keys: Tensor, key_codes: Tensor, lengths: Tensor, query_code
         key_codes = key_codes.to(torch.uint8 if n_buckets <= 256 else torch.int32)[rows]
     else:
         U, L = keys.shape[:2]
+        valid = torch.arange(L, device=dev) < lengths[:, None]                # (U, L)
     nb = H * n_buckets
-    valid = torch.arange(L, device=dev) < lengths[:, None]                    # (U, L)
     if hist_index is None and U == B:
         # Training layout (one history per query): weigh each behaviour by how many of the
         # query's buckets it falls in, 1 / (bucket size · H) each: O(B·L·H) compares and one

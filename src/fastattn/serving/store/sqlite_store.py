@@ -103,7 +103,7 @@ class SQLiteStateStore(UserStateStore):
             checked = [(k, t) for k, t, _ in items if t != "*"]
             if checked:
                 current = dict(zip([k for k, _ in checked],
-                                   self._get_unlocked([k for k, _ in checked])))
+                                   _select(db, [k for k, _ in checked])))
                 bad = [k for k, t in checked
                        if (current[k] is None) != (t == "")
                        or (current[k] is not None and hashlib.sha1(current[k]).hexdigest() != t)]
@@ -112,9 +112,6 @@ class SQLiteStateStore(UserStateStore):
             db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)",
                            [(k, b) for k, _, b in items])
         return []
-
-    def _get_unlocked(self, keys: List[str]) -> List[Optional[bytes]]:
-        return _select(self._db, keys)
 
     def _keys(self) -> List[str]:
         with self._lock:
