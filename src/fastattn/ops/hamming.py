@@ -112,6 +112,14 @@ def _(q_sig, k_sig, k, lengths, hist_index, hist_rows, backend):
     return (q_sig.new_empty(B, k, dtype=torch.int32), q_sig.new_empty(B, k, dtype=torch.int64))
 
 
+def topk_op(*tensors: Optional[Tensor]):
+    """The Hamming top-k op to call on ``tensors`` (the call's tensor arguments): for plain
+    eager CPU tensors its implementation itself, the same function the custom op runs,
+    without the dispatcher's per-call cost (:func:`._common.eager_plain`); otherwise
+    ``torch.ops.fastattn.hamming_topk``. Shared by :func:`hamming_topk` and eta_attention."""
+    return _hamming_topk_impl if eager_plain(*tensors) else torch.ops.fastattn.hamming_topk
+
+
 def check_topk_inputs(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
                       hist_index: Optional[Tensor], hist_rows: Optional[Tensor]) -> None:
     """Shape/dtype checks of a Hamming top-k call, dense or indexed (shared by eta_attention)."""
@@ -157,8 +165,5 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, *, lengths: Optional[Tens
     check_topk_inputs(q_sig, k_sig, k, lengths, hist_index, hist_rows)
     dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index,
                             hist_rows=hist_rows)
-    # Plain eager CPU tensors run the op's implementation directly (the same function,
-    # without the dispatcher's per-call cost); anything else goes through torch.ops.
-    op = (_hamming_topk_impl if eager_plain(q_sig, k_sig, lengths, hist_index, hist_rows)
-          else torch.ops.fastattn.hamming_topk)
-    return op(q_sig, k_sig, k, lengths, hist_index, hist_rows, backend_for(dev, backend))
+    return topk_op(q_sig, k_sig, lengths, hist_index, hist_rows)(
+        q_sig, k_sig, k, lengths, hist_index, hist_rows, backend_for(dev, backend))
