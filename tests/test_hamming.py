@@ -234,3 +234,37 @@ def test_bad_input():
         fastattn.hamming_topk(q, k.to("meta"), 2)
     with pytest.raises(ValueError, match="broadcast"):
         fastattn.hamming_distance(random_sigs(3, 2), random_sigs(4, 10, 2))
+
+
+def test_topk_direct_eager_call_and_dispatch():
+    """Plain eager CPU calls run the op's implementation directly (no dispatcher: see
+    ops._common.eager_plain), with the same result as torch.ops.fastattn.hamming_topk; under
+    a dispatch mode (fake tensors, tracing) the call goes through the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastattn.ops._common import eager_plain
+
+    q, k = random_sigs(5, 4), random_sigs(1, 40, 4)
+    assert eager_plain(q, k, None)
+    got = fastattn.hamming_topk(q, k, 7)
+    want = torch.ops.fastattn.hamming_topk(q, k, 7, None, None, None,
+                                           fastattn.backends()["cpu"])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        assert not eager_plain(q)
+        fastattn.hamming_topk(q, k, 7)
+    assert "fastattn.hamming_topk.default" in seen.ops
+    with FakeTensorMode() as mode:
+        dist, idx = fastattn.hamming_topk(mode.from_tensor(q), mode.from_tensor(k), 7)
+    assert dist.shape == (5, 7) and idx.dtype == torch.int64

@@ -20,7 +20,7 @@ from .. import reference as ref
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_hist_rows,
                       check_lengths, check_same_device, check_tensor, cpu_call, kernels,
                       layout)
-from .hamming import check_topk_inputs
+from .hamming import check_topk_inputs, topk_op
 from .gather import scatter_add_rows, slot_layout
 
 __all__ = ["topk_attention", "eta_attention", "target_attention"]
@@ -303,7 +303,8 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
     dev = check_same_device(q=q, keys=keys, values=values, q_sig=q_sig, k_sig=k_sig,
                             lengths=lengths, hist_index=hist_index, hist_rows=hist_rows)
     be = backend_for(dev, backend)
-    _, idx = torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
+    _, idx = topk_op(q_sig, k_sig, lengths, hist_index, hist_rows)(
+        q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
     out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
                                                hist_index, hist_rows,
                                                _scale(scale, q3.shape[-1]), be)

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._common import (backend_for, check_hist_index, check_hist_rows, check_k, check_lengths,
-                      check_same_device, check_signature, checked_rows, cpu_call, kernels,
-                      layout)
+                      check_same_device, check_signature, checked_rows, cpu_call, eager_plain,
+                      kernels, layout)
 
 __all__ = ["hamming_distance", "hamming_topk"]
 
@@ -76,10 +76,9 @@ def hamming_distance(q_sig: Tensor, k_sig: Tensor, *, backend: Optional[str] = N
     return torch.ops.fastattn.hamming_distance(q_sig, k_sig, backend_for(dev, backend))
 
 
-@torch.library.custom_op("fastattn::hamming_topk", mutates_args=())
-def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
-                  hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
-                  backend: str) -> Tuple[Tensor, Tensor]:
+def _hamming_topk_impl(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
+                       hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
+                       backend: str) -> Tuple[Tensor, Tensor]:
     B, W = q_sig.shape
     U, L = k_sig.shape[:2] if hist_rows is None else hist_rows.shape
     lens, hist = layout(B, U, L, lengths, hist_index, q_sig.device)
@@ -103,10 +102,22 @@ def _hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor
     return dist, idx
 
 
+_hamming_topk = torch.library.custom_op("fastattn::hamming_topk", mutates_args=())(
+    _hamming_topk_impl)
+
+
 @_hamming_topk.register_fake
 def _(q_sig, k_sig, k, lengths, hist_index, hist_rows, backend):
     B = q_sig.shape[0]
     return (q_sig.new_empty(B, k, dtype=torch.int32), q_sig.new_empty(B, k, dtype=torch.int64))
+
+
+def topk_op(*tensors: Optional[Tensor]):
+    """The Hamming top-k op to call on ``tensors`` (the call's tensor arguments): for plain
+    eager CPU tensors its implementation itself, the same function the custom op runs,
+    without the dispatcher's per-call cost (:func:`._common.eager_plain`); otherwise
+    ``torch.ops.fastattn.hamming_topk``. Shared by :func:`hamming_topk` and eta_attention."""
+    return _hamming_topk_impl if eager_plain(*tensors) else torch.ops.fastattn.hamming_topk
 
 
 def check_topk_inputs(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[Tensor],
@@ -154,5 +165,5 @@ def hamming_topk(q_sig: Tensor, k_sig: Tensor, k: int, *, lengths: Optional[Tens
     check_topk_inputs(q_sig, k_sig, k, lengths, hist_index, hist_rows)
     dev = check_same_device(q_sig=q_sig, k_sig=k_sig, lengths=lengths, hist_index=hist_index,
                             hist_rows=hist_rows)
-    return torch.ops.fastattn.hamming_topk(q_sig, k_sig, k, lengths, hist_index, hist_rows,
-                                           backend_for(dev, backend))
+    return topk_op(q_sig, k_sig, lengths, hist_index, hist_rows)(
+        q_sig, k_sig, k, lengths, hist_index, hist_rows, backend_for(dev, backend))
