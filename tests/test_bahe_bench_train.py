@@ -52,8 +52,9 @@ def test_train_rows(tmp_path, capsys):
     assert "| bahe | 6 (96) |" in out and "Oracle AUC" in out
 
 
-def test_train_rows_text_variant_shared_histories(tmp_path):
-    """--variant text --share-histories: whole users per batch; the rows train and score."""
+def test_train_rows_text_variant_shared_histories(tmp_path, capsys):
+    """--variant text --share-histories: whole users per batch; the rows train and score;
+    --epoch-auc adds the AUC after each epoch to the BAHE table."""
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     try:
@@ -61,9 +62,13 @@ def test_train_rows_text_variant_shared_histories(tmp_path):
                      "--variant", "text", "--share-histories", "--users", "16", "--items",
                      "40", "--cats", "6", "--candidates", "4", "--max-history", "50",
                      "--behaviour-types", "3", "--epochs", "1", "--batch-size", "8",
-                     "--embed-dim", "8", "--bootstrap", "50", "--out", str(out)]) == 0
+                     "--embed-dim", "8", "--bootstrap", "50", "--epoch-auc",
+                     "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     rows = list(csv.DictReader(open(out / "train.csv")))
     assert [r["model"] for r in rows] == ["llm_ctr", "bahe"]
     assert float(rows[1]["auc_vs_llm_ctr_se"]) >= 0
+    table = capsys.readouterr().out.split("| row |")[1]
+    assert "AUC after each epoch |" in table
+    assert f"| {float(rows[1]['auc']):.3f} |" in table      # one epoch: the final AUC

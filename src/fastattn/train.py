@@ -316,9 +316,11 @@ def markdown(rows: Sequence[Dict[str, object]], oracle_auc: Optional[float] = No
         out.append(f"| {name} | " + " | ".join(cells) + f" | {tput} |")
     text = [r for r in rows if "epoch_s" in r]
     if text:
+        by_epoch = any("auc_by_epoch" in r for r in text)   # --epoch-auc: the AUC curve too
         out += ["", "| row | L (text length) | s / epoch | CPU s / epoch | peak MiB / step | "
-                "AUC (± SE) | vs LLM-CTR (± SE) | distinct ratio |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "AUC (± SE) | vs LLM-CTR (± SE) | distinct ratio |"
+                + (" AUC after each epoch |" if by_epoch else ""),
+                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if by_epoch else "")]
         for r in text:
             mib = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
             ratio = "-" if r["distinct_ratio"] is None else f"{r['distinct_ratio']:.3f}"
@@ -327,7 +329,9 @@ def markdown(rows: Sequence[Dict[str, object]], oracle_auc: Optional[float] = No
                     if "auc_vs_llm_ctr" in r else "–")
             out.append(f"| {r['model']} | {r['max_len']} ({r['text_len']}) | "
                        f"{r['epoch_s']:.1f} | {r['epoch_cpu_s']:.1f} | {mib} | "
-                       f"{r['auc']:.4f}{se} | {diff} | {ratio} |")
+                       f"{r['auc']:.4f}{se} | {diff} | {ratio} |"
+                       + (" " + ", ".join(f"{a:.3f}" for a in r.get("auc_by_epoch", []))
+                          + " |" if by_epoch else ""))
         if oracle_auc is not None:
             out += ["", f"Oracle AUC (the generator's click probabilities, same test "
                     f"samples): {oracle_auc:.4f}"]
