@@ -100,7 +100,10 @@ def test_topk_many_queries_per_history(backend, W, nbits):
     q = random_sigs(45, W, nbits=nbits, generator=g)
     k = random_sigs(3, 400, W, nbits=nbits, generator=g)
     hist = torch.randint(0, 3, (45,), generator=g)
-    # (the Triton interpreter takes seconds per call: one slot count suffices there)
+    # (the Triton interpreter takes seconds per call: one slot count of the multi-word,
+    # heavy-tie case suffices there)
+    if backend == "triton" and (W, nbits) != (5, 6):
+        pytest.skip("the Triton interpreter runs the multi-word, heavy-tie case only")
     for topk in (1, 64, 450) if backend != "triton" else (64,):
         _check_topk(backend, q, k, topk, lengths=torch.tensor([400, 133, 7]), hist_index=hist)
     _check_topk(backend, q[:37], k[:1], 64)
@@ -114,6 +117,8 @@ def test_topk_longer_than_a_chunk(backend, nbits):
     boundary must still go to the smaller position."""
     if backend == "triton" and torch.get_default_device().type == "cpu":
         pytest.skip("the Triton interpreter takes minutes at this length (runs on a GPU)")
+    if backend == "torch":
+        pytest.skip("the torch backend is the reference these results are compared with")
     g = torch.Generator().manual_seed(14)
     L, W = 2 * 16384 + 1003, 4
     q = random_sigs(70, W, nbits=nbits, generator=g)
