@@ -14,14 +14,14 @@ features; no side features of the behaviours (time, action type).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..nn import ETAAttention
-from .base import CTRModel, check_positive_int, lookup
+from .base import CTRModel, check_positive_int, history_rows, lookup
 from .sim import interval_buckets
 
 __all__ = ["ETANet"]
@@ -37,10 +37,10 @@ class ETANet(CTRModel):
     ``short_len=0`` drops the short-term branch. Head features [target, long,
     target ⊙ long, short, target ⊙ short].
     ``time_buckets`` (default 0: off): the long-term attention's keys add SIM's
-    time-interval embedding (:func:`fastattn.models.sim.interval_buckets`); retrieval
-    still hashes the behaviour embedding only (``ETAAttention(hash_dims=D)``), so ETA+
-    item signatures stay valid. A batch's distinct rows are then (item, category,
-    interval bucket) triples. ``orthogonal_planes`` (default True): super-bit SimHash
+    time-interval embedding (:func:`fastattn.models.sim.interval_buckets`), for the
+    retrieved behaviours only (``ETAAttention(position_features=)``); retrieval still
+    hashes the behaviour embedding only (``ETAAttention(hash_dims=D)``), so the table of
+    distinct (item, category) rows and ETA+ item signatures stay as without it. ``orthogonal_planes`` (default True): super-bit SimHash
     planes (:func:`fastattn.make_planes`).
 
     Defaults (issue 18, measured with ``fastattn-train --retrieval --epoch-auc``): at
@@ -101,24 +101,17 @@ class ETANet(CTRModel):
         items = torch.arange(n, device=item_cat.device)
         return self.long_attn.precompute_key_signatures(self.embed(items, item_cat))
 
-    def interval_buckets(self, batch: Batch) -> Optional[Tensor]:
-        """The time-interval bucket (U, L) of every history position (0 at padding; see
-        :func:`fastattn.models.sim.interval_buckets`), None without ``time_buckets``."""
+    def interval_features(self, batch: Batch) -> Optional[Callable[[Tensor], Tensor]]:
+        """The long-term attention's ``position_features`` (None without ``time_buckets``):
+        positions idx (B, n) of each candidate's history -> their time-interval embeddings
+        (B, n, embed_dim) (:func:`fastattn.models.sim.interval_buckets`; 0 at empty slots)."""
         if self.time_emb is None:
             return None
-        U, L = batch.hist_items.shape
-        pos = torch.arange(L, device=batch.lengths.device).expand(U, L)
-        pos = torch.where(pos < batch.lengths[:, None], pos, -1)
-        return interval_buckets(pos, batch.lengths, self.time_buckets)
-
-    def history_keys(self, batch: Batch) -> Tensor:
-        """The long-term attention's keys (U, L, ·) of every position, dense: behaviour
-        embeddings, then the time-interval embedding with ``time_buckets``."""
-        keys = self.embed(batch.hist_items, batch.hist_cats)
-        bucket = self.interval_buckets(batch)
-        if bucket is None:
-            return keys
-        return torch.cat([keys, lookup(self.time_emb, bucket, self.backend)], -1)
+        U = batch.hist_items.shape[0]
+        lens = batch.lengths[history_rows(batch.hist_index, len(batch), U,
+                                          batch.lengths.device)]
+        return lambda idx: lookup(self.time_emb, interval_buckets(idx, lens, self.time_buckets),
+                                  self.backend)
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
         """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
@@ -129,19 +122,15 @@ class ETANet(CTRModel):
             raise ValueError(f"key_signatures must be the (n_items + 1, W)=({n}, W) table of "
                              f"item_signatures(), got "
                              f"{tuple(getattr(key_signatures, 'shape', ()))}")
-        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths,
-                           self.interval_buckets(batch),
-                           self.time_buckets + 1)
+        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
         window = self.short_window(batch)
         target, keys, *short = self.embed_many((batch.target_item, batch.target_cat), h.ids,
                                                *([window.ids] if window else []))
         sigs = None if key_signatures is None else key_signatures[h.items]
-        if self.time_emb is not None:
-            interval = lookup(self.time_emb, h.extra, self.backend)
-            keys = torch.cat([keys, interval.to(keys.dtype)], -1)
         matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
-                                  key_signatures=sigs)]
+                                  key_signatures=sigs,
+                                  position_features=self.interval_features(batch))]
         if window is not None:
             matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None

@@ -11,7 +11,7 @@ row once, however often the batch's histories repeat it.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,14 @@ class ETAAttention(TargetAttention):
     For serving (ETA+), :meth:`precompute_key_signatures` hashes item embeddings once; pass
     the signatures of the table's rows (indexed form) or of every position (dense form) as
     ``key_signatures`` while the weights stay frozen.
+
+    ``position_features``: features of a behaviour that depend on its position, not on the
+    behaviour (e.g. ETA-Net's time interval to the target), attended but never hashed: a
+    callable ``f(idx) -> (B, n, F)`` given positions ``idx`` (B, n) int64 of each query's
+    history (-1: empty slot). They are computed for the retrieved positions only and
+    appended to the gathered keys (and to the values when ``values`` is None), so the keys
+    (or the table) stay per behaviour, hashed once each; key_dim = the keys' width + F.
+    With L <= topk every valid position is "retrieved" (no hashing).
     """
 
     def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
@@ -278,13 +286,29 @@ class ETAAttention(TargetAttention):
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
                 lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
                 hist_rows: Optional[Tensor] = None,
-                key_signatures: Optional[Tensor] = None) -> Tensor:
+                key_signatures: Optional[Tensor] = None,
+                position_features: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         # Checked on both paths (unused by the dense one), so a call that is wrong for one
         # history length is wrong for all.
         self._check_key_signatures(key_signatures, keys, hist_rows)
-        if self.history_length(keys, hist_rows) <= self.topk:
-            return super().forward(query, keys, values, lengths=lengths, hist_index=hist_index,
-                                   hist_rows=hist_rows)
+        if position_features is not None and not callable(position_features):
+            raise TypeError(f"position_features must be a callable idx (B, n) -> (B, n, F), "
+                            f"got {type(position_features).__name__}")
+        L = self.history_length(keys, hist_rows)
+        if L <= self.topk:
+            if position_features is None:
+                return super().forward(query, keys, values, lengths=lengths,
+                                       hist_index=hist_index, hist_rows=hist_rows)
+            # every valid position is retrieved: attend over all of them, gathered
+            U = keys.shape[0] if hist_rows is None else check_hist_rows(hist_rows).shape[0]
+            lens, hist = layout(query.shape[0], U, L, check_lengths(lengths, U), hist_index,
+                                query.device)
+            if hist_rows is not None:        # what hamming_topk checks on the other path
+                checked_rows(hist_rows, lens, keys.shape[0])
+            pos = torch.arange(L, device=query.device)
+            idx = torch.where(pos < lens[hist][:, None], pos, -1)
+            return self._attend_winners(self.q_proj(query), keys, values, idx, hist_index,
+                                        hist_rows, position_features)
         # Retrieve, then project only what was retrieved: the keys are projected without
         # autograd just to be hashed; the B·topk winners' rows are gathered from the inputs
         # and projected again, with autograd. Same output and gradients as eta_attention on
@@ -301,7 +325,14 @@ class ETAAttention(TargetAttention):
                               self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
-        if self.heads == 1:                  # B·topk rows: always cheaper unprojected
+        return self._attend_winners(q, keys, values, idx, hist_index, hist_rows,
+                                    position_features)
+
+    def _attend_winners(self, q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
+                        hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
+                        position_features: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
+        """Exact attention of q = q_proj(query) (B, E) over the positions ``idx`` (B, K)."""
+        if self.heads == 1 and position_features is None:   # B·topk rows: cheaper unprojected
             # The winners are read in place (no (B, topk, ·) copy); the backward adds their
             # gradients into the inputs' rows with the op's deterministic scatter.
             return self.attend_inputs(
@@ -311,7 +342,24 @@ class ETAAttention(TargetAttention):
                 (idx >= 0).any(1))
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
         k_in = rows.gather(keys)
-        v_in = k_in if values is None else rows.gather(values)
+        v_in = None if values is None else rows.gather(values)
+        if position_features is not None:
+            extra = position_features(idx)
+            if not isinstance(extra, Tensor) or extra.shape[:2] != idx.shape \
+                    or extra.dim() != 3 \
+                    or k_in.shape[-1] + extra.shape[-1] != self.k_proj.in_features:
+                raise ValueError(
+                    f"position_features(idx {tuple(idx.shape)}) must return (B, n, F) = "
+                    f"{tuple(idx.shape)} + (key_dim - keys' width = "
+                    f"{self.k_proj.in_features - k_in.shape[-1]},), got "
+                    f"{tuple(getattr(extra, 'shape', ()))}")
+            k_in = torch.cat([k_in, extra.to(k_in.dtype)], -1)
+        v_in = k_in if v_in is None else v_in
+        if self.heads == 1:
+            return self.attend_inputs(
+                q, lambda qk, scale: topk_attention(qk, k_in, v_in, rows.slots, scale=scale,
+                                                    backend=self.backend),
+                (idx >= 0).any(1))
         out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
                              self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
         return self._merge(out)
