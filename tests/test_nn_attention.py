@@ -210,3 +210,45 @@ def test_eta_hash_input_checks():
         ETAAttention(8, hash_input="keys")
     with pytest.raises(ValueError, match="query_dim"):
         ETAAttention(8, query_dim=6, key_dim=5, hash_input="raw")
+
+
+@pytest.mark.parametrize("heads,topk,indexed", [(1, 4, True), (2, 4, False), (1, 30, True)])
+def test_eta_position_features(heads, topk, indexed):
+    """position_features (attended, not hashed, computed for the retrieved positions only)
+    give the output and gradients of the same features appended to every position's key;
+    with L <= topk too (every valid position attended)."""
+    torch.manual_seed(4)
+    m = ETAAttention(8, heads, key_dim=7, query_dim=6, topk=topk, hash_bits=64,
+                     hash_dims=5).double()
+    B, L, N = 3, 23, 9
+    lengths = torch.tensor([23, 0, 6])
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (B, L)), -1)
+    table = torch.randn(N, 5, dtype=torch.float64)
+    feats = torch.randn(B, L, 2, dtype=torch.float64)
+    query = torch.randn(B, 6, dtype=torch.float64)
+    calls = []
+
+    def at(idx):                                # (B, n) positions -> (B, n, 2)
+        calls.append(idx.shape)
+        return feats.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, 2))
+
+    def run(fn):
+        m.zero_grad()
+        x = query.clone().requires_grad_()
+        out = fn(x)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return [out.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+    dense = torch.cat([table[rows.clamp(min=0)], feats], -1)
+    want = run(lambda x: m(x, dense, lengths=lengths))
+    keys = table if indexed else table[rows.clamp(min=0)]
+    got = run(lambda x: m(x, keys, lengths=lengths, hist_rows=rows if indexed else None,
+                          position_features=at))
+    assert calls == [(B, min(topk, L))]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="position_features"):
+        m(query, keys, lengths=lengths, hist_rows=rows if indexed else None,
+          position_features=lambda idx: feats[:, :1])
+    with pytest.raises(TypeError, match="position_features"):
+        m(query, keys, lengths=lengths, position_features=feats)
