@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..nn import ETAAttention
-from .base import CTRModel, check_positive_int, history_rows, lookup
+from .base import CTRModel, check_positive_int, history_rows
 from .sim import interval_buckets
 
 __all__ = ["ETANet"]
@@ -38,7 +38,7 @@ class ETANet(CTRModel):
     target ⊙ long, short, target ⊙ short].
     ``time_buckets`` (default 0: off): the long-term attention's keys add SIM's
     time-interval embedding (:func:`fastattn.models.sim.interval_buckets`), for the
-    retrieved behaviours only (``ETAAttention(position_features=)``); retrieval still
+    retrieved behaviours only (``ETAAttention(position_ids=, position_table=)``); retrieval still
     hashes the behaviour embedding only (``ETAAttention(hash_dims=D)``), so the table of
     distinct (item, category) rows and ETA+ item signatures stay as without it. ``orthogonal_planes`` (default True): super-bit SimHash
     planes (:func:`fastattn.make_planes`).
@@ -101,17 +101,17 @@ class ETANet(CTRModel):
         items = torch.arange(n, device=item_cat.device)
         return self.long_attn.precompute_key_signatures(self.embed(items, item_cat))
 
-    def interval_features(self, batch: Batch) -> Optional[Callable[[Tensor], Tensor]]:
-        """The long-term attention's ``position_features`` (None without ``time_buckets``):
-        positions idx (B, n) of each candidate's history -> their time-interval embeddings
-        (B, n, embed_dim) (:func:`fastattn.models.sim.interval_buckets`; 0 at empty slots)."""
+    def interval_ids(self, batch: Batch) -> Optional[Callable[[Tensor], Tensor]]:
+        """The long-term attention's ``position_ids`` (None without ``time_buckets``):
+        positions idx (B, n) of each candidate's history -> their time-interval buckets
+        (B, n), rows of ``time_emb`` (:func:`fastattn.models.sim.interval_buckets`; 0 at
+        empty slots)."""
         if self.time_emb is None:
             return None
         U = batch.hist_items.shape[0]
         lens = batch.lengths[history_rows(batch.hist_index, len(batch), U,
                                           batch.lengths.device)]
-        return lambda idx: lookup(self.time_emb, interval_buckets(idx, lens, self.time_buckets),
-                                  self.backend)
+        return lambda idx: interval_buckets(idx, lens, self.time_buckets)
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
         """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
@@ -129,8 +129,9 @@ class ETANet(CTRModel):
         sigs = None if key_signatures is None else key_signatures[h.items]
         matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
-                                  key_signatures=sigs,
-                                  position_features=self.interval_features(batch))]
+                                  key_signatures=sigs, position_ids=self.interval_ids(batch),
+                                  position_table=None if self.time_emb is None
+                                  else self.time_emb.weight)]
         if window is not None:
             matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
-from ..ops._common import (check_hist_rows, check_lengths, check_signature, checked_lengths,
-                           checked_rows, layout)
+from ..ops._common import (check_hist_rows, check_lengths, check_signature, check_tensor,
+                           checked_lengths, checked_rows, layout)
 
 __all__ = ["TargetAttention", "ETAAttention"]
 
@@ -200,13 +200,16 @@ class ETAAttention(TargetAttention):
     the signatures of the table's rows (indexed form) or of every position (dense form) as
     ``key_signatures`` while the weights stay frozen.
 
-    ``position_features``: features of a behaviour that depend on its position, not on the
-    behaviour (e.g. ETA-Net's time interval to the target), attended but never hashed: a
-    callable ``f(idx) -> (B, n, F)`` given positions ``idx`` (B, n) int64 of each query's
-    history (-1: empty slot). They are computed for the retrieved positions only and
-    appended to the gathered keys (and to the values when ``values`` is None), so the keys
-    (or the table) stay per behaviour, hashed once each; key_dim = the keys' width + F.
-    With L <= topk every valid position is "retrieved" (no hashing).
+    ``position_ids``, ``position_table``: a feature of a behaviour that depends on its
+    position, not on the behaviour (e.g. ETA-Net's time interval to the target), attended
+    but never hashed: ``position_ids(idx) -> (B, n)`` int64 rows of ``position_table``
+    (P, F) for positions ``idx`` (B, n) int64 of each query's history (-1: empty slot).
+    Computed for the retrieved positions only; each retrieved key is [behaviour,
+    position_table[id]] (and so is its value when ``values`` is None), so the keys (or
+    the table) stay per behaviour, hashed once each; key_dim = the keys' width + F. With
+    L <= topk every valid position is attended (no hashing). One head attends without
+    gathering the (B, K, F) features: the table's share of the scores is a (B, P) score
+    per id, and its share of the output the attention mass per id times the table.
     """
 
     def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
@@ -287,19 +290,32 @@ class ETAAttention(TargetAttention):
                 lengths: Optional[Tensor] = None, hist_index: Optional[Tensor] = None,
                 hist_rows: Optional[Tensor] = None,
                 key_signatures: Optional[Tensor] = None,
-                position_features: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                position_ids: Optional[Callable[[Tensor], Tensor]] = None,
+                position_table: Optional[Tensor] = None) -> Tensor:
         # Checked on both paths (unused by the dense one), so a call that is wrong for one
         # history length is wrong for all.
         self._check_key_signatures(key_signatures, keys, hist_rows)
-        if position_features is not None and not callable(position_features):
-            raise TypeError(f"position_features must be a callable idx (B, n) -> (B, n, F), "
-                            f"got {type(position_features).__name__}")
+        if (position_ids is None) != (position_table is None):
+            raise ValueError("position_ids and position_table go together")
+        if position_ids is not None:
+            if not callable(position_ids):
+                raise TypeError(f"position_ids must be a callable idx (B, n) -> (B, n) ids, "
+                                f"got {type(position_ids).__name__}")
+            check_tensor("position_table", position_table, ndim=2, what=" (P, F)",
+                         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+            if keys.shape[-1] + position_table.shape[1] != self.k_proj.in_features:
+                raise ValueError(f"the keys' width ({keys.shape[-1]}) + position_table's "
+                                 f"({position_table.shape[1]}) must be key_dim "
+                                 f"({self.k_proj.in_features})")
+            position = (position_ids, position_table)
+        else:
+            position = None
         if values is not None and values.shape[:-1] != keys.shape[:-1]:
             raise ValueError(f"values must have the rows of keys {tuple(keys.shape[:-1])} "
                              f"(then any width), got {tuple(values.shape)}")
         L = self.history_length(keys, hist_rows)
         if L <= self.topk:
-            if position_features is None:
+            if position is None:
                 return super().forward(query, keys, values, lengths=lengths,
                                        hist_index=hist_index, hist_rows=hist_rows)
             # every valid position is retrieved: attend over all of them, gathered
@@ -311,7 +327,7 @@ class ETAAttention(TargetAttention):
             pos = torch.arange(L, device=query.device)
             idx = torch.where(pos < lens[hist][:, None], pos, -1)
             return self._attend_winners(self.q_proj(query), keys, values, idx, hist_index,
-                                        hist_rows, position_features)
+                                        hist_rows, position)
         # Retrieve, then project only what was retrieved: the keys are projected without
         # autograd just to be hashed; the B·topk winners' rows are gathered from the inputs
         # and projected again, with autograd. Same output and gradients as eta_attention on
@@ -325,14 +341,14 @@ class ETAAttention(TargetAttention):
                               self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
-        return self._attend_winners(q, keys, values, idx, hist_index, hist_rows,
-                                    position_features)
+        return self._attend_winners(q, keys, values, idx, hist_index, hist_rows, position)
 
     def _attend_winners(self, q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
                         hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
-                        position_features: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
-        """Exact attention of q = q_proj(query) (B, E) over the positions ``idx`` (B, K)."""
-        if position_features is None and self.heads == 1:   # B·K rows: cheaper unprojected
+                        position) -> Tensor:
+        """Exact attention of q = q_proj(query) (B, E) over the positions ``idx`` (B, K);
+        ``position``: None or (position_ids, position_table)."""
+        if position is None and self.heads == 1:      # B·K rows: cheaper unprojected
             # The winners are read in place (no (B, topk, ·) copy); the backward adds their
             # gradients into the inputs' rows with the op's deterministic scatter.
             return self.attend_inputs(
@@ -343,27 +359,42 @@ class ETAAttention(TargetAttention):
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
         k_in = rows.gather(keys)
         v_in = None if values is None else rows.gather(values)
-        if position_features is not None:
-            k_in = self._append(k_in, position_features(idx), idx)
-        v_in = k_in if v_in is None else v_in
-        if self.heads == 1:
+        ids = None
+        if position is not None:
+            ids = position[0](idx)
+            if not isinstance(ids, Tensor) or ids.shape != idx.shape \
+                    or ids.dtype != torch.int64:
+                raise ValueError(f"position_ids(idx {tuple(idx.shape)}) must return int64 ids "
+                                 f"of the same shape, got {getattr(ids, 'dtype', type(ids))} "
+                                 f"{tuple(getattr(ids, 'shape', ()))}")
+        if self.heads == 1:             # position is set: attend in the input space
             return self.attend_inputs(
-                q, lambda qk, scale: topk_attention(qk, k_in, v_in, rows.slots, scale=scale,
-                                                    backend=self.backend),
+                q, lambda qk, scale: _attend_with_ids(qk, k_in, v_in, idx >= 0, ids,
+                                                      position[1], scale),
                 (idx >= 0).any(1))
+        if position is not None:
+            extra = position[1].index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+            k_in = torch.cat([k_in, extra.to(k_in.dtype)], -1)
+        v_in = k_in if v_in is None else v_in
         out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
                              self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
         return self._merge(out)
 
-    def _append(self, k_in: Tensor, extra, idx: Tensor) -> Tensor:
-        """The gathered keys (B, K, C) with position_features(idx) (B, K, F) appended."""
-        if not isinstance(extra, Tensor) or extra.dim() != 3 or extra.shape[:2] != idx.shape \
-                or k_in.shape[-1] + extra.shape[-1] != self.k_proj.in_features:
-            raise ValueError(f"position_features(idx {tuple(idx.shape)}) must return (B, n, F) "
-                             f"= {tuple(idx.shape)} + (key_dim - keys' width = "
-                             f"{self.k_proj.in_features - k_in.shape[-1]},), got "
-                             f"{tuple(getattr(extra, 'shape', ()))}")
-        return torch.cat([k_in, extra.to(k_in.dtype)], -1)
+
+def _attend_with_ids(qk: Tensor, e: Tensor, v: Optional[Tensor], ok: Tensor, ids: Tensor,
+                     table: Tensor, scale: float) -> Tensor:
+    """Σ_l a_l x_l (B, ·) for keys x_l = [e_l, table[ids_l]] (B, K, D + F) without building
+    them: score_l = qk[:D]·e_l + (table qk[D:])[ids_l]; the table's share of Σ a_l x_l is
+    (attention mass per id) @ table. Values ``v`` (B, K, Dv) instead of x when given.
+    Slots where ``ok`` is False get no weight; a row without any gives 0."""
+    D = e.shape[-1]
+    per_id = qk[:, D:] @ table.to(qk.dtype).T                              # (B, P)
+    s = (torch.bmm(e, qk[:, :D, None]).squeeze(-1) + per_id.gather(1, ids.clamp(min=0))) * scale
+    a = torch.softmax(s.masked_fill(~ok, torch.finfo(s.dtype).min), -1).masked_fill(~ok, 0.0)
+    if v is not None:
+        return torch.bmm(a[:, None, :], v).squeeze(1)
+    mass = torch.zeros_like(per_id).scatter_add(1, ids.clamp(min=0), a)
+    return torch.cat([torch.bmm(a[:, None, :], e).squeeze(1), mass @ table.to(qk.dtype)], -1)
 
 
 class _Winners(NamedTuple):
