@@ -251,6 +251,8 @@ def test_eta_position_ids(heads, topk, indexed):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="position_ids"):
         m(query, keys, position_ids=lambda idx: idx[:, :1], position_table=pos_table, **kw)
+    with pytest.raises(ValueError, match="rows of position_table"):
+        m(query, keys, position_ids=lambda idx: ids(idx) + 4, position_table=pos_table, **kw)
     with pytest.raises(ValueError, match="key_dim"):
         m(query, keys, position_ids=ids, position_table=pos_table[:, :1], **kw)
     with pytest.raises(TypeError, match="position_ids"):

@@ -367,13 +367,18 @@ class ETAAttention(TargetAttention):
                 raise ValueError(f"position_ids(idx {tuple(idx.shape)}) must return int64 ids "
                                  f"of the same shape, got {getattr(ids, 'dtype', type(ids))} "
                                  f"{tuple(getattr(ids, 'shape', ()))}")
+            P = position[1].shape[0]
+            if ((idx >= 0) & ((ids < 0) | (ids >= P))).any():
+                raise ValueError(f"position_ids must return rows of position_table in "
+                                 f"[0, {P}) at every retrieved position")
         if self.heads == 1:             # position is set: attend in the input space
             return self.attend_inputs(
                 q, lambda qk, scale: _attend_with_ids(qk, k_in, v_in, idx >= 0, ids,
                                                       position[1], scale),
                 (idx >= 0).any(1))
         if position is not None:
-            extra = position[1].index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+            table = position[1]
+            extra = table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
             k_in = torch.cat([k_in, extra.to(k_in.dtype)], -1)
         v_in = k_in if v_in is None else v_in
         out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
