@@ -52,7 +52,7 @@ class ETANet(CTRModel):
     recall@64 further (0.806 to 0.819 counted by score, 0.777 to 0.791 by position).
     ``time_buckets=16`` (the default) raises AUC (0.640 to 0.655 at L=200, 0.650 to
     0.671-0.677 at L=1,000, 2 epochs); attended through ``position_ids`` (the interval's
-    share of the scores one number per bucket) it costs 7-21% of the training throughput
+    share of the scores one number per bucket) it costs 7-26% of the training throughput
     per CPU-second at L=1,000 (a per-position (item, category, bucket) table cost ~40%).
     """
 
