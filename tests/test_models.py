@@ -432,7 +432,7 @@ def test_eta_hash_input_raw_model():
 
 def test_eta_time_buckets():
     """ETANet(time_buckets=): the interval embedding is attended, not hashed: serving and
-    training layouts agree, the indexed (item, category, bucket) rows give the dense
+    training layouts agree, the indexed (item, category) rows give the dense
     path's loss and gradients, ETA+ item signatures still hold, and it is in config()."""
     dense = make_model("eta", time_buckets=5, dedup=False)
     assert dense.config()["time_buckets"] == 5

@@ -210,3 +210,50 @@ def test_eta_hash_input_checks():
         ETAAttention(8, hash_input="keys")
     with pytest.raises(ValueError, match="query_dim"):
         ETAAttention(8, query_dim=6, key_dim=5, hash_input="raw")
+
+
+@pytest.mark.parametrize("heads,topk,indexed", [(1, 4, True), (2, 4, False), (1, 30, True)])
+def test_eta_position_ids(heads, topk, indexed):
+    """position_ids / position_table (attended, not hashed, computed for the retrieved
+    positions only) give the output and gradients of the same features appended to every
+    position's key; with L <= topk too (every valid position attended)."""
+    torch.manual_seed(4)
+    m = ETAAttention(8, heads, key_dim=7, query_dim=6, topk=topk, hash_bits=64,
+                     hash_dims=5).double()
+    B, L, N = 3, 23, 9
+    lengths = torch.tensor([23, 0, 6])
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (B, L)), -1)
+    table = torch.randn(N, 5, dtype=torch.float64)
+    pos_table = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    pos_id = torch.randint(0, 4, (B, L))
+    query = torch.randn(B, 6, dtype=torch.float64)
+    calls = []
+
+    def ids(idx):                                # (B, n) positions -> (B, n) rows
+        calls.append(idx.shape)
+        return pos_id.gather(1, idx.clamp(min=0))
+
+    def run(fn):
+        m.zero_grad()
+        pos_table.grad = None
+        x = query.clone().requires_grad_()
+        out = fn(x)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return [out.detach(), x.grad, pos_table.grad] + [p.grad for p in m.parameters()]
+
+    want = run(lambda x: m(x, torch.cat([table[rows.clamp(min=0)], pos_table[pos_id]], -1),
+                           lengths=lengths))
+    keys = table if indexed else table[rows.clamp(min=0)]
+    kw = dict(lengths=lengths, hist_rows=rows if indexed else None)
+    got = run(lambda x: m(x, keys, position_ids=ids, position_table=pos_table, **kw))
+    assert calls == [(B, min(topk, L))]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="position_ids"):
+        m(query, keys, position_ids=lambda idx: idx[:, :1], position_table=pos_table, **kw)
+    with pytest.raises(ValueError, match="rows of position_table"):
+        m(query, keys, position_ids=lambda idx: ids(idx) + 4, position_table=pos_table, **kw)
+    with pytest.raises(ValueError, match="key_dim"):
+        m(query, keys, position_ids=ids, position_table=pos_table[:, :1], **kw)
+    with pytest.raises(TypeError, match="position_ids"):
+        m(query, keys, position_ids=pos_id, position_table=pos_table, **kw)

@@ -159,13 +159,13 @@ def retrieval_rows(name: str, model, test: CTRDataset, truth: Dict[str, Tensor],
         L = cats.shape[1]
         if name == "eta":
             attn, k = model.long_attn, model.long_attn.topk
-            target, keys = model.embed(batch.target_item, tcat), model.history_keys(batch)
+            target, keys = model.embed(batch.target_item, tcat), model.embed(batch.hist_items,
+                                                                              cats)
             q = attn.q_proj(target)
-            # the scores retrieval approximates: of the hashed key features (all but ETA's
-            # time-interval embedding, which is attended, not hashed)
-            kp = attn.k_proj(keys) if attn.hash_dims == keys.shape[-1] else F.linear(
-                keys[..., :attn.hash_dims], attn.k_proj.weight[:, :attn.hash_dims],
-                attn.k_proj.bias)
+            # the scores retrieval approximates: of the hashed key features (the behaviour
+            # embedding; ETA's time-interval embedding is attended, not hashed)
+            hd = attn.hash_dims
+            kp = F.linear(keys[..., :hd], attn.k_proj.weight[:, :hd], attn.k_proj.bias)
             hq, hk = attn.hashed_query(target, q), attn.hashed_keys(keys)
             pos = torch.arange(L)[None, :]
             recent = pos >= (lengths[:, None] - (model.short_len or 0))

@@ -114,16 +114,13 @@ class Histories(NamedTuple):
     ``hist_rows[u, l]``. Dense (``hist_rows`` None): ``items``/``cats`` (U, L), every
     position. ``lengths`` (U,) are the valid lengths. Embed ``ids`` (with
     :meth:`CTRModel.embed_many`, together with the step's other ids) to get the keys;
-    ``items`` also indexes per-item tables such as ETA+ signatures. ``extra``: a further
-    per-position id the rows are distinct by (e.g. ETA's time-interval bucket), (N,) or
-    (U, L) like ``items``; None without one.
+    ``items`` also indexes per-item tables such as ETA+ signatures.
     """
 
     items: Tensor
     cats: Tensor
     hist_rows: Optional[Tensor]
     lengths: Tensor
-    extra: Optional[Tensor] = None
 
     @property
     def ids(self) -> Tuple[Tensor, Tensor]:
@@ -234,24 +231,16 @@ class CTRModel(nn.Module):
                           torch.cat([c.reshape(-1) for _, c in ids]))
         return [e.view(*i.shape, self.dim) for e, (i, _) in zip(flat.split(sizes), ids)]
 
-    def histories(self, items: Tensor, cats: Tensor, lengths: Tensor,
-                  extra: Optional[Tensor] = None, n_extra: int = 0) -> Histories:
+    def histories(self, items: Tensor, cats: Tensor, lengths: Tensor) -> Histories:
         """The behaviours ``items``/``cats`` (U, L) with valid ``lengths`` (U,), to embed:
         indexed (each distinct (item, category) pair once) when ``self.dedup``, dense
-        otherwise. Padding positions get no table row. ``extra`` (U, L) int64 in
-        [0, n_extra): a further per-position id; rows are then distinct (item, category,
-        extra) triples."""
+        otherwise. Padding positions get no table row."""
         if not self.dedup or items.numel() < self.dedup_min_positions:
-            return Histories(items, cats, None, lengths, extra)
+            return Histories(items, cats, None, lengths)
         base = self.n_cats + 1
         key = items.to(torch.int64) * base + cats.to(torch.int64)
-        if extra is not None:
-            key = key * n_extra + extra.to(torch.int64)
         uniq, rows = unique_rows(key, lengths, backend=self._backend)
-        if extra is None:
-            return Histories(uniq // base, uniq % base, rows, lengths)
-        pair = uniq // n_extra
-        return Histories(pair // base, pair % base, rows, lengths, uniq % n_extra)
+        return Histories(uniq // base, uniq % base, rows, lengths)
 
     def short_window(self, batch: Batch) -> Optional[Histories]:
         """The ``short_len`` most recent behaviours (None without a short-term branch)."""

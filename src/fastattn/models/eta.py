@@ -14,14 +14,14 @@ features; no side features of the behaviours (time, action type).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..nn import ETAAttention
-from .base import CTRModel, check_positive_int, lookup
+from .base import CTRModel, check_positive_int, history_rows
 from .sim import interval_buckets
 
 __all__ = ["ETANet"]
@@ -36,11 +36,11 @@ class ETANet(CTRModel):
     keys; ``"raw"``: the embeddings, see :class:`fastattn.nn.ETAAttention`).
     ``short_len=0`` drops the short-term branch. Head features [target, long,
     target ⊙ long, short, target ⊙ short].
-    ``time_buckets`` (default 0: off): the long-term attention's keys add SIM's
-    time-interval embedding (:func:`fastattn.models.sim.interval_buckets`); retrieval
-    still hashes the behaviour embedding only (``ETAAttention(hash_dims=D)``), so ETA+
-    item signatures stay valid. A batch's distinct rows are then (item, category,
-    interval bucket) triples. ``orthogonal_planes`` (default True): super-bit SimHash
+    ``time_buckets`` (default 16; 0: off): the long-term attention's keys add SIM's
+    time-interval embedding (:func:`fastattn.models.sim.interval_buckets`), for the
+    retrieved behaviours only (``ETAAttention(position_ids=, position_table=)``); retrieval still
+    hashes the behaviour embedding only (``ETAAttention(hash_dims=D)``), so the table of
+    distinct (item, category) rows and ETA+ item signatures stay as without it. ``orthogonal_planes`` (default True): super-bit SimHash
     planes (:func:`fastattn.make_planes`).
 
     Defaults (issue 18, measured with ``fastattn-train --retrieval --epoch-auc``): at
@@ -50,8 +50,10 @@ class ETANet(CTRModel):
     them (0.640 at L=200, 0.653 at L=1,000); ``hash_bits=256`` raises recall@k against the
     exact attention top-k (0.61 to 0.73 at k=64, L=1,000); orthogonal planes raise
     recall@64 further (0.806 to 0.819 counted by score, 0.777 to 0.791 by position).
-    ``time_buckets=16`` raises AUC (0.640 to 0.654 at L=200, 0.652 to 0.671 at L=1,000)
-    but costs about 40% of the training throughput at L=1,000, so it is not the default.
+    ``time_buckets=16`` (the default) raises AUC (0.640 to 0.655 at L=200, 0.650 to
+    0.671-0.677 at L=1,000, 2 epochs); attended through ``position_ids`` (the interval's
+    share of the scores one number per bucket) it costs 7-26% of the training throughput
+    per CPU-second at L=1,000 (a per-position (item, category, bucket) table cost ~40%).
     """
 
     name = "eta"
@@ -60,7 +62,7 @@ class ETANet(CTRModel):
                  mlp: Sequence[int] = (200, 80), short_len: Optional[int] = 50,
                  backend: Optional[str] = None, *, heads: int = 1, topk: int = 256,
                  hash_bits: int = 256, seed: int = 0, hash_input: str = "projected",
-                 time_buckets: int = 0, orthogonal_planes: bool = True, dedup: bool = True):
+                 time_buckets: int = 16, orthogonal_planes: bool = True, dedup: bool = True):
         super().__init__(n_items, n_cats, embed_dim, mlp, short_len, backend, heads=heads,
                          dedup=dedup)
         check_positive_int("topk", topk)
@@ -101,24 +103,17 @@ class ETANet(CTRModel):
         items = torch.arange(n, device=item_cat.device)
         return self.long_attn.precompute_key_signatures(self.embed(items, item_cat))
 
-    def interval_buckets(self, batch: Batch) -> Optional[Tensor]:
-        """The time-interval bucket (U, L) of every history position (0 at padding; see
-        :func:`fastattn.models.sim.interval_buckets`), None without ``time_buckets``."""
+    def interval_ids(self, batch: Batch) -> Optional[Callable[[Tensor], Tensor]]:
+        """The long-term attention's ``position_ids`` (None without ``time_buckets``):
+        positions idx (B, n) of each candidate's history -> their time-interval buckets
+        (B, n), rows of ``time_emb`` (:func:`fastattn.models.sim.interval_buckets`; 0 at
+        empty slots)."""
         if self.time_emb is None:
             return None
-        U, L = batch.hist_items.shape
-        pos = torch.arange(L, device=batch.lengths.device).expand(U, L)
-        pos = torch.where(pos < batch.lengths[:, None], pos, -1)
-        return interval_buckets(pos, batch.lengths, self.time_buckets)
-
-    def history_keys(self, batch: Batch) -> Tensor:
-        """The long-term attention's keys (U, L, ·) of every position, dense: behaviour
-        embeddings, then the time-interval embedding with ``time_buckets``."""
-        keys = self.embed(batch.hist_items, batch.hist_cats)
-        bucket = self.interval_buckets(batch)
-        if bucket is None:
-            return keys
-        return torch.cat([keys, lookup(self.time_emb, bucket, self.backend)], -1)
+        U = batch.hist_items.shape[0]
+        lens = batch.lengths[history_rows(batch.hist_index, len(batch), U,
+                                          batch.lengths.device)]
+        return lambda idx: interval_buckets(idx, lens, self.time_buckets)
 
     def logits_and_reg(self, batch: Batch, key_signatures: Optional[Tensor] = None):
         """``key_signatures`` (n_items + 1, W): the table of :meth:`item_signatures` (ETA+)."""
@@ -129,19 +124,16 @@ class ETANet(CTRModel):
             raise ValueError(f"key_signatures must be the (n_items + 1, W)=({n}, W) table of "
                              f"item_signatures(), got "
                              f"{tuple(getattr(key_signatures, 'shape', ()))}")
-        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths,
-                           self.interval_buckets(batch),
-                           self.time_buckets + 1)
+        h = self.histories(batch.hist_items, batch.hist_cats, batch.lengths)
         window = self.short_window(batch)
         target, keys, *short = self.embed_many((batch.target_item, batch.target_cat), h.ids,
                                                *([window.ids] if window else []))
         sigs = None if key_signatures is None else key_signatures[h.items]
-        if self.time_emb is not None:
-            interval = lookup(self.time_emb, h.extra, self.backend)
-            keys = torch.cat([keys, interval.to(keys.dtype)], -1)
         matched = [self.long_attn(target, keys, lengths=batch.lengths,
                                   hist_index=batch.hist_index, hist_rows=h.hist_rows,
-                                  key_signatures=sigs)]
+                                  key_signatures=sigs, position_ids=self.interval_ids(batch),
+                                  position_table=None if self.time_emb is None
+                                  else self.time_emb.weight)]
         if window is not None:
             matched.append(self.short_interest(batch, target, short[0], window))
         return self.score(target, matched), None
