@@ -81,6 +81,30 @@ struct F512 {
     FA_V512 V select_lt(V x, V c, V a, V b) {  // x < c ? a : b
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, c, _CMP_LT_OQ), b, a);
     }
+    // the first n < W elements (the rest read as 0 / not written)
+    FA_V512 V load_n(const T* p, int n) {
+        return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+    }
+    FA_V512 void store_n(T* p, V v, int n) {
+        _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+    }
+    // out[j] = the sum of v[j]'s lanes, j < 16: a transposing shuffle tree (15 shuffle
+    // pairs and adds for all 16 sums, instead of a horizontal sum per vector)
+    FA_V512 void hsum_rows(const V* v, T* out) {
+        V t[8], u[4];
+        for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+            t[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                                 _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+        for (int k = 0; k < 4; ++k)  // per 128-bit lane: the lane's sums of v[4k..4k+3]
+            u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                                 _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+        const V w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                   _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+        const V w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                   _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88),
+                                            _mm512_shuffle_f32x4(w0, w1, 0xDD)));
+    }
 };
 struct D512 {
     using T = double;
@@ -125,6 +149,23 @@ struct F256 {
     }
     FA_V256 V select_lt(V x, V c, V a, V b) {
         return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, c, _CMP_LT_OQ));
+    }
+    FA_V256 __m256i mask_n(int n) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    FA_V256 V load_n(const T* p, int n) { return _mm256_maskload_ps(p, mask_n(n)); }
+    FA_V256 void store_n(T* p, V v, int n) { _mm256_maskstore_ps(p, mask_n(n), v); }
+    // out[j] = the sum of v[j]'s lanes, j < 8 (as F512::hsum_rows)
+    FA_V256 void hsum_rows(const V* v, T* out) {
+        V t[4], u[2];
+        for (int j = 0; j < 4; ++j)
+            t[j] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                                 _mm256_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+        for (int k = 0; k < 2; ++k)
+            u[k] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                                 _mm256_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                                            _mm256_permute2f128_ps(u[0], u[1], 0x31)));
     }
 };
 struct D256 {
@@ -227,6 +268,64 @@ FA_INLINE void exp_n(T* p, int64_t n) {
     }
 #endif
     for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
+}
+
+// The NTM's per-row sums over the memory (mimn_simd.inc: fp32 on AVX-512/AVX2, rows
+// reduced W at a time); fp64 and the default path: the loops below.
+template <typename T>
+FA_INLINE void ntm_row_dots(const T* M, int64_t m, int64_t D, const T* kr, const T* kw, T* nn,
+                            T* dr, T* dw) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::ntm_row_dots<F512>(M, m, D, kr, kw, nn, dr, dw);
+        if (isa == 1) return simd256::ntm_row_dots<F256>(M, m, D, kr, kw, nn, dr, dw);
+    }
+#endif
+    for (int64_t i = 0; i < m; ++i) {
+        const T* Mi = M + i * D;
+        T a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            a += v * v;
+            b += kr[e] * v;
+            c += kw[e] * v;
+        }
+        nn[i] = a, dr[i] = b, dw[i] = c;
+    }
+}
+template <typename T>
+FA_INLINE void ntm_bwd_pass1(const T* M, const T* G, int64_t m, int64_t D, const T* wt,
+                             const T* wr, const T* er, const T* ad, const T* d_read, T* dM,
+                             T* de, T* da, T* s, T* q) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2)
+            return simd512::ntm_bwd_pass1<F512>(M, G, m, D, wt, wr, er, ad, d_read, dM, de, da,
+                                                s, q);
+        if (isa == 1)
+            return simd256::ntm_bwd_pass1<F256>(M, G, m, D, wt, wr, er, ad, d_read, dM, de, da,
+                                                s, q);
+    }
+#endif
+    for (int64_t i = 0; i < m; ++i) {
+        const T c = wt[i], cr = wr[i];
+        const T* Mi = M + i * D;
+        const T* Gi = G + i * D;
+        T* dMi = dM + i * D;
+        T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t e = 0; e < D; ++e) {
+            a += Gi[e] * (ad[e] - Mi[e] * er[e]);
+            b += d_read[e] * Mi[e];
+            de[e] -= Gi[e] * Mi[e] * c;
+            da[e] += Gi[e] * c;
+            dMi[e] = Gi[e] * (T(1) - c * er[e]) + cr * d_read[e];
+        }
+        s[i] = a, q[i] = b;
+    }
 }
 
 // A kernel body compiled three times (default, AVX2, AVX-512 targets: its inlined loops are
@@ -538,11 +637,14 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
     for (int64_t i = 0; i < m; ++i) w[i] /= sum;
 }
 
-// Backward of content_fwd given dw (m): accumulates dkey (D) and dM (m, D), returns dbeta.
+// Backward of content_fwd given dw (m), its scalar part: per slot the coefficients of
+// dkey += ddot(i) M(i), dM(i) += ddot(i) key + cM(i) M(i); returns dbeta and sets *dnk_out
+// to the coefficient of key in dkey (dkey += *dnk_out · key) — ntm_bwd applies them to
+// both addressings in one pass over the memory.
 // As in torch: the clamp passes no gradient below 1e-8 and |v| has gradient 0 at v = 0.
 template <typename T>
-FA_INLINE T content_bwd(const T* dw, const T* rec, const T* key, T beta, const T* M, const T* nM,
-              int64_t m, int64_t D, T* dkey, T* dM) {
+FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int64_t m,
+                             T* ddot_out, T* cM_out, T* ck_out) {
     const T nk = rec[0];
     const T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     T sdw = 0;
@@ -559,28 +661,20 @@ FA_INLINE T content_bwd(const T* dw, const T* rec, const T* key, T beta, const T
             dnk += dden * nM[i];
             dnM = dden * nk;
         }
-        const T cM = nM[i] > T(0) ? dnM / nM[i] : T(0);
-        const T* Mi = M + i * D;
-        T* dMi = dM + i * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) {
-            dMi[e] += ddot * key[e] + cM * Mi[e];
-            dkey[e] += ddot * Mi[e];
-        }
+        ddot_out[i] = ddot;
+        cM_out[i] = nM[i] > T(0) ? dnM / nM[i] : T(0);
     }
-    if (nk > T(0)) {
-        const T c = dnk / nk;
-        for (int64_t e = 0; e < D; ++e) dkey[e] += c * key[e];
-    }
+    *ck_out = nk > T(0) ? dnk / nk : T(0);
     return dbeta;
 }
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
 // One row. M_out and g_out may alias M and g (in place: M and g are read in full before
-// the write). rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m.
+// the write). rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m. mur_wt: the MUR
+// weight transposed (m, m).
 template <typename T>
-FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, const T* M, const T* g,
+FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, const T* M, const T* g,
              const T* head, T* read, T* M_out, T* g_out, T* rec) {
     const int64_t D = L.D, m = L.m;
     T* act = rec + L.n_act;
@@ -599,20 +693,8 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     T* rd = rec + L.n_rd;
     T* wd = rec + L.n_wd;
     // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
-    for (int64_t i = 0; i < m; ++i) {
-        const T* Mi = M + i * D;
-        T nn = 0, dr = 0, dw = 0;
-#pragma omp simd reduction(+ : nn, dr, dw)
-        for (int64_t e = 0; e < D; ++e) {
-            const T v = Mi[e];
-            nn += v * v;
-            dr += kr[e] * v;
-            dw += kw[e] * v;
-        }
-        nM[i] = std::sqrt(nn);
-        rd[1 + i] = dr;
-        wd[1 + i] = dw;
-    }
+    ntm_row_dots(M, m, D, kr, kw, nM, rd + 1, wd + 1);
+    for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
     content_fwd(kr, act[D], nM, m, D, rd);
     content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
     const T* wr = rd + 1 + 2 * m;
@@ -621,7 +703,13 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
         T* Pm = rec + L.n_Pm;
-        matvec(mur_w, mur_b, g, m, m, Pm);
+        copy(Pm, mur_b, m);  // Pm += g(k) W[:, k], W transposed: vector over the outputs
+        for (int64_t k = 0; k < m; ++k) {
+            const T gk = g[k];
+            const T* wk = mur_wt + k * m;
+#pragma omp simd
+            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
+        }
         T mx = -std::numeric_limits<T>::infinity();
         for (int64_t i = 0; i < m; ++i) mx = std::max(mx, Pm[i]);
         for (int64_t i = 0; i < m; ++i) Pm[i] -= mx;
@@ -653,7 +741,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_w, const T* mur_b, con
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
-// gradients. d_wr may be null. work: 4m.
+// gradients. d_wr may be null. work: 7m.
 template <typename T>
 FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T* g, const T* rec,
              const T* d_read, const T* d_M_out, const T* d_g_out, const T* d_wr, T* dM, T* dg,
@@ -672,22 +760,15 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     T* tmp = work + 3 * m;
     zero(dhead, L.P);
     T *dkr = dhead, *dkw = dhead + D + 1, *de = dhead + 2 * D + 2, *da = dhead + 3 * D + 2;
-    // Write: M_out = M ⊙ (1 - w~ eᵀ) + w~ aᵀ, g_out = g + w~.
+    // Write (M_out = M ⊙ (1 - w~ eᵀ) + w~ aᵀ, g_out = g + w~) and read (read = Σ_i wr(i)
+    // M(i)) in one pass over the memory: dM, de, da and the per-slot sums s(i) (into dwt)
+    // and d_read·M(i) (into dwr).
+    const T* wr = rd + 1 + 2 * m;
+    ntm_bwd_pass1(M, d_M_out, m, D, wt, wr, er, ad, d_read, dM, de, da, dwt, dwr);
     for (int64_t i = 0; i < m; ++i) {
-        const T c = wt[i];
-        const T* Mi = M + i * D;
-        const T* Gi = d_M_out + i * D;
-        T* dMi = dM + i * D;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t e = 0; e < D; ++e) {
-            s += Gi[e] * (ad[e] - Mi[e] * er[e]);
-            de[e] -= Gi[e] * Mi[e] * c;
-            da[e] += Gi[e] * c;
-            dMi[e] = Gi[e] * (T(1) - c * er[e]);
-        }
-        dwt[i] = d_g_out[i] + s;
+        dwt[i] += d_g_out[i];
         dg[i] = d_g_out[i];
+        if (d_wr) dwr[i] += d_wr[i];
     }
     const T* ww = wd + 1 + 2 * m;
     if (L.mur) {
@@ -709,18 +790,31 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     } else {
         copy(dww, dwt, m);
     }
-    // Read: read = Σ_i wr(i) M(i).
-    const T* wr = rd + 1 + 2 * m;
+    // Both content addressings: scalar coefficients, then one pass over the memory.
+    T ckr, ckw;
+    T* cr_dot = tmp;       // tmp's dP is consumed above
+    T* cr_M = work + 4 * m;
+    T* cw_dot = work + 5 * m;
+    T* cw_M = work + 6 * m;
+    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr);
+    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw);
     for (int64_t i = 0; i < m; ++i) {
+        const T a = cr_dot[i], b = cw_dot[i], c = cr_M[i] + cw_M[i];
         const T* Mi = M + i * D;
         T* dMi = dM + i * D;
-        dwr[i] = (d_wr ? d_wr[i] : T(0)) + dot(d_read, Mi, D);
-        const T c = wr[i];
 #pragma omp simd
-        for (int64_t e = 0; e < D; ++e) dMi[e] += c * d_read[e];
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            dMi[e] += a * kr[e] + b * kw[e] + c * v;
+            dkr[e] += a * v;
+            dkw[e] += b * v;
+        }
     }
-    const T dbr = content_bwd(dwr, rd, kr, act[D], M, nM, m, D, dkr, dM);
-    const T dbw = content_bwd(dww, wd, kw, act[2 * D + 1], M, nM, m, D, dkw, dM);
+#pragma omp simd
+    for (int64_t e = 0; e < D; ++e) {
+        dkr[e] += ckr * kr[e];
+        dkw[e] += ckw * kw[e];
+    }
     // Head activations.
     for (int64_t e = 0; e < D; ++e) dkr[e] *= T(1) - kr[e] * kr[e];
     for (int64_t e = 0; e < D; ++e) dkw[e] *= T(1) - kw[e] * kw[e];
@@ -787,7 +881,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(4 * L.m);
+        ntm = a.take(7 * L.m);
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -872,6 +966,17 @@ void miu_tile_bwd(const Layout& L, const GruP<T>& c, const GruAcc<T>& acc, int64
 
 // ----------------------------------------------------------------------------- scan step
 
+// The MUR weight (m, m) transposed (empty without MUR).
+template <typename T>
+std::vector<T> transposed(const T* W, int64_t m, bool present) {
+    std::vector<T> t;
+    if (!present) return t;
+    t.resize(m * m);
+    for (int64_t j = 0; j < m; ++j)
+        for (int64_t k = 0; k < m; ++k) t[k * m + j] = W[j * m + k];
+    return t;
+}
+
 // Built once per kernel call, before the parallel region (it packs the weights).
 template <typename T>
 struct Model {
@@ -880,6 +985,7 @@ struct Model {
     const T *heads_w, *heads_b, *mur_w, *mur_b;
     int64_t Pp, Hcp;
     std::vector<T> heads_t, heads_bp, heads_wp;  // (Hc, Pp), (Pp), (P, Hcp)
+    std::vector<T> mur_wt;                       // (m, m), MUR's weight transposed
     Model(const MimnDims& d, const MimnWeights<T>& w)
         : L(d),
           ctrl(w.ctrl_w_ih, w.ctrl_w_hh, w.ctrl_b_ih, w.ctrl_b_hh, d.Hc, d.Dx + d.D, true),
@@ -892,7 +998,8 @@ struct Model {
           Hcp(pad16(d.Hc)),
           heads_t(d.Hc * Pp, T(0)),
           heads_bp(Pp, T(0)),
-          heads_wp(L.P * Hcp, T(0)) {
+          heads_wp(L.P * Hcp, T(0)),
+          mur_wt(transposed(w.mur_w, d.m, d.has_mur)) {
         for (int64_t j = 0; j < L.P; ++j) {
             for (int64_t k = 0; k < d.Hc; ++k)
                 heads_t[k * Pp + j] = heads_wp[j * Hcp + k] = w.heads_w[j * d.Hc + k];
@@ -959,7 +1066,7 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
     gemm(n, md.Pp, L.Hc, w.h1, c.Hp, 1, md.heads_t.data(), md.Pp, md.heads_bp.data(), 0,
          w.head, md.Pp);
     for (int64_t r = 0; r < n; ++r)
-        ntm_fwd(L, md.mur_w, md.mur_b, s[r] + L.s_M, s[r] + L.s_g, w.head + r * md.Pp,
+        ntm_fwd(L, md.mur_wt.data(), md.mur_b, s[r] + L.s_M, s[r] + L.s_g, w.head + r * md.Pp,
                 s1[r] + L.s_r, s1[r] + L.s_M, s1[r] + L.s_g, tape[r] + L.t_ntm);
     if (L.k == 0) {
         if (!Sio)
@@ -1096,6 +1203,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
                         const T* mur_w, const T* mur_b, T* read, T* M_out, T* g_out, T* wr,
                         int nthreads) {
     const Layout L(d);
+    const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
     Scratch<T> sc(nthreads, L.NT);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1103,7 +1211,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
         T* rec = sc.buf[omp_get_thread_num()].data();
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
-            ntm_fwd(L, mur_w, mur_b, M + b * L.m * L.D, g + b * L.m, head + b * L.P,
+            ntm_fwd(L, mur_wt.data(), mur_b, M + b * L.m * L.D, g + b * L.m, head + b * L.P,
                     read + b * L.D, M_out + b * L.m * L.D, g_out + b * L.m, rec);
             copy(wr + b * L.m, rec + L.n_rd + 1 + 2 * L.m, L.m);
         }
@@ -1116,18 +1224,19 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         const T* mur_b, T* dM, T* dg, T* dhead, T* dmur_w_rows,
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
-    Scratch<T> sc(nthreads, L.NT + 4 * L.m + L.D + L.m * L.D + L.m);
+    const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
+    Scratch<T> sc(nthreads, L.NT + 7 * L.m + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
         T* work = rec + L.NT;
-        T* junk = work + 4 * L.m;  // M_out / read of the recomputation
+        T* junk = work + 7 * L.m;  // M_out / read of the recomputation
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
             const T* Mb = M + b * L.m * L.D;
             const T* gb = g + b * L.m;
-            ntm_fwd(L, mur_w, mur_b, Mb, gb, head + b * L.P, junk, junk + L.D,
+            ntm_fwd(L, mur_wt.data(), mur_b, Mb, gb, head + b * L.P, junk, junk + L.D,
                     junk + L.D + L.m * L.D, rec);
             T* dmw = L.mur ? dmur_w_rows + b * L.m * L.m : nullptr;
             T* dmb = L.mur ? dmur_b_rows + b * L.m : nullptr;

@@ -79,6 +79,21 @@ def test_cpp_isa_paths_match_reference(isa, cpp_backend):
     assert f"'isa_cap': '{isa}'" in out.stdout
 
 
+def test_cpp_ntm_slot_groups_match_reference(cpp_backend):
+    """The NTM's per-slot sums are reduced W slots at a time (16 on AVX-512, 8 on AVX2):
+    17 slots make a full group and a partial one, mem_dim 18 a whole vector and a tail (this
+    process's ISA path; fp32 against the fp64 reference, forward and backward)."""
+    B, T = 3, 4
+    x = torch.randn(B, T, 5, dtype=torch.float64)
+    lengths = torch.tensor([4, 2, 3])
+    out = {}
+    for be, dtype in (("cpp", torch.float32), ("torch", torch.float64)):
+        enc = _encoder(mem_dim=18, slots=17, miu_k=1, dtype=dtype, backend=be)
+        out[be] = _fwd_bwd(enc, x.to(dtype), lengths)
+    for a, b in zip(out["cpp"], out["torch"]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 def test_cpp_rows_independent_of_tiles_and_threads(cpu_kernel_backend):
     """A row's result does not depend on the rows batched with it (bitwise), and the
     backward is bitwise identical for 1 and 2 threads."""
