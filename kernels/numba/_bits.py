@@ -6,6 +6,10 @@ emits ``llvm.ctpop`` directly, so LLVM lowers it to the hardware ``popcnt`` inst
 compiles for the host CPU), and vectorises it (``vpopcntq`` on AVX-512 VPOPCNTDQ, a nibble
 lookup on AVX2) when it sits in a simple loop.
 
+``bits_to_f64`` reinterprets the bits of an int64 as a float64 (an LLVM bitcast, no
+memory round trip), so that a float can be built from its exponent bits inside loops LLVM
+vectorises (the MIMN kernels' exp).
+
 ``prefetch`` emits ``llvm.prefetch`` (a ``prefetcht0``), for loops whose loads go to
 data-dependent addresses the hardware prefetcher cannot guess (hash-table probes).
 """
@@ -15,7 +19,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["popcount64", "prefetch"]
+__all__ = ["popcount64", "prefetch", "bits_to_f64"]
 
 
 @intrinsic
@@ -30,6 +34,20 @@ def popcount64(typingctx, x):
         # IRBuilder.ctpop declares and calls the llvm.ctpop.i64 intrinsic; the result has the
         # operand's type (i64), which is already the return type for both int64 and uint64.
         return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_to_f64(typingctx, x):
+    """The float64 whose bit pattern is the int64 x (callable from @njit only)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    sig = types.float64(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
 
     return sig, codegen
 

@@ -37,6 +37,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._bits import bits_to_f64
+
 __all__ = ["ntm_read_write_fwd", "ntm_read_write_bwd", "miu_gather_gru_fwd",
            "miu_gather_gru_bwd", "mimn_scan_fwd", "mimn_scan_bwd"]
 
@@ -67,31 +69,83 @@ _WK_ROWS = 11
 
 
 def _jit(fn):
-    """Serial helper: compiled per argument types, cached, inlinable by LLVM."""
-    return njit(cache=True, nogil=True, fastmath=_FM)(fn)
+    """Serial helper: compiled per argument types, cached, inlinable by LLVM. NumPy's error
+    model: a float division by zero gives inf/NaN as in torch, where Python's raises, and
+    its test is a branch in every division that keeps LLVM from vectorising the loop."""
+    return njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")(fn)
 
 
 def _pjit(fn):
-    """Kernel: parallel over batch rows."""
-    return njit(parallel=True, cache=True, nogil=True, fastmath=_FM)(fn)
+    """Kernel: parallel over the batch (tiles of rows in the scan)."""
+    return njit(parallel=True, cache=True, nogil=True, fastmath=_FM, error_model="numpy")(fn)
 
 
 # --------------------------------------------------------------------------- scalar math
+# exp, sigmoid and tanh in plain arithmetic: LLVM inlines them and vectorises the loops that
+# call them (numba's math.exp / math.tanh are libm calls, one element at a time: without a
+# vector math library they cost as much as the mat-vecs of a step).
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01     # ln 2 split in two (fdlibm): k * _LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _exp(v):
+    """exp(v): v = k ln2 + r with |r| <= ln2 / 2, Taylor series of e^r to r^13 (truncation
+    < 2e-17 relative), times 2^k built in the exponent bits; within ~2 ulp of libm. v is
+    clamped to [-708, 709] (so 2^k stays normal): below -708 the result is ~3e-308 instead of
+    a subnormal or 0 (absolute error < 4e-308); the callers never pass v > 20. NaN stays NaN.
+    No 'reassoc' here: it would license LLVM to regroup the reduction."""
+    if v > 709.0:
+        v = 709.0
+    if v < -708.0:
+        v = -708.0
+    kf = math.floor(v * _LOG2E + 0.5)
+    if kf != kf:
+        kf = 0.0                # NaN: r carries it; keeps the int conversion defined
+    r = (v - kf * _LN2_HI) - kf * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(np.int32(kf))
+    return p * bits_to_f64((k + 1023) << 52)
+
 
 @_jit
 def _sigmoid(v):
-    # Two branches so that exp never overflows into inf/inf.
-    if v >= 0.0:
-        return 1.0 / (1.0 + math.exp(-v))
-    z = math.exp(v)
-    return z / (1.0 + z)
+    # exp of a non-positive argument only: never overflows, and tiny results keep their
+    # relative accuracy on both sides.
+    z = _exp(-abs(v))
+    s = 1.0 / (1.0 + z)
+    return s if v >= 0.0 else z * s
+
+
+@_jit
+def _tanh(v):
+    # (1 - z) / (1 + z), z = exp(-2|v|): absolute error ~1e-16 near 0 (relative there
+    # ~1e-16 / |v|), ~1 ulp elsewhere.
+    z = _exp(-2.0 * abs(v))
+    t = (1.0 - z) / (1.0 + z)
+    return t if v >= 0.0 else -t
 
 
 @_jit
 def _softplus(v):
     if v > _SOFTPLUS_THRESHOLD:
         return v
-    return math.log1p(math.exp(v))
+    return math.log1p(_exp(v))
 
 
 @_jit
@@ -100,6 +154,23 @@ def _softplus_grad(v):
     if v > _SOFTPLUS_THRESHOLD:
         return 1.0
     return _sigmoid(v)
+
+
+@_jit
+def _vsigmoid(a, lo, hi):
+    """a[lo:hi] = sigmoid(a[lo:hi]) in place, vectorised by LLVM: one array per loop (a loop
+    over several arrays needs run-time alias checks, and with too many it stays scalar), and
+    an unsigned index (a signed one gets numba's negative-index wraparound, a select in the
+    address that hides the consecutive accesses from the vectoriser)."""
+    for o in range(np.uint64(lo), np.uint64(hi)):
+        a[o] = _sigmoid(a[o])
+
+
+@_jit
+def _vtanh(a, lo, hi):
+    """a[lo:hi] = tanh(a[lo:hi]) in place (vectorised as _vsigmoid)."""
+    for o in range(np.uint64(lo), np.uint64(hi)):
+        a[o] = _tanh(a[o])
 
 
 # --------------------------------------------------------------------------- GRU cell
@@ -127,7 +198,7 @@ def _gru_fwd(inp, h, w_ih, w_hh, b_ih, b_hh, h_out, gates, tmp):
         r = _sigmoid(tmp[o] + tmp[H3 + o])
         z = _sigmoid(tmp[H + o] + tmp[H3 + H + o])
         hn = tmp[H3 + 2 * H + o]
-        n = math.tanh(tmp[2 * H + o] + r * hn)
+        n = _tanh(tmp[2 * H + o] + r * hn)
         h_out[o] = (1.0 - z) * n + z * h[o]
         gates[o] = r
         gates[H + o] = z
@@ -181,11 +252,12 @@ def _gru_bwd(dh_out, inp, h, gates, w_ih, w_hh, din, dh, dw_ih, dw_hh, db_ih, db
 def _head_act(head, D, act):
     """Activations of the raw head [k_r, beta_r, k_w, beta_w, e, a] into act (same layout):
     k = tanh, beta = softplus + 1, e = sigmoid, a = tanh."""
-    for d in range(D):
-        act[d] = math.tanh(head[d])
-        act[D + 1 + d] = math.tanh(head[D + 1 + d])
-        act[2 * D + 2 + d] = _sigmoid(head[2 * D + 2 + d])
-        act[3 * D + 2 + d] = math.tanh(head[3 * D + 2 + d])
+    for j in range(4 * D + 2):
+        act[j] = head[j]
+    _vtanh(act, 0, D)
+    _vtanh(act, D + 1, 2 * D + 1)
+    _vsigmoid(act, 2 * D + 2, 3 * D + 2)
+    _vtanh(act, 3 * D + 2, 4 * D + 2)
     act[D] = _softplus(head[D]) + 1.0
     act[2 * D + 1] = _softplus(head[2 * D + 1]) + 1.0
 
@@ -214,7 +286,7 @@ def _content_fwd(act, koff, M, nM, w):
         mx = max(mx, s)
     tot = 0.0
     for i in range(m):
-        w[i] = math.exp(w[i] - mx)
+        w[i] = _exp(w[i] - mx)
         tot += w[i]
     for i in range(m):
         w[i] /= tot
@@ -281,7 +353,7 @@ def _write_weights(g, mur_w, mur_b, has_mur, wk):
         mx = max(mx, u)
     tot = 0.0
     for i in range(m):
-        pm[i] = math.exp(pm[i] - mx)
+        pm[i] = _exp(pm[i] - mx)
         tot += pm[i]
     q = 0.0
     for i in range(m):
@@ -444,97 +516,173 @@ def _miu_input(Mi, x, inp):
         inp[D + j] = x[j]
 
 
-# --------------------------------------------------------------------------- scan step
+# --------------------------------------------------------------------------- row tiles
+# The scan runs the batch in tiles of _TILE rows, rows sorted by length (longest first, so
+# that the rows still running at step t are a prefix of their tile), all of a tile's rows
+# step by step together. The controller GRU, the heads and the MIU GRU (over the tile's
+# chosen (row, channel) pairs) are then small GEMMs whose weight rows stay in L1 across the
+# tile; the addressing and read/write (O(m·D) per row) stay per row. Every output element of
+# a GEMM sums its terms in one fixed order that does not depend on the other rows of the
+# tile, so a row's result does not depend on its tile (nor on the thread count).
+
+_TILE = 16
+
 
 @_jit
-def _step_fwd(x_t, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh,
-              has_mur, miu_k, h_o, r_o, M_o, g_o, S_o, head, cg, sel, mg, wk, inp, tmp):
-    """Steps 1-7 from the state (h, r, M, g, S) into (h_o, r_o, M_o, g_o, S_o); r_o is the
-    step's read. Saves for the backward: the raw head (P), the controller gates cg (4Hc),
-    the MIU channels sel and their gates mg (len(sel), 4Hs). Returns the channel count."""
-    Dx = x_t.shape[0]
-    D = r.shape[0]
-    m = M.shape[0]
+def _mm_bias(n, A, Bt, bias, C):
+    """C[i, :N] = bias + A[i, :K] @ Bt for i < n; Bt (K, N) is the transposed weight (each
+    of its rows is used for all n rows before the next is loaded)."""
+    K, N = Bt.shape
+    for i in range(n):
+        for j in range(N):
+            C[i, j] = bias[j]
+    for k in range(K):
+        for i in range(n):
+            a = A[i, k]
+            for j in range(N):
+                C[i, j] += a * Bt[k, j]
+
+
+@_jit
+def _mm_set(n, G, W, C):
+    """C[i, :K] = G[i, :N] @ W for i < n, W (N, K)."""
+    N, K = W.shape
+    for i in range(n):
+        for k in range(K):
+            C[i, k] = 0.0
+    for o in range(N):
+        for i in range(n):
+            a = G[i, o]
+            for k in range(K):
+                C[i, k] += a * W[o, k]
+
+
+@_jit
+def _mm_acc_w(n, G, X, dW, db):
+    """dW (N, K) += G[:n]^T @ X[:n, :K], db (N) += the column sums of G[:n] (rows in
+    order)."""
+    N, K = dW.shape
+    for o in range(N):
+        s = db[o]
+        for i in range(n):
+            a = G[i, o]
+            s += a
+            for k in range(K):
+                dW[o, k] += a * X[i, k]
+        db[o] = s
+
+
+@_jit
+def _tgru_fwd(n, X, Hm, wiT, whT, bi, bh, gi, gh, Hout, tape):
+    """torch.nn.GRUCell on rows i < n: inputs X (·, K), hidden Hm (·, H) -> Hout (·, H) (may
+    be Hm); tape (4, ·, H) receives r, z, n and W_hn h + b_hn, all the backward needs besides
+    X and Hm. wiT (K, 3H), whT (H, 3H) are the transposed weights; gi, gh scratch (·, 3H)."""
+    H = whT.shape[0]
+    _mm_bias(n, X, wiT, bi, gi)
+    _mm_bias(n, Hm, whT, bh, gh)
+    for i in range(n):
+        a = gi[i]
+        c = gh[i]
+        for o in range(2 * H):
+            a[o] += c[o]
+        _vsigmoid(a, 0, 2 * H)
+        for o in range(H):
+            a[2 * H + o] += a[o] * c[2 * H + o]
+        _vtanh(a, 2 * H, 3 * H)
+        for o in range(H):
+            z = a[H + o]
+            tape[0, i, o] = a[o]
+            tape[1, i, o] = z
+            tape[2, i, o] = a[2 * H + o]
+            tape[3, i, o] = c[2 * H + o]
+            Hout[i, o] = (1.0 - z) * a[2 * H + o] + z * Hm[i, o]
+
+
+@_jit
+def _tgru_bwd(n, dHout, X, Hm, tape, wi, wh, dX, dH, dwi, dwh, dbi, dbh, gi, gh):
+    """Backward of _tgru_fwd given dHout (·, H): dX (·, K) and dH (·, H) are overwritten for
+    rows < n, the parameter gradients dwi (3H, K), dwh (3H, H), dbi, dbh accumulated.
+    wi (3H, K), wh (3H, H) are the weights as stored; gi, gh scratch (·, 3H)."""
+    H = wh.shape[1]
+    for i in range(n):
+        for o in range(H):
+            r = tape[0, i, o]
+            z = tape[1, i, o]
+            nn = tape[2, i, o]
+            hn = tape[3, i, o]
+            g = dHout[i, o]
+            dan = g * (1.0 - z) * (1.0 - nn * nn)      # through n = tanh(a_n)
+            dar = dan * hn * r * (1.0 - r)             # a_n = i_n + r * hn
+            daz = g * (Hm[i, o] - nn) * z * (1.0 - z)
+            # Pre-activation gradients of the input and the hidden projections: they
+            # differ only in the n gate, scaled by r.
+            gi[i, o] = dar
+            gi[i, H + o] = daz
+            gi[i, 2 * H + o] = dan
+            gh[i, o] = dar
+            gh[i, H + o] = daz
+            gh[i, 2 * H + o] = dan * r
+    _mm_set(n, gi, wi, dX)
+    for i in range(n):
+        for o in range(H):
+            dH[i, o] = dHout[i, o] * tape[1, i, o]
+    for o in range(3 * H):
+        for i in range(n):
+            a = gh[i, o]
+            for k in range(H):
+                dH[i, k] += a * wh[o, k]
+    _mm_acc_w(n, gi, X, dwi, dbi)
+    _mm_acc_w(n, gh, Hm, dwh, dbh)
+
+
+@_jit
+def _tile_step_fwd(na, rows, t, x, h, r, M, g, S, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb,
+                   uwiT, uwhT, ubi, ubh, has_mur, kk, X, gi, gh, ctape, head, sel, nsel,
+                   mX, mH, mtape, wk):
+    """Steps 1-7 of step t for the tile's first na rows (rows[i]: their batch rows), in
+    place on the tile state h (·, Hc), r (·, D), M (·, m, D), g (·, m), S (·, m, Hs); r
+    becomes the step's read. Leaves for the backward: the controller tape ctape (4, ·, Hc),
+    the raw heads head (·, P), the MIU channels sel (·, kk), nsel (·) and the MIU tape
+    mtape (4, ·, Hs) of the chosen (row, channel) pairs, in row then channel order."""
+    Dx = x.shape[2]
+    D = r.shape[1]
     # 1. Controller GRU on [x_t, r_{t-1}].
-    for j in range(Dx):
-        inp[j] = x_t[j]
-    for d in range(D):
-        inp[Dx + d] = r[d]
-    _gru_fwd(inp, h, cwi, cwh, cbi, cbh, h_o, cg, tmp)
-    # 2. Heads Linear.
-    for p in range(hw.shape[0]):
-        s = hb[p]
-        for c in range(hw.shape[1]):
-            s += hw[p, c] * h_o[c]
-        head[p] = s
-    # 3-6. Address, read, MUR, write.
-    _ntm_fwd(M, g, head, mw, mb, has_mur, r_o, M_o, g_o, wk)
-    # 7. MIU on the top-k read channels; the others keep their state.
-    for i in range(m):
-        for j in range(S.shape[1]):
-            S_o[i, j] = S[i, j]
-    nsel = 0
-    if miu_k > 0:
-        nsel = _select(wk[_WR], m, miu_k, sel)
-        for s_ in range(nsel):
-            i = sel[s_]
-            _miu_input(M_o[i], x_t, inp)
-            _gru_fwd(inp, S[i], uwi, uwh, ubi, ubh, S_o[i], mg[s_], tmp)
-    return nsel
-
-
-@_jit
-def _step_bwd(x_t, h, r, M, g, S, h_o, M_o, head, cg, sel, nsel, mg,
-              cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh, has_mur,
-              Gh, Gr, GM, Gg, GS, Ph, Pr, PM, Pg, PS, dxs,
-              dcwi, dcwh, dcbi, dcbh, dhw, dhb, dmw, dmb, duwi, duwh, dubi, dubh,
-              GMt, dhd, dhc, zwr, wk, inp, din, tmp):
-    """Backward of _step_fwd: (Gh, Gr, GM, Gg, GS), the gradients w.r.t. the step's output
-    state (Gr including the read's own gradient), to (Ph, Pr, PM, Pg, PS) w.r.t. its input
-    state; dxs (Dx) receives the gradient of x_t, the parameter gradients are accumulated."""
-    Dx = x_t.shape[0]
-    D = r.shape[0]
-    m = M.shape[0]
-    Hs = S.shape[1]
-    # 7. MIU: unselected channels pass their gradient through; the GRU input's M(i) part
-    # adds to the gradient of the written memory.
-    for i in range(m):
-        for d in range(D):
-            GMt[i, d] = GM[i, d]
-        for j in range(Hs):
-            PS[i, j] = GS[i, j]
-    for j in range(Dx):
-        dxs[j] = 0.0
-    for s_ in range(nsel):
-        i = sel[s_]
-        _miu_input(M_o[i], x_t, inp)
-        _gru_bwd(GS[i], inp, S[i], mg[s_], uwi, uwh, din, PS[i], duwi, duwh, dubi, dubh, tmp)
-        for d in range(D):
-            GMt[i, d] += din[d]
+    for i in range(na):
+        b = rows[i]
         for j in range(Dx):
-            dxs[j] += din[D + j]
-    # 3-6. NTM (the discrete channel selection passes no gradient to wr: zwr = 0).
-    _ntm_bwd(Gr, GMt, Gg, zwr, M, g, head, mw, mb, has_mur, PM, Pg, dhd, dmw, dmb, wk)
+            X[i, j] = x[b, t, j]
+        for d in range(D):
+            X[i, Dx + d] = r[i, d]
+    _tgru_fwd(na, X, h, cwiT, cwhT, cbi, cbh, gi, gh, h, ctape)
     # 2. Heads Linear.
-    Hc = h.shape[0]
-    for c in range(Hc):
-        dhc[c] = Gh[c]
-    for p in range(hw.shape[0]):
-        gp = dhd[p]
-        dhb[p] += gp
-        for c in range(Hc):
-            dhc[c] += hw[p, c] * gp
-            dhw[p, c] += gp * h_o[c]
-    # 1. Controller GRU on [x_t, r_{t-1}].
-    for j in range(Dx):
-        inp[j] = x_t[j]
-    for d in range(D):
-        inp[Dx + d] = r[d]
-    _gru_bwd(dhc, inp, h, cg, cwi, cwh, din, Ph, dcwi, dcwh, dcbi, dcbh, tmp)
-    for j in range(Dx):
-        dxs[j] += din[j]
-    for d in range(D):
-        Pr[d] = din[Dx + d]
+    _mm_bias(na, h, hwT, hb, head)
+    # 3-6. Address, read, MUR, write (in place: the write reads M(i) only at the element it
+    # writes, after the read); 7a. the MIU channels of each row.
+    for i in range(na):
+        _ntm_fwd(M[i], g[i], head[i], mw, mb, has_mur, r[i], M[i], g[i], wk)
+        nsel[i] = _select(wk[_WR], M.shape[1], kk, sel[i]) if kk > 0 else 0
+    # 7b. MIU GRU on [M'(i), x_t] for every chosen pair; the other channels keep their state.
+    if kk > 0:
+        p = 0
+        for i in range(na):
+            b = rows[i]
+            for s_ in range(nsel[i]):
+                c = sel[i, s_]
+                for d in range(D):
+                    mX[p, d] = M[i, c, d]
+                for j in range(Dx):
+                    mX[p, D + j] = x[b, t, j]
+                for j in range(S.shape[2]):
+                    mH[p, j] = S[i, c, j]
+                p += 1
+        _tgru_fwd(p, mX, mH, uwiT, uwhT, ubi, ubh, gi, gh, mH, mtape)
+        p = 0
+        for i in range(na):
+            for s_ in range(nsel[i]):
+                c = sel[i, s_]
+                for j in range(S.shape[2]):
+                    S[i, c, j] = mH[p, j]
+                p += 1
 
 
 # --------------------------------------------------------------------------- ntm_read_write
@@ -695,204 +843,332 @@ def _miu_gather_gru_bwd(d_S_out, M, x, S, wr, miu_k, w_ih, w_hh, b_ih, b_hh, dM,
 # --------------------------------------------------------------------------- mimn_scan
 
 @_jit
-def _scan_fwd_row(b, x, L, cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh, has_mur,
-                  miu_k, h0, r0, M0, g0, S0, chunk, reads, h, r, M, g, S,
-                  ck_h, ck_r, ck_M, ck_g, ck_S):
+def _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk):
+    """Per-step scratch of a tile of n rows: X, gi, gh, wk, mX, mH, mtape (one step)."""
+    NP = max(n, n * kk)
+    X = np.empty((n, Dx + D))
+    gi = np.empty((NP, 3 * max(Hc, Hs)))
+    gh = np.empty((NP, 3 * max(Hc, Hs)))
+    wk = np.empty((_WK_ROWS, max(P, m)))
+    mX = np.empty((max(n * kk, 1), D + Dx))
+    mH = np.empty((max(n * kk, 1), Hs))
+    return X, gi, gh, wk, mX, mH
+
+
+@_jit
+def _n_active(Ls, na, t):
+    """The rows still running at step t: a prefix of the tile (lengths sorted descending)."""
+    while na > 0 and Ls[na - 1] <= t:
+        na -= 1
+    return na
+
+
+@_jit
+def _scan_fwd_tile(rows, Ls, x, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb, uwiT, uwhT, ubi, ubh,
+                   has_mur, kk, h0, r0, M0, g0, S0, chunk, reads, hT, rT, MT, gT, ST,
+                   ck_h, ck_r, ck_M, ck_g, ck_S):
+    n = rows.shape[0]
     T = x.shape[1]
     Dx = x.shape[2]
     Hc = h0.shape[1]
     D = r0.shape[1]
     m = M0.shape[1]
     Hs = S0.shape[2]
-    P = hw.shape[0]
-    kk = min(max(miu_k, 0), m)
-    # Two state buffers, stepped from one into the other (f64 whatever the dtype).
-    sh = np.empty((2, Hc))
-    sr = np.empty((2, D))
-    sM = np.empty((2, m, D))
-    sg = np.empty((2, m))
-    sS = np.empty((2, m, Hs))
-    sh[0] = h0[b]
-    sr[0] = r0[b]
-    sM[0] = M0[b]
-    sg[0] = g0[b]
-    sS[0] = S0[b]
-    head = np.empty(P)
-    cg = np.empty(4 * Hc)
-    sel = np.empty(kk, dtype=np.int64)
-    mg = np.empty((kk, 4 * Hs))
-    wk = np.empty((_WK_ROWS, max(P, m)))
-    inp = np.empty(Dx + D)
-    tmp = np.empty(6 * max(Hc, Hs))
-    cur = 0
-    for t in range(T):
+    P = hwT.shape[1]
+    NC = ck_h.shape[1]
+    h = np.empty((n, Hc))
+    r = np.empty((n, D))
+    M = np.empty((n, m, D))
+    g = np.empty((n, m))
+    S = np.empty((n, m, Hs))
+    for i in range(n):
+        b = rows[i]
+        h[i] = h0[b]
+        r[i] = r0[b]
+        M[i] = M0[b]
+        g[i] = g0[b]
+        S[i] = S0[b]
+    X, gi, gh, wk, mX, mH = _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk)
+    ctape = np.empty((4, n, Hc))
+    head = np.empty((n, P))
+    sel = np.empty((n, kk), dtype=np.int64)
+    nsel = np.empty(n, dtype=np.int64)
+    mtape = np.empty((4, max(n * kk, 1), Hs))
+    Lmax = Ls[0] if n > 0 else 0
+    na = n
+    for t in range(Lmax):
         if t % chunk == 0:
             c = t // chunk
-            ck_h[b, c] = sh[cur]
-            ck_r[b, c] = sr[cur]
-            ck_M[b, c] = sM[cur]
-            ck_g[b, c] = sg[cur]
-            ck_S[b, c] = sS[cur]
-        if t >= L:
-            # Padding: the state stays, the read is 0 (later checkpoints repeat the state).
+            for i in range(n):
+                b = rows[i]
+                ck_h[b, c] = h[i]
+                ck_r[b, c] = r[i]
+                ck_M[b, c] = M[i]
+                ck_g[b, c] = g[i]
+                ck_S[b, c] = S[i]
+        na = _n_active(Ls, na, t)
+        _tile_step_fwd(na, rows, t, x, h, r, M, g, S, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb,
+                       uwiT, uwhT, ubi, ubh, has_mur, kk, X, gi, gh, ctape, head, sel, nsel,
+                       mX, mH, mtape, wk)
+        for i in range(na):
+            reads[rows[i], t] = r[i]
+    # Padding: the state stays (so do the checkpoints of chunks that start in it), reads 0.
+    for c in range((Lmax + chunk - 1) // chunk, NC):
+        for i in range(n):
+            b = rows[i]
+            ck_h[b, c] = h[i]
+            ck_r[b, c] = r[i]
+            ck_M[b, c] = M[i]
+            ck_g[b, c] = g[i]
+            ck_S[b, c] = S[i]
+    for i in range(n):
+        b = rows[i]
+        for t in range(Ls[i], T):
             reads[b, t] = 0.0
-            continue
-        nxt = 1 - cur
-        _step_fwd(x[b, t], sh[cur], sr[cur], sM[cur], sg[cur], sS[cur], cwi, cwh, cbi, cbh,
-                  hw, hb, mw, mb, uwi, uwh, ubi, ubh, has_mur, miu_k, sh[nxt], sr[nxt],
-                  sM[nxt], sg[nxt], sS[nxt], head, cg, sel, mg, wk, inp, tmp)
-        reads[b, t] = sr[nxt]
-        cur = nxt
-    h[b] = sh[cur]
-    r[b] = sr[cur]
-    M[b] = sM[cur]
-    g[b] = sg[cur]
-    S[b] = sS[cur]
+        hT[b] = h[i]
+        rT[b] = r[i]
+        MT[b] = M[i]
+        gT[b] = g[i]
+        ST[b] = S[i]
 
 
 @_pjit
-def _mimn_scan_fwd(x, lengths, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
-                  mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh, has_mur, miu_k,
-                  h0, r0, M0, g0, S0, chunk, reads, h, r, M, g, S,
-                  ck_h, ck_r, ck_M, ck_g, ck_S):
-    """MIMN steps 1-7 over all T steps. x (B, T, Dx), lengths (B,) int64 in [0, T], the
-    twelve parameters, state0 (h0, r0, M0, g0, S0) -> reads (B, T, D) (0 at padded steps),
-    the final state (h, r, M, g, S) and the state at the start of every chunk of `chunk`
-    steps, ck_* (B, ceil(T / chunk), ...)."""
-    B = x.shape[0]
-    T = x.shape[1]
-    for b in prange(B):
-        L = min(max(lengths[b], 0), T)
-        _scan_fwd_row(b, x, L, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
-                      mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh, has_mur, miu_k,
-                      h0, r0, M0, g0, S0, chunk, reads, h, r, M, g, S,
-                      ck_h, ck_r, ck_M, ck_g, ck_S)
+def _mimn_scan_fwd(x, order, Ls, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb, uwiT, uwhT, ubi, ubh,
+                   has_mur, kk, h0, r0, M0, g0, S0, chunk, reads, h, r, M, g, S,
+                   ck_h, ck_r, ck_M, ck_g, ck_S):
+    """The scan forward over tiles of _TILE rows of ``order`` (rows sorted by length, Ls
+    their lengths)."""
+    B = order.shape[0]
+    NT = (B + _TILE - 1) // _TILE
+    for tile in prange(NT):
+        a = tile * _TILE
+        e = min(a + _TILE, B)
+        _scan_fwd_tile(order[a:e], Ls[a:e], x, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb, uwiT,
+                       uwhT, ubi, ubh, has_mur, kk, h0, r0, M0, g0, S0, chunk, reads, h, r,
+                       M, g, S, ck_h, ck_r, ck_M, ck_g, ck_S)
 
 
 @_jit
-def _scan_bwd_row(b, d_reads, d_h, d_r, d_M, d_g, d_S, x, L, cwi, cwh, cbi, cbh, hw, hb,
-                  mw, mb, uwi, uwh, ubi, ubh, has_mur, miu_k, chunk,
-                  ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0, dg0, dS0,
-                  dcwi, dcwh, dcbi, dcbh, dhw, dhb, dmw, dmb, duwi, duwh, dubi, dubh):
+def _scan_bwd_tile(rows, Ls, d_reads, d_h, d_r, d_M, d_g, d_S, x, cwiT, cwhT, cbi, cbh, hwT,
+                   hb, mw, mb, uwiT, uwhT, ubi, ubh, cwi, cwh, hw, uwi, uwh, has_mur, kk,
+                   chunk, ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0, dg0, dS0,
+                   dcwi, dcwh, dcbi, dcbh, dhw, dhb, dmw, dmb, duwi, duwh, dubi, dubh):
+    """Backward of the tile's scan; the tile's parameter gradients are accumulated into
+    dcwi ... dubh (zeroed by the caller)."""
+    n = rows.shape[0]
+    T = x.shape[1]
     Dx = x.shape[2]
     Hc = ck_h.shape[2]
     D = ck_r.shape[2]
     m = ck_M.shape[2]
     Hs = ck_S.shape[3]
-    P = hw.shape[0]
-    NC = ck_h.shape[1]
-    kk = min(max(miu_k, 0), m)
-    # Per-row parameter gradients are accumulated straight into this row's outputs.
-    dcwi[:] = 0.0
-    dcwh[:] = 0.0
-    dcbi[:] = 0.0
-    dcbh[:] = 0.0
-    dhw[:] = 0.0
-    dhb[:] = 0.0
-    if has_mur:
-        dmw[:] = 0.0
-        dmb[:] = 0.0
-    if kk > 0:
-        duwi[:] = 0.0
-        duwh[:] = 0.0
-        dubi[:] = 0.0
-        dubh[:] = 0.0
-    dx[b] = 0.0
-    # State gradients, two buffers: w.r.t. a step's output (G) and its input (P).
-    gh = np.empty((2, Hc))
-    gr = np.empty((2, D))
-    gM = np.empty((2, m, D))
-    gg = np.empty((2, m))
-    gS = np.empty((2, m, Hs))
-    gh[0] = d_h[b]
-    gr[0] = d_r[b]
-    gM[0] = d_M[b]
-    gg[0] = d_g[b]
-    gS[0] = d_S[b]
-    cur = 0
-    if L > 0:
-        # Chunk scratch: states before each step of the chunk (index j) and after its
-        # last one, plus what the step backward reads from the forward.
-        CL = min(chunk, L)
-        sh = np.empty((CL + 1, Hc))
-        sr = np.empty((CL + 1, D))
-        sM = np.empty((CL + 1, m, D))
-        sg = np.empty((CL + 1, m))
-        sS = np.empty((CL + 1, m, Hs))
-        head = np.empty((CL, P))
-        cg = np.empty((CL, 4 * Hc))
-        sel = np.empty((CL, kk), dtype=np.int64)
-        nsel = np.empty(CL, dtype=np.int64)
-        mg = np.empty((CL, kk, 4 * Hs))
-        wk = np.empty((_WK_ROWS, max(P, m)))
-        inp = np.empty(Dx + D)
-        din = np.empty(Dx + D)
-        tmp = np.empty(6 * max(Hc, Hs))
+    P = hwT.shape[1]
+    # Gradients w.r.t. the state, stepped back in place (rows past their length keep
+    # theirs: padded steps pass gradients through).
+    Gh = np.empty((n, Hc))
+    Gr = np.empty((n, D))
+    GM = np.empty((n, m, D))
+    Gg = np.empty((n, m))
+    GS = np.empty((n, m, Hs))
+    for i in range(n):
+        b = rows[i]
+        Gh[i] = d_h[b]
+        Gr[i] = d_r[b]
+        GM[i] = d_M[b]
+        Gg[i] = d_g[b]
+        GS[i] = d_S[b]
+        for t in range(Ls[i], T):
+            dx[b, t] = 0.0
+    Lmax = Ls[0] if n > 0 else 0
+    if Lmax > 0:
+        X, gi, gh, wk, mX, mH = _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk)
+        # Chunk scratch: the states before each step of the chunk (index j) and after its
+        # last one, and the tapes of its steps.
+        CL = min(chunk, Lmax)
+        NPK = max(n * kk, 1)
+        sh = np.empty((CL + 1, n, Hc))
+        sr = np.empty((CL + 1, n, D))
+        sM = np.empty((CL + 1, n, m, D))
+        sg = np.empty((CL + 1, n, m))
+        sS = np.empty((CL + 1, n, m, Hs))
+        head = np.empty((CL, n, P))
+        ctape = np.empty((CL, 4, n, Hc))
+        sel = np.empty((CL, n, kk), dtype=np.int64)
+        nsel = np.empty((CL, n), dtype=np.int64)
+        mtape = np.empty((CL, 4, NPK, Hs))
         GMt = np.empty((m, D))
-        dhd = np.empty(P)
-        dhc = np.empty(Hc)
+        ggt = np.empty(m)
+        dhd = np.empty((n, P))
+        dhc = np.empty((n, Hc))
+        dXc = np.empty((n, Dx + D))
+        dxs = np.empty((n, Dx))
+        mdH = np.empty((NPK, Hs))
+        mdX = np.empty((NPK, D + Dx))
+        mG = np.empty((NPK, Hs))
         zwr = np.zeros(m)
-        dxs = np.empty(Dx)
-        for c in range(NC - 1, -1, -1):
+        for c in range((Lmax + chunk - 1) // chunk - 1, -1, -1):
             t0 = c * chunk
-            n = min(t0 + chunk, L) - t0
-            if n <= 0:
-                continue   # a chunk of padding only
-            sh[0] = ck_h[b, c]
-            sr[0] = ck_r[b, c]
-            sM[0] = ck_M[b, c]
-            sg[0] = ck_g[b, c]
-            sS[0] = ck_S[b, c]
-            for j in range(n):
-                nsel[j] = _step_fwd(x[b, t0 + j], sh[j], sr[j], sM[j], sg[j], sS[j],
-                                    cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh,
-                                    has_mur, miu_k, sh[j + 1], sr[j + 1], sM[j + 1],
-                                    sg[j + 1], sS[j + 1], head[j], cg[j], sel[j], mg[j],
-                                    wk, inp, tmp)
-            for j in range(n - 1, -1, -1):
+            nst = min(t0 + chunk, Lmax) - t0
+            for i in range(n):
+                b = rows[i]
+                sh[0, i] = ck_h[b, c]
+                sr[0, i] = ck_r[b, c]
+                sM[0, i] = ck_M[b, c]
+                sg[0, i] = ck_g[b, c]
+                sS[0, i] = ck_S[b, c]
+            na = n
+            for j in range(nst):
+                na = _n_active(Ls, na, t0 + j)
+                for i in range(na):
+                    sh[j + 1, i] = sh[j, i]
+                    sr[j + 1, i] = sr[j, i]
+                    sM[j + 1, i] = sM[j, i]
+                    sg[j + 1, i] = sg[j, i]
+                    sS[j + 1, i] = sS[j, i]
+                _tile_step_fwd(na, rows, t0 + j, x, sh[j + 1], sr[j + 1], sM[j + 1],
+                               sg[j + 1], sS[j + 1], cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb,
+                               uwiT, uwhT, ubi, ubh, has_mur, kk, X, gi, gh, ctape[j],
+                               head[j], sel[j], nsel[j], mX, mH, mtape[j], wk)
+            for j in range(nst - 1, -1, -1):
                 t = t0 + j
-                nxt = 1 - cur
-                G_r = gr[cur]
-                for d in range(D):
-                    G_r[d] += d_reads[b, t, d]
-                _step_bwd(x[b, t], sh[j], sr[j], sM[j], sg[j], sS[j], sh[j + 1], sM[j + 1],
-                          head[j], cg[j], sel[j], nsel[j], mg[j],
-                          cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh, has_mur,
-                          gh[cur], G_r, gM[cur], gg[cur], gS[cur],
-                          gh[nxt], gr[nxt], gM[nxt], gg[nxt], gS[nxt], dxs,
-                          dcwi, dcwh, dcbi, dcbh, dhw, dhb, dmw, dmb, duwi, duwh, dubi, dubh,
-                          GMt, dhd, dhc, zwr, wk, inp, din, tmp)
-                dx[b, t] = dxs
-                cur = nxt
-    dh0[b] = gh[cur]
-    dr0[b] = gr[cur]
-    dM0[b] = gM[cur]
-    dg0[b] = gg[cur]
-    dS0[b] = gS[cur]
+                na = _n_active(Ls, n, t)
+                for i in range(na):
+                    b = rows[i]
+                    for d in range(D):
+                        Gr[i, d] += d_reads[b, t, d]
+                    for k in range(Dx):
+                        dxs[i, k] = 0.0
+                # 7. MIU: the chosen channels' GRU (the others pass their gradient through);
+                # its input's M'(i) part adds to the gradient of the written memory.
+                p = 0
+                if kk > 0:
+                    for i in range(na):
+                        b = rows[i]
+                        for s_ in range(nsel[j, i]):
+                            ch = sel[j, i, s_]
+                            for d in range(D):
+                                mX[p, d] = sM[j + 1, i, ch, d]
+                            for k in range(Dx):
+                                mX[p, D + k] = x[b, t, k]
+                            for k in range(Hs):
+                                mH[p, k] = sS[j, i, ch, k]
+                                mG[p, k] = GS[i, ch, k]
+                            p += 1
+                    _tgru_bwd(p, mG, mX, mH, mtape[j], uwi, uwh, mdX, mdH, duwi, duwh, dubi,
+                              dubh, gi, gh)
+                p = 0
+                for i in range(na):
+                    for d in range(m):
+                        for k in range(D):
+                            GMt[d, k] = GM[i, d, k]
+                    for s_ in range(nsel[j, i]):
+                        ch = sel[j, i, s_]
+                        for k in range(Hs):
+                            GS[i, ch, k] = mdH[p, k]
+                        for d in range(D):
+                            GMt[ch, d] += mdX[p, d]
+                        for k in range(Dx):
+                            dxs[i, k] += mdX[p, D + k]
+                        p += 1
+                    # 3-6. NTM (the discrete channel choice passes no gradient to wr: zwr).
+                    for d in range(m):
+                        ggt[d] = Gg[i, d]
+                    _ntm_bwd(Gr[i], GMt, ggt, zwr, sM[j, i], sg[j, i], head[j, i], mw, mb,
+                             has_mur, GM[i], Gg[i], dhd[i], dmw, dmb, wk)
+                # 2. Heads Linear: dh' = Gh + dhead W_heads.
+                _mm_set(na, dhd, hw, dhc)
+                for i in range(na):
+                    for k in range(Hc):
+                        dhc[i, k] += Gh[i, k]
+                _mm_acc_w(na, dhd, sh[j + 1], dhw, dhb)
+                # 1. Controller GRU on [x_t, r_{t-1}].
+                for i in range(na):
+                    b = rows[i]
+                    for k in range(Dx):
+                        X[i, k] = x[b, t, k]
+                    for d in range(D):
+                        X[i, Dx + d] = sr[j, i, d]
+                _tgru_bwd(na, dhc, X, sh[j], ctape[j], cwi, cwh, dXc, Gh, dcwi, dcwh, dcbi,
+                          dcbh, gi, gh)
+                for i in range(na):
+                    b = rows[i]
+                    for k in range(Dx):
+                        dx[b, t, k] = dxs[i, k] + dXc[i, k]
+                    for d in range(D):
+                        Gr[i, d] = dXc[i, Dx + d]
+    for i in range(n):
+        b = rows[i]
+        dh0[b] = Gh[i]
+        dr0[b] = Gr[i]
+        dM0[b] = GM[i]
+        dg0[b] = Gg[i]
+        dS0[b] = GS[i]
 
 
 @_pjit
-def _mimn_scan_bwd(d_reads, d_h, d_r, d_M, d_g, d_S, x, lengths, ctrl_w_ih, ctrl_w_hh,
-                  ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b, miu_w_ih, miu_w_hh,
-                  miu_b_ih, miu_b_hh, has_mur, miu_k, chunk, ck_h, ck_r, ck_M, ck_g, ck_S,
-                  dx, dh0, dr0, dM0, dg0, dS0,
-                  d_ctrl_w_ih, d_ctrl_w_hh, d_ctrl_b_ih, d_ctrl_b_hh, d_heads_w, d_heads_b,
-                  d_mur_w, d_mur_b, d_miu_w_ih, d_miu_w_hh, d_miu_b_ih, d_miu_b_hh):
-    """Backward of mimn_scan_fwd by chunked recomputation from its checkpoints: given the
-    gradients of reads and of the final state, writes dx (B, T, Dx) (0 at padded steps),
-    the state0 gradients and the twelve per-row parameter gradients d_* (B, *param.shape)
-    (the MUR / MIU ones untouched when absent)."""
-    B = x.shape[0]
-    T = x.shape[1]
-    for b in prange(B):
-        L = min(max(lengths[b], 0), T)
-        _scan_bwd_row(b, d_reads, d_h, d_r, d_M, d_g, d_S, x, L, ctrl_w_ih, ctrl_w_hh,
-                      ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b, miu_w_ih,
-                      miu_w_hh, miu_b_ih, miu_b_hh, has_mur, miu_k, chunk,
-                      ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0, dg0, dS0,
-                      d_ctrl_w_ih[b], d_ctrl_w_hh[b], d_ctrl_b_ih[b], d_ctrl_b_hh[b],
-                      d_heads_w[b], d_heads_b[b], d_mur_w[b], d_mur_b[b], d_miu_w_ih[b],
-                      d_miu_w_hh[b], d_miu_b_ih[b], d_miu_b_hh[b])
+def _mimn_scan_bwd(d_reads, d_h, d_r, d_M, d_g, d_S, x, order, Ls, cwiT, cwhT, cbi, cbh, hwT,
+                   hb, mw, mb, uwiT, uwhT, ubi, ubh, cwi, cwh, hw, uwi, uwh, has_mur, kk,
+                   chunk, ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0, dg0, dS0,
+                   d_cwi, d_cwh, d_cbi, d_cbh, d_hw, d_hb, d_mw, d_mb, d_uwi, d_uwh, d_ubi,
+                   d_ubh):
+    """The scan backward over the tiles of _mimn_scan_fwd; each tile's parameter gradients
+    go to the per-row buffers d_* (B, *shape) of its first row, the other rows' get 0."""
+    B = order.shape[0]
+    NT = (B + _TILE - 1) // _TILE
+    for tile in prange(NT):
+        a = tile * _TILE
+        e = min(a + _TILE, B)
+        rows = order[a:e]
+        for i in range(e - a):
+            b = rows[i]
+            d_cwi[b] = 0.0
+            d_cwh[b] = 0.0
+            d_cbi[b] = 0.0
+            d_cbh[b] = 0.0
+            d_hw[b] = 0.0
+            d_hb[b] = 0.0
+            if has_mur:
+                d_mw[b] = 0.0
+                d_mb[b] = 0.0
+            if kk > 0:
+                d_uwi[b] = 0.0
+                d_uwh[b] = 0.0
+                d_ubi[b] = 0.0
+                d_ubh[b] = 0.0
+        b = rows[0]
+        _scan_bwd_tile(rows, Ls[a:e], d_reads, d_h, d_r, d_M, d_g, d_S, x, cwiT, cwhT, cbi,
+                       cbh, hwT, hb, mw, mb, uwiT, uwhT, ubi, ubh, cwi, cwh, hw, uwi, uwh,
+                       has_mur, kk, chunk, ck_h, ck_r, ck_M, ck_g, ck_S, dx, dh0, dr0, dM0,
+                       dg0, dS0, d_cwi[b], d_cwh[b], d_cbi[b], d_cbh[b], d_hw[b], d_hb[b],
+                       d_mw[b], d_mb[b], d_uwi[b], d_uwh[b], d_ubi[b], d_ubh[b])
+
+
+def _scan_order(lengths, T):
+    """Rows sorted by length, longest first (stable), and their lengths clipped to [0, T]."""
+    L = np.clip(lengths, 0, T).astype(np.int64)
+    order = np.argsort(-L, kind="stable").astype(np.int64)
+    return order, np.ascontiguousarray(L[order])
+
+
+def _t(w):
+    return np.ascontiguousarray(w.T)
+
+
+def _scan_fwd_tiles(x, lengths, cwi, cwh, cbi, cbh, hw, hb, mw, mb, uwi, uwh, ubi, ubh,
+                    has_mur, miu_k, *rest):
+    order, Ls = _scan_order(lengths, x.shape[1])
+    kk = min(max(int(miu_k), 0), rest[2].shape[1])
+    _mimn_scan_fwd(x, order, Ls, _t(cwi), _t(cwh), cbi, cbh, _t(hw), hb, mw, mb, _t(uwi),
+                   _t(uwh), ubi, ubh, has_mur, kk, *rest)
+
+
+def _scan_bwd_tiles(d_reads, d_h, d_r, d_M, d_g, d_S, x, lengths, cwi, cwh, cbi, cbh, hw, hb,
+                    mw, mb, uwi, uwh, ubi, ubh, has_mur, miu_k, chunk, *rest):
+    order, Ls = _scan_order(lengths, x.shape[1])
+    kk = min(max(int(miu_k), 0), d_M.shape[1])
+    _mimn_scan_bwd(d_reads, d_h, d_r, d_M, d_g, d_S, x, order, Ls, _t(cwi), _t(cwh), cbi, cbh,
+                   _t(hw), hb, mw, mb, _t(uwi), _t(uwh), ubi, ubh, cwi, cwh, hw, uwi, uwh,
+                   has_mur, kk, max(int(chunk), 1), *rest)
 
 
 # --------------------------------------------------------------------------- exported kernels
@@ -931,14 +1207,24 @@ def miu_gather_gru_bwd(*args):
 
 
 def mimn_scan_fwd(*args):
-    return _as_f64(_mimn_scan_fwd, 22, args)
+    """(f32 or f64 arrays) MIMN steps 1-7 over all T steps. x (B, T, Dx), lengths (B,) int64
+    in [0, T], the twelve parameters, has_mur, miu_k, state0 (h0, r0, M0, g0, S0), chunk ->
+    reads (B, T, D) (0 at padded steps), the final state (h, r, M, g, S) and the state at
+    the start of every chunk of `chunk` steps, ck_* (B, ceil(T / chunk), ...)."""
+    return _as_f64(_scan_fwd_tiles, 22, args)
 
 
 def mimn_scan_bwd(*args):
-    return _as_f64(_mimn_scan_bwd, 28, args)
+    """(f32 or f64 arrays) Backward of mimn_scan_fwd by chunked recomputation from its
+    checkpoints: given the gradients of reads and of the final state, writes dx (B, T, Dx)
+    (0 at padded steps), the state0 gradients and the twelve parameter gradients into the
+    per-row buffers d_* (B, *param.shape): each tile's total in the buffer of its first
+    row, 0 in the others (the MUR / MIU ones untouched when absent); their sum over rows is
+    the gradient."""
+    return _as_f64(_scan_bwd_tiles, 28, args)
 
 
-for _name in __all__:
+for _name in __all__[:4]:
     # Each wrapper documents itself with its compiled kernel's docstring.
     globals()[_name].__doc__ = "(f32 or f64 arrays) " + (globals()["_" + _name].__doc__ or "")
 del _name
