@@ -322,8 +322,10 @@ def test_sim_attends_only_retrieved_rows():
     pos = torch.where(pos < batch.lengths[:, None], pos, -1)
     interval = model.time_emb(interval_buckets(pos, batch.lengths, model.time_buckets))
     keys = torch.cat([keys, interval], -1)          # SIM's ESU keys: [behaviour, interval]
-    torch.testing.assert_close(model.esu_attn(target, keys, lengths=batch.lengths),
-                               _esu(model, batch, target), **FP64)
+    want = model.esu_attn(target, keys, lengths=batch.lengths)
+    torch.testing.assert_close(model.interests(batch)[1], want, **FP64)   # fused (default)
+    model.dedup = False                     # each branch through its own module
+    torch.testing.assert_close(_esu(model, batch, target), want, **FP64)
 
 
 def test_sim_interval_buckets():
