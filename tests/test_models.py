@@ -284,6 +284,11 @@ def test_mimn_state_streams_and_scores():
 
 @pytest.mark.parametrize("seed", [5, 6, 7])
 def test_sim_search_picks_most_recent_same_category(seed):
+    for backend in ("torch", "cpp", "numba"):    # the tensor forms; the scan kernels
+        _check_search(seed, backend)
+
+
+def _check_search(seed, backend):
     g = torch.Generator().manual_seed(seed)
     U, L, B, n = 3, 12, 6, 3
     cats = torch.randint(0, 4, (U, L), generator=g)
@@ -295,17 +300,19 @@ def test_sim_search_picks_most_recent_same_category(seed):
         return want + [-1] * (n - len(want))
 
     hist_index = torch.randint(0, U, (B,), generator=g)
-    idx = category_search(cats, lengths, target_cat, n, 3, hist_index)
+    idx = category_search(cats, lengths, target_cat, n, 3, hist_index, backend)
     assert [idx[b].tolist() for b in range(B)] == [loop(int(hist_index[b]), b, int(
         lengths[hist_index[b]])) for b in range(B)]
     rows = torch.tensor([0, 1, 2, 0, 1, 1])                          # U == B, no hist_index
-    idx = category_search(cats[rows], lengths[rows], target_cat, n, 3)
+    idx = category_search(cats[rows], lengths[rows], target_cat, n, 3, backend=backend)
     assert [idx[b].tolist() for b in range(B)] == [loop(int(rows[b]), b, int(lengths[rows[b]]))
                                                    for b in range(B)]
     # One shared history, shorter than n; and an empty one.
-    shared = category_search(cats[:1, :2], torch.tensor([2]), target_cat, n, 3)
+    shared = category_search(cats[:1, :2], torch.tensor([2]), target_cat, n, 3,
+                             backend=backend)
     assert [shared[b].tolist() for b in range(B)] == [loop(0, b, 2) for b in range(B)]
-    empty = category_search(cats[:1, :0], torch.tensor([0]), target_cat, n, 3)
+    empty = category_search(cats[:1, :0], torch.tensor([0]), target_cat, n, 3,
+                            backend=backend)
     assert (empty == -1).all() and empty.shape == (B, n)
 
 

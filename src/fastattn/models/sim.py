@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..ops import topk_gather
+from ..ops._common import backend_for, cpu_call
 from .base import (CTRModel, Histories, check_positive_int, history_rows, lookup,
                    lookup_cat)
 
@@ -45,7 +46,8 @@ def interval_buckets(idx: Tensor, lengths: Tensor, n_buckets: int) -> Tensor:
 
 
 def category_search(hist_cats: Tensor, lengths: Tensor, target_cat: Tensor, n: int,
-                    n_cats: int, hist_index: Optional[Tensor] = None) -> Tensor:
+                    n_cats: int, hist_index: Optional[Tensor] = None,
+                    backend: Optional[str] = None) -> Tensor:
     """SIM-hard GSU: positions (B, n) int64 of the ``n`` most recent valid behaviours whose
     category equals ``target_cat[b]``, most recent first, -1 in empty slots.
 
@@ -55,12 +57,22 @@ def category_search(hist_cats: Tensor, lengths: Tensor, target_cat: Tensor, n: i
     histories are sorted once by
     (history, category, position) and each candidate binary-searches its category's run:
     O(U·L·log(U·L) + B·(log(U·L) + n)), with nothing of size B×L.
+    ``backend`` "cpp" or "numba" (the default on CPU): one kernel scans each candidate's
+    history from its most recent behaviour back and stops at the n-th hit; "torch" (and
+    CUDA tensors) the tensor forms above, the reference.
     """
     U, L = hist_cats.shape
     B = target_cat.shape[0]
     dev = hist_cats.device
     if L == 0:
         return torch.full((B, n), -1, dtype=torch.int64, device=dev)
+    be = backend_for(dev, backend)
+    if be in ("cpp", "numba"):
+        out = torch.empty(B, n, dtype=torch.int64)
+        cpu_call(be, "last_matches", hist_cats.to(torch.int64).contiguous(),
+                 lengths.to(torch.int64).contiguous(), target_cat.to(torch.int64).contiguous(),
+                 history_rows(hist_index, B, U, dev).contiguous(), out)
+        return out
     pos = torch.arange(L, device=dev)
     if hist_index is None and U == B:
         # Training layout (one history per candidate): a masked top-k over positions is
@@ -111,7 +123,7 @@ class SIMHard(CTRModel):
     def search(self, batch: Batch) -> Tensor:
         """The GSU positions (B, sim_len) of ``batch`` (see :func:`category_search`)."""
         return category_search(batch.hist_cats, batch.lengths, batch.target_cat, self.sim_len,
-                               self.n_cats, batch.hist_index)
+                               self.n_cats, batch.hist_index, self._backend)
 
     def logits_and_reg(self, batch: Batch):
         target, *matched = self.interests(batch)
