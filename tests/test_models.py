@@ -335,6 +335,14 @@ def test_sim_attends_only_retrieved_rows():
     torch.testing.assert_close(_esu(model, batch, target), want, **FP64)
 
 
+@pytest.mark.parametrize("kwargs", [dict(time_buckets=0), dict(short_len=0),
+                                    dict(short_len=None)])
+def test_sim_fused_branches_match_separate(kwargs):
+    """The fused step (one lookup, the two attentions as one call) without the interval
+    embedding, without the short window and with the whole history as the window."""
+    dedup_matches_dense(make_model("sim", dedup=False, **kwargs))
+
+
 def test_sim_interval_buckets():
     """Behaviours after the position, log2-bucketed from 1, capped; 0 for empty slots."""
     idx = torch.tensor([[9, 8, 7, 6, 3, 0, -1], [0, 1, 2, -1, -1, -1, -1]])

@@ -119,14 +119,14 @@ class _LookupCat(torch.autograd.Function):
         offset = torch.tensor([0] + rows[:-1], device=ids.device).cumsum(0)
         flat = (ids + offset).reshape(-1)
         ctx.save_for_backward(torch.where(skip.reshape(-1), -1, flat))
-        ctx.rows, ctx.backend = rows, backend
+        ctx.rows, ctx.dim, ctx.backend = rows, weights[0].shape[1], backend
         table = torch.cat(weights) if len(weights) > 1 else weights[0]
-        return table.index_select(0, flat).view(*ids.shape[:-1], -1)
+        return table.index_select(0, flat).view(*ids.shape[:-1], ids.shape[-1] * ctx.dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
-        g = _row_grad(grad.reshape(flat.shape[0], -1), flat, sum(ctx.rows), ctx.backend)
+        g = _row_grad(grad.reshape(flat.shape[0], ctx.dim), flat, sum(ctx.rows), ctx.backend)
         return (None, None, None, *g.split(ctx.rows))
 
 

@@ -180,8 +180,8 @@ class SIMHard(CTRModel):
         qs = [a.q_proj(target) for a in attns]
         qk = [a.input_query(q) for a, q in zip(attns, qs)]   # ESU's: [behaviour, interval]
         scale = attns[0].input_scale
-        scores = torch.bmm(torch.stack([k[:, :self.dim] for k in qk], 1),
-                           keys.transpose(1, 2)) * scale                   # (B, H, T)
+        qk_rows = torch.stack([k[:, :self.dim] for k in qk], 1)          # (B, H, D)
+        extra = None                       # the interval embedding's part of the scores
         if self.time_emb is not None:
             table = self.time_emb.weight[1:]      # bucket 0 (padding): a zero row, no grad
             bucket = interval_buckets(idx, lens, self.time_buckets)
@@ -189,15 +189,12 @@ class SIMHard(CTRModel):
                 bucket = F.pad(bucket, (0, T - n))       # (B, T)
             per_bucket = F.pad(qk[0][:, self.dim:] @ table.t(), (1, 0))
             interval_scores = per_bucket.gather(1, bucket) * scale          # (B, T)
-            scores = scores + F.pad(interval_scores[:, None],
-                                                      (0, 0, 0, len(attns) - 1))
+            extra = F.pad(interval_scores[:, None], (0, 0, 0, len(attns) - 1))
         j = torch.arange(T, device=dev)
         mask = torch.stack([valid & (j < n), valid & (j >= n)][:len(attns)], 1)   # (B, H, T)
-        # a finite fill: a head without positions gets a uniform average, zeroed by `found`
         found = mask.any(-1)                                               # (B, H)
-        weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
-        weights = weights * found[:, :, None].to(weights.dtype)
-        mixed = list(torch.bmm(weights, keys).unbind(1))                  # H x (B, D)
+        mixed, weights = _RowsAttention.apply(qk_rows, keys, extra, mask, found, scale)
+        mixed = list(mixed.unbind(1))                                     # H x (B, D)
         if self.time_emb is not None:
             per_bucket = weights.new_zeros(B, self.time_buckets + 1).scatter_add(
                 1, bucket, weights[:, 0])
@@ -246,3 +243,38 @@ class SIMHard(CTRModel):
         if window is not None:
             matched.append(self.short_interest(batch, target, short[0], window))
         return [target] + matched
+
+
+class _RowsAttention(torch.autograd.Function):
+    """H one-query heads over one set of rows per batch entry: scores (B, H, T) =
+    scale · qk·keys + ``extra``, softmax over the positions ``mask`` (B, H, T) allows, heads
+    with ``found`` False zeroed; returns (weights @ keys (B, H, D), weights). The backward
+    gives the rows' gradient from both products in one batched product, without the
+    per-product (B, T, D) gradients autograd would add up."""
+
+    @staticmethod
+    def forward(ctx, qk: Tensor, keys: Tensor, extra: Optional[Tensor], mask: Tensor,
+                found: Tensor, scale: float):
+        scores = torch.bmm(qk, keys.transpose(1, 2)).mul_(scale)
+        if extra is not None:
+            scores.add_(extra)
+        # a finite fill: a head without positions gets a uniform average, zeroed by `found`
+        weights = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        weights.mul_(found[:, :, None].to(weights.dtype))
+        ctx.save_for_backward(qk, keys, weights)
+        ctx.scale, ctx.extra = scale, extra is not None
+        return torch.bmm(weights, keys), weights
+
+    @staticmethod
+    def backward(ctx, g_mixed: Tensor, g_weights: Optional[Tensor]):
+        qk, keys, w = ctx.saved_tensors
+        gw = torch.bmm(g_mixed, keys.transpose(1, 2))
+        if g_weights is not None:
+            gw = gw + g_weights
+        # softmax backward; w is 0 at masked positions and in empty heads, so is ds
+        ds = w * (gw - (w * gw).sum(-1, keepdim=True))
+        ds_scaled = ds * ctx.scale
+        g_qk = torch.bmm(ds_scaled, keys)
+        g_keys = torch.bmm(torch.cat([w, ds_scaled], 1).transpose(1, 2),
+                           torch.cat([g_mixed, qk], 1))
+        return g_qk, g_keys, ds if ctx.extra else None, None, None, None
