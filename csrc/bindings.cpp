@@ -273,6 +273,24 @@ py::array_t<int64_t> unique_rows(const py::array& ids, const py::array& lengths,
     return py::array_t<int64_t>(static_cast<py::ssize_t>(owned->size()), owned->data(), free_when_done);
 }
 
+void last_matches(const py::array& values, const py::array& lengths, const py::array& target,
+                  const py::array& hist_index, py::array& out, int nthreads) {
+    const char* fn = "last_matches";
+    check_threads(nthreads, fn);
+    const auto vs = check(values, fn, "values", Kind::i64, 2);
+    const auto ls = check(lengths, fn, "lengths", Kind::i64, 1);
+    const auto ts = check(target, fn, "target", Kind::i64, 1);
+    const auto hs = check(hist_index, fn, "hist_index", Kind::i64, 1);
+    const auto os = check(out, fn, "out", Kind::i64, 2, true);
+    expect(ls[0] == vs[0], fn, "lengths must be (U,) with U = values.shape[0]");
+    expect(hs[0] == ts[0] && os[0] == ts[0], fn,
+           "target, hist_index and out must have B = target.shape[0] rows");
+    py::gil_scoped_release release;
+    fastattn::last_matches(cptr<int64_t>(values), cptr<int64_t>(lengths), cptr<int64_t>(target),
+                           cptr<int64_t>(hist_index), vs[0], vs[1], ts[0], os[1],
+                           ptr<int64_t>(out), nthreads);
+}
+
 void gather_rows(const py::array& values, const py::array& idx, const py::array& hist_index,
                  py::array& out, int nthreads) {
     const char* fn = "gather_rows";
@@ -1045,6 +1063,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("hist_rows").noconvert(), py::arg("nthreads"),
           "Distinct ids of the valid positions in first-occurrence order (returned, int64) and "
           "hist_rows[u, l] = index of ids[u, l] among them, -1 past the length (written in place).");
+    m.def("last_matches", &last_matches, py::arg("values").noconvert(), py::arg("lengths").noconvert(),
+          py::arg("target").noconvert(), py::arg("hist_index").noconvert(), py::arg("out").noconvert(),
+          py::arg("nthreads"), "SIM-hard category search: the n most recent positions holding target[b]");
     m.def("gather_rows", &gather_rows, py::arg("values").noconvert(), py::arg("idx").noconvert(), py::arg("hist_index").noconvert(),
           py::arg("out").noconvert(), py::arg("nthreads"),
           "out[b, j] = values[hist_index[b], idx[b, j]] (raw bytes); idx = -1 gives zeros.");

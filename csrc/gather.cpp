@@ -102,4 +102,24 @@ void scatter_add_rows(const double* grad, const int64_t* idx, const int64_t* his
     scatter_add_impl(grad, idx, hist_index, B, K, Dv, U, L, out, nthreads);
 }
 
+// SIM-hard's category search: one scan from each query's most recent position back,
+// stopping after n hits (a masked top-k over every position costs ~10x more).
+void last_matches(const int64_t* values, const int64_t* lengths, const int64_t* target,
+                  const int64_t* hist_index, int64_t U, int64_t L, int64_t B, int64_t n,
+                  int64_t* out, int nthreads) {
+    check_range(hist_index, B, 0, U, "last_matches", "hist_index");
+    check_range(lengths, U, 0, L + 1, "last_matches", "lengths");
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t h = hist_index[b];
+        const int64_t* row = values + h * L;
+        const int64_t t = target[b];
+        int64_t* o = out + b * n;
+        int64_t j = 0;
+        for (int64_t l = lengths[h] - 1; l >= 0 && j < n; --l)
+            if (row[l] == t) o[j++] = l;
+        for (; j < n; ++j) o[j] = -1;
+    }
+}
+
 }  // namespace fastattn

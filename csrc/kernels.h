@@ -48,6 +48,11 @@ std::vector<int64_t> unique_rows(const int64_t* ids, const int64_t* lengths, int
                                  int64_t L, int64_t* hist_rows, int nthreads);
 
 // values (U, L, R) bytes, idx (B, K) -> out (B, K, R); idx = -1 gives zero bytes.
+// out (B, n): the n most recent positions l < lengths[h] (h = hist_index[b]) of history
+// row h of values (U, L) holding target[b], most recent first, -1 after.
+void last_matches(const int64_t* values, const int64_t* lengths, const int64_t* target,
+                  const int64_t* hist_index, int64_t U, int64_t L, int64_t B, int64_t n,
+                  int64_t* out, int nthreads);
 void gather_rows(const uint8_t* values, const int64_t* idx, const int64_t* hist_index,
                  int64_t U, int64_t L, int64_t R, int64_t B, int64_t K, uint8_t* out,
                  int nthreads);

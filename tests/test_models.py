@@ -284,6 +284,11 @@ def test_mimn_state_streams_and_scores():
 
 @pytest.mark.parametrize("seed", [5, 6, 7])
 def test_sim_search_picks_most_recent_same_category(seed):
+    for backend in ("torch", "cpp", "numba"):    # the tensor forms; the scan kernels
+        _check_search(seed, backend)
+
+
+def _check_search(seed, backend):
     g = torch.Generator().manual_seed(seed)
     U, L, B, n = 3, 12, 6, 3
     cats = torch.randint(0, 4, (U, L), generator=g)
@@ -295,17 +300,19 @@ def test_sim_search_picks_most_recent_same_category(seed):
         return want + [-1] * (n - len(want))
 
     hist_index = torch.randint(0, U, (B,), generator=g)
-    idx = category_search(cats, lengths, target_cat, n, 3, hist_index)
+    idx = category_search(cats, lengths, target_cat, n, 3, hist_index, backend)
     assert [idx[b].tolist() for b in range(B)] == [loop(int(hist_index[b]), b, int(
         lengths[hist_index[b]])) for b in range(B)]
     rows = torch.tensor([0, 1, 2, 0, 1, 1])                          # U == B, no hist_index
-    idx = category_search(cats[rows], lengths[rows], target_cat, n, 3)
+    idx = category_search(cats[rows], lengths[rows], target_cat, n, 3, backend=backend)
     assert [idx[b].tolist() for b in range(B)] == [loop(int(rows[b]), b, int(lengths[rows[b]]))
                                                    for b in range(B)]
     # One shared history, shorter than n; and an empty one.
-    shared = category_search(cats[:1, :2], torch.tensor([2]), target_cat, n, 3)
+    shared = category_search(cats[:1, :2], torch.tensor([2]), target_cat, n, 3,
+                             backend=backend)
     assert [shared[b].tolist() for b in range(B)] == [loop(0, b, 2) for b in range(B)]
-    empty = category_search(cats[:1, :0], torch.tensor([0]), target_cat, n, 3)
+    empty = category_search(cats[:1, :0], torch.tensor([0]), target_cat, n, 3,
+                            backend=backend)
     assert (empty == -1).all() and empty.shape == (B, n)
 
 
@@ -322,8 +329,18 @@ def test_sim_attends_only_retrieved_rows():
     pos = torch.where(pos < batch.lengths[:, None], pos, -1)
     interval = model.time_emb(interval_buckets(pos, batch.lengths, model.time_buckets))
     keys = torch.cat([keys, interval], -1)          # SIM's ESU keys: [behaviour, interval]
-    torch.testing.assert_close(model.esu_attn(target, keys, lengths=batch.lengths),
-                               _esu(model, batch, target), **FP64)
+    want = model.esu_attn(target, keys, lengths=batch.lengths)
+    torch.testing.assert_close(model.interests(batch)[1], want, **FP64)   # fused (default)
+    model.dedup = False                     # each branch through its own module
+    torch.testing.assert_close(_esu(model, batch, target), want, **FP64)
+
+
+@pytest.mark.parametrize("kwargs", [dict(time_buckets=0), dict(short_len=0),
+                                    dict(short_len=None)])
+def test_sim_fused_branches_match_separate(kwargs):
+    """The fused step (one lookup, the two attentions as one call) without the interval
+    embedding, without the short window and with the whole history as the window."""
+    dedup_matches_dense(make_model("sim", dedup=False, **kwargs))
 
 
 def test_sim_interval_buckets():

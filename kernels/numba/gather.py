@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["gather_rows", "scatter_add_rows"]
+__all__ = ["gather_rows", "scatter_add_rows", "last_matches"]
 
 # Parts the destination rows of scatter_add_rows are split into (row mod _PARTS): enough to
 # keep any realistic thread count busy when the destinations are spread out.
@@ -86,3 +86,26 @@ def scatter_add_rows(grad, idx, hist_index, out):
             r = dest[t]
             for c in range(Dv):
                 flat[r, c] += g[t, c]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def last_matches(values, lengths, target, hist_index, out):
+    """out[b] (n,) = the n most recent positions l < lengths[h] of values[h] (h =
+    hist_index[b]) holding target[b], most recent first, -1 after (SIM-hard's search).
+
+    values (U, L) int64, lengths (U,), target (B,), hist_index (B,) int64, out (B, n) int64.
+    """
+    B, n = out.shape
+    for b in prange(B):
+        h = hist_index[b]
+        t = target[b]
+        j = 0
+        l = lengths[h] - 1
+        while l >= 0 and j < n:
+            if values[h, l] == t:
+                out[b, j] = l
+                j += 1
+            l -= 1
+        while j < n:
+            out[b, j] = -1
+            j += 1

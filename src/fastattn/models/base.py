@@ -21,7 +21,8 @@ from ..ops import unique_rows
 from ..ops._common import backend_for
 from ..ops.gather import scatter_add_rows
 
-__all__ = ["CTRModel", "Histories", "per_query", "history_rows", "check_positive_int"]
+__all__ = ["CTRModel", "Histories", "per_query", "history_rows", "check_positive_int", "lookup",
+           "lookup_cat"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -75,6 +76,15 @@ def _check_ids(name: str, t, ndim: int, shape: str, high: Optional[int] = None,
                              f"[{lo}, {hi}]")
 
 
+def _row_grad(grad: Tensor, ids: Tensor, rows: int, backend: str) -> Tensor:
+    """The table gradient (rows, D) of a row gather: row i of ``grad`` (n, D) added at
+    ``ids[i]`` (n,) int64, skipped where it is -1; the package's deterministic scatter."""
+    hist = torch.zeros(1, dtype=torch.int64, device=ids.device)
+    # the table as one history of `rows` rows, each id a slot
+    return scatter_add_rows(grad.reshape(1, *grad.shape), ids.view(1, -1), hist, 1, rows,
+                            backend).view(rows, grad.shape[-1])
+
+
 class _Lookup(torch.autograd.Function):
     """``nn.Embedding`` lookup (rows of ``weight``; no gradient to ``padding_idx``) whose
     backward is the package's deterministic row scatter: ATen's embedding backward costs
@@ -91,19 +101,53 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
-        # the weight as one history of `rows` rows, each id a slot; padding ids are skipped
-        idx = torch.where(flat != ctx.padding_idx, flat, -1).view(1, -1)
-        hist = torch.zeros(1, dtype=torch.int64, device=flat.device)
+        idx = torch.where(flat != ctx.padding_idx, flat, -1)       # padding ids are skipped
         rows, dim = ctx.shape
-        g = grad.reshape(1, flat.shape[0], dim)
-        return scatter_add_rows(g, idx, hist, 1, rows, ctx.backend).view(rows, dim), None, \
-            None, None
+        return _row_grad(grad.reshape(-1, dim), idx, rows, ctx.backend), None, None, None
+
+
+class _LookupCat(torch.autograd.Function):
+    """Several equally wide tables looked up into one row each: ``ids`` (..., k) ->
+    (..., k·D), feature block j = ``weights[j][ids[..., j]]``. One gather from the tables
+    stacked row-wise and one scatter in the backward, instead of k lookups, their
+    concatenation and k scatters. ``skip`` (..., k) bool: ids whose row gets no gradient
+    (padding)."""
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, skip: Tensor, backend: str, *weights: Tensor) -> Tensor:
+        rows = [w.shape[0] for w in weights]
+        offset = torch.tensor([0] + rows[:-1], device=ids.device).cumsum(0)
+        flat = (ids + offset).reshape(-1)
+        ctx.save_for_backward(torch.where(skip.reshape(-1), -1, flat))
+        ctx.rows, ctx.dim, ctx.backend = rows, weights[0].shape[1], backend
+        table = torch.cat(weights) if len(weights) > 1 else weights[0]
+        return table.index_select(0, flat).view(*ids.shape[:-1], ids.shape[-1] * ctx.dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (flat,) = ctx.saved_tensors
+        g = _row_grad(grad.reshape(flat.shape[0], ctx.dim), flat, sum(ctx.rows), ctx.backend)
+        return (None, None, None, *g.split(ctx.rows))
 
 
 def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Tensor:
     """``emb(ids)`` with a faster backward (same values and gradients, see :class:`_Lookup`)."""
     pad = -1 if emb.padding_idx is None else emb.padding_idx
     return _Lookup.apply(emb.weight, ids, pad, backend_for(ids.device, backend))
+
+
+def lookup_cat(embs: Sequence[nn.Embedding], ids: Tensor,
+               backend: Optional[str] = None) -> Tensor:
+    """``torch.cat([embs[j](ids[..., j]) for j], -1)`` (..., k·D) of k tables of one width D,
+    ``ids`` (..., k) int64, in one gather and one scatter (same values and gradients)."""
+    widths = {e.embedding_dim for e in embs}
+    if len(widths) != 1 or ids.shape[-1] != len(embs):
+        raise ValueError(f"lookup_cat needs tables of one width and ids (..., {len(embs)}), "
+                         f"got widths {sorted(widths)} and ids {tuple(ids.shape)}")
+    pads = torch.tensor([-1 if e.padding_idx is None else e.padding_idx for e in embs],
+                        device=ids.device)
+    return _LookupCat.apply(ids, ids == pads, backend_for(ids.device, backend),
+                            *(e.weight for e in embs))
 
 
 class Histories(NamedTuple):
@@ -217,8 +261,9 @@ class CTRModel(nn.Module):
 
     def embed(self, items: Tensor, cats: Tensor) -> Tensor:
         """Behaviour / target embeddings (..., D): [item_emb(items), cat_emb(cats)]."""
-        return torch.cat([lookup(self.item_emb, items, self._backend),
-                          lookup(self.cat_emb, cats, self._backend)], dim=-1)
+        return lookup_cat((self.item_emb, self.cat_emb),
+                          torch.stack([items, cats.to(items.dtype)], -1),
+                          self._backend)
 
     def embed_many(self, *ids: Tuple[Tensor, Tensor]) -> List[Tensor]:
         """:meth:`embed` of several (items, cats) id sets with one lookup per table: a

@@ -20,14 +20,17 @@ L=1,000 (0.640 to 0.608). With it the ESU reads how recent the category's behavi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..ops import topk_gather
-from .base import CTRModel, Histories, check_positive_int, history_rows, lookup
+from ..ops._common import backend_for, cpu_call
+from .base import (CTRModel, Histories, check_positive_int, history_rows, lookup,
+                   lookup_cat)
 
 __all__ = ["SIMHard", "category_search", "interval_buckets"]
 
@@ -43,7 +46,8 @@ def interval_buckets(idx: Tensor, lengths: Tensor, n_buckets: int) -> Tensor:
 
 
 def category_search(hist_cats: Tensor, lengths: Tensor, target_cat: Tensor, n: int,
-                    n_cats: int, hist_index: Optional[Tensor] = None) -> Tensor:
+                    n_cats: int, hist_index: Optional[Tensor] = None,
+                    backend: Optional[str] = None) -> Tensor:
     """SIM-hard GSU: positions (B, n) int64 of the ``n`` most recent valid behaviours whose
     category equals ``target_cat[b]``, most recent first, -1 in empty slots.
 
@@ -53,12 +57,22 @@ def category_search(hist_cats: Tensor, lengths: Tensor, target_cat: Tensor, n: i
     histories are sorted once by
     (history, category, position) and each candidate binary-searches its category's run:
     O(U·L·log(U·L) + B·(log(U·L) + n)), with nothing of size B×L.
+    ``backend`` "cpp" or "numba" (the default on CPU): one kernel scans each candidate's
+    history from its most recent behaviour back and stops at the n-th hit; "torch" (and
+    CUDA tensors) the tensor forms above, the reference.
     """
     U, L = hist_cats.shape
     B = target_cat.shape[0]
     dev = hist_cats.device
     if L == 0:
         return torch.full((B, n), -1, dtype=torch.int64, device=dev)
+    be = backend_for(dev, backend)
+    if be in ("cpp", "numba"):
+        out = torch.empty(B, n, dtype=torch.int64)
+        cpu_call(be, "last_matches", hist_cats.to(torch.int64).contiguous(),
+                 lengths.to(torch.int64).contiguous(), target_cat.to(torch.int64).contiguous(),
+                 history_rows(hist_index, B, U, dev).contiguous(), out)
+        return out
     pos = torch.arange(L, device=dev)
     if hist_index is None and U == B:
         # Training layout (one history per candidate): a masked top-k over positions is
@@ -66,7 +80,7 @@ def category_search(hist_cats: Tensor, lengths: Tensor, target_cat: Tensor, n: i
         match = (hist_cats == target_cat[:, None]) & (pos < lengths[:, None])
         val, at = torch.where(match, pos, -1).topk(min(n, L), dim=1)   # most recent first
         idx = torch.where(val >= 0, at, -1)
-        return torch.nn.functional.pad(idx, (0, n - idx.shape[1]), value=-1)
+        return F.pad(idx, (0, n - idx.shape[1]), value=-1)
     ncat = n_cats + 2                      # categories 0..n_cats, then a sentinel for padding
     cat = torch.where(pos < lengths[:, None], hist_cats.to(torch.int64), ncat - 1)
     key = (torch.arange(U, device=dev)[:, None] * ncat + cat) * (L + 1) + pos     # (U, L)
@@ -109,9 +123,88 @@ class SIMHard(CTRModel):
     def search(self, batch: Batch) -> Tensor:
         """The GSU positions (B, sim_len) of ``batch`` (see :func:`category_search`)."""
         return category_search(batch.hist_cats, batch.lengths, batch.target_cat, self.sim_len,
-                               self.n_cats, batch.hist_index)
+                               self.n_cats, batch.hist_index, self._backend)
 
     def logits_and_reg(self, batch: Batch):
+        target, *matched = self.interests(batch)
+        return self.score(target, matched), None
+
+    def interests(self, batch: Batch) -> List[Tensor]:
+        """[target (B, D), ESU interest (B, D), short-term interest (B, D) (none with
+        ``short_len=0``)] of a checked batch."""
+        if self.dedup and self.heads == 1:
+            return self._interests_fused(batch)
+        return self._interests_separate(batch)
+
+    def _interests_fused(self, batch: Batch) -> List[Tensor]:
+        """Both branches in one embedding lookup and one attention call (one head).
+
+        The target, the GSU's picks and the short window are gathered as ids per candidate
+        and looked up in one pass over the item and category tables; both attentions run
+        in the input space (:meth:`TargetAttention.attend_inputs`) as two heads of one
+        batched softmax over the (B, sim_len + short_len) rows, each head masked to its own
+        positions. The ESU's interval embedding is never gathered per position: with 16
+        buckets, its part of the scores is (W_kᵀ q)·t_τ per (query, bucket), read by each
+        position's bucket, and its part of the ESU's weighted sum is the weights summed per
+        bucket times the table (same values as the [e_j, t_j] keys)."""
+        idx = self.search(batch)                                         # (B, n)
+        B, n = idx.shape
+        U, L = batch.hist_items.shape
+        dev = idx.device
+        own = batch.hist_index is None and U == B          # history b: no flat index
+        rows = None if own else history_rows(batch.hist_index, B, U, dev)
+        lens = batch.lengths if own else batch.lengths[rows]
+        attns, pos = [self.esu_attn], [idx]
+        if self.short_attn is not None:
+            S = L if self.short_len is None else min(self.short_len, L)
+            window = (lens - S).clamp(min=0)[:, None] + torch.arange(S, device=dev)
+            pos.append(torch.where(window < lens[:, None], window, -1))
+            attns.append(self.short_attn)
+        pos = torch.cat(pos, 1) if len(pos) > 1 else idx                 # (B, T)
+        valid = pos >= 0
+        T = pos.shape[1]
+        ids = []
+        for hist, tgt in ((batch.hist_items, batch.target_item),
+                          (batch.hist_cats, batch.target_cat)):
+            if L:
+                at = pos.clamp(min=0)
+                got = hist.gather(1, at) if own else hist[rows[:, None], at]
+                got = torch.where(valid, got.to(idx.dtype), 0)
+            else:
+                got = torch.zeros_like(pos)
+            ids.append(torch.cat([tgt.to(idx.dtype), got.reshape(-1)]))   # (B + B·T,)
+        # one lookup; split (not sliced) so that the backward joins the two gradients
+        target, keys = lookup_cat((self.item_emb, self.cat_emb), torch.stack(ids, -1),
+                                  self._backend).split([B, B * T])
+        keys = keys.view(B, T, self.dim)
+        qs = [a.q_proj(target) for a in attns]
+        qk = [a.input_query(q) for a, q in zip(attns, qs)]   # ESU's: [behaviour, interval]
+        scale = attns[0].input_scale
+        qk_rows = torch.stack([k[:, :self.dim] for k in qk], 1)          # (B, H, D)
+        extra = None                       # the interval embedding's part of the scores
+        if self.time_emb is not None:
+            table = self.time_emb.weight[1:]      # bucket 0 (padding): a zero row, no grad
+            bucket = interval_buckets(idx, lens, self.time_buckets)
+            if T > n:
+                bucket = F.pad(bucket, (0, T - n))       # (B, T)
+            per_bucket = F.pad(qk[0][:, self.dim:] @ table.t(), (1, 0))
+            interval_scores = per_bucket.gather(1, bucket) * scale          # (B, T)
+            extra = F.pad(interval_scores[:, None], (0, 0, 0, len(attns) - 1))
+        j = torch.arange(T, device=dev)
+        mask = torch.stack([valid & (j < n), valid & (j >= n)][:len(attns)], 1)   # (B, H, T)
+        found = mask.any(-1)                                               # (B, H)
+        mixed, weights = _RowsAttention.apply(qk_rows, keys, extra, mask, found, scale)
+        mixed = list(mixed.unbind(1))                                     # H x (B, D)
+        if self.time_emb is not None:
+            per_bucket = weights.new_zeros(B, self.time_buckets + 1).scatter_add(
+                1, bucket, weights[:, 0])
+            mixed[0] = torch.cat([mixed[0], per_bucket[:, 1:] @ table], -1)
+        return [target] + [a.output_of_inputs(q, m, found[:, h])
+                           for h, (a, q, m) in enumerate(zip(attns, qs, mixed))]
+
+    def _interests_separate(self, batch: Batch) -> List[Tensor]:
+        """Each branch through its own module (any heads; ``dedup=False``: the whole
+        history embedded, the picks gathered from it: the dense reference)."""
         idx = self.search(batch)                                         # (B, sim_len)
         count = (idx >= 0).sum(1)              # the GSU packs its hits first, -1 after
         window = self.short_window(batch)
@@ -149,4 +242,39 @@ class SIMHard(CTRModel):
         matched = [esu]
         if window is not None:
             matched.append(self.short_interest(batch, target, short[0], window))
-        return self.score(target, matched), None
+        return [target] + matched
+
+
+class _RowsAttention(torch.autograd.Function):
+    """H one-query heads over one set of rows per batch entry: scores (B, H, T) =
+    scale · qk·keys + ``extra``, softmax over the positions ``mask`` (B, H, T) allows, heads
+    with ``found`` False zeroed; returns (weights @ keys (B, H, D), weights). The backward
+    gives the rows' gradient from both products in one batched product, without the
+    per-product (B, T, D) gradients autograd would add up."""
+
+    @staticmethod
+    def forward(ctx, qk: Tensor, keys: Tensor, extra: Optional[Tensor], mask: Tensor,
+                found: Tensor, scale: float):
+        scores = torch.bmm(qk, keys.transpose(1, 2)).mul_(scale)
+        if extra is not None:
+            scores.add_(extra)
+        # a finite fill: a head without positions gets a uniform average, zeroed by `found`
+        weights = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        weights.mul_(found[:, :, None].to(weights.dtype))
+        ctx.save_for_backward(qk, keys, weights)
+        ctx.scale, ctx.extra = scale, extra is not None
+        return torch.bmm(weights, keys), weights
+
+    @staticmethod
+    def backward(ctx, g_mixed: Tensor, g_weights: Optional[Tensor]):
+        qk, keys, w = ctx.saved_tensors
+        gw = torch.bmm(g_mixed, keys.transpose(1, 2))
+        if g_weights is not None:
+            gw = gw + g_weights
+        # softmax backward; w is 0 at masked positions and in empty heads, so is ds
+        ds = w * (gw - (w * gw).sum(-1, keepdim=True))
+        ds_scaled = ds * ctx.scale
+        g_qk = torch.bmm(ds_scaled, keys)
+        g_keys = torch.bmm(torch.cat([w, ds_scaled], 1).transpose(1, 2),
+                           torch.cat([g_mixed, qk], 1))
+        return g_qk, g_keys, ds if ctx.extra else None, None, None, None

@@ -147,10 +147,25 @@ class TargetAttention(nn.Module):
         + b_v whenever the weights sum to 1, i.e. when the query's history has a valid
         position (``valid`` (B,) bool; otherwise the output is 0, as in the projected form).
         ``attend(qk (B, key_dim), scale)`` returns Σ_l a_l x_l (B, value_dim) over the raw
-        rows.
+        rows. Its two halves, :meth:`input_query` and :meth:`output_of_inputs`, let a caller
+        run several modules' attentions as one batched call (SIM's ESU and short window).
         """
-        out = F.linear(attend(q @ self.k_proj.weight, self.embed_dim ** -0.5),
-                       self.v_proj.weight)
+        return self.output_of_inputs(q, attend(self.input_query(q), self.input_scale), valid)
+
+    @property
+    def input_scale(self) -> float:
+        """The score scale of :meth:`attend_inputs` (one head of width E: E^-1/2)."""
+        return self.embed_dim ** -0.5
+
+    def input_query(self, q: Tensor) -> Tensor:
+        """W_kᵀ q (B, key_dim): the projected query ``q`` (B, E) moved to the key inputs'
+        space, whose dot products with raw rows x_l are the scores (up to a per-query shift)."""
+        return q @ self.k_proj.weight
+
+    def output_of_inputs(self, q: Tensor, mixed: Tensor, valid: Tensor) -> Tensor:
+        """The output (B, E) from ``mixed`` = Σ_l a_l x_l (B, value_dim) over the raw rows
+        (zeros where ``valid`` (B,) is False) and the projected query ``q`` (B, E)."""
+        out = F.linear(mixed, self.v_proj.weight)
         if self.v_proj.bias is not None:
             out = out + self.v_proj.bias * valid.to(out.dtype)[:, None]
         if self.k_proj.bias is not None:
