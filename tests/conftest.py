@@ -69,7 +69,9 @@ def _on_device(name):
     try:
         yield name
     finally:
-        torch.set_default_device(prev)
+        # None, not "cpu": a CPU default device would leave a device mode on the torch
+        # function stack, which sends later eager calls through the dispatcher.
+        torch.set_default_device(None if prev.type == "cpu" else prev)
 
 
 @pytest.fixture
