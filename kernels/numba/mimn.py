@@ -856,6 +856,26 @@ def _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk):
 
 
 @_jit
+def _tile_state(rows, h, r, M, g, S):
+    """The tile's rows of a state (or state gradient) h, r, M, g, S, copied to float64
+    arrays that the tile steps in place."""
+    n = rows.shape[0]
+    th = np.empty((n, h.shape[1]))
+    tr = np.empty((n, r.shape[1]))
+    tM = np.empty((n, M.shape[1], M.shape[2]))
+    tg = np.empty((n, g.shape[1]))
+    tS = np.empty((n, S.shape[1], S.shape[2]))
+    for i in range(n):
+        b = rows[i]
+        th[i] = h[b]
+        tr[i] = r[b]
+        tM[i] = M[b]
+        tg[i] = g[b]
+        tS[i] = S[b]
+    return th, tr, tM, tg, tS
+
+
+@_jit
 def _n_active(Ls, na, t):
     """The rows still running at step t: a prefix of the tile (lengths sorted descending)."""
     while na > 0 and Ls[na - 1] <= t:
@@ -876,18 +896,7 @@ def _scan_fwd_tile(rows, Ls, x, cwiT, cwhT, cbi, cbh, hwT, hb, mw, mb, uwiT, uwh
     Hs = S0.shape[2]
     P = hwT.shape[1]
     NC = ck_h.shape[1]
-    h = np.empty((n, Hc))
-    r = np.empty((n, D))
-    M = np.empty((n, m, D))
-    g = np.empty((n, m))
-    S = np.empty((n, m, Hs))
-    for i in range(n):
-        b = rows[i]
-        h[i] = h0[b]
-        r[i] = r0[b]
-        M[i] = M0[b]
-        g[i] = g0[b]
-        S[i] = S0[b]
+    h, r, M, g, S = _tile_state(rows, h0, r0, M0, g0, S0)
     X, gi, gh, wk, mX, mH = _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk)
     ctape = np.empty((4, n, Hc))
     head = np.empty((n, P))
@@ -965,20 +974,10 @@ def _scan_bwd_tile(rows, Ls, d_reads, d_h, d_r, d_M, d_g, d_S, x, cwiT, cwhT, cb
     P = hwT.shape[1]
     # Gradients w.r.t. the state, stepped back in place (rows past their length keep
     # theirs: padded steps pass gradients through).
-    Gh = np.empty((n, Hc))
-    Gr = np.empty((n, D))
-    GM = np.empty((n, m, D))
-    Gg = np.empty((n, m))
-    GS = np.empty((n, m, Hs))
+    Gh, Gr, GM, Gg, GS = _tile_state(rows, d_h, d_r, d_M, d_g, d_S)
     for i in range(n):
-        b = rows[i]
-        Gh[i] = d_h[b]
-        Gr[i] = d_r[b]
-        GM[i] = d_M[b]
-        Gg[i] = d_g[b]
-        GS[i] = d_S[b]
         for t in range(Ls[i], T):
-            dx[b, t] = 0.0
+            dx[rows[i], t] = 0.0
     Lmax = Ls[0] if n > 0 else 0
     if Lmax > 0:
         X, gi, gh, wk, mX, mH = _tile_scratch(n, Dx, D, m, Hc, Hs, P, kk)

@@ -595,6 +595,18 @@ def _keep3(act, new3, old3):
     return tl.where(act[:, None, None], new3, old3)
 
 
+@triton.jit
+def _step_rows(act, x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, murw, murb, mwi, mwh, mbi,
+               mbh, miu_k, Dx, D, m, Hc, Hs, offs_x, offs_d, offs_m, mask_m, offs_hc, offs_hs,
+               HAS_MUR: tl.constexpr, HAS_MIU: tl.constexpr):
+    """:func:`_step_fwd` for the rows where ``act``; the other rows keep their state."""
+    h2, r2, M2, g2, S2 = _step_fwd(x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, murw, murb,
+                                   mwi, mwh, mbi, mbh, miu_k, Dx, D, m, Hc, Hs, offs_x, offs_d,
+                                   offs_m, mask_m, offs_hc, offs_hs, HAS_MUR, HAS_MIU)
+    return (_keep(act, h2, h), _keep(act, r2, r), _keep3(act, M2, M), _keep(act, g2, g),
+            _keep3(act, S2, S))
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -749,16 +761,10 @@ def _scan_fwd_kernel(x_ptr, len_ptr, cwi, cwh, cbi, cbh, hw, hb, murw, murb, mwi
                          D, m, Hc, Hs, offs_d, offs_m, offs_hc, offs_hs)
         act = ok & (t < L)
         x = _ldr(x_ptr, rows * T + t, act, Dx, offs_x, ACC)
-        h2, r2, M2, g2, S2 = _step_fwd(x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, murw,
-                                       murb, mwi, mwh, mbi, mbh, miu_k, Dx, D, m, Hc, Hs,
-                                       offs_x, offs_d, offs_m, mask_m, offs_hc, offs_hs,
-                                       HAS_MUR, HAS_MIU)
-        h = _keep(act, h2, h)
-        r = _keep(act, r2, r)
-        M = _keep3(act, M2, M)
-        g = _keep(act, g2, g)
-        S = _keep3(act, S2, S)
-        _str(reads_ptr, rows * T + t, ok, D, offs_d, tl.where(act[:, None], r2, 0.0))
+        h, r, M, g, S = _step_rows(act, x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, murw,
+                                   murb, mwi, mwh, mbi, mbh, miu_k, Dx, D, m, Hc, Hs, offs_x,
+                                   offs_d, offs_m, mask_m, offs_hc, offs_hs, HAS_MUR, HAS_MIU)
+        _str(reads_ptr, rows * T + t, ok, D, offs_d, tl.where(act[:, None], r, 0.0))
     # Padding: the state stays the final one (so do the checkpoints of chunks that start in
     # the padding) and the reads are 0.
     for c in range((Lmax + chunk - 1) // chunk, NC):
@@ -825,15 +831,10 @@ def _scan_bwd_kernel(dreads_ptr, dhp, drp, dMp, dgp, dSp, x_ptr, len_ptr,
         for t in range(t0, t1 - 1):
             act = ok & (t < L)
             x = _ldr(x_ptr, rows * T + t, act, Dx, offs_x, ACC)
-            h2, r2, M2, g2, S2 = _step_fwd(x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb, murw,
-                                           murb, mwi, mwh, mbi, mbh, miu_k, Dx, D, m, Hc, Hs,
-                                           offs_x, offs_d, offs_m, mask_m, offs_hc, offs_hs,
-                                           HAS_MUR, HAS_MIU)
-            h = _keep(act, h2, h)
-            r = _keep(act, r2, r)
-            M = _keep3(act, M2, M)
-            g = _keep(act, g2, g)
-            S = _keep3(act, S2, S)
+            h, r, M, g, S = _step_rows(act, x, h, r, M, g, S, cwi, cwh, cbi, cbh, hw, hb,
+                                       murw, murb, mwi, mwh, mbi, mbh, miu_k, Dx, D, m, Hc,
+                                       Hs, offs_x, offs_d, offs_m, mask_m, offs_hc, offs_hs,
+                                       HAS_MUR, HAS_MIU)
             _store_state(sch, scr, scM, scg, scS, rows * SC + (t + 1 - t0), ok, h, r, M, g, S,
                          D, m, Hc, Hs, offs_d, offs_m, offs_hc, offs_hs)
         tl.debug_barrier()      # the scratch is read back by other threads
