@@ -102,7 +102,7 @@ def test_topk_many_queries_per_history(backend, W, nbits):
     hist = torch.randint(0, 3, (45,), generator=g)
     # (the Triton interpreter takes seconds per call: one slot count of the multi-word,
     # heavy-tie case suffices there)
-    if backend == "triton" and (W, nbits) != (5, 6):
+    if backend == "triton" and torch.get_default_device().type == "cpu" and (W, nbits) != (5, 6):
         pytest.skip("the Triton interpreter runs the multi-word, heavy-tie case only")
     for topk in (1, 64, 450) if backend != "triton" else (64,):
         _check_topk(backend, q, k, topk, lengths=torch.tensor([400, 133, 7]), hist_index=hist)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..nn.attention import id_scores, id_weighted_sum
 from ..ops import topk_gather
 from ..ops._common import backend_for, cpu_call
 from .base import (CTRModel, Histories, check_positive_int, history_rows, lookup,
@@ -183,12 +184,12 @@ class SIMHard(CTRModel):
         qk_rows = torch.stack([k[:, :self.dim] for k in qk], 1)          # (B, H, D)
         extra = None                       # the interval embedding's part of the scores
         if self.time_emb is not None:
-            table = self.time_emb.weight[1:]      # bucket 0 (padding): a zero row, no grad
+            # bucket 0 (padding) is a zero row that only weight-0 positions read: no grad
+            table = self.time_emb.weight
             bucket = interval_buckets(idx, lens, self.time_buckets)
             if T > n:
                 bucket = F.pad(bucket, (0, T - n))       # (B, T)
-            per_bucket = F.pad(qk[0][:, self.dim:] @ table.t(), (1, 0))
-            interval_scores = per_bucket.gather(1, bucket) * scale          # (B, T)
+            interval_scores = id_scores(qk[0][:, self.dim:], table, bucket) * scale  # (B, T)
             extra = F.pad(interval_scores[:, None], (0, 0, 0, len(attns) - 1))
         j = torch.arange(T, device=dev)
         mask = torch.stack([valid & (j < n), valid & (j >= n)][:len(attns)], 1)   # (B, H, T)
@@ -196,9 +197,7 @@ class SIMHard(CTRModel):
         mixed, weights = _RowsAttention.apply(qk_rows, keys, extra, mask, found, scale)
         mixed = list(mixed.unbind(1))                                     # H x (B, D)
         if self.time_emb is not None:
-            per_bucket = weights.new_zeros(B, self.time_buckets + 1).scatter_add(
-                1, bucket, weights[:, 0])
-            mixed[0] = torch.cat([mixed[0], per_bucket[:, 1:] @ table], -1)
+            mixed[0] = torch.cat([mixed[0], id_weighted_sum(weights[:, 0], bucket, table)], -1)
         return [target] + [a.output_of_inputs(q, m, found[:, h])
                            for h, (a, q, m) in enumerate(zip(attns, qs, mixed))]
 

@@ -404,17 +404,30 @@ class ETAAttention(TargetAttention):
 def _attend_with_ids(qk: Tensor, e: Tensor, v: Optional[Tensor], ok: Tensor, ids: Tensor,
                      table: Tensor, scale: float) -> Tensor:
     """Σ_l a_l x_l (B, ·) for keys x_l = [e_l, table[ids_l]] (B, K, D + F) without building
-    them: score_l = qk[:D]·e_l + (table qk[D:])[ids_l]; the table's share of Σ a_l x_l is
-    (attention mass per id) @ table. Values ``v`` (B, K, Dv) instead of x when given.
-    Slots where ``ok`` is False get no weight; a row without any gives 0."""
+    them (:func:`id_scores`, :func:`id_weighted_sum`). Values ``v`` (B, K, Dv) instead of x
+    when given. Slots where ``ok`` is False get no weight; a row without any gives 0."""
     D = e.shape[-1]
-    per_id = qk[:, D:] @ table.to(qk.dtype).T                              # (B, P)
-    s = (torch.bmm(e, qk[:, :D, None]).squeeze(-1) + per_id.gather(1, ids.clamp(min=0))) * scale
+    ids = ids.clamp(min=0)
+    s = (torch.bmm(e, qk[:, :D, None]).squeeze(-1) + id_scores(qk[:, D:], table, ids)) * scale
     a = torch.softmax(s.masked_fill(~ok, torch.finfo(s.dtype).min), -1).masked_fill(~ok, 0.0)
     if v is not None:
         return torch.bmm(a[:, None, :], v).squeeze(1)
-    mass = torch.zeros_like(per_id).scatter_add(1, ids.clamp(min=0), a)
-    return torch.cat([torch.bmm(a[:, None, :], e).squeeze(1), mass @ table.to(qk.dtype)], -1)
+    return torch.cat([torch.bmm(a[:, None, :], e).squeeze(1), id_weighted_sum(a, ids, table)],
+                     -1)
+
+
+def id_scores(qk: Tensor, table: Tensor, ids: Tensor) -> Tensor:
+    """qk_b · table[ids[b, l]] (B, n) for qk (B, F), a small table (P, F) and ids (B, n)
+    int64 in [0, P): one (B, P) product read by id, never (B, n, F) gathered rows (a
+    per-position feature such as a time-interval bucket, attended but not hashed)."""
+    return (qk @ table.to(qk.dtype).T).gather(1, ids)
+
+
+def id_weighted_sum(weights: Tensor, ids: Tensor, table: Tensor) -> Tensor:
+    """Σ_l weights[b, l] · table[ids[b, l]] (B, F): the weights summed per id, times the
+    table (the output-side twin of :func:`id_scores`)."""
+    mass = weights.new_zeros(weights.shape[0], table.shape[0]).scatter_add(1, ids, weights)
+    return mass @ table.to(weights.dtype)
 
 
 class _Winners(NamedTuple):
