@@ -266,7 +266,7 @@ class CTRModel(nn.Module):
                           self._backend)
 
     def embed_many(self, *ids: Tuple[Tensor, Tensor]) -> List[Tensor]:
-        """:meth:`embed` of several (items, cats) id sets with one lookup per table: a
+        """:meth:`embed` of several (items, cats) id sets in one lookup (:func:`lookup_cat`): a
         lookup and its backward have a fixed cost (~0.2 ms on CPU) that dominates at the
         sizes of one training step, so a model embeds everything a step reads at once."""
         if len(ids) == 1:

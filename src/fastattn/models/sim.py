@@ -30,8 +30,7 @@ from ..data.batch import Batch
 from ..nn.attention import id_scores, id_weighted_sum
 from ..ops import topk_gather
 from ..ops._common import backend_for, cpu_call
-from .base import (CTRModel, Histories, check_positive_int, history_rows, lookup,
-                   lookup_cat)
+from .base import CTRModel, Histories, check_positive_int, history_rows, lookup
 
 __all__ = ["SIMHard", "category_search", "interval_buckets"]
 
@@ -175,8 +174,7 @@ class SIMHard(CTRModel):
                 got = torch.zeros_like(pos)
             ids.append(torch.cat([tgt.to(idx.dtype), got.reshape(-1)]))   # (B + B·T,)
         # one lookup; split (not sliced) so that the backward joins the two gradients
-        target, keys = lookup_cat((self.item_emb, self.cat_emb), torch.stack(ids, -1),
-                                  self._backend).split([B, B * T])
+        target, keys = self.embed(*ids).split([B, B * T])
         keys = keys.view(B, T, self.dim)
         qs = [a.q_proj(target) for a in attns]
         qk = [a.input_query(q) for a, q in zip(attns, qs)]   # ESU's: [behaviour, interval]
