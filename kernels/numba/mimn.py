@@ -529,32 +529,19 @@ _TILE = 16
 
 
 @_jit
-def _mm_bias(n, A, Bt, bias, C):
-    """C[i, :N] = bias + A[i, :K] @ Bt for i < n; Bt (K, N) is the transposed weight (each
-    of its rows is used for all n rows before the next is loaded)."""
-    K, N = Bt.shape
+def _mm(n, A, M, bias, C):
+    """C[i, :N] = bias + A[i, :K] @ M for i < n, M (K, N) (a transposed weight, or a weight
+    for a gradient); bias None starts from zero (numba compiles the two forms apart). Each
+    row of M is used for all n rows before the next is loaded."""
+    K, N = M.shape
     for i in range(n):
         for j in range(N):
-            C[i, j] = bias[j]
+            C[i, j] = 0.0 if bias is None else bias[j]
     for k in range(K):
         for i in range(n):
             a = A[i, k]
             for j in range(N):
-                C[i, j] += a * Bt[k, j]
-
-
-@_jit
-def _mm_set(n, G, W, C):
-    """C[i, :K] = G[i, :N] @ W for i < n, W (N, K)."""
-    N, K = W.shape
-    for i in range(n):
-        for k in range(K):
-            C[i, k] = 0.0
-    for o in range(N):
-        for i in range(n):
-            a = G[i, o]
-            for k in range(K):
-                C[i, k] += a * W[o, k]
+                C[i, j] += a * M[k, j]
 
 
 @_jit
@@ -578,8 +565,8 @@ def _tgru_fwd(n, X, Hm, wiT, whT, bi, bh, gi, gh, Hout, tape):
     be Hm); tape (4, ·, H) receives r, z, n and W_hn h + b_hn, all the backward needs besides
     X and Hm. wiT (K, 3H), whT (H, 3H) are the transposed weights; gi, gh scratch (·, 3H)."""
     H = whT.shape[0]
-    _mm_bias(n, X, wiT, bi, gi)
-    _mm_bias(n, Hm, whT, bh, gh)
+    _mm(n, X, wiT, bi, gi)
+    _mm(n, Hm, whT, bh, gh)
     for i in range(n):
         a = gi[i]
         c = gh[i]
@@ -622,7 +609,7 @@ def _tgru_bwd(n, dHout, X, Hm, tape, wi, wh, dX, dH, dwi, dwh, dbi, dbh, gi, gh)
             gh[i, o] = dar
             gh[i, H + o] = daz
             gh[i, 2 * H + o] = dan * r
-    _mm_set(n, gi, wi, dX)
+    _mm(n, gi, wi, None, dX)
     for i in range(n):
         for o in range(H):
             dH[i, o] = dHout[i, o] * tape[1, i, o]
@@ -655,7 +642,7 @@ def _tile_step_fwd(na, rows, t, x, h, r, M, g, S, cwiT, cwhT, cbi, cbh, hwT, hb,
             X[i, Dx + d] = r[i, d]
     _tgru_fwd(na, X, h, cwiT, cwhT, cbi, cbh, gi, gh, h, ctape)
     # 2. Heads Linear.
-    _mm_bias(na, h, hwT, hb, head)
+    _mm(na, h, hwT, hb, head)
     # 3-6. Address, read, MUR, write (in place: the write reads M(i) only at the element it
     # writes, after the read); 7a. the MIU channels of each row.
     for i in range(na):
@@ -1075,7 +1062,7 @@ def _scan_bwd_tile(rows, Ls, d_reads, d_h, d_r, d_M, d_g, d_S, x, cwiT, cwhT, cb
                     _ntm_bwd(Gr[i], GMt, ggt, zwr, sM[j, i], sg[j, i], head[j, i], mw, mb,
                              has_mur, GM[i], Gg[i], dhd[i], dmw, dmb, wk)
                 # 2. Heads Linear: dh' = Gh + dhead W_heads.
-                _mm_set(na, dhd, hw, dhc)
+                _mm(na, dhd, hw, None, dhc)
                 for i in range(na):
                     for k in range(Hc):
                         dhc[i, k] += Gh[i, k]
