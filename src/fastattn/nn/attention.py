@@ -403,9 +403,12 @@ class ETAAttention(TargetAttention):
             s, mixed = _attend_with_ids(self.input_query(q), k_in, v_in, ok, ids,
                                         None if position is None else position[1],
                                         self.input_scale)
-            # s lacks q·b_k, the same at every position: the soft count is shift-invariant
-            return (self.output_of_inputs(q, mixed, ok.any(1)),
-                    log_soft_count(s, ok)[:, None] if mass else None)
+            log_mass = None
+            if mass:        # s lacks q·b_k (the same at every position): the exact scores
+                if self.k_proj.bias is not None:
+                    s = s + self.input_scale * (q * self.k_proj.bias).sum(-1, keepdim=True)
+                log_mass = log_soft_count(s, ok)[:, None]
+            return self.output_of_inputs(q, mixed, ok.any(1)), log_mass
         if position is not None:
             table = position[1]
             extra = table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
