@@ -465,3 +465,21 @@ def test_eta_time_buckets():
             torch.testing.assert_close(m(batch, key_signatures=table), m(batch), **FP64)
     with pytest.raises(ValueError, match="hash_dims"):
         ETAAttention(8, topk=2, hash_dims=9)
+
+
+def test_eta_share_feature():
+    """ETANet(share_feature=): the head reads log(soft count / (1 + n)) per head of the
+    long-term attention; in config(); one head (the interval-id path) agrees across layouts
+    and between the indexed and dense forms, loss and gradients."""
+    off = make_model("eta", share_feature=False)
+    assert off.config()["share_feature"] is False and not build(**off.config()).share_feature
+    on = make_model("eta")
+    assert on.config()["share_feature"] is True
+    assert on.head[0].in_features == off.head[0].in_features + on.heads
+    dense = make_model("eta", heads=1, dedup=False)
+    serving = make_batch([33], 37, B=5, label=False)
+    torch.testing.assert_close(dense(serving), dense(repeated(serving)), **FP64)
+    for _, _, got in dedup_matches_dense(dense):
+        assert got["long_attn.k_proj.weight"].abs().sum() > 0
+    with pytest.raises(TypeError, match="share_feature"):
+        make_model("eta", share_feature=1)

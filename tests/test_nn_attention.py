@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.nn import ETAAttention, TargetAttention
+from fastattn.nn import ETAAttention, TargetAttention, log_soft_count
 
 
 @pytest.mark.parametrize("heads", [1, 4])
@@ -257,3 +257,66 @@ def test_eta_position_ids(heads, topk, indexed):
         m(query, keys, position_ids=ids, position_table=pos_table[:, :1], **kw)
     with pytest.raises(TypeError, match="position_ids"):
         m(query, keys, position_ids=pos_id, position_table=pos_table, **kw)
+
+
+def test_log_soft_count():
+    """log Σ exp(s - max s) over the ok slots: log K for K equal scores, 0 for one clear
+    winner or a row without any slot; gradient of the log-sum-exp (stop-gradient max)."""
+    s = torch.tensor([[1.0, 1.0, 1.0, 5.0], [0.0, 50.0, -50.0, 0.0], [3.0, 2.0, 1.0, 0.0]],
+                     dtype=torch.float64, requires_grad=True)
+    ok = torch.tensor([[True, True, True, False], [False, True, True, False], [False] * 4])
+    got = log_soft_count(s, ok)
+    torch.testing.assert_close(got, torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64).log())
+    got.sum().backward()
+    want = torch.softmax(s.detach().masked_fill(~ok, float("-inf")), 1).nan_to_num()
+    torch.testing.assert_close(s.grad, want)
+    heads = log_soft_count(torch.zeros(2, 3, 4), torch.tensor([[True] * 3, [True, False, False]]))
+    assert heads.shape == (2, 4)
+    torch.testing.assert_close(heads, torch.tensor([[3.0] * 4, [1.0] * 4]).log())
+    assert log_soft_count(torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("heads,topk,position,indexed", [(1, 4, False, False),
+                                                         (1, 4, True, True),
+                                                         (2, 30, True, False)])
+def test_eta_return_mass(heads, topk, position, indexed):
+    """return_mass=True: the same output, and per head log_soft_count of the projected
+    scores over the retrieved positions (every valid one when L <= topk), with the
+    log-sum-exp's gradient; 0 for an empty history."""
+    torch.manual_seed(5)
+    m = ETAAttention(8, heads, key_dim=7 if position else 5, query_dim=6, topk=topk,
+                     hash_bits=64, hash_dims=5).double()
+    B, L, N = 3, 23, 9
+    lengths = torch.tensor([23, 0, 6])
+    rows = torch.where(torch.arange(L) < lengths[:, None], torch.randint(0, N, (B, L)), -1)
+    table = torch.randn(N, 5, dtype=torch.float64)
+    pos_table = torch.randn(4, 2, dtype=torch.float64)
+    pos_id = torch.randint(0, 4, (B, L))
+    query = torch.randn(B, 6, dtype=torch.float64, requires_grad=True)
+    kw = dict(lengths=lengths, hist_rows=rows if indexed else None)
+    if position:
+        kw.update(position_ids=lambda idx: pos_id.gather(1, idx.clamp(min=0)),
+                  position_table=pos_table)
+    keys = table if indexed else table[rows.clamp(min=0)]
+    out, log_mass = m(query, keys, return_mass=True, **kw)
+    assert log_mass.shape == (B, heads) and (log_mass[1] == 0).all()
+    torch.testing.assert_close(out, m(query, keys, **kw), rtol=1e-12, atol=1e-12)
+    # reference: the projected scores of every position, masked to the retrieved ones
+    full = table[rows.clamp(min=0)]
+    if position:
+        full = torch.cat([full, pos_table[pos_id]], -1)
+    q, k = m.q_proj(query), m.k_proj(full)
+    if L > topk:
+        _, idx = fastattn.hamming_topk(m.sign(q.detach()), m.sign(m.hashed_keys(full).detach()),
+                                       topk, lengths=lengths)
+        take = torch.zeros(B, L, dtype=torch.bool).scatter(1, idx.clamp(min=0), idx >= 0)
+    else:
+        take = torch.arange(L) < lengths[:, None]
+    s = (m._split(q)[:, None] * m._split(k)).view(B, L, heads, -1).sum(-1) \
+        * (8 // heads) ** -0.5
+    s = s.masked_fill(~take[..., None], float("-inf"))
+    want = (torch.logsumexp(s, 1) - s.amax(1).detach()).nan_to_num(nan=0.0)
+    torch.testing.assert_close(log_mass, want, rtol=1e-10, atol=1e-12)
+    g_got = torch.autograd.grad(log_mass.sum(), query, retain_graph=True)[0]
+    g_want = torch.autograd.grad(want.sum(), query)[0]
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)

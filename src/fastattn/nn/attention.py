@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import reference as ref
 from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
 from ..ops._common import (check_hist_rows, check_lengths, check_signature, check_tensor,
                            checked_lengths, checked_rows, layout)
 
-__all__ = ["TargetAttention", "ETAAttention"]
+__all__ = ["TargetAttention", "ETAAttention", "log_soft_count"]
 
 
 class TargetAttention(nn.Module):
@@ -225,6 +226,13 @@ class ETAAttention(TargetAttention):
     L <= topk every valid position is attended (no hashing). One head attends without
     gathering the (B, K, F) features: the table's share of the scores is a (B, P) score
     per id, and its share of the output the attention mass per id times the table.
+
+    ``return_mass=True``: ``forward`` returns ``(out (B, E), log_mass (B, H))``, per head
+    :func:`log_soft_count` of the attention scores over the attended (retrieved) positions:
+    log Σ_l exp(s_l - max s), how many of them score as high as the best one, which the
+    softmax normalises away (0 for a query without any). It gathers the B·topk retrieved
+    rows (the one-head, no-position path otherwise reads them in place) and, with several
+    heads, computes their scores once more beside the fused op.
     """
 
     def __init__(self, embed_dim: int, heads: int = 1, *, topk: int = 64, hash_bits: int = 256,
@@ -306,7 +314,7 @@ class ETAAttention(TargetAttention):
                 hist_rows: Optional[Tensor] = None,
                 key_signatures: Optional[Tensor] = None,
                 position_ids: Optional[Callable[[Tensor], Tensor]] = None,
-                position_table: Optional[Tensor] = None) -> Tensor:
+                position_table: Optional[Tensor] = None, return_mass: bool = False):
         # Checked on both paths (unused by the dense one), so a call that is wrong for one
         # history length is wrong for all.
         self._check_key_signatures(key_signatures, keys, hist_rows)
@@ -330,7 +338,7 @@ class ETAAttention(TargetAttention):
                              f"(then any width), got {tuple(values.shape)}")
         L = self.history_length(keys, hist_rows)
         if L <= self.topk:
-            if position is None:
+            if position is None and not return_mass:
                 return super().forward(query, keys, values, lengths=lengths,
                                        hist_index=hist_index, hist_rows=hist_rows)
             # every valid position is retrieved: attend over all of them, gathered
@@ -341,8 +349,9 @@ class ETAAttention(TargetAttention):
                 checked_rows(hist_rows, lens, keys.shape[0])
             pos = torch.arange(L, device=query.device)
             idx = torch.where(pos < lens[hist][:, None], pos, -1)
-            return self._attend_winners(self.q_proj(query), keys, values, idx, hist_index,
-                                        hist_rows, position)
+            out = self._attend_winners(self.q_proj(query), keys, values, idx, hist_index,
+                                       hist_rows, position, return_mass)
+            return out if return_mass else out[0]
         # Retrieve, then project only what was retrieved: the keys are projected without
         # autograd just to be hashed; the B·topk winners' rows are gathered from the inputs
         # and projected again, with autograd. Same output and gradients as eta_attention on
@@ -356,21 +365,24 @@ class ETAAttention(TargetAttention):
                               self.topk,
                               lengths=lengths, hist_index=hist_index, hist_rows=hist_rows,
                               backend=self.backend)
-        return self._attend_winners(q, keys, values, idx, hist_index, hist_rows, position)
+        out = self._attend_winners(q, keys, values, idx, hist_index, hist_rows, position,
+                                   return_mass)
+        return out if return_mass else out[0]
 
     def _attend_winners(self, q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
                         hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
-                        position) -> Tensor:
+                        position, mass: bool = False):
         """Exact attention of q = q_proj(query) (B, E) over the positions ``idx`` (B, K);
-        ``position``: None or (position_ids, position_table)."""
-        if position is None and self.heads == 1:      # B·K rows: cheaper unprojected
+        ``position``: None or (position_ids, position_table). Returns (out (B, E),
+        log_mass (B, H) with ``mass``, else None)."""
+        if position is None and self.heads == 1 and not mass:   # cheaper unprojected
             # The winners are read in place (no (B, topk, ·) copy); the backward adds their
             # gradients into the inputs' rows with the op's deterministic scatter.
             return self.attend_inputs(
                 q, lambda qk, scale: topk_attention(
                     qk, keys, keys if values is None else values, idx, hist_index=hist_index,
                     hist_rows=hist_rows, scale=scale, backend=self.backend),
-                (idx >= 0).any(1))
+                (idx >= 0).any(1)), None
         rows = winner_rows(idx, keys.shape[:-1], hist_index, hist_rows)
         k_in = rows.gather(keys)
         v_in = None if values is None else rows.gather(values)
@@ -386,34 +398,68 @@ class ETAAttention(TargetAttention):
             if ((idx >= 0) & ((ids < 0) | (ids >= P))).any():
                 raise ValueError(f"position_ids must return rows of position_table in "
                                  f"[0, {P}) at every retrieved position")
-        if self.heads == 1:             # position is set: attend in the input space
-            return self.attend_inputs(
-                q, lambda qk, scale: _attend_with_ids(qk, k_in, v_in, idx >= 0, ids,
-                                                      position[1], scale),
-                (idx >= 0).any(1))
+        ok = idx >= 0
+        if self.heads == 1:             # attend in the input space (attend_inputs' halves)
+            s, mixed = _attend_with_ids(self.input_query(q), k_in, v_in, ok, ids,
+                                        None if position is None else position[1],
+                                        self.input_scale)
+            log_mass = None
+            if mass:        # s lacks q·b_k (the same at every position): the exact scores
+                if self.k_proj.bias is not None:
+                    s = s + self.input_scale * (q * self.k_proj.bias).sum(-1, keepdim=True)
+                log_mass = log_soft_count(s, ok)[:, None]
+            return self.output_of_inputs(q, mixed, ok.any(1)), log_mass
         if position is not None:
             table = position[1]
             extra = table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
             k_in = torch.cat([k_in, extra.to(k_in.dtype)], -1)
         v_in = k_in if v_in is None else v_in
-        out = topk_attention(self._split(q), self._split(self.k_proj(k_in)),
-                             self._split(self.v_proj(v_in)), rows.slots, backend=self.backend)
-        return self._merge(out)
+        qh, kh = self._split(q), self._split(self.k_proj(k_in))
+        out = topk_attention(qh, kh, self._split(self.v_proj(v_in)), rows.slots,
+                             backend=self.backend)
+        log_mass = None
+        if mass:                         # the op's scores, (B, K, H)
+            s = (qh[:, None] * kh).sum(-1) * ref.default_scale(qh.shape[-1])
+            log_mass = log_soft_count(s, ok)
+        return self._merge(out), log_mass
 
 
-def _attend_with_ids(qk: Tensor, e: Tensor, v: Optional[Tensor], ok: Tensor, ids: Tensor,
-                     table: Tensor, scale: float) -> Tensor:
-    """Σ_l a_l x_l (B, ·) for keys x_l = [e_l, table[ids_l]] (B, K, D + F) without building
-    them (:func:`id_scores`, :func:`id_weighted_sum`). Values ``v`` (B, K, Dv) instead of x
-    when given. Slots where ``ok`` is False get no weight; a row without any gives 0."""
+def _attend_with_ids(qk: Tensor, e: Tensor, v: Optional[Tensor], ok: Tensor,
+                     ids: Optional[Tensor], table: Optional[Tensor], scale: float):
+    """(scores s (B, K), Σ_l a_l x_l (B, ·)), a = softmax(s), for keys x_l = [e_l,
+    table[ids_l]] (B, K, D + F) without building them (:func:`id_scores`,
+    :func:`id_weighted_sum`), or x_l = e_l when ``table`` is None. Values ``v`` (B, K, Dv)
+    instead of x when given. Slots where ``ok`` is False get no weight (their scores are
+    garbage); a row without any gives 0."""
     D = e.shape[-1]
-    ids = ids.clamp(min=0)
-    s = (torch.bmm(e, qk[:, :D, None]).squeeze(-1) + id_scores(qk[:, D:], table, ids)) * scale
+    s = torch.bmm(e, qk[:, :D, None]).squeeze(-1)
+    if table is not None:
+        ids = ids.clamp(min=0)
+        s = s + id_scores(qk[:, D:], table, ids)
+    s = s * scale
     a = torch.softmax(s.masked_fill(~ok, torch.finfo(s.dtype).min), -1).masked_fill(~ok, 0.0)
     if v is not None:
-        return torch.bmm(a[:, None, :], v).squeeze(1)
-    return torch.cat([torch.bmm(a[:, None, :], e).squeeze(1), id_weighted_sum(a, ids, table)],
-                     -1)
+        return s, torch.bmm(a[:, None, :], v).squeeze(1)
+    mixed = torch.bmm(a[:, None, :], e).squeeze(1)
+    return s, mixed if table is None else torch.cat([mixed, id_weighted_sum(a, ids, table)], -1)
+
+
+def log_soft_count(s: Tensor, ok: Tensor) -> Tensor:
+    """log Σ_l exp(s_l - max_l s_l) over the slots where ``ok``: a soft count of the
+    attended positions that score as high as the best one (1 to K: 0 to log K).
+
+    s (B, K) or (B, K, H) attention scores (scaled as in the softmax), ok (B, K) bool ->
+    (B,) or (B, H); 0 for a row without any ok slot. The max is a stop-gradient shift:
+    the gradient is the log-sum-exp's, softmax(s) (ETA-Net's head trains better with it
+    than with the exact one, docs/DESIGN.md). The log of the softmax's denominator, which
+    attention normalises away: it says how many retrieved behaviours match the query."""
+    if s.shape[1] == 0:                                  # no slot at all (L = 0)
+        return s.sum(1)
+    ok = ok.view(*ok.shape, *([1] * (s.dim() - 2))).expand_as(s)
+    s = s.masked_fill(~ok, float("-inf"))
+    m = s.amax(1, keepdim=True).detach().clamp(min=torch.finfo(s.dtype).min)
+    # >= 1 where a slot is ok (its max adds exp(0)); clamping empty rows' 0 gives log 1 = 0
+    return torch.exp(s - m).sum(1).clamp(min=1).log()
 
 
 def id_scores(qk: Tensor, table: Tensor, ids: Tensor) -> Tensor:
