@@ -59,7 +59,7 @@ train: $(STAMP)
 		--epochs 1 --batch-size 64 --embed-dim 32 --threads 1 --out bench/results/train_bahe
 	$(VENV)/bin/fastattn-train --models llm_ctr,bahe --lengths 128 --variant text --users 400 \
 		--items 1000 --cats 5 --candidates 256 --max-history 512 --behaviour-types 3 \
-		--batch-size 4096 --lr 5e-3 --embed-dim 32 --share-histories --epochs 8 --epoch-auc \
+		--batch-size 4096 --lr 5e-3 --embed-dim 32 --share-histories --epochs 10 --epoch-auc \
 		--threads 1 --out bench/results/train_bahe_auc
 	$(PY) -m fastattn.bench.edgerec_sweeps --seeds 3 --epochs 3 --threads 1 --out bench/results
 
