@@ -47,7 +47,8 @@ bench-pytest: $(STAMP)
 # two variants of the set (long-term interests / the recent window dominate the clicks) at
 # L=200 and 1,000; then BAHE's ablation rows over item token strings at text lengths 1,024
 # and 2,048 (time and memory per sample), then LLM-CTR and BAHE trained to convergence at
-# 2,048 on the text variant (the AUC comparison: whole users per step, 20,480 test samples),
+# 2,048 on the text variant in one run (time, memory and AUC: 16 whole users a step, 20,480
+# test samples),
 # then EdgeRec's ablation rows (3 seeds each) and its exported re-ranker's latency.
 train: $(STAMP)
 	$(VENV)/bin/fastattn-train --epoch-auc --retrieval --out bench/results
@@ -58,8 +59,8 @@ train: $(STAMP)
 		--epochs 1 --batch-size 64 --embed-dim 32 --threads 1 --out bench/results/train_bahe
 	$(VENV)/bin/fastattn-train --models llm_ctr,bahe --lengths 128 --variant text --users 400 \
 		--items 1000 --cats 5 --candidates 256 --max-history 512 --behaviour-types 3 \
-		--batch-size 512 --embed-dim 32 --share-histories --epochs 5 --epoch-auc --threads 1 \
-		--out bench/results/train_bahe_auc
+		--batch-size 4096 --lr 5e-3 --embed-dim 32 --share-histories --epochs 10 --epoch-auc \
+		--threads 1 --out bench/results/train_bahe_auc
 	$(PY) -m fastattn.bench.edgerec_sweeps --seeds 3 --epochs 3 --threads 1 --out bench/results
 
 # One command for a fresh machine with one NVIDIA GPU (H100/H200; about 8 minutes): install a

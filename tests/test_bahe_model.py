@@ -75,6 +75,27 @@ def test_abe_dedups_histories_and_targets(data):
     assert m.last_stats["distinct"] < n_beh
 
 
+@pytest.mark.parametrize("variant", ["fp_abe", "bahe"])
+def test_repeated_candidates_score_as_alone(data, variant):
+    """With ABE the item tower runs once per distinct candidate of the batch: a batch
+    whose candidates repeat scores (and differentiates) each sample as on its own."""
+    m = _model(data, torch.float64, **VARIANTS[variant])
+    idx = torch.tensor([0, 1, 0, 2, 1, 0])                    # repeated samples: targets too
+    batch = data.batch(idx)
+    assert batch.target_item.unique().numel() < len(idx)
+    got = m(batch)
+    m(batch)
+    assert m.last_stats["behaviours"] == int(batch.lengths.sum()) + len(idx)
+    alone = torch.cat([m(data.batch(idx[i:i + 1])) for i in range(len(idx))])
+    torch.testing.assert_close(got, alone, rtol=1e-9, atol=1e-10)
+    g = torch.autograd.grad(got.sum(), list(m.parameters()), allow_unused=True)
+    ga = torch.autograd.grad(sum(m(data.batch(idx[i:i + 1])).sum() for i in range(len(idx))),
+                             list(m.parameters()), allow_unused=True)
+    for a, b in zip(g, ga):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
 def test_split_by_type():
     items = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     types = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0]])

@@ -18,7 +18,8 @@ One class, :class:`BAHE`, whose switches reproduce the paper's ablation rows:
   position per behaviour (L_t positions instead of L_t·K).
 
 The target item is encoded like a one-behaviour history from its own tokens (with ABE,
-in the same set of distinct behaviours as the histories). Head: F_d (Linear T·d → d) of
+in the same set of distinct behaviours as the histories, and once per distinct candidate
+of the batch: candidates are atomic behaviours too). Head: F_d (Linear T·d → d) of
 the user vectors, then MLP([user, item, user ⊙ item]) → logit. Without ``hist_types`` in
 the batch every behaviour has type 0.
 
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..nn.bahe import (AtomicBehaviourEncoder, BehaviourTable, TokenEncoder, TokenTransformer,
                        gather_histories)
-from ..ops import masked_mean
+from ..ops import masked_mean, unique_rows
 from .base import CTRModel, check_positive_int, per_query
 
 __all__ = ["BAHE", "LLMCTR", "split_by_type", "ABLATIONS"]
@@ -257,15 +258,26 @@ class BAHE(CTRModel):
         ids, lens = split_by_type(batch.hist_items, types, batch.lengths.to(torch.int64),
                                   groups)
         # The targets are one-behaviour sequences, a group of their own, encoded (and with
-        # ABE deduplicated) together with the histories.
-        tgt = torch.zeros(B, ids.shape[1], dtype=ids.dtype, device=ids.device)
-        tgt[:, 0] = batch.target_item
+        # ABE deduplicated) together with the histories. With ABE, candidates are atomic
+        # behaviours too: the item tower runs once per distinct candidate of the batch
+        # (its output depends on the item alone), and encode's one unique_rows covers the
+        # distinct candidates and the histories' behaviours together.
+        cand, cand_of = batch.target_item, None
+        if self.abe_on:
+            cand, cand_of = unique_rows(cand[:, None], backend=self._backend)
+        C = cand.shape[0]
+        tgt = torch.zeros(C, ids.shape[1], dtype=ids.dtype, device=ids.device)
+        tgt[:, 0] = cand
         enc = self.encode(torch.cat([ids, tgt]),
-                          torch.cat([lens, torch.ones(B, dtype=lens.dtype, device=lens.device)]),
-                          [U] * groups + [B])
+                          torch.cat([lens, torch.ones(C, dtype=lens.dtype, device=lens.device)]),
+                          [U] * groups + [C])
+        if cand_of is not None:      # |H| / behaviours counts every candidate of the batch
+            self.last_stats["behaviours"] += B - C
         users = enc[:groups * U].reshape(groups, U, self.d).transpose(0, 1).reshape(U, -1)
         user = per_query(self.f_d(users), B, batch.hist_index)
         item = enc[groups * U:]
+        if cand_of is not None:
+            item = item[cand_of[:, 0]]
         return self.head(torch.cat([user, item, user * item], dim=-1)).squeeze(-1), None
 
 
