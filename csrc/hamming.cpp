@@ -432,8 +432,28 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i packed_of(const uint16_t* g) {
 constexpr int64_t kMaxPackedCount = 65535 / kBlockKeys;
 FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k, int64_t W,
                                      uint16_t* g) {
+    // The answer lies between a query's smallest and largest minimum (the largest only when
+    // all 8 ng minima are real keys, >= k of them): one min/max pass narrows the bisection.
+    __m512i vmin = _mm512_set1_epi16(-1), vmax = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ng; ++i) {
+        const __m512i m = _mm512_load_si512(mins + i);
+        vmin = _mm512_min_epu16(vmin, m);
+        vmax = _mm512_max_epu16(vmax, m);
+    }
+    alignas(64) uint16_t mn16[32], mx16[32];
+    _mm512_store_si512(mn16, vmin);
+    _mm512_store_si512(mx16, vmax);
     uint16_t lo[kMaxQueries], hi[kMaxQueries];
-    for (int j = 0; j < kMaxQueries; ++j) lo[j] = 0, hi[j] = static_cast<uint16_t>(64 * W);
+    for (int j = 0; j < kMaxQueries; ++j) {
+        uint16_t a = mn16[j], b = mx16[j];
+        for (int i = 1; i < kBlockKeys; ++i) {
+            a = std::min(a, mn16[4 * i + j]);
+            b = std::max(b, mx16[4 * i + j]);
+        }
+        const uint16_t all = static_cast<uint16_t>(64 * W);
+        hi[j] = kBlockKeys * ng >= k && b <= all ? b : all;
+        lo[j] = std::min(a, hi[j]);
+    }
     constexpr uint32_t kSlot = 0x11111111u;  // bit 4i + j of a 16-bit compare mask: lane i, query j
     for (;;) {
         uint16_t mid[kMaxQueries];
@@ -523,6 +543,25 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT void append_hits(__m512i d, __m512i g, __m512
     nc += __builtin_popcount(m);
 }
 
+// Writes one query's output row from its take best entries (d << 32) | pos: distances and
+// positions, then the empty-slot tail (distance none, position -1), 8 slots per vector.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void write_row(const uint64_t* best, int64_t take, int64_t k,
+                                                  int64_t none, int32_t* od, int64_t* oi) {
+    const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFF);
+    const __m512i empty_d = _mm512_set1_epi64(none);
+    const __m512i empty_i = _mm512_set1_epi64(-1);
+    for (int64_t s = 0; s < k; s += kBlockKeys) {
+        const int64_t n = std::min<int64_t>(kBlockKeys, k - s);
+        const __mmask8 in = static_cast<__mmask8>((1u << n) - 1);
+        const int64_t m = std::max<int64_t>(0, std::min<int64_t>(n, take - s));
+        const __mmask8 full = static_cast<__mmask8>((1u << m) - 1);
+        const __m512i e = _mm512_maskz_loadu_epi64(full, best + s);
+        const __m512i d = _mm512_mask_mov_epi64(empty_d, full, _mm512_srli_epi64(e, 32));
+        _mm256_mask_storeu_epi32(od + s, in, _mm512_cvtepi64_epi32(d));
+        _mm512_mask_storeu_epi64(oi + s, in, _mm512_mask_mov_epi64(empty_i, full, _mm512_and_si512(e, low32)));
+    }
+}
+
 // Keys are scanned in chunks of up to kChunkKeys, so that a chunk of the tile (512 KiB at
 // W = 4) and its packed distances stay in L2 while every query block of a group reads it;
 // each query carries its running top k from chunk to chunk.
@@ -564,17 +603,8 @@ class TileWorker {
         }
         for (int64_t i = 0; i < nq; ++i) {
             const int64_t r = (i / qb) * kMaxQueries + i % qb;
-            const uint64_t* best = run_.data() + r * topk_;
-            int32_t* const od = out_dist_ + ids[i] * topk_;
-            int64_t* const oi = out_idx_ + ids[i] * topk_;
-            for (int64_t s = 0; s < take_[r]; ++s) {
-                od[s] = static_cast<int32_t>(best[s] >> 32);
-                oi[s] = static_cast<int64_t>(best[s] & 0xFFFFFFFFu);
-            }
-            for (int64_t s = take_[r]; s < topk_; ++s) {
-                od[s] = static_cast<int32_t>(64 * W_ + 1);
-                oi[s] = -1;
-            }
+            write_row(run_.data() + r * topk_, take_[r], topk_, 64 * W_ + 1,
+                      out_dist_ + ids[i] * topk_, out_idx_ + ids[i] * topk_);
         }
     }
 
