@@ -495,52 +495,91 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
     for (int j = 0; j < kMaxQueries; ++j) g[j] = lo[j];
 }
 
-// Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos, every
-// key of the top k among them, d <= hi, ordered so that entries of equal distance are in
-// position order. A stable counting sort over the distances the candidates span, so ties keep
-// position order. The placement has no data-dependent branch (whether a candidate is kept
-// follows no pattern a branch predictor could learn): every distance past t starts at slot
-// take, and every candidate goes to slot min(count[d]++, take), so the dropped ones land in
-// the dump slot slot[take]. Writes the take = min(k, nc) best to slot[0..take) in
-// (distance, position) order and returns take.
-FA_INLINE int64_t select_topk(const uint64_t* cand, int64_t nc, int64_t hi, int64_t k,
-                              int32_t* count, uint64_t* slot) {
-    const int64_t take = std::min(k, nc);
-    int64_t lo = hi;
-    std::fill(count, count + hi + 1, 0);
-    for (int64_t i = 0; i < nc; ++i) {
-        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
-        ++count[v];
-        lo = std::min(lo, v);
-    }
-    // t = distance of the take-th candidate, below = candidates under t; count[v] becomes
-    // the first output slot of distance v (ties at t fill the remaining take - below slots).
-    int64_t t = lo, below = 0;
-    if (take > 0) {
-        while (below + count[t] < take) {
-            const int64_t c = count[t];
-            count[t++] = static_cast<int32_t>(below);
-            below += c;
+// Pass 2 collects the hits (d <= g) of all queries of a block in one list, in position order:
+// entry (id << 16) | d, id = 4 (key - c0) + j for query j (a chunk holds <= 16384 keys, so
+// id < 65536). Word 2e of idx[h] takes slot e + 16 h of a packed vector (its key 8 blk + e / 4,
+// query e % 4), word 2e + 1 the id of that slot (slot[e] + 32 blk).
+struct CollectIndex {
+    alignas(64) uint16_t idx[2][32];
+    alignas(64) uint16_t slot[32];
+    CollectIndex() {
+        for (int h = 0; h < 2; ++h) {
+            for (int e = 0; e < 16; ++e) {
+                idx[h][2 * e] = static_cast<uint16_t>(16 * h + e);           // the distance
+                idx[h][2 * e + 1] = static_cast<uint16_t>(32 + 16 * h + e);  // the id
+            }
         }
+        for (int e = 0; e < 32; ++e) slot[e] = static_cast<uint16_t>(e);
     }
-    count[t] = static_cast<int32_t>(below);
-    for (int64_t v = t + 1; v <= hi; ++v) count[v] = static_cast<int32_t>(take);
-    for (int64_t i = 0; i < nc; ++i) {
-        int32_t& c = count[cand[i] >> 32];
-        const int64_t s = c;
-        c = static_cast<int32_t>(s + 1);
-        slot[std::min(s, take)] = cand[i];
-    }
-    return take;
-}
+};
 
-// Appends the keys of one block with distance d <= g (d: the block's 8 distances to one
-// query, pos: their positions) to a candidate list as (d << 32) | pos, by one compress.
-FA_INLINE FA_TARGET_AVX512_VPOPCNT void append_hits(__m512i d, __m512i g, __m512i pos,
-                                                    uint64_t* cand, int64_t& nc) {
-    const __mmask8 m = _mm512_cmple_epu64_mask(d, g);
-    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi64(m, _mm512_or_si512(_mm512_slli_epi64(d, 32), pos)));
-    nc += __builtin_popcount(m);
+// Exact selection of count queries from their running top k and the chunk's shared hit list:
+// one stable counting sort over the bins (query, distance), so that entries of equal distance
+// stay in position order (the running entries, all earlier, first). For query j: run[j] holds
+// its running best (take[j] entries (d << 32) | pos in (distance, position) order), every
+// entry has d <= hi[j], and its take = min(k, entries) best go to out + j (k + 1) in
+// (distance, position) order; returns take in take[j]. The placement has no data-dependent
+// branch: bins past the take-th entry's distance start at slot take, and every entry goes to
+// slot min(count++, take), so the dropped ones land in the dump slot out[j (k + 1) + take].
+// count: kMaxQueries * S bins, S >= 64 W + 2.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void select_hits(const uint32_t* hits, int64_t nh, int64_t c0,
+                           const uint64_t* const* run, int64_t* take, const int64_t* hi,
+                           int count, int64_t k, int64_t S, int32_t* bins, uint64_t* out) {
+    for (int j = 0; j < count; ++j) {
+        int32_t* const c = bins + j * S;
+        std::fill(c, c + hi[j] + 1, 0);
+        for (int64_t s = 0; s < take[j]; ++s) ++c[run[j][s] >> 32];
+    }
+    for (int64_t i = 0; i < nh; ++i) ++bins[((hits[i] >> 16) & 3) * S + (hits[i] & 0xFFFF)];
+    int32_t lim[kMaxQueries];
+    for (int j = 0; j < count; ++j) {
+        int32_t* const c = bins + j * S;
+        // One vector pass over bins 0..hi: the entry count and the first non-empty bin.
+        __m512i sum = _mm512_setzero_si512();
+        int64_t first = -1;
+        for (int64_t d = 0; d <= hi[j]; d += 16) {
+            const __mmask16 in = d + 16 <= hi[j] + 1 ? __mmask16(0xFFFF)
+                                                     : static_cast<__mmask16>((1u << (hi[j] + 1 - d)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi32(in, c + d);
+            sum = _mm512_add_epi32(sum, v);
+            const __mmask16 nz = _mm512_test_epi32_mask(v, v);
+            if (first < 0 && nz) first = d + __builtin_ctz(nz);
+        }
+        const int64_t tk = std::min<int64_t>(k, _mm512_reduce_add_epi32(sum));
+        // t = distance of the tk-th entry, below = entries under t; c[d] becomes the first
+        // output slot of distance d (ties at t fill the remaining tk - below slots).
+        int64_t t = std::max<int64_t>(first, 0), below = 0;
+        if (tk > 0) {
+            while (below + c[t] < tk) {
+                const int64_t n = c[t];
+                c[t++] = static_cast<int32_t>(below);
+                below += n;
+            }
+        }
+        c[t] = static_cast<int32_t>(below);
+        for (int64_t d = t + 1; d <= hi[j]; ++d) c[d] = static_cast<int32_t>(tk);
+        uint64_t* const o = out + j * (k + 1);
+        for (int64_t s = 0; s < take[j]; ++s) {
+            int32_t& slot = c[run[j][s] >> 32];
+            o[std::min<int64_t>(slot, tk)] = run[j][s];
+            ++slot;
+        }
+        take[j] = tk;
+        lim[j] = static_cast<int32_t>(tk);
+    }
+    uint64_t* base[kMaxQueries];
+    int32_t* bin[kMaxQueries];
+    for (int j = 0; j < kMaxQueries; ++j) base[j] = out + j * (k + 1), bin[j] = bins + j * S;
+    for (int64_t i = 0; i < nh; ++i) {
+        const uint32_t e = hits[i];
+        const uint32_t j = (e >> 16) & 3;
+        const uint64_t d = e & 0xFFFF;
+        int32_t& slot = bin[j][d];
+        const int32_t s = slot;
+        const int32_t over = lim[j] - s;  // < 0: past the take-th entry
+        base[j][s + (over & (over >> 31))] = (d << 32) | static_cast<uint64_t>(c0 + (e >> 18));
+        slot = s + 1;
+    }
 }
 
 // Writes one query's output row from its take best entries (d << 32) | pos: distances and
@@ -566,6 +605,7 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT void write_row(const uint64_t* best, int64_t 
 // W = 4) and its packed distances stay in L2 while every query block of a group reads it;
 // each query carries its running top k from chunk to chunk.
 constexpr int64_t kChunkKeys = 16384;
+static_assert(kChunkKeys * kMaxQueries <= 65536, "hit ids (4 (key - c0) + j) must fit 16 bits");
 constexpr int64_t kGroupBlocks = 8;  // query blocks sharing each chunk
 
 // Per-thread scratch of the AVX-512 top-k: packed distances and minima of one block of
@@ -576,12 +616,13 @@ class TileWorker {
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), count_(64 * W + 2) {
+          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), S_(64 * W + 2),
+          count_(kMaxQueries * (64 * W + 2)) {
         packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
-        stride_ = topk + nblocks_ * kBlockKeys + kBlockKeys;  // running + chunk + a vector store
-        cand_.resize(static_cast<size_t>(kMaxQueries * stride_));
-        slot_.resize(static_cast<size_t>(topk + 1));
+        // every slot of every block, + one vector store
+        hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
+        slot_.resize(static_cast<size_t>(kMaxQueries * (topk + 1)));
         run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
 
@@ -625,43 +666,36 @@ class TileWorker {
         const int64_t ng = pick_scan<kLayout>(W_, count)(keys, rows, n, W_, R, qs, packed, mins);
         uint16_t g[kMaxQueries];
         bounds(mins, ng, topk_, W_, g);
-        // A query whose running list is full admits no key beyond its k-th distance; each
-        // candidate list starts with the running top k (earlier positions, ties in position
-        // order), so the stable selection keeps the tie order of the spec.
-        uint64_t* cand[kMaxQueries];
-        int64_t nc[kMaxQueries] = {0, 0, 0, 0};
-        int64_t hi[kMaxQueries];
+        // A query whose running list is full admits no key beyond its k-th distance (a later
+        // key of equal distance loses on position).
+        const uint64_t* run[kMaxQueries];
+        int64_t take[kMaxQueries], hi[kMaxQueries];
         for (int j = 0; j < kMaxQueries; ++j) {
-            cand[j] = cand_.data() + j * stride_;
             hi[j] = g[j];
             if (j >= count) continue;
-            const int64_t take = take_[r0 + j];
-            const uint64_t* best = run_.data() + (r0 + j) * topk_;
-            std::copy(best, best + take, cand[j]);
-            nc[j] = take;
-            if (take > 0) {
-                const int64_t t = static_cast<int64_t>(best[take - 1] >> 32);
+            take[j] = take_[r0 + j];
+            run[j] = run_.data() + (r0 + j) * topk_;
+            if (take[j] > 0) {
+                const int64_t t = static_cast<int64_t>(run[j][take[j] - 1] >> 32);
                 hi[j] = std::max<int64_t>(g[j], t);
-                if (take == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
+                if (take[j] == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
             }
         }
 
-        // Candidates (d <= g) of all queries in one pass: bit 4i + j of a block's compare
-        // mask is key 8 blk + i for query j (absent queries' slots hold kNoKey > g). Only
-        // ~k keys per query qualify, so most blocks have none: the masks of 64 blocks are
-        // computed branch-free first, with a bitmap of the non-empty ones, and only those
-        // are visited; each query's hits in such a block are appended as (d << 32) | pos
-        // entries by one vector compress, with no per-hit branch.
+        // The hits (d <= g) of all queries in one pass: bit 4i + j of a block's compare mask
+        // is key 8 blk + i for query j (absent queries' slots and tail lanes hold kNoKey > g).
+        // Only ~k keys per query qualify, so most blocks of a long chunk have none: the masks
+        // of 64 blocks are computed branch-free first, with a bitmap of the non-empty ones (4
+        // vector tests of the stored masks), and only those are visited; a visited block's
+        // hits, of all queries, are appended in position order by two permutes and two
+        // compresses, with no per-query or per-hit branch.
         const __m512i gv = packed_of(g);
-        // (about 5k hits per block of 4 queries: under one per key block past 4k blocks)
-        const bool sparse = nblocks > 4 * topk_;
-        __m512i gq[kMaxQueries];
-        for (int j = 0; j < kMaxQueries; ++j) gq[j] = _mm512_set1_epi64(g[j]);
-        const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i low16 = _mm512_set1_epi64(0xFFFF);
+        const __m512i idx0 = _mm512_load_si512(collect_.idx[0]), idx1 = _mm512_load_si512(collect_.idx[1]);
+        const __m512i ids0 = _mm512_load_si512(collect_.slot);
+        uint32_t* const hits = hits_.data();
+        int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
             const int64_t nb = std::min<int64_t>(64, nblocks - b0);
-            // (the bitmap from 4 vector tests of the stored masks, not a test per block)
             alignas(64) uint32_t masks[64];
             for (int64_t i = 0; i < nb; ++i)
                 masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + b0 + i), gv);
@@ -674,30 +708,20 @@ class TileWorker {
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64(c0 + (b0 + i) * kBlockKeys));
-                if (sparse) {
-                    // Only the queries with a hit in this block (bit j of the folded mask;
-                    // usually one); absent queries never hit (kNoKey > g).
-                    uint32_t m = masks[i];
-                    m |= m >> 16;
-                    m |= m >> 8;
-                    m |= m >> 4;
-                    for (uint32_t qm = m & 0xF; qm; qm &= qm - 1) {
-                        const int j = __builtin_ctz(qm);
-                        append_hits(_mm512_and_si512(_mm512_srl_epi64(p, _mm_cvtsi32_si128(16 * j)), low16),
-                                    gq[j], pos, cand[j], nc[j]);
-                    }
-                } else {  // dense hits (short chunks): a fixed trip count predicts better
-                    for (int j = 0; j < count; ++j)
-                        append_hits(_mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16), gq[j], pos,
-                                    cand[j], nc[j]);
-                }
+                const __m512i id = _mm512_add_epi16(ids0, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
+                const uint32_t m = masks[i];
+                const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, _mm512_permutex2var_epi16(p, idx0, id)));
+                nh += __builtin_popcount(m0);
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, _mm512_permutex2var_epi16(p, idx1, id)));
+                nh += __builtin_popcount(m1);
             }
         }
+        select_hits(hits, nh, c0, run, take, hi, count, topk_, S_, count_.data(), slot_.data());
         for (int j = 0; j < count; ++j) {
-            const int64_t take = select_topk(cand[j], nc[j], hi[j], topk_, count_.data(), slot_.data());
-            std::copy(slot_.data(), slot_.data() + take, run_.data() + (r0 + j) * topk_);
-            take_[r0 + j] = take;
+            const uint64_t* const o = slot_.data() + j * (topk_ + 1);
+            std::copy(o, o + take[j], run_.data() + (r0 + j) * topk_);
+            take_[r0 + j] = take[j];
         }
     }
 
@@ -706,10 +730,11 @@ class TileWorker {
     int32_t* out_dist_;
     int64_t* out_idx_;
     int64_t nblocks_;  // blocks of the longest chunk
-    int64_t stride_;   // entries per query in cand_
+    int64_t S_;        // bins per query in count_
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
-    AlignedBuffer<uint64_t> cand_;
-    AlignedBuffer<uint64_t> slot_;  // topk + 1: the selection's output, and a dump slot
+    CollectIndex collect_;
+    AlignedBuffer<uint32_t> hits_;  // the hit list of one block of queries over one chunk
+    AlignedBuffer<uint64_t> slot_;  // topk + 1 per query: the selection's output and a dump slot
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
     int64_t take_[kGroupBlocks * kMaxQueries];
     std::vector<int32_t> count_;
