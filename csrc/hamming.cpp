@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -354,44 +355,50 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t
     const int64_t nfull = n / kBlockKeys;
     const __mmask8 tail = static_cast<__mmask8>((1u << (n % kBlockKeys)) - 1);
     const __m512i row_words = _mm512_set_epi64(7 * W, 6 * W, 5 * W, 4 * W, 3 * W, 2 * W, W, 0);
+    // One block: its 8 keys' distances to the QB queries, packed; tail lanes (outside valid)
+    // get kNoKey only when kTail, so that full blocks carry no per-block mask logic.
+    auto block = [&](int64_t blk, auto tail_block) FA_TARGET_AVX512_VPOPCNT {
+        constexpr bool kTail = decltype(tail_block)::value;
+        const __mmask8 valid = kTail ? tail : __mmask8(0xFF);
+        const uint64_t* t = keys + blk * kBlockKeys * W;
+        __m512i offsets = row_words;
+        if constexpr (kLayout == Layout::kTable) {
+            t = keys;
+            offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
+        }
+        __m512i acc[QB];
+        if constexpr (WT != 0) {
+            for (int w = 0; w < WT; ++w) {
+                const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
+                for (int j = 0; j < QB; ++j) {
+                    const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
+                    acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
+                }
+            }
+        } else {
+            for (int j = 0; j < QB; ++j) {
+                acc[j] = _mm512_setzero_si512();
+                for (int64_t w = 0; w < W; ++w) {
+                    const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
+                    const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
+                    acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
+                }
+            }
+        }
+        __m512i p = unused;
+        for (int j = 0; j < QB; ++j)
+            p = _mm512_or_si512(p, j == 0 ? acc[0] : _mm512_slli_epi64(acc[j], 16 * j));
+        if constexpr (kTail) p = _mm512_mask_mov_epi64(none, valid, p);
+        _mm512_store_si512(packed + blk, p);
+        return p;
+    };
     int64_t ng = 0;
     for (int64_t g0 = 0; g0 < nblocks; g0 += R) {
         __m512i mn = none;
         const int64_t g1 = std::min(nblocks, g0 + R);
-        for (int64_t blk = g0; blk < g1; ++blk) {
-            const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
-            const uint64_t* t = keys + blk * kBlockKeys * W;
-            __m512i offsets = row_words;
-            if constexpr (kLayout == Layout::kTable) {
-                t = keys;
-                offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
-            }
-            __m512i acc[QB];
-            if constexpr (WT != 0) {
-                for (int w = 0; w < WT; ++w) {
-                    const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                    for (int j = 0; j < QB; ++j) {
-                        const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
-                        acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
-                    }
-                }
-            } else {
-                for (int j = 0; j < QB; ++j) {
-                    acc[j] = _mm512_setzero_si512();
-                    for (int64_t w = 0; w < W; ++w) {
-                        const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                        const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
-                        acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
-                    }
-                }
-            }
-            __m512i p = unused;
-            for (int j = 0; j < QB; ++j)
-                p = _mm512_or_si512(p, j == 0 ? acc[0] : _mm512_slli_epi64(acc[j], 16 * j));
-            if (blk >= nfull) p = _mm512_mask_mov_epi64(none, valid, p);
-            _mm512_store_si512(packed + blk, p);
-            mn = _mm512_min_epu16(mn, p);
-        }
+        const int64_t f1 = std::min(g1, nfull);
+        for (int64_t blk = g0; blk < f1; ++blk) mn = _mm512_min_epu16(mn, block(blk, std::false_type{}));
+        if (g1 > f1) mn = _mm512_min_epu16(mn, block(f1, std::true_type{}));  // the last, partial block
         _mm512_store_si512(mins + ng++, mn);
     }
     return ng;
