@@ -299,8 +299,8 @@ void tile_block(Keys keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) 
 //  2. the k-th smallest of a query's minima, g, bounds its k-th distance (the minima belong
 //     to distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
 //     only ~k keys have d <= g. One vector compare per block against the 4 queries' g lists
-//     each query's candidates in position order, and a counting sort of those short lists
-//     gives the exact answer.
+//     the hits of all 4 queries in one list, in position order, and one counting sort over
+//     (query, distance) bins gives the exact answer.
 using ScanFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
                            const uint64_t* const*, __m512i*, __m512i*);
 
