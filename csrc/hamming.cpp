@@ -302,7 +302,7 @@ void tile_block(Keys keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) 
 //     the hits of all 4 queries in one list, in position order, and one counting sort over
 //     (query, distance) bins gives the exact answer.
 using ScanFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
-                           const uint64_t* const*, __m512i*, __m512i*);
+                           const uint64_t* const*, __m512i*, __m512i*, uint64_t, uint32_t*);
 
 constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane or an unused query slot
 static_assert(64 * kMaxTileW < kNoKey, "uint16 distances must stay below kNoKey");
@@ -334,13 +334,16 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i row_offsets(const int64_t* rows, __mm
 // Pass 1 for QB queries over n keys: packed[b], lane i = the distances of key 8b + i to
 // queries 0..QB-1 in bits 16j..16j+15 (kNoKey in unused slots and tail lanes), and mins[g] =
 // the uint16 minimum of packed[] over the blocks of group g (R blocks each). Returns the
-// number of groups. A leaf loop with no calls, so that query words and accumulators stay in
-// registers. keys is a tile, a history's dense (L, W) keys, or a table read through rows.
+// number of groups. With masks (bounds known before the scan: bound = the 4 queries' uint16
+// bounds packed as in a lane), no minima: masks[b] = the block's compare mask against them
+// (bit 4i + j: key 8b + i, query j has d <= bound j), and 0 is returned. A leaf loop with
+// no calls, so that query words and accumulators stay in registers. keys is a tile, a
+// history's dense (L, W) keys, or a table read through rows.
 template <int WT, int QB, Layout kLayout>
 FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t* rows,
                                              int64_t n, int64_t W_rt, int64_t R,
                                              const uint64_t* const* q, __m512i* packed,
-                                             __m512i* mins) {
+                                             __m512i* mins, uint64_t bound, uint32_t* masks) {
     const int64_t W = WT ? WT : W_rt;
     // Query words as broadcast vectors; the runtime-W variant broadcasts them on the fly.
     __m512i qv[QB][WT ? WT : 1];
@@ -392,6 +395,13 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t
         _mm512_store_si512(packed + blk, p);
         return p;
     };
+    if (masks != nullptr) {
+        const __m512i bv = _mm512_set1_epi64(static_cast<long long>(bound));
+        for (int64_t blk = 0; blk < nfull; ++blk)
+            masks[blk] = _mm512_cmple_epu16_mask(block(blk, std::false_type{}), bv);
+        if (nblocks > nfull) masks[nfull] = _mm512_cmple_epu16_mask(block(nfull, std::true_type{}), bv);
+        return 0;
+    }
     int64_t ng = 0;
     for (int64_t g0 = 0; g0 < nblocks; g0 += R) {
         __m512i mn = none;
@@ -635,6 +645,7 @@ class TileWorker {
         // every slot of every block, + one vector store
         hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
         slot_.resize(static_cast<size_t>(kMaxQueries * (topk + 1)));
+        masks_.resize(static_cast<size_t>(nblocks_ + 64));
         run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
 
@@ -669,59 +680,74 @@ class TileWorker {
                                        int64_t n, const int64_t* ids, int count, int64_t r0) {
         const uint64_t* qs[kMaxQueries];
         for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
-        // Groups of R blocks give about 4k minima: enough that the k-th of them is close
-        // to the k-th distance, few enough that finding it is cheap.
         const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
-        const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
         __m512i* const packed = reinterpret_cast<__m512i*>(packed_.data());
         __m512i* const mins = reinterpret_cast<__m512i*>(mins_.data());
-        const int64_t ng = pick_scan<kLayout>(W_, count)(keys, rows, n, W_, R, qs, packed, mins);
-        uint16_t g[kMaxQueries];
-        bounds(mins, ng, topk_, W_, g);
-        // A query whose running list is full admits no key beyond its k-th distance (a later
-        // key of equal distance loses on position).
+        uint32_t* const masks = masks_.data();
+        const ScanFn scan = pick_scan<kLayout>(W_, count);
+        // A query whose running list is full admits no key beyond its k-th distance t (a
+        // later key of equal distance loses on position), so g = t - 1 bounds its hits.
         const uint64_t* run[kMaxQueries];
         int64_t take[kMaxQueries], hi[kMaxQueries];
-        for (int j = 0; j < kMaxQueries; ++j) {
-            hi[j] = g[j];
-            if (j >= count) continue;
+        uint16_t g[kMaxQueries] = {0, 0, 0, 0};
+        bool full = true;
+        for (int j = 0; j < count; ++j) {
             take[j] = take_[r0 + j];
             run[j] = run_.data() + (r0 + j) * topk_;
-            if (take[j] > 0) {
+            full &= take[j] == topk_;
+        }
+        if (full) {
+            // Every query's bound is known before the scan (chunks after the first): the
+            // scan compares each block against the bounds itself, with no minima, bounds()
+            // or mask pass. (Absent queries' slots hold kNoKey > g = 0.)
+            for (int j = 0; j < count; ++j) {
+                const int64_t t = static_cast<int64_t>(run[j][topk_ - 1] >> 32);
+                hi[j] = t;
+                g[j] = static_cast<uint16_t>(std::max<int64_t>(t - 1, 0));
+            }
+            uint64_t gbits = 0;
+            for (int j = 0; j < kMaxQueries; ++j) gbits |= static_cast<uint64_t>(g[j]) << (16 * j);
+            scan(keys, rows, n, W_, 1, qs, packed, nullptr, gbits, masks);
+        } else {
+            // Groups of R blocks give about 4k minima: enough that the k-th of them is close
+            // to the k-th distance, few enough that finding it is cheap.
+            const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
+            const int64_t ng = scan(keys, rows, n, W_, R, qs, packed, mins, 0, nullptr);
+            bounds(mins, ng, topk_, W_, g);
+            for (int j = 0; j < kMaxQueries; ++j) {
+                hi[j] = g[j];
+                if (j >= count || take[j] == 0) continue;
                 const int64_t t = static_cast<int64_t>(run[j][take[j] - 1] >> 32);
                 hi[j] = std::max<int64_t>(g[j], t);
                 if (take[j] == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
             }
+            const __m512i gv = packed_of(g);
+            for (int64_t i = 0; i < nblocks; ++i)
+                masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + i), gv);
         }
+        std::fill(masks + nblocks, masks + nblocks + 64, 0u);  // the last batch's padding
 
         // The hits (d <= g) of all queries in one pass: bit 4i + j of a block's compare mask
         // is key 8 blk + i for query j (absent queries' slots and tail lanes hold kNoKey > g).
-        // Only ~k keys per query qualify, so most blocks of a long chunk have none: the masks
-        // of 64 blocks are computed branch-free first, with a bitmap of the non-empty ones (4
-        // vector tests of the stored masks), and only those are visited; a visited block's
-        // hits, of all queries, are appended in position order by two permutes and two
-        // compresses, with no per-query or per-hit branch.
-        const __m512i gv = packed_of(g);
+        // Only ~k keys per query qualify, so most blocks of a long chunk have none: a bitmap
+        // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
+        // leads to them; a visited block's hits, of all queries, are appended in position
+        // order by two permutes and two compresses, with no per-query or per-hit branch.
         const __m512i idx0 = _mm512_load_si512(collect_.idx[0]), idx1 = _mm512_load_si512(collect_.idx[1]);
         const __m512i ids0 = _mm512_load_si512(collect_.slot);
         uint32_t* const hits = hits_.data();
         int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
-            const int64_t nb = std::min<int64_t>(64, nblocks - b0);
-            alignas(64) uint32_t masks[64];
-            for (int64_t i = 0; i < nb; ++i)
-                masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + b0 + i), gv);
-            for (int64_t i = nb; i < 64; ++i) masks[i] = 0;
             uint64_t hit = 0;
             for (int v = 0; v < 4; ++v) {
-                const __m512i m = _mm512_load_si512(masks + 16 * v);
+                const __m512i m = _mm512_loadu_si512(masks + b0 + 16 * v);
                 hit |= static_cast<uint64_t>(_mm512_test_epi32_mask(m, m)) << (16 * v);
             }
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
                 const __m512i id = _mm512_add_epi16(ids0, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
-                const uint32_t m = masks[i];
+                const uint32_t m = masks[b0 + i];
                 const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
                 _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, _mm512_permutex2var_epi16(p, idx0, id)));
                 nh += __builtin_popcount(m0);
@@ -745,7 +771,8 @@ class TileWorker {
     int64_t S_;        // bins per query in count_
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
     CollectIndex collect_;
-    AlignedBuffer<uint32_t> hits_;  // the hit list of one block of queries over one chunk
+    AlignedBuffer<uint32_t> hits_;
+    AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
     AlignedBuffer<uint64_t> slot_;  // topk + 1 per query: the selection's output and a dump slot
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
     int64_t take_[kGroupBlocks * kMaxQueries];
