@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -298,10 +299,10 @@ void tile_block(Keys keys, int64_t n, int64_t W, int64_t block, uint64_t* tile) 
 //  2. the k-th smallest of a query's minima, g, bounds its k-th distance (the minima belong
 //     to distinct keys), and it is tight: about 4k minima of L / 4k keys each are taken, so
 //     only ~k keys have d <= g. One vector compare per block against the 4 queries' g lists
-//     each query's candidates in position order, and a counting sort of those short lists
-//     gives the exact answer.
+//     the hits of all 4 queries in one list, in position order, and one counting sort over
+//     (query, distance) bins gives the exact answer.
 using ScanFn = int64_t (*)(const uint64_t*, const int64_t*, int64_t, int64_t, int64_t,
-                           const uint64_t* const*, __m512i*, __m512i*);
+                           const uint64_t* const*, __m512i*, __m512i*, uint64_t, uint32_t*);
 
 constexpr uint16_t kNoKey = 0xFFFF;  // distance of a tail lane or an unused query slot
 static_assert(64 * kMaxTileW < kNoKey, "uint16 distances must stay below kNoKey");
@@ -333,13 +334,16 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i row_offsets(const int64_t* rows, __mm
 // Pass 1 for QB queries over n keys: packed[b], lane i = the distances of key 8b + i to
 // queries 0..QB-1 in bits 16j..16j+15 (kNoKey in unused slots and tail lanes), and mins[g] =
 // the uint16 minimum of packed[] over the blocks of group g (R blocks each). Returns the
-// number of groups. A leaf loop with no calls, so that query words and accumulators stay in
-// registers. keys is a tile, a history's dense (L, W) keys, or a table read through rows.
+// number of groups. With masks (bounds known before the scan: bound = the 4 queries' uint16
+// bounds packed as in a lane), no minima: masks[b] = the block's compare mask against them
+// (bit 4i + j: key 8b + i, query j has d <= bound j), and 0 is returned. A leaf loop with
+// no calls, so that query words and accumulators stay in registers. keys is a tile, a
+// history's dense (L, W) keys, or a table read through rows.
 template <int WT, int QB, Layout kLayout>
 FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t* rows,
                                              int64_t n, int64_t W_rt, int64_t R,
                                              const uint64_t* const* q, __m512i* packed,
-                                             __m512i* mins) {
+                                             __m512i* mins, uint64_t bound, uint32_t* masks) {
     const int64_t W = WT ? WT : W_rt;
     // Query words as broadcast vectors; the runtime-W variant broadcasts them on the fly.
     __m512i qv[QB][WT ? WT : 1];
@@ -354,44 +358,57 @@ FA_TARGET_AVX512_VPOPCNT int64_t scan_packed(const uint64_t* keys, const int64_t
     const int64_t nfull = n / kBlockKeys;
     const __mmask8 tail = static_cast<__mmask8>((1u << (n % kBlockKeys)) - 1);
     const __m512i row_words = _mm512_set_epi64(7 * W, 6 * W, 5 * W, 4 * W, 3 * W, 2 * W, W, 0);
+    // One block: its 8 keys' distances to the QB queries, packed; tail lanes (outside valid)
+    // get kNoKey only when kTail, so that full blocks carry no per-block mask logic.
+    auto block = [&](int64_t blk, auto tail_block) FA_TARGET_AVX512_VPOPCNT {
+        constexpr bool kTail = decltype(tail_block)::value;
+        const __mmask8 valid = kTail ? tail : __mmask8(0xFF);
+        const uint64_t* t = keys + blk * kBlockKeys * W;
+        __m512i offsets = row_words;
+        if constexpr (kLayout == Layout::kTable) {
+            t = keys;
+            offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
+        }
+        __m512i acc[QB];
+        if constexpr (WT != 0) {
+            for (int w = 0; w < WT; ++w) {
+                const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
+                for (int j = 0; j < QB; ++j) {
+                    const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
+                    acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
+                }
+            }
+        } else {
+            for (int j = 0; j < QB; ++j) {
+                acc[j] = _mm512_setzero_si512();
+                for (int64_t w = 0; w < W; ++w) {
+                    const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
+                    const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
+                    acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
+                }
+            }
+        }
+        __m512i p = unused;
+        for (int j = 0; j < QB; ++j)
+            p = _mm512_or_si512(p, j == 0 ? acc[0] : _mm512_slli_epi64(acc[j], 16 * j));
+        if constexpr (kTail) p = _mm512_mask_mov_epi64(none, valid, p);
+        _mm512_store_si512(packed + blk, p);
+        return p;
+    };
+    if (masks != nullptr) {
+        const __m512i bv = _mm512_set1_epi64(static_cast<long long>(bound));
+        for (int64_t blk = 0; blk < nfull; ++blk)
+            masks[blk] = _mm512_cmple_epu16_mask(block(blk, std::false_type{}), bv);
+        if (nblocks > nfull) masks[nfull] = _mm512_cmple_epu16_mask(block(nfull, std::true_type{}), bv);
+        return 0;
+    }
     int64_t ng = 0;
     for (int64_t g0 = 0; g0 < nblocks; g0 += R) {
         __m512i mn = none;
         const int64_t g1 = std::min(nblocks, g0 + R);
-        for (int64_t blk = g0; blk < g1; ++blk) {
-            const __mmask8 valid = blk < nfull ? __mmask8(0xFF) : tail;
-            const uint64_t* t = keys + blk * kBlockKeys * W;
-            __m512i offsets = row_words;
-            if constexpr (kLayout == Layout::kTable) {
-                t = keys;
-                offsets = row_offsets(rows + blk * kBlockKeys, valid, W);
-            }
-            __m512i acc[QB];
-            if constexpr (WT != 0) {
-                for (int w = 0; w < WT; ++w) {
-                    const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                    for (int j = 0; j < QB; ++j) {
-                        const __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(kv, qv[j][w]));
-                        acc[j] = w == 0 ? c : _mm512_add_epi64(acc[j], c);
-                    }
-                }
-            } else {
-                for (int j = 0; j < QB; ++j) {
-                    acc[j] = _mm512_setzero_si512();
-                    for (int64_t w = 0; w < W; ++w) {
-                        const __m512i kv = load_words<kLayout>(t, w, valid, offsets);
-                        const __m512i qw = _mm512_set1_epi64(static_cast<long long>(q[j][w]));
-                        acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(kv, qw)));
-                    }
-                }
-            }
-            __m512i p = unused;
-            for (int j = 0; j < QB; ++j)
-                p = _mm512_or_si512(p, j == 0 ? acc[0] : _mm512_slli_epi64(acc[j], 16 * j));
-            if (blk >= nfull) p = _mm512_mask_mov_epi64(none, valid, p);
-            _mm512_store_si512(packed + blk, p);
-            mn = _mm512_min_epu16(mn, p);
-        }
+        const int64_t f1 = std::min(g1, nfull);
+        for (int64_t blk = g0; blk < f1; ++blk) mn = _mm512_min_epu16(mn, block(blk, std::false_type{}));
+        if (g1 > f1) mn = _mm512_min_epu16(mn, block(f1, std::true_type{}));  // the last, partial block
         _mm512_store_si512(mins + ng++, mn);
     }
     return ng;
@@ -432,8 +449,28 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT __m512i packed_of(const uint16_t* g) {
 constexpr int64_t kMaxPackedCount = 65535 / kBlockKeys;
 FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k, int64_t W,
                                      uint16_t* g) {
+    // The answer lies between a query's smallest and largest minimum (the largest only when
+    // all 8 ng minima are real keys, >= k of them): one min/max pass narrows the bisection.
+    __m512i vmin = _mm512_set1_epi16(-1), vmax = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ng; ++i) {
+        const __m512i m = _mm512_load_si512(mins + i);
+        vmin = _mm512_min_epu16(vmin, m);
+        vmax = _mm512_max_epu16(vmax, m);
+    }
+    alignas(64) uint16_t mn16[32], mx16[32];
+    _mm512_store_si512(mn16, vmin);
+    _mm512_store_si512(mx16, vmax);
     uint16_t lo[kMaxQueries], hi[kMaxQueries];
-    for (int j = 0; j < kMaxQueries; ++j) lo[j] = 0, hi[j] = static_cast<uint16_t>(64 * W);
+    for (int j = 0; j < kMaxQueries; ++j) {
+        uint16_t a = mn16[j], b = mx16[j];
+        for (int i = 1; i < kBlockKeys; ++i) {
+            a = std::min(a, mn16[4 * i + j]);
+            b = std::max(b, mx16[4 * i + j]);
+        }
+        const uint16_t all = static_cast<uint16_t>(64 * W);
+        hi[j] = kBlockKeys * ng >= k && b <= all ? b : all;
+        lo[j] = std::min(a, hi[j]);
+    }
     constexpr uint32_t kSlot = 0x11111111u;  // bit 4i + j of a 16-bit compare mask: lane i, query j
     for (;;) {
         uint16_t mid[kMaxQueries];
@@ -449,12 +486,17 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
             // One masked uint16 increment per vector counts all 4 queries' minima <= mid (a
             // lane's counters stay <= ng); the 64-bit sum over the 8 lanes then holds query
             // j's count in bits 16j..16j+15 (<= 8 ng < 65536: no carry between slots).
-            const __m512i one = _mm512_set1_epi16(1);
-            __m512i acc = _mm512_setzero_si512();
-            for (int64_t i = 0; i < ng; ++i) {
-                const __mmask32 m = _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv);
-                acc = _mm512_mask_add_epi16(acc, m, acc, one);
+            // (two accumulators, each subtracting the compare's all-ones words: no masked
+            // add with its register copy on one dependency chain)
+            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            int64_t i = 0;
+            for (; i + 2 <= ng; i += 2) {
+                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
+                acc1 = _mm512_sub_epi16(acc1, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i + 1), mv)));
             }
+            if (i < ng)
+                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
+            const __m512i acc = _mm512_add_epi16(acc0, acc1);
             alignas(64) uint64_t lane[kBlockKeys];
             _mm512_store_si512(lane, acc);
             uint64_t sum = 0;
@@ -475,58 +517,117 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
     for (int j = 0; j < kMaxQueries; ++j) g[j] = lo[j];
 }
 
-// Pass 2, exact selection of one query from its candidates: entries (d << 32) | pos, every
-// key of the top k among them, d <= hi, ordered so that entries of equal distance are in
-// position order. A stable counting sort over the distances the candidates span, so ties keep
-// position order. The placement has no data-dependent branch (whether a candidate is kept
-// follows no pattern a branch predictor could learn): every distance past t starts at slot
-// take, and every candidate goes to slot min(count[d]++, take), so the dropped ones land in
-// the dump slot slot[take]. Writes the take = min(k, nc) best to slot[0..take) in
-// (distance, position) order and returns take.
-FA_INLINE int64_t select_topk(const uint64_t* cand, int64_t nc, int64_t hi, int64_t k,
-                              int32_t* count, uint64_t* slot) {
-    const int64_t take = std::min(k, nc);
-    int64_t lo = hi;
-    std::fill(count, count + hi + 1, 0);
-    for (int64_t i = 0; i < nc; ++i) {
-        const int64_t v = static_cast<int64_t>(cand[i] >> 32);
-        ++count[v];
-        lo = std::min(lo, v);
-    }
-    // t = distance of the take-th candidate, below = candidates under t; count[v] becomes
-    // the first output slot of distance v (ties at t fill the remaining take - below slots).
-    int64_t t = lo, below = 0;
-    if (take > 0) {
-        while (below + count[t] < take) {
-            const int64_t c = count[t];
-            count[t++] = static_cast<int32_t>(below);
-            below += c;
+// Pass 2 collects the hits (d <= g) of all queries of a block in one list, in position order:
+// entry (id << 16) | d, id = 4 (key - c0) + j for query j (a chunk holds <= 16384 keys, so
+// id < 65536). Word 2e of idx[h] takes slot e + 16 h of a packed vector (its key 8 blk + e / 4,
+// query e % 4), word 2e + 1 the id of that slot (slot[e] + 32 blk).
+struct CollectIndex {
+    alignas(64) uint16_t idx[2][32];
+    alignas(64) uint16_t slot[32];
+    CollectIndex() {
+        for (int h = 0; h < 2; ++h) {
+            for (int e = 0; e < 16; ++e) {
+                idx[h][2 * e] = static_cast<uint16_t>(16 * h + e);           // the distance
+                idx[h][2 * e + 1] = static_cast<uint16_t>(32 + 16 * h + e);  // the id
+            }
         }
+        for (int e = 0; e < 32; ++e) slot[e] = static_cast<uint16_t>(e);
     }
-    count[t] = static_cast<int32_t>(below);
-    for (int64_t v = t + 1; v <= hi; ++v) count[v] = static_cast<int32_t>(take);
-    for (int64_t i = 0; i < nc; ++i) {
-        int32_t& c = count[cand[i] >> 32];
-        const int64_t s = c;
-        c = static_cast<int32_t>(s + 1);
-        slot[std::min(s, take)] = cand[i];
+};
+
+// Exact selection of count queries from their running top k and the chunk's shared hit list:
+// one stable counting sort over the bins (query, distance), so that entries of equal distance
+// stay in position order (the running entries, all earlier, first). For query j: run[j] holds
+// its running best (take[j] entries (d << 32) | pos in (distance, position) order), every
+// entry has d <= hi[j], and its take = min(k, entries) best go to out + j (k + 1) in
+// (distance, position) order; returns take in take[j]. The placement has no data-dependent
+// branch: bins past the take-th entry's distance start at slot take, and every entry goes to
+// slot min(count++, take), so the dropped ones land in the dump slot out[j (k + 1) + take].
+// count: kMaxQueries * S bins, S >= 64 W + 2.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void select_hits(const uint32_t* hits, int64_t nh, int64_t c0,
+                           const uint64_t* const* run, int64_t* take, const int64_t* hi,
+                           int count, int64_t k, int64_t S, int32_t* bins, uint64_t* out) {
+    for (int j = 0; j < count; ++j) {
+        int32_t* const c = bins + j * S;
+        std::fill(c, c + hi[j] + 1, 0);
+        for (int64_t s = 0; s < take[j]; ++s) ++c[run[j][s] >> 32];
     }
-    return take;
+    for (int64_t i = 0; i < nh; ++i) ++bins[((hits[i] >> 16) & 3) * S + (hits[i] & 0xFFFF)];
+    int32_t lim[kMaxQueries];
+    for (int j = 0; j < count; ++j) {
+        int32_t* const c = bins + j * S;
+        // One vector pass over bins 0..hi: the entry count and the first non-empty bin.
+        __m512i sum = _mm512_setzero_si512();
+        int64_t first = -1;
+        for (int64_t d = 0; d <= hi[j]; d += 16) {
+            const __mmask16 in = d + 16 <= hi[j] + 1 ? __mmask16(0xFFFF)
+                                                     : static_cast<__mmask16>((1u << (hi[j] + 1 - d)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi32(in, c + d);
+            sum = _mm512_add_epi32(sum, v);
+            const __mmask16 nz = _mm512_test_epi32_mask(v, v);
+            if (first < 0 && nz) first = d + __builtin_ctz(nz);
+        }
+        const int64_t tk = std::min<int64_t>(k, _mm512_reduce_add_epi32(sum));
+        // t = distance of the tk-th entry, below = entries under t; c[d] becomes the first
+        // output slot of distance d (ties at t fill the remaining tk - below slots).
+        int64_t t = std::max<int64_t>(first, 0), below = 0;
+        if (tk > 0) {
+            while (below + c[t] < tk) {
+                const int64_t n = c[t];
+                c[t++] = static_cast<int32_t>(below);
+                below += n;
+            }
+        }
+        c[t] = static_cast<int32_t>(below);
+        for (int64_t d = t + 1; d <= hi[j]; ++d) c[d] = static_cast<int32_t>(tk);
+        uint64_t* const o = out + j * (k + 1);
+        for (int64_t s = 0; s < take[j]; ++s) {
+            int32_t& slot = c[run[j][s] >> 32];
+            o[std::min<int64_t>(slot, tk)] = run[j][s];
+            ++slot;
+        }
+        take[j] = tk;
+        lim[j] = static_cast<int32_t>(tk);
+    }
+    uint64_t* base[kMaxQueries];
+    int32_t* bin[kMaxQueries];
+    for (int j = 0; j < kMaxQueries; ++j) base[j] = out + j * (k + 1), bin[j] = bins + j * S;
+    for (int64_t i = 0; i < nh; ++i) {
+        const uint32_t e = hits[i];
+        const uint32_t j = (e >> 16) & 3;
+        const uint64_t d = e & 0xFFFF;
+        int32_t& slot = bin[j][d];
+        const int32_t s = slot;
+        const int32_t over = lim[j] - s;  // < 0: past the take-th entry
+        base[j][s + (over & (over >> 31))] = (d << 32) | static_cast<uint64_t>(c0 + (e >> 18));
+        slot = s + 1;
+    }
 }
 
-// Appends the keys of one block with distance d <= g (d: the block's 8 distances to one
-// query, pos: their positions) to a candidate list as (d << 32) | pos, by one compress.
-FA_INLINE FA_TARGET_AVX512_VPOPCNT void append_hits(__m512i d, __m512i g, __m512i pos,
-                                                    uint64_t* cand, int64_t& nc) {
-    const __mmask8 m = _mm512_cmple_epu64_mask(d, g);
-    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi64(m, _mm512_or_si512(_mm512_slli_epi64(d, 32), pos)));
-    nc += __builtin_popcount(m);
+// Writes one query's output row from its take best entries (d << 32) | pos: distances and
+// positions, then the empty-slot tail (distance none, position -1), 8 slots per vector.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void write_row(const uint64_t* best, int64_t take, int64_t k,
+                                                  int64_t none, int32_t* od, int64_t* oi) {
+    const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFF);
+    const __m512i empty_d = _mm512_set1_epi64(none);
+    const __m512i empty_i = _mm512_set1_epi64(-1);
+    for (int64_t s = 0; s < k; s += kBlockKeys) {
+        const int64_t n = std::min<int64_t>(kBlockKeys, k - s);
+        const __mmask8 in = static_cast<__mmask8>((1u << n) - 1);
+        const int64_t m = std::max<int64_t>(0, std::min<int64_t>(n, take - s));
+        const __mmask8 full = static_cast<__mmask8>((1u << m) - 1);
+        const __m512i e = _mm512_maskz_loadu_epi64(full, best + s);
+        const __m512i d = _mm512_mask_mov_epi64(empty_d, full, _mm512_srli_epi64(e, 32));
+        _mm256_mask_storeu_epi32(od + s, in, _mm512_cvtepi64_epi32(d));
+        _mm512_mask_storeu_epi64(oi + s, in, _mm512_mask_mov_epi64(empty_i, full, _mm512_and_si512(e, low32)));
+    }
 }
 
 // Keys are scanned in chunks of up to kChunkKeys, so that a chunk of the tile (512 KiB at
 // W = 4) and its packed distances stay in L2 while every query block of a group reads it;
 // each query carries its running top k from chunk to chunk.
 constexpr int64_t kChunkKeys = 16384;
+static_assert(kChunkKeys * kMaxQueries <= 65536, "hit ids (4 (key - c0) + j) must fit 16 bits");
 constexpr int64_t kGroupBlocks = 8;  // query blocks sharing each chunk
 
 // Per-thread scratch of the AVX-512 top-k: packed distances and minima of one block of
@@ -537,12 +638,14 @@ class TileWorker {
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), count_(64 * W + 2) {
+          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), S_(64 * W + 2),
+          count_(kMaxQueries * (64 * W + 2)) {
         packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
-        stride_ = topk + nblocks_ * kBlockKeys + kBlockKeys;  // running + chunk + a vector store
-        cand_.resize(static_cast<size_t>(kMaxQueries * stride_));
-        slot_.resize(static_cast<size_t>(topk + 1));
+        // every slot of every block, + one vector store
+        hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
+        slot_.resize(static_cast<size_t>(kMaxQueries * (topk + 1)));
+        masks_.resize(static_cast<size_t>(nblocks_ + 64));
         run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
 
@@ -564,17 +667,8 @@ class TileWorker {
         }
         for (int64_t i = 0; i < nq; ++i) {
             const int64_t r = (i / qb) * kMaxQueries + i % qb;
-            const uint64_t* best = run_.data() + r * topk_;
-            int32_t* const od = out_dist_ + ids[i] * topk_;
-            int64_t* const oi = out_idx_ + ids[i] * topk_;
-            for (int64_t s = 0; s < take_[r]; ++s) {
-                od[s] = static_cast<int32_t>(best[s] >> 32);
-                oi[s] = static_cast<int64_t>(best[s] & 0xFFFFFFFFu);
-            }
-            for (int64_t s = take_[r]; s < topk_; ++s) {
-                od[s] = static_cast<int32_t>(64 * W_ + 1);
-                oi[s] = -1;
-            }
+            write_row(run_.data() + r * topk_, take_[r], topk_, 64 * W_ + 1,
+                      out_dist_ + ids[i] * topk_, out_idx_ + ids[i] * topk_);
         }
     }
 
@@ -586,88 +680,86 @@ class TileWorker {
                                        int64_t n, const int64_t* ids, int count, int64_t r0) {
         const uint64_t* qs[kMaxQueries];
         for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
-        // Groups of R blocks give about 4k minima: enough that the k-th of them is close
-        // to the k-th distance, few enough that finding it is cheap.
         const int64_t nblocks = (n + kBlockKeys - 1) / kBlockKeys;
-        const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
         __m512i* const packed = reinterpret_cast<__m512i*>(packed_.data());
         __m512i* const mins = reinterpret_cast<__m512i*>(mins_.data());
-        const int64_t ng = pick_scan<kLayout>(W_, count)(keys, rows, n, W_, R, qs, packed, mins);
-        uint16_t g[kMaxQueries];
-        bounds(mins, ng, topk_, W_, g);
-        // A query whose running list is full admits no key beyond its k-th distance; each
-        // candidate list starts with the running top k (earlier positions, ties in position
-        // order), so the stable selection keeps the tie order of the spec.
-        uint64_t* cand[kMaxQueries];
-        int64_t nc[kMaxQueries] = {0, 0, 0, 0};
-        int64_t hi[kMaxQueries];
-        for (int j = 0; j < kMaxQueries; ++j) {
-            cand[j] = cand_.data() + j * stride_;
-            hi[j] = g[j];
-            if (j >= count) continue;
-            const int64_t take = take_[r0 + j];
-            const uint64_t* best = run_.data() + (r0 + j) * topk_;
-            std::copy(best, best + take, cand[j]);
-            nc[j] = take;
-            if (take > 0) {
-                const int64_t t = static_cast<int64_t>(best[take - 1] >> 32);
-                hi[j] = std::max<int64_t>(g[j], t);
-                if (take == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
-            }
+        uint32_t* const masks = masks_.data();
+        const ScanFn scan = pick_scan<kLayout>(W_, count);
+        // A query whose running list is full admits no key beyond its k-th distance t (a
+        // later key of equal distance loses on position), so g = t - 1 bounds its hits.
+        const uint64_t* run[kMaxQueries];
+        int64_t take[kMaxQueries], hi[kMaxQueries];
+        uint16_t g[kMaxQueries] = {0, 0, 0, 0};
+        bool full = true;
+        for (int j = 0; j < count; ++j) {
+            take[j] = take_[r0 + j];
+            run[j] = run_.data() + (r0 + j) * topk_;
+            full &= take[j] == topk_;
         }
+        if (full) {
+            // Every query's bound is known before the scan (chunks after the first): the
+            // scan compares each block against the bounds itself, with no minima, bounds()
+            // or mask pass. (Absent queries' slots hold kNoKey > g = 0.)
+            for (int j = 0; j < count; ++j) {
+                const int64_t t = static_cast<int64_t>(run[j][topk_ - 1] >> 32);
+                hi[j] = t;
+                g[j] = static_cast<uint16_t>(std::max<int64_t>(t - 1, 0));
+            }
+            uint64_t gbits = 0;
+            for (int j = 0; j < kMaxQueries; ++j) gbits |= static_cast<uint64_t>(g[j]) << (16 * j);
+            scan(keys, rows, n, W_, 1, qs, packed, nullptr, gbits, masks);
+        } else {
+            // Groups of R blocks give about 4k minima: enough that the k-th of them is close
+            // to the k-th distance, few enough that finding it is cheap.
+            const int64_t R = std::max<int64_t>(1, nblocks / (4 * topk_ / kBlockKeys + 1));
+            const int64_t ng = scan(keys, rows, n, W_, R, qs, packed, mins, 0, nullptr);
+            bounds(mins, ng, topk_, W_, g);
+            for (int j = 0; j < kMaxQueries; ++j) {
+                hi[j] = g[j];
+                if (j >= count || take[j] == 0) continue;
+                const int64_t t = static_cast<int64_t>(run[j][take[j] - 1] >> 32);
+                hi[j] = std::max<int64_t>(g[j], t);
+                if (take[j] == topk_) g[j] = static_cast<uint16_t>(std::min<int64_t>(g[j], t));
+            }
+            const __m512i gv = packed_of(g);
+            for (int64_t i = 0; i < nblocks; ++i)
+                masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + i), gv);
+        }
+        std::fill(masks + nblocks, masks + nblocks + 64, 0u);  // the last batch's padding
 
-        // Candidates (d <= g) of all queries in one pass: bit 4i + j of a block's compare
-        // mask is key 8 blk + i for query j (absent queries' slots hold kNoKey > g). Only
-        // ~k keys per query qualify, so most blocks have none: the masks of 64 blocks are
-        // computed branch-free first, with a bitmap of the non-empty ones, and only those
-        // are visited; each query's hits in such a block are appended as (d << 32) | pos
-        // entries by one vector compress, with no per-hit branch.
-        const __m512i gv = packed_of(g);
-        // (about 5k hits per block of 4 queries: under one per key block past 4k blocks)
-        const bool sparse = nblocks > 4 * topk_;
-        __m512i gq[kMaxQueries];
-        for (int j = 0; j < kMaxQueries; ++j) gq[j] = _mm512_set1_epi64(g[j]);
-        const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i low16 = _mm512_set1_epi64(0xFFFF);
+        // The hits (d <= g) of all queries in one pass: bit 4i + j of a block's compare mask
+        // is key 8 blk + i for query j (absent queries' slots and tail lanes hold kNoKey > g).
+        // Only ~k keys per query qualify, so most blocks of a long chunk have none: a bitmap
+        // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
+        // leads to them; a visited block's hits, of all queries, are appended in position
+        // order by two permutes and two compresses, with no per-query or per-hit branch.
+        const __m512i idx0 = _mm512_load_si512(collect_.idx[0]), idx1 = _mm512_load_si512(collect_.idx[1]);
+        const __m512i ids0 = _mm512_load_si512(collect_.slot);
+        uint32_t* const hits = hits_.data();
+        int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
-            const int64_t nb = std::min<int64_t>(64, nblocks - b0);
-            // (the bitmap from 4 vector tests of the stored masks, not a test per block)
-            alignas(64) uint32_t masks[64];
-            for (int64_t i = 0; i < nb; ++i)
-                masks[i] = _mm512_cmple_epu16_mask(_mm512_load_si512(packed + b0 + i), gv);
-            for (int64_t i = nb; i < 64; ++i) masks[i] = 0;
             uint64_t hit = 0;
             for (int v = 0; v < 4; ++v) {
-                const __m512i m = _mm512_load_si512(masks + 16 * v);
+                const __m512i m = _mm512_loadu_si512(masks + b0 + 16 * v);
                 hit |= static_cast<uint64_t>(_mm512_test_epi32_mask(m, m)) << (16 * v);
             }
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i pos = _mm512_add_epi64(lanes, _mm512_set1_epi64(c0 + (b0 + i) * kBlockKeys));
-                if (sparse) {
-                    // Only the queries with a hit in this block (bit j of the folded mask;
-                    // usually one); absent queries never hit (kNoKey > g).
-                    uint32_t m = masks[i];
-                    m |= m >> 16;
-                    m |= m >> 8;
-                    m |= m >> 4;
-                    for (uint32_t qm = m & 0xF; qm; qm &= qm - 1) {
-                        const int j = __builtin_ctz(qm);
-                        append_hits(_mm512_and_si512(_mm512_srl_epi64(p, _mm_cvtsi32_si128(16 * j)), low16),
-                                    gq[j], pos, cand[j], nc[j]);
-                    }
-                } else {  // dense hits (short chunks): a fixed trip count predicts better
-                    for (int j = 0; j < count; ++j)
-                        append_hits(_mm512_and_si512(_mm512_srli_epi64(p, 16 * j), low16), gq[j], pos,
-                                    cand[j], nc[j]);
-                }
+                const __m512i id = _mm512_add_epi16(ids0, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
+                const uint32_t m = masks[b0 + i];
+                const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, _mm512_permutex2var_epi16(p, idx0, id)));
+                nh += __builtin_popcount(m0);
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, _mm512_permutex2var_epi16(p, idx1, id)));
+                nh += __builtin_popcount(m1);
             }
         }
+        select_hits(hits, nh, c0, run, take, hi, count, topk_, S_, count_.data(), slot_.data());
         for (int j = 0; j < count; ++j) {
-            const int64_t take = select_topk(cand[j], nc[j], hi[j], topk_, count_.data(), slot_.data());
-            std::copy(slot_.data(), slot_.data() + take, run_.data() + (r0 + j) * topk_);
-            take_[r0 + j] = take;
+            const uint64_t* const o = slot_.data() + j * (topk_ + 1);
+            std::copy(o, o + take[j], run_.data() + (r0 + j) * topk_);
+            take_[r0 + j] = take[j];
         }
     }
 
@@ -676,10 +768,12 @@ class TileWorker {
     int32_t* out_dist_;
     int64_t* out_idx_;
     int64_t nblocks_;  // blocks of the longest chunk
-    int64_t stride_;   // entries per query in cand_
+    int64_t S_;        // bins per query in count_
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
-    AlignedBuffer<uint64_t> cand_;
-    AlignedBuffer<uint64_t> slot_;  // topk + 1: the selection's output, and a dump slot
+    CollectIndex collect_;
+    AlignedBuffer<uint32_t> hits_;
+    AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
+    AlignedBuffer<uint64_t> slot_;  // topk + 1 per query: the selection's output and a dump slot
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
     int64_t take_[kGroupBlocks * kMaxQueries];
     std::vector<int32_t> count_;
