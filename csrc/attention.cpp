@@ -184,14 +184,16 @@ FA_INLINE void forward_query(const Problem<T>& p, int64_t b, Scratch<T>& sc, T* 
 // share), and both passes run chunk by chunk: each chunk's rows are streamed into L2 once per
 // pass and thread, and every pick reads its row from there, while a query's own row (q, or
 // its output accumulator) sits in registers across its picks of the chunk.
-//   0. per query range r (one per thread): count the picks of each chunk and check idx,
-//      then place the range's valid slots in (chunk, query, slot) order (a counting sort);
-//   1. scores s = scale·q·k of every pick, chunk by chunk (threads take chunks: each score
-//      is one dot product, the same whichever thread computes it);
+// Each query range r (one per thread) is one task, with no barrier between its steps:
+//   0. count the range's picks of each chunk and check idx, then place its valid slots in
+//      (chunk, query, slot) order (a counting sort);
+//   1. scores s = scale·q·k of its picks, chunk by chunk;
 //   2. softmax of each query over its K slots (empty slots hold -inf; a vector exp), lse;
-//   3. out += p·v, each range by its own thread, chunk by chunk.
+//   3. out += p·v over its picks, chunk by chunk.
 // An output row is summed by one thread in (chunk, slot) order, which the thread count does
-// not change: the result is the same for every thread count.
+// not change: the result is the same for every thread count. (Each thread streams the rows
+// its own queries pick; splitting step 1 by chunk instead would read each key row once,
+// but the barrier it needs stalls both threads whenever one loses its core.)
 
 struct Pick {
     uint32_t b, j, l;  // query, slot, row
@@ -232,7 +234,7 @@ FA_INLINE float exp_weight(float x) {
 }
 FA_INLINE double exp_weight(double x) { return std::exp(x); }
 
-// Everything the phases of one shared-rows call read and write.
+// Everything the steps of one shared-rows call read and write.
 template <typename T>
 struct Shared {
     const Problem<T>& p;
@@ -248,20 +250,18 @@ struct Shared {
 // Query range r of R: [B·r/R, B·(r+1)/R).
 FA_INLINE int64_t range_begin(int64_t B, int64_t r, int64_t R) { return B * r / R; }
 
-// Phase 1 over chunk c of every range: the scores of its picks. Generic body.
+// Step 1 for query range r: the scores of its picks. Generic body.
 template <typename T>
-FA_INLINE void shared_scores(const Shared<T>& a, int64_t c) {
+FA_INLINE void shared_scores(const Shared<T>& a, int64_t r) {
     const Problem<T>& p = a.p;
     const int64_t H = p.H, Dh = p.Dh, K = p.K, row = H * Dh;
-    for (int64_t r = 0; r < a.R; ++r) {
-        const int64_t* at = a.at + r * (a.C + 1);
-        for (int64_t i = at[c]; i < at[c + 1]; ++i) {
-            const Pick& e = a.picks[i];
-            if (i + kAhead < at[c + 1]) prefetch_row(p.keys + a.picks[i + kAhead].l * row, row);
-            for (int64_t h = 0; h < H; ++h)
-                a.s[(e.b * H + h) * K + e.j] =
-                    p.scale * dot(p.q + (e.b * H + h) * Dh, p.keys + e.l * row + h * Dh, Dh);
-        }
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t i = at[0]; i < at[a.C]; ++i) {
+        const Pick& e = a.picks[i];
+        if (i + kAhead < at[a.C]) prefetch_row(p.keys + a.picks[i + kAhead].l * row, row);
+        for (int64_t h = 0; h < H; ++h)
+            a.s[(e.b * H + h) * K + e.j] =
+                p.scale * dot(p.q + (e.b * H + h) * Dh, p.keys + e.l * row + h * Dh, Dh);
     }
 }
 
@@ -309,28 +309,21 @@ FA_INLINE void shared_values(const Shared<T>& a, int64_t r) {
     }
 }
 
-// Phase 1: chunk i; phase 2 (the steps 2 and 3 above): query range i.
+// Steps 1-3 for query range r.
 template <typename T>
-FA_INLINE void shared_phase(const Shared<T>& a, int phase, int64_t i) {
-    if (phase == 1) {
-        shared_scores(a, i);
-    } else {
-        shared_softmax(a, range_begin(a.p.B, i, a.R), range_begin(a.p.B, i + 1, a.R));
-        shared_values(a, i);
-    }
+FA_INLINE void shared_range(const Shared<T>& a, int64_t r) {
+    shared_scores(a, r);
+    shared_softmax(a, range_begin(a.p.B, r, a.R), range_begin(a.p.B, r + 1, a.R));
+    shared_values(a, r);
 }
 
 template <typename T>
-void shared_default(const Shared<T>& a, int phase, int64_t i) { shared_phase(a, phase, i); }
+void shared_default(const Shared<T>& a, int64_t r) { shared_range(a, r); }
 #if FASTATTN_X86
 template <typename T>
-FA_TARGET_AVX2 void shared_avx2(const Shared<T>& a, int phase, int64_t i) {
-    shared_phase(a, phase, i);
-}
+FA_TARGET_AVX2 void shared_avx2(const Shared<T>& a, int64_t r) { shared_range(a, r); }
 template <typename T>
-FA_TARGET_AVX512F void shared_avx512(const Shared<T>& a, int phase, int64_t i) {
-    shared_phase(a, phase, i);
-}
+FA_TARGET_AVX512F void shared_avx512(const Shared<T>& a, int64_t r) { shared_range(a, r); }
 
 // While a chunk's picks run, the next chunk's rows stream into L2 in address order, a few
 // lines per pick (random first touches of rows from L3 would each wait for a miss). The
@@ -354,73 +347,67 @@ struct NextChunk {
     }
 };
 
-// fp32, H = 1, Dh = Dv = NV·16: a query's q row (phase 1) or output accumulator (phase 3)
+// fp32, H = 1, Dh = Dv = NV·16: a query's q row (step 1) or output accumulator (step 3)
 // sits in NV zmm registers across its consecutive picks, so a pick costs the NV loads of its
 // key or value row (from L2: its chunk's) and NV FMAs; the next picks' rows are prefetched.
 template <int NV>
-FA_TARGET_AVX512F void shared_avx512_f32(const Shared<float>& a, int phase, int64_t i) {
+FA_TARGET_AVX512F void shared_avx512_f32(const Shared<float>& a, int64_t r) {
     const Problem<float>& p = a.p;
     constexpr int64_t D = NV * 16;
     const int64_t K = p.K;
-    if (phase == 1) {
-        int64_t n = 0;
-        for (int64_t r = 0; r < a.R; ++r) n += a.at[r * (a.C + 1) + i + 1] - a.at[r * (a.C + 1) + i];
-        NextChunk next(p.keys, D, a, i + 1, n);
-        for (int64_t r = 0; r < a.R; ++r) {
-            const int64_t* at = a.at + r * (a.C + 1);
-            const int64_t i0 = at[i], i1 = at[i + 1];
-            int64_t qb = -1;
-            __m512 qv[NV];
-            for (int64_t e = i0; e < i1; ++e) {
-                if (e + kAhead < i1) prefetch_row(p.keys + a.picks[e + kAhead].l * D, D);
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t c = 0; c < a.C; ++c) {  // step 1: the scores
+        const int64_t i0 = at[c], i1 = at[c + 1];
+        NextChunk next(p.keys, D, a, c + 1, i1 - i0);
+        int64_t qb = -1;
+        __m512 qv[NV];
+        for (int64_t e = i0; e < i1; ++e) {
+            if (e + kAhead < i1) prefetch_row(p.keys + a.picks[e + kAhead].l * D, D);
+            next.step();
+            const Pick& pk = a.picks[e];
+            if (pk.b != qb) {
+                qb = pk.b;
+                for (int u = 0; u < NV; ++u) qv[u] = _mm512_loadu_ps(p.q + qb * D + 16 * u);
+            }
+            const float* k = p.keys + pk.l * D;
+            __m512 acc0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            __m512 acc1 = _mm512_setzero_ps();
+            for (int u = 1; u < NV; ++u) {
+                if (u & 1) acc1 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc1);
+                else acc0 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc0);
+            }
+            a.s[pk.b * K + pk.j] = p.scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        }
+    }
+    shared_softmax(a, range_begin(p.B, r, a.R), range_begin(p.B, r + 1, a.R));  // step 2
+    for (int64_t c = 0; c < a.C; ++c) {  // step 3: the weighted sum
+        const int64_t i1 = at[c + 1];
+        NextChunk next(p.values, D, a, c + 1, i1 - at[c]);
+        int64_t e = at[c];
+        while (e < i1) {  // one run of picks of one query per iteration
+            const int64_t b = a.picks[e].b;
+            float* o = a.out + b * D;
+            __m512 acc[NV];
+            for (int u = 0; u < NV; ++u) acc[u] = _mm512_loadu_ps(o + 16 * u);
+            const float* sb = a.s + b * K;
+            do {
+                if (e + kAhead < i1) prefetch_row(p.values + a.picks[e + kAhead].l * D, D);
                 next.step();
                 const Pick& pk = a.picks[e];
-                if (pk.b != qb) {
-                    qb = pk.b;
-                    for (int u = 0; u < NV; ++u) qv[u] = _mm512_loadu_ps(p.q + qb * D + 16 * u);
-                }
-                const float* k = p.keys + pk.l * D;
-                __m512 acc0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-                __m512 acc1 = _mm512_setzero_ps();
-                for (int u = 1; u < NV; ++u) {
-                    if (u & 1) acc1 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc1);
-                    else acc0 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc0);
-                }
-                a.s[pk.b * K + pk.j] = p.scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-            }
-        }
-    } else {
-        shared_softmax(a, range_begin(p.B, i, a.R), range_begin(p.B, i + 1, a.R));
-        const int64_t* at = a.at + i * (a.C + 1);
-        for (int64_t c = 0; c < a.C; ++c) {
-            const int64_t i1 = at[c + 1];
-            NextChunk next(p.values, D, a, c + 1, i1 - at[c]);
-            int64_t e = at[c];
-            while (e < i1) {  // one run of picks of one query per iteration
-                const int64_t b = a.picks[e].b;
-                float* o = a.out + b * D;
-                __m512 acc[NV];
-                for (int u = 0; u < NV; ++u) acc[u] = _mm512_loadu_ps(o + 16 * u);
-                const float* sb = a.s + b * K;
-                do {
-                    if (e + kAhead < i1) prefetch_row(p.values + a.picks[e + kAhead].l * D, D);
-                    next.step();
-                    const Pick& pk = a.picks[e];
-                    const float* v = p.values + pk.l * D;
-                    const __m512 w = _mm512_set1_ps(sb[pk.j]);
-                    for (int u = 0; u < NV; ++u)
-                        acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * u), acc[u]);
-                    ++e;
-                } while (e < i1 && a.picks[e].b == b);
-                for (int u = 0; u < NV; ++u) _mm512_storeu_ps(o + 16 * u, acc[u]);
-            }
+                const float* v = p.values + pk.l * D;
+                const __m512 w = _mm512_set1_ps(sb[pk.j]);
+                for (int u = 0; u < NV; ++u)
+                    acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * u), acc[u]);
+                ++e;
+            } while (e < i1 && a.picks[e].b == b);
+            for (int u = 0; u < NV; ++u) _mm512_storeu_ps(o + 16 * u, acc[u]);
         }
     }
 }
 #endif
 
 template <typename T>
-using SharedFn = void (*)(const Shared<T>&, int, int64_t);
+using SharedFn = void (*)(const Shared<T>&, int64_t);
 
 template <typename T>
 SharedFn<T> shared_fn(const Problem<T>&) {
@@ -482,68 +469,59 @@ void forward_shared(const Problem<T>& p, T* out, T* lse, int nthreads) {
     T* const s = sc.s.data();
 
     const Shared<T> a{p, out, lse, s, picks, at0, R, C, shift};
-    const SharedFn<T> phase = shared_fn(p);
-    bool ok = true;
-#pragma omp parallel num_threads(nthreads)
-    {
-        // Phase 0: per range, count the picks of each chunk and check idx, place the valid
-        // slots (a range's picks start at its first slot, b0·K), clear its outputs and scores.
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; ++r) {
-            int64_t* at = at0 + r * (C + 1);
-            std::fill(at, at + C + 1, int64_t(0));
-            const int64_t b0 = range_begin(B, r, R), b1 = range_begin(B, r + 1, R);
-            uint8_t good = 1;
-            for (const int64_t* ib = p.idx + b0 * K; ib < p.idx + b1 * K; ++ib) {
-                const int64_t l = *ib;
-                good &= l >= -1 && l < L;
-                if (C > 1 && l >= 0 && l < L) ++at[(l >> shift) + 1];
-            }
-            bad[r] = !good;
-            if (good) {
-                // at[c + 1] := the start of chunk c, the cursor that placing advances to
-                // the start of chunk c + 1; then chunk c is picks [at[c], at[c + 1]).
-                int64_t pos = b0 * K;
-                for (int64_t c = 0; c < C; ++c) {
-                    const int64_t n = at[c + 1];
-                    at[c + 1] = pos;
-                    pos += n;
-                }
-                at[0] = b0 * K;
-                if (C == 1) {  // the valid slots in order, the cursor in a register (one
-                    int64_t n = at[0];  // through memory would chain store forwardings)
-                    for (int64_t b = b0; b < b1; ++b) {
-                        for (int64_t j = 0; j < K; ++j) {
-                            const int64_t l = p.idx[b * K + j];
-                            picks[n] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
-                            n += l >= 0;
-                        }
-                    }
-                    at[1] = n;
-                } else {
-                    for (int64_t b = b0; b < b1; ++b) {
-                        for (int64_t j = 0; j < K; ++j) {
-                            const int64_t l = p.idx[b * K + j];
-                            if (l >= 0) picks[at[(l >> shift) + 1]++] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
-                        }
-                    }
-                }
-                std::fill(out + b0 * H * p.Dv, out + b1 * H * p.Dv, T(0));
-                std::fill(s + b0 * H * K, s + b1 * H * K, -std::numeric_limits<T>::infinity());
-            }
+    const SharedFn<T> run = shared_fn(p);
+    // One task per query range, no barrier between the steps (a thread that loses its core
+    // on a loaded machine holds up no other): step 0 here (count the picks of each chunk and
+    // check idx, place the valid slots from the range's first slot b0·K on, clear the
+    // range's outputs and scores), then steps 1-3.
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t* at = at0 + r * (C + 1);
+        std::fill(at, at + C + 1, int64_t(0));
+        const int64_t b0 = range_begin(B, r, R), b1 = range_begin(B, r + 1, R);
+        uint8_t good = 1;
+        for (const int64_t* ib = p.idx + b0 * K; ib < p.idx + b1 * K; ++ib) {
+            const int64_t l = *ib;
+            good &= l >= -1 && l < L;
+            if (C > 1 && l >= 0 && l < L) ++at[(l >> shift) + 1];
         }
-        bool good = true;  // read after the loop's barrier: the same in every thread
-        for (int64_t r = 0; r < R; ++r) good = good && !bad[r];
+        bad[r] = !good;
         if (good) {
-#pragma omp for schedule(static)  // contiguous chunks per thread: the next one prefetched
-            for (int64_t c = 0; c < C; ++c) phase(a, 1, c);
-#pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < R; ++r) phase(a, 2, r);
-        } else {
-#pragma omp single nowait
-            ok = false;
+            // at[c + 1] := the start of chunk c, the cursor that placing advances to
+            // the start of chunk c + 1; then chunk c is picks [at[c], at[c + 1]).
+            int64_t pos = b0 * K;
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t n = at[c + 1];
+                at[c + 1] = pos;
+                pos += n;
+            }
+            at[0] = b0 * K;
+            if (C == 1) {  // the valid slots in order, the cursor in a register (one
+                int64_t n = at[0];  // through memory would chain store forwardings)
+                for (int64_t b = b0; b < b1; ++b) {
+                    for (int64_t j = 0; j < K; ++j) {
+                        const int64_t l = p.idx[b * K + j];
+                        picks[n] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
+                        n += l >= 0;
+                    }
+                }
+                at[1] = n;
+            } else {
+                for (int64_t b = b0; b < b1; ++b) {
+                    for (int64_t j = 0; j < K; ++j) {
+                        const int64_t l = p.idx[b * K + j];
+                        if (l >= 0)
+                        picks[at[(l >> shift) + 1]++] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
+                    }
+                }
+            }
+            std::fill(out + b0 * H * p.Dv, out + b1 * H * p.Dv, T(0));
+            std::fill(s + b0 * H * K, s + b1 * H * K, -std::numeric_limits<T>::infinity());
+            run(a, r);
         }
     }
+    bool ok = true;
+    for (int64_t r = 0; r < R; ++r) ok = ok && !bad[r];
     if (!ok) check_range(p.idx, B * K, -1, L, "topk_attention_fwd", "idx");  // throws
 }
 
