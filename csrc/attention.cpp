@@ -5,7 +5,8 @@
 // Rows are read in place through (hist_index, idx): a query only collects pointers to its
 // valid rows, so no (B, K, D) copy is ever made. Queries are independent; each task writes
 // only its own outputs (out/lse, or dq and its own dk/dv slots), so there are no races, and
-// every result is bitwise the same for any thread count.
+// every result is bitwise the same for any thread count. The forward over one shared
+// history (U == 1) runs chunk by chunk instead ("shared rows" below).
 //
 // The hot loops are the Dh-long dot products and the Dv-long axpys. They are written as
 // plain loops (with `omp simd` reductions, which allow the reassociation a vectorised dot
@@ -173,6 +174,357 @@ FA_INLINE void forward_query(const Problem<T>& p, int64_t b, Scratch<T>& sc, T* 
     }
 }
 
+// ------------------------------------------------------------------ shared rows (U == 1)
+//
+// When every query reads the same history (a shared history, or the table of the indexed
+// form) the rows it selects overlap: B·K picks from L rows. Query by query, each pick is a
+// random read of a key and a value row, and once the rows outgrow L2 those come from L3 or
+// DRAM (measured ~55 ns per pick at L=16k, D=128, against ~25 ns with the rows in L2). So the
+// valid slots are first sorted by chunk of rows (a chunk's key rows fill ~512 KiB, an L2's
+// share), and both passes run chunk by chunk: each chunk's rows are streamed into L2 once per
+// pass and thread, and every pick reads its row from there, while a query's own row (q, or
+// its output accumulator) sits in registers across its picks of the chunk.
+// Each query range r (one per thread) is one task, with no barrier between its steps:
+//   0. count the range's picks of each chunk and check idx, then place its valid slots in
+//      (chunk, query, slot) order (a counting sort);
+//   1. scores s = scale·q·k of its picks, chunk by chunk;
+//   2. softmax of each query over its K slots (empty slots hold -inf; a vector exp), lse;
+//   3. out += p·v over its picks, chunk by chunk.
+// An output row is summed by one thread in (chunk, slot) order, which the thread count does
+// not change: the result is the same for every thread count. (Each thread streams the rows
+// its own queries pick; splitting step 1 by chunk instead would read each key row once,
+// but the barrier it needs stalls both threads whenever one loses its core.)
+
+struct Pick {
+    uint32_t b, j, l;  // query, slot, row
+};
+
+template <typename T>
+struct SharedScratch {
+    AlignedBuffer<Pick> picks;   // valid slots by (query range, chunk, query, slot)
+    AlignedBuffer<T> s;          // (B, H, K) scores, then softmax weights
+    AlignedBuffer<int64_t> at;   // (R, C + 1): chunk c of range r is picks [at[c], at[c + 1])
+    AlignedBuffer<uint8_t> bad;  // (R,): an idx outside [-1, L) in range r
+};
+
+// Kept between calls up to this size; a larger call allocates (and frees) its own.
+constexpr size_t kPooledScratchBytes = size_t(8) << 20;
+// Rows per chunk, in bytes of key rows.
+constexpr int64_t kChunkBytes = int64_t(512) << 10;
+
+// exp(x) for the softmax weights, vectorisable (std::exp is a libm call per element):
+// 2^n·exp(r) with n = round(x/ln2), r = x − n·ln2 by Cody–Waite, exp(r) by the Cephes
+// degree-6 polynomial (relative error ~1e-7, within fp32 rounding of expf). x below the
+// smallest normal result gives 0 (-inf: an empty slot), so no subnormal weight survives.
+FA_INLINE float exp_weight(float x) {
+    const float xc = std::max(std::min(x, 88.3762626647949f), -88.0f);
+    const float t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5·2^23: round to nearest
+    const float n = t - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+    return x < -87.33654475f ? 0.0f : y * scale;
+}
+FA_INLINE double exp_weight(double x) { return std::exp(x); }
+
+// Everything the steps of one shared-rows call read and write.
+template <typename T>
+struct Shared {
+    const Problem<T>& p;
+    T* out;
+    T* lse;
+    T* s;
+    const Pick* picks;
+    const int64_t* at;  // (R, C + 1)
+    int64_t R, C;
+    int shift;          // rows per chunk: 1 << shift
+};
+
+// Query range r of R: [B·r/R, B·(r+1)/R).
+FA_INLINE int64_t range_begin(int64_t B, int64_t r, int64_t R) { return B * r / R; }
+
+// Step 1 for query range r: the scores of its picks. Generic body.
+template <typename T>
+FA_INLINE void shared_scores(const Shared<T>& a, int64_t r) {
+    const Problem<T>& p = a.p;
+    const int64_t H = p.H, Dh = p.Dh, K = p.K, row = H * Dh;
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t i = at[0]; i < at[a.C]; ++i) {
+        const Pick& e = a.picks[i];
+        if (i + kAhead < at[a.C]) prefetch_row(p.keys + a.picks[i + kAhead].l * row, row);
+        for (int64_t h = 0; h < H; ++h)
+            a.s[(e.b * H + h) * K + e.j] =
+                p.scale * dot(p.q + (e.b * H + h) * Dh, p.keys + e.l * row + h * Dh, Dh);
+    }
+}
+
+// Phase 2 for queries [b0, b1): softmax weights over the K slots in place, lse.
+template <typename T>
+FA_INLINE void shared_softmax(const Shared<T>& a, int64_t b0, int64_t b1) {
+    const int64_t H = a.p.H, K = a.p.K;
+    for (int64_t bh = b0 * H; bh < b1 * H; ++bh) {
+        T* s = a.s + bh * K;
+        T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < K; ++j) m = std::max(m, s[j]);
+        if (m == -std::numeric_limits<T>::infinity()) {  // no valid slot: zeros, lse = -inf
+            a.lse[bh] = m;
+            continue;
+        }
+        T z = 0;
+#pragma omp simd reduction(+ : z)
+        for (int64_t j = 0; j < K; ++j) {
+            const T e = exp_weight(s[j] - m);
+            s[j] = e;
+            z += e;
+        }
+        // z >= 1 (the max term is exp(0)), so the division and the log are safe.
+        const T inv = T(1) / z;
+#pragma omp simd
+        for (int64_t j = 0; j < K; ++j) s[j] *= inv;
+        a.lse[bh] = m + std::log(z);
+    }
+}
+
+// Phase 3 for query range r: out += p·v over its picks, in their (chunk, query, slot)
+// order. Generic body.
+template <typename T>
+FA_INLINE void shared_values(const Shared<T>& a, int64_t r) {
+    const Problem<T>& p = a.p;
+    const int64_t H = p.H, Dv = p.Dv, K = p.K, row = H * Dv;
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t i = at[0]; i < at[a.C]; ++i) {
+        const Pick& e = a.picks[i];
+        if (i + kAhead < at[a.C]) prefetch_row(p.values + a.picks[i + kAhead].l * row, row);
+        for (int64_t h = 0; h < H; ++h)
+            axpy(a.out + (e.b * H + h) * Dv, a.s[(e.b * H + h) * K + e.j],
+                 p.values + e.l * row + h * Dv, Dv);
+    }
+}
+
+// Steps 1-3 for query range r.
+template <typename T>
+FA_INLINE void shared_range(const Shared<T>& a, int64_t r) {
+    shared_scores(a, r);
+    shared_softmax(a, range_begin(a.p.B, r, a.R), range_begin(a.p.B, r + 1, a.R));
+    shared_values(a, r);
+}
+
+template <typename T>
+void shared_default(const Shared<T>& a, int64_t r) { shared_range(a, r); }
+#if FASTATTN_X86
+template <typename T>
+FA_TARGET_AVX2 void shared_avx2(const Shared<T>& a, int64_t r) { shared_range(a, r); }
+template <typename T>
+FA_TARGET_AVX512F void shared_avx512(const Shared<T>& a, int64_t r) { shared_range(a, r); }
+
+// While a chunk's picks run, the next chunk's rows stream into L2 in address order, a few
+// lines per pick (random first touches of rows from L3 would each wait for a miss). The
+// count of picks is the current chunk's, a stand-in for the next one's.
+struct NextChunk {
+    const char* at = nullptr;
+    const char* end = nullptr;
+    int64_t per = 0;  // lines per pick
+    template <typename T>
+    NextChunk(const float* base, int64_t row, const Shared<T>& a, int64_t c, int64_t picks) {
+        const int64_t l0 = c << a.shift, l1 = std::min(a.p.L, (c + 1) << a.shift);
+        // Only where the picks read most of the chunk's rows (sparser picks: each row's own
+        // prefetch, kAhead picks ahead, moves less).
+        if (c >= a.C || picks < 2 * (l1 - l0)) return;
+        at = reinterpret_cast<const char*>(base + l0 * row);
+        end = reinterpret_cast<const char*>(base + l1 * row);
+        per = ((end - at) / 64 + picks - 1) / picks;
+    }
+    FA_INLINE void step() {
+        for (int64_t u = 0; u < per && at < end; ++u, at += 64) __builtin_prefetch(at, 0, 2);
+    }
+};
+
+// fp32, H = 1, Dh = Dv = NV·16: a query's q row (step 1) or output accumulator (step 3)
+// sits in NV zmm registers across its consecutive picks, so a pick costs the NV loads of its
+// key or value row (from L2: its chunk's) and NV FMAs; the next picks' rows are prefetched.
+template <int NV>
+FA_TARGET_AVX512F void shared_avx512_f32(const Shared<float>& a, int64_t r) {
+    const Problem<float>& p = a.p;
+    constexpr int64_t D = NV * 16;
+    const int64_t K = p.K;
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t c = 0; c < a.C; ++c) {  // step 1: the scores
+        const int64_t i0 = at[c], i1 = at[c + 1];
+        NextChunk next(p.keys, D, a, c + 1, i1 - i0);
+        int64_t qb = -1;
+        __m512 qv[NV];
+        for (int64_t e = i0; e < i1; ++e) {
+            if (e + kAhead < i1) prefetch_row(p.keys + a.picks[e + kAhead].l * D, D);
+            next.step();
+            const Pick& pk = a.picks[e];
+            if (pk.b != qb) {
+                qb = pk.b;
+                for (int u = 0; u < NV; ++u) qv[u] = _mm512_loadu_ps(p.q + qb * D + 16 * u);
+            }
+            const float* k = p.keys + pk.l * D;
+            __m512 acc0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            __m512 acc1 = _mm512_setzero_ps();
+            for (int u = 1; u < NV; ++u) {
+                if (u & 1) acc1 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc1);
+                else acc0 = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(k + 16 * u), acc0);
+            }
+            a.s[pk.b * K + pk.j] = p.scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        }
+    }
+    shared_softmax(a, range_begin(p.B, r, a.R), range_begin(p.B, r + 1, a.R));  // step 2
+    for (int64_t c = 0; c < a.C; ++c) {  // step 3: the weighted sum
+        const int64_t i1 = at[c + 1];
+        NextChunk next(p.values, D, a, c + 1, i1 - at[c]);
+        int64_t e = at[c];
+        while (e < i1) {  // one run of picks of one query per iteration
+            const int64_t b = a.picks[e].b;
+            float* o = a.out + b * D;
+            __m512 acc[NV];
+            for (int u = 0; u < NV; ++u) acc[u] = _mm512_loadu_ps(o + 16 * u);
+            const float* sb = a.s + b * K;
+            do {
+                if (e + kAhead < i1) prefetch_row(p.values + a.picks[e + kAhead].l * D, D);
+                next.step();
+                const Pick& pk = a.picks[e];
+                const float* v = p.values + pk.l * D;
+                const __m512 w = _mm512_set1_ps(sb[pk.j]);
+                for (int u = 0; u < NV; ++u)
+                    acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * u), acc[u]);
+                ++e;
+            } while (e < i1 && a.picks[e].b == b);
+            for (int u = 0; u < NV; ++u) _mm512_storeu_ps(o + 16 * u, acc[u]);
+        }
+    }
+}
+#endif
+
+template <typename T>
+using SharedFn = void (*)(const Shared<T>&, int64_t);
+
+template <typename T>
+SharedFn<T> shared_fn(const Problem<T>&) {
+#if FASTATTN_X86
+    if (use_avx512f()) return shared_avx512<T>;
+    if (use_avx2()) return shared_avx2<T>;
+#endif
+    return shared_default<T>;
+}
+template <>
+SharedFn<float> shared_fn(const Problem<float>& p) {
+#if FASTATTN_X86
+    if (use_avx512f() && p.H == 1 && p.Dh == p.Dv) {
+        switch (p.Dh) {
+            case 16: return shared_avx512_f32<1>;
+            case 32: return shared_avx512_f32<2>;
+            case 64: return shared_avx512_f32<4>;
+            case 128: return shared_avx512_f32<8>;
+            case 256: return shared_avx512_f32<16>;
+            default: break;
+        }
+    }
+    if (use_avx512f()) return shared_avx512<float>;
+    if (use_avx2()) return shared_avx2<float>;
+#endif
+    return shared_default<float>;
+}
+
+// Whether the shared-rows path serves a call: one history, picks and rows countable in
+// its 32-bit records.
+template <typename T>
+bool use_shared(const Problem<T>& p, int64_t U) {
+    return U == 1 && p.B > 0 && p.H > 0 && p.L > 0 && p.B < (int64_t(1) << 32) &&
+           p.K < (int64_t(1) << 32) && p.L < (int64_t(1) << 32);
+}
+
+// The forward over one shared history (U == 1): hist_index is all 0, checked by the caller.
+template <typename T>
+void forward_shared(const Problem<T>& p, T* out, T* lse, int nthreads) {
+    const int64_t B = p.B, K = p.K, H = p.H, L = p.L;
+    const int64_t R = std::max<int64_t>(1, std::min<int64_t>(nthreads, B));
+    const int64_t row_bytes = std::max<int64_t>(1, H * p.Dh * int64_t(sizeof(T)));
+    int shift = 0;  // rows per chunk: a power of two (a shift, not a division, per pick)
+    while ((int64_t(2) << shift) * row_bytes <= kChunkBytes) ++shift;
+    const int64_t C = ((L - 1) >> shift) + 1;
+
+    // picks: at most B·K (allocated before counting: one region fewer)
+    const size_t bytes = size_t(B * K) * (sizeof(Pick) + H * sizeof(T)) +
+                         size_t(R * (C + 1)) * sizeof(int64_t);
+    ScratchLease<SharedScratch<T>> lease(bytes <= kPooledScratchBytes);
+    SharedScratch<T>& sc = *lease.s;
+    sc.at.resize(R * (C + 1));
+    sc.bad.resize(R);
+    sc.picks.resize(std::max<int64_t>(B * K, 1));
+    sc.s.resize(std::max<int64_t>(B * H * K, 1));
+    int64_t* const at0 = sc.at.data();
+    uint8_t* const bad = sc.bad.data();
+    Pick* const picks = sc.picks.data();
+    T* const s = sc.s.data();
+
+    const Shared<T> a{p, out, lse, s, picks, at0, R, C, shift};
+    const SharedFn<T> run = shared_fn(p);
+    // One task per query range, no barrier between the steps (a thread that loses its core
+    // on a loaded machine holds up no other): step 0 here (count the picks of each chunk and
+    // check idx, place the valid slots from the range's first slot b0·K on, clear the
+    // range's outputs and scores), then steps 1-3.
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t* at = at0 + r * (C + 1);
+        std::fill(at, at + C + 1, int64_t(0));
+        const int64_t b0 = range_begin(B, r, R), b1 = range_begin(B, r + 1, R);
+        uint8_t good = 1;
+        for (const int64_t* ib = p.idx + b0 * K; ib < p.idx + b1 * K; ++ib) {
+            const int64_t l = *ib;
+            good &= l >= -1 && l < L;
+            if (C > 1 && l >= 0 && l < L) ++at[(l >> shift) + 1];
+        }
+        bad[r] = !good;
+        if (good) {
+            // at[c + 1] := the start of chunk c, the cursor that placing advances to
+            // the start of chunk c + 1; then chunk c is picks [at[c], at[c + 1]).
+            int64_t pos = b0 * K;
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t n = at[c + 1];
+                at[c + 1] = pos;
+                pos += n;
+            }
+            at[0] = b0 * K;
+            if (C == 1) {  // the valid slots in order, the cursor in a register (one
+                int64_t n = at[0];  // through memory would chain store forwardings)
+                for (int64_t b = b0; b < b1; ++b) {
+                    for (int64_t j = 0; j < K; ++j) {
+                        const int64_t l = p.idx[b * K + j];
+                        picks[n] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
+                        n += l >= 0;
+                    }
+                }
+                at[1] = n;
+            } else {
+                for (int64_t b = b0; b < b1; ++b) {
+                    for (int64_t j = 0; j < K; ++j) {
+                        const int64_t l = p.idx[b * K + j];
+                        if (l >= 0)
+                        picks[at[(l >> shift) + 1]++] = Pick{uint32_t(b), uint32_t(j), uint32_t(l)};
+                    }
+                }
+            }
+            std::fill(out + b0 * H * p.Dv, out + b1 * H * p.Dv, T(0));
+            std::fill(s + b0 * H * K, s + b1 * H * K, -std::numeric_limits<T>::infinity());
+            run(a, r);
+        }
+    }
+    bool ok = true;
+    for (int64_t r = 0; r < R; ++r) ok = ok && !bad[r];
+    if (!ok) check_range(p.idx, B * K, -1, L, "topk_attention_fwd", "idx");  // throws
+}
+
 // Backward of one query. lse is given, so p_j = exp(s_j - lse) needs no second pass and
 // each slot is finished in one visit: dv_j = p g, ds = p (g.v_j - g.out),
 // dq += scale ds k_j, dk_j = scale ds q. When dv_slots is dk_slots (the keys are the
@@ -313,6 +665,12 @@ void fwd_impl(const T* q, const T* keys, const T* values, const int64_t* idx,
               const int64_t* hist_index, int64_t B, int64_t H, int64_t Dh, int64_t Dv, int64_t U,
               int64_t L, int64_t K, double scale, T* out, T* lse, int nthreads) {
     const Problem<T> p{q, keys, values, idx, hist_index, B, H, Dh, Dv, L, K, static_cast<T>(scale)};
+    // One shared history: the rows' path (above).
+    if (use_shared(p, U)) {
+        check_range(hist_index, B, 0, 1, "topk_attention_fwd", "hist_index");
+        forward_shared(p, out, lse, nthreads);
+        return;
+    }
     run_queries<Fwd<T>, T>(Fwd<T>{p, out, lse}, "topk_attention_fwd", U, nthreads);
 }
 

@@ -223,34 +223,13 @@ FA_INLINE void stream_fence() {
 #endif
 }
 
-// The O(U·L) scratch of step 1, kept between calls: fresh pages cost a fault each, and on
-// a VM that costs more than the kernel's own pass over them (measured: ~1 ms per MB, 20-40 ms
-// of a 4M-position call). One set per process; a call that finds it taken by a concurrent
-// call allocates its own. Holds ~14 bytes per position of the largest call so far.
+// The O(U·L) scratch of step 1, kept between calls (ScratchLease, common.h: measured 20-40 ms
+// of page faults in a 4M-position call otherwise). Holds ~14 bytes per position of the
+// largest call so far.
 struct StepOneScratch {
     AlignedBuffer<int64_t> seg_id;
     AlignedBuffer<uint16_t> seg_part;
     AlignedBuffer<uint64_t> loc;  // Pos[V], as 8-byte words
-};
-struct ScratchLease {
-    StepOneScratch* s;
-    bool pooled;
-    ScratchLease() {
-        static StepOneScratch pool;
-        static std::mutex m;
-        pooled = m.try_lock();
-        s = pooled ? &pool : new StepOneScratch();
-        unlock = pooled ? &m : nullptr;
-    }
-    ~ScratchLease() {
-        if (pooled) unlock->unlock();
-        else delete s;
-    }
-    ScratchLease(const ScratchLease&) = delete;
-    ScratchLease& operator=(const ScratchLease&) = delete;
-
-   private:
-    std::mutex* unlock = nullptr;
 };
 
 // Pos: the type of a valid index, entry or local index (uint32_t when U * L allows: half
@@ -284,7 +263,7 @@ std::vector<int64_t> unique_rows_impl(const int64_t* ids, const int64_t* lengths
     //    buffers costs no memory); loc[v] = local index of valid position v;
     //    count1[c * P1 + p] = entries of segment c in partition p.
     const HashBlockFn hash_block = pick_hash_block();
-    ScratchLease lease;
+    ScratchLease<StepOneScratch> lease;
     lease.s->seg_id.resize(V);
     lease.s->seg_part.resize(V);
     lease.s->loc.resize((V * sizeof(Pos) + 7) / 8);

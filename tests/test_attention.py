@@ -223,3 +223,50 @@ def test_bad_input():
         fastattn.topk_attention(q, keys, values, torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="lengths must have shape"):
         fastattn.target_attention(q, keys, values, lengths=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("H,D", [(None, 128), (2, 16)])
+def test_shared_history_chunks(cpu_kernel_backend, H, D):
+    """One shared history over several row chunks (the C++ forward's chunked path: fp32
+    D=128 single-head runs its AVX-512 register kernel, multi-head the generic one),
+    repeated and empty slots included: equal to the fp64 reference, and the same bits for
+    every thread count."""
+    torch.manual_seed(3)
+    B, L, K = 24, 2600, 40                       # 1,024 rows of D=128 per chunk: 3 chunks
+    q, keys, values, _, _ = _inputs(B, 1, L, H, D, D, dtype=torch.float32)
+    idx = torch.randint(0, L, (B, K))
+    idx[:, -3:] = -1                             # empty slots
+    idx[1] = -1                                  # a query with none
+    idx[2, :5] = 7                               # one row picked five times
+    want, _ = ref.topk_attention(*(t.double() for t in (q.reshape(B, H or 1, D),
+                                                         keys.reshape(1, L, H or 1, D),
+                                                         values.reshape(1, L, H or 1, D))),
+                                 idx, None, D ** -0.5)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fastattn.topk_attention(q, keys, values, idx,
+                                                backend=cpu_kernel_backend))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0].double().reshape(want.shape), want, **TOL[torch.float32])
+    assert (outs[0][1] == 0).all()
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_shared_history_kernel_checks_idx():
+    """The C++ chunked forward checks idx itself (the direct eta_attention path relies on
+    it): out of range raises, never reads outside the history."""
+    from conftest import _require
+    _require("cpp")
+    from fastattn import _C
+    q = torch.zeros(3, 1, 16).numpy()
+    kv = torch.zeros(1, 10, 1, 16).numpy()
+    hist = torch.zeros(3, dtype=torch.int64).numpy()
+    out, lse = torch.empty(3, 1, 16).numpy(), torch.empty(3, 1).numpy()
+    for bad in (10, -2):
+        idx = torch.tensor([[0, 1], [2, bad], [3, -1]]).numpy()
+        with pytest.raises((IndexError, ValueError), match="idx"):
+            _C.topk_attention_fwd(q, kv, kv, idx, hist, 1.0, out, lse, 2)

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._common import (FLOAT_DTYPES, backend_for, check_hist_index, check_hist_rows,
-                      check_lengths, check_same_device, check_tensor, cpu_call, kernels,
-                      layout)
+                      check_lengths, check_same_device, check_tensor, cpu_call, eager_plain,
+                      kernels, layout)
 from .hamming import check_topk_inputs, topk_op
 from .gather import scatter_add_rows, slot_layout
 
@@ -40,14 +40,18 @@ _SLOT_CHUNK_ELEMS = 1 << 24
 # both, e.g. raw behaviour embeddings): the backward then writes one gradient buffer with
 # both contributions instead of two (N, ·) buffers and their sum.
 
-@torch.library.custom_op("fastattn::topk_attention", mutates_args=())
-def _topk_attention(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
-                    hist_index: Optional[Tensor], hist_rows: Optional[Tensor], scale: float,
-                    backend: str) -> Tuple[Tensor, Tensor]:
+def _topk_attention_impl(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
+                         hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
+                         scale: float, backend: str,
+                         checked: bool = False) -> Tuple[Tensor, Tensor]:
+    """The forward of ``fastattn::topk_attention`` (the op runs it with ``checked`` False).
+    ``checked``: idx and hist_index come from a retrieval that checked them (eta_attention's
+    direct path), so their ranges are not checked again."""
     B, H, Dh = q.shape
     values = keys if values is None else values
     Dv = values.shape[-1]
-    ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device)
+    ix, hist, U, L = slot_layout(idx, hist_index, hist_rows, keys.shape[:-2], q.device,
+                                 checked=checked)
     keys, values = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
     if backend == "torch":
         out, lse = ref.topk_attention(q, keys, values, ix, hist, scale)
@@ -59,11 +63,21 @@ def _topk_attention(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tens
     # CPU kernels compute in fp32/fp64: half inputs are widened (one copy of the history).
     acc = _acc_dtype(q.dtype)
     qc, kc, vc = (t.to(acc).contiguous() for t in (q, keys, values))
-    out = torch.zeros(B, H, Dv, dtype=acc)
-    lse = torch.full((B, H), float("-inf"), dtype=acc)
+    if backend == "cpp" and B and H:  # the C++ kernel writes every element
+        out, lse = torch.empty(B, H, Dv, dtype=acc), torch.empty(B, H, dtype=acc)
+    else:
+        out = torch.zeros(B, H, Dv, dtype=acc)
+        lse = torch.full((B, H), float("-inf"), dtype=acc)
     if B and H:
         cpu_call(backend, "topk_attention_fwd", qc, kc, vc, ix, hist, float(scale), out, lse)
     return out.to(q.dtype), lse
+
+
+@torch.library.custom_op("fastattn::topk_attention", mutates_args=())
+def _topk_attention(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tensor,
+                    hist_index: Optional[Tensor], hist_rows: Optional[Tensor], scale: float,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    return _topk_attention_impl(q, keys, values, idx, hist_index, hist_rows, scale, backend)
 
 
 @_topk_attention.register_fake
@@ -305,9 +319,15 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
     be = backend_for(dev, backend)
     _, idx = topk_op(q_sig, k_sig, lengths, hist_index, hist_rows)(
         q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
-                                               hist_index, hist_rows,
-                                               _scale(scale, q3.shape[-1]), be)
+    args = (q3, k4, _untied(keys, values, v4), idx, hist_index, hist_rows,
+            _scale(scale, q3.shape[-1]), be)
+    if eager_plain(q, keys, values, hist_index, hist_rows):
+        # Plain eager CPU tensors, no grad: the op's forward itself, without the
+        # dispatcher, and without checking again the idx and hist_index the retrieval
+        # produced and checked (the same direct path as the retrieval's, topk_op).
+        out, _ = _topk_attention_impl(*args, checked=True)
+    else:
+        out, _ = torch.ops.fastattn.topk_attention(*args)
     return out.squeeze(1) if single else out
 
 

@@ -19,8 +19,11 @@ def check_idx_range(idx: Tensor, L: int) -> None:
 
 
 def slot_layout(idx: Tensor, hist_index: Optional[Tensor], hist_rows: Optional[Tensor],
-                rows_shape: Sequence[int], device) -> Tuple[Tensor, Tensor, int, int]:
-    """Where the selected slots live: (idx, hist, U, L) for the dense kernels, values checked.
+                rows_shape: Sequence[int], device, *,
+                checked: bool = False) -> Tuple[Tensor, Tensor, int, int]:
+    """Where the selected slots live: (idx, hist, U, L) for the dense kernels, values checked
+    (``checked``: idx and hist_index were already checked by the caller, e.g. they come from
+    a retrieval over the same histories, and only the indexed form's rows are).
 
     Dense form: the histories (U, L, ...) themselves. Indexed form: the table (N, ...) is read
     as one history of N rows, and each slot's position becomes its table row
@@ -29,8 +32,12 @@ def slot_layout(idx: Tensor, hist_index: Optional[Tensor], hist_rows: Optional[T
     """
     B = idx.shape[0]
     U, L = rows_shape if hist_rows is None else hist_rows.shape
-    hist = checked_hist_index(hist_index, B, U, device)
-    check_idx_range(idx, L)
+    if checked:
+        hist = (ref.default_hist_index(B, U, device) if hist_index is None
+                else hist_index.to(torch.int64).contiguous())
+    else:
+        hist = checked_hist_index(hist_index, B, U, device)
+        check_idx_range(idx, L)
     if hist_rows is None:
         return idx, hist, U, L
     n = rows_shape[0]
