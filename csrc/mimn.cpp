@@ -327,6 +327,67 @@ FA_INLINE void ntm_bwd_pass1(const T* M, const T* G, int64_t m, int64_t D, const
         s[i] = a, q[i] = b;
     }
 }
+// The forward's read and write in one pass; M_out may be M.
+template <typename T>
+FA_INLINE void ntm_read_write(const T* M, int64_t m, int64_t D, const T* wt, const T* wr,
+                              const T* er, const T* ad, T* read, T* M_out) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::ntm_read_write<F512>(M, m, D, wt, wr, er, ad, read, M_out);
+        if (isa == 1) return simd256::ntm_read_write<F256>(M, m, D, wt, wr, er, ad, read, M_out);
+    }
+#endif
+    std::fill(read, read + D, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+        const T c = wt[i], cr = wr[i];
+        const T* Mi = M + i * D;
+        T* Oi = M_out + i * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            read[e] += cr * v;
+            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
+        }
+    }
+}
+// The backward's pass over the memory for both content addressings (mimn_simd.inc
+// ntm_bwd_pass2): dM += ..., dkr and dkw written, through the heads' tanh derivatives.
+template <typename T>
+FA_INLINE void ntm_bwd_pass2(const T* M, int64_t m, int64_t D, const T* ca, const T* cb,
+                             const T* cc1, const T* cc2, const T* kr, const T* kw, T ckr, T ckw,
+                             T* dM, T* dkr, T* dkw) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2)
+            return simd512::ntm_bwd_pass2<F512>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
+                                                dkr, dkw);
+        if (isa == 1)
+            return simd256::ntm_bwd_pass2<F256>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
+                                                dkr, dkw);
+    }
+#endif
+    std::fill(dkr, dkr + D, T(0));
+    std::fill(dkw, dkw + D, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+        const T a = ca[i], b = cb[i], c = cc1[i] + cc2[i];
+        const T* Mi = M + i * D;
+        T* dMi = dM + i * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            dMi[e] += a * kr[e] + b * kw[e] + c * v;
+            dkr[e] += a * v;
+            dkw[e] += b * v;
+        }
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < D; ++e) {
+        dkr[e] = (dkr[e] + ckr * kr[e]) * (T(1) - kr[e] * kr[e]);
+        dkw[e] = (dkw[e] + ckw * kw[e]) * (T(1) - kw[e] * kw[e]);
+    }
+}
 
 // A kernel body compiled three times (default, AVX2, AVX-512 targets: its inlined loops are
 // vectorised for each) and picked by mimn_isa() at run time.
@@ -624,16 +685,20 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
     const T nk = std::sqrt(dot(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
-    T mx = -std::numeric_limits<T>::infinity();
+    // per-slot loops vectorised over the m slots (m = 16: one AVX-512 vector)
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
-        mx = std::max(mx, w[i]);
     }
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < m; ++i) mx = std::max(mx, w[i]);
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) w[i] -= mx;
     exp_n(w, m);
     T sum = 0;
     for (int64_t i = 0; i < m; ++i) sum += w[i];
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) w[i] /= sum;
 }
 
@@ -650,17 +715,17 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
     T sdw = 0;
     for (int64_t i = 0; i < m; ++i) sdw += w[i] * dw[i];
     T dbeta = 0, dnk = 0;
+    // vectorised over the slots (the divisions were most of this function's time)
+#pragma omp simd reduction(+ : dbeta, dnk)
     for (int64_t i = 0; i < m; ++i) {
         const T ds = w[i] * (dw[i] - sdw);
         dbeta += ds * dots[i] / den[i];
         const T dc = ds * beta;
         const T ddot = dc / den[i];
         const T dden = -dc * dots[i] / (den[i] * den[i]);
-        T dnM = 0;
-        if (nk * nM[i] >= T(1e-8)) {
-            dnk += dden * nM[i];
-            dnM = dden * nk;
-        }
+        const bool on = nk * nM[i] >= T(1e-8);
+        dnk += on ? dden * nM[i] : T(0);
+        const T dnM = on ? dden * nk : T(0);
         ddot_out[i] = ddot;
         cM_out[i] = nM[i] > T(0) ? dnM / nM[i] : T(0);
     }
@@ -694,6 +759,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
     T* wd = rec + L.n_wd;
     // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
     ntm_row_dots(M, m, D, kr, kw, nM, rd + 1, wd + 1);
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
     content_fwd(kr, act[D], nM, m, D, rd);
     content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
@@ -725,19 +791,9 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
         copy(wt, ww, m);
     }
     // read (from M before the write) and write in one pass; in place when M_out = M
-    zero(read, D);
-    for (int64_t i = 0; i < m; ++i) {
-        g_out[i] = g[i] + wt[i];
-        const T c = wt[i], cr = wr[i];
-        const T* Mi = M + i * D;
-        T* Oi = M_out + i * D;
 #pragma omp simd
-        for (int64_t e = 0; e < D; ++e) {
-            const T v = Mi[e];
-            read[e] += cr * v;
-            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
-        }
-    }
+    for (int64_t i = 0; i < m; ++i) g_out[i] = g[i] + wt[i];
+    ntm_read_write(M, m, D, wt, wr, er, ad, read, M_out);
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
@@ -798,26 +854,8 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     T* cw_M = work + 6 * m;
     const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr);
     const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw);
-    for (int64_t i = 0; i < m; ++i) {
-        const T a = cr_dot[i], b = cw_dot[i], c = cr_M[i] + cw_M[i];
-        const T* Mi = M + i * D;
-        T* dMi = dM + i * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) {
-            const T v = Mi[e];
-            dMi[e] += a * kr[e] + b * kw[e] + c * v;
-            dkr[e] += a * v;
-            dkw[e] += b * v;
-        }
-    }
-#pragma omp simd
-    for (int64_t e = 0; e < D; ++e) {
-        dkr[e] += ckr * kr[e];
-        dkw[e] += ckw * kw[e];
-    }
-    // Head activations.
-    for (int64_t e = 0; e < D; ++e) dkr[e] *= T(1) - kr[e] * kr[e];
-    for (int64_t e = 0; e < D; ++e) dkw[e] *= T(1) - kw[e] * kw[e];
+    // ... and the heads' tanh derivatives of dkr, dkw
+    ntm_bwd_pass2(M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, dM, dkr, dkw);
     dhead[D] = dbr * spg[0];
     dhead[2 * D + 1] = dbw * spg[1];
     for (int64_t e = 0; e < D; ++e) de[e] *= er[e] * (T(1) - er[e]);
