@@ -45,6 +45,23 @@ constexpr int64_t kTileRows = 16;
 // Smaller batches (a serving step: B = 1) use one tile of B rows.
 inline int64_t tile_rows(int64_t B) { return std::min<int64_t>(kTileRows, std::max<int64_t>(B, 1)); }
 
+// The A operand of the tile GEMMs (mimn_simd.inc gemm): A(i, k) of a strided matrix, or of
+// rows given by pointers (states and inputs read in place, no packing copy).
+template <typename T>
+struct StridedA {
+    const T* p;
+    int64_t si, sk;
+    T at(int64_t r, int64_t k) const { return p[r * si + k * sk]; }
+    StridedA rows(int64_t i) const { return {p + i * si, si, sk}; }
+};
+template <typename T>
+struct RowsA {
+    const T* const* p;  // row r starts at p[r] + off
+    int64_t off;
+    T at(int64_t r, int64_t k) const { return p[r][off + k]; }
+    RowsA rows(int64_t i) const { return {p + i, off}; }
+};
+
 // ----------------------------------------------------------------------------- vector traits
 
 #if FASTATTN_X86
@@ -327,6 +344,67 @@ FA_INLINE void ntm_bwd_pass1(const T* M, const T* G, int64_t m, int64_t D, const
         s[i] = a, q[i] = b;
     }
 }
+// The forward's read and write in one pass; M_out may be M.
+template <typename T>
+FA_INLINE void ntm_read_write(const T* M, int64_t m, int64_t D, const T* wt, const T* wr,
+                              const T* er, const T* ad, T* read, T* M_out) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::ntm_read_write<F512>(M, m, D, wt, wr, er, ad, read, M_out);
+        if (isa == 1) return simd256::ntm_read_write<F256>(M, m, D, wt, wr, er, ad, read, M_out);
+    }
+#endif
+    std::fill(read, read + D, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+        const T c = wt[i], cr = wr[i];
+        const T* Mi = M + i * D;
+        T* Oi = M_out + i * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            read[e] += cr * v;
+            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
+        }
+    }
+}
+// The backward's pass over the memory for both content addressings (mimn_simd.inc
+// ntm_bwd_pass2): dM += ..., dkr and dkw written, through the heads' tanh derivatives.
+template <typename T>
+FA_INLINE void ntm_bwd_pass2(const T* M, int64_t m, int64_t D, const T* ca, const T* cb,
+                             const T* cc1, const T* cc2, const T* kr, const T* kw, T ckr, T ckw,
+                             T* dM, T* dkr, T* dkw) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2)
+            return simd512::ntm_bwd_pass2<F512>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
+                                                dkr, dkw);
+        if (isa == 1)
+            return simd256::ntm_bwd_pass2<F256>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
+                                                dkr, dkw);
+    }
+#endif
+    std::fill(dkr, dkr + D, T(0));
+    std::fill(dkw, dkw + D, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+        const T a = ca[i], b = cb[i], c = cc1[i] + cc2[i];
+        const T* Mi = M + i * D;
+        T* dMi = dM + i * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) {
+            const T v = Mi[e];
+            dMi[e] += a * kr[e] + b * kw[e] + c * v;
+            dkr[e] += a * v;
+            dkw[e] += b * v;
+        }
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < D; ++e) {
+        dkr[e] = (dkr[e] + ckr * kr[e]) * (T(1) - kr[e] * kr[e]);
+        dkw[e] = (dkw[e] + ckw * kw[e]) * (T(1) - kw[e] * kw[e]);
+    }
+}
 
 // A kernel body compiled three times (default, AVX2, AVX-512 targets: its inlined loops are
 // vectorised for each) and picked by mimn_isa() at run time.
@@ -393,36 +471,47 @@ inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // C[i, :Np] = init[i, :Np] + Σ_{k<K} A(i, k) B[k, :Np] for i < M, A(i, k) = A[i·asi + k·ask];
 // init null = 0, ldi = 0 broadcasts a bias row, init = C accumulates. Np % 16 == 0.
-template <typename T>
-void gemm_ref(int64_t M, int64_t Np, int64_t K, const T* A, int64_t asi, int64_t ask,
-              const T* B, int64_t ldb, const T* init, int64_t ldi, T* C, int64_t ldc) {
+template <typename T, class AA>
+void gemm_ref(int64_t M, int64_t Np, int64_t K, AA A, const T* B, int64_t ldb, const T* init,
+              int64_t ldi, T* C, int64_t ldc) {
     for (int64_t i = 0; i < M; ++i) {
         T* c = C + i * ldc;
         if (init == nullptr) zero(c, Np);
         else if (init + i * ldi != c) copy(c, init + i * ldi, Np);
         for (int64_t k = 0; k < K; ++k) {
-            const T a = A[i * asi + k * ask];
+            const T a = A.at(i, k);
             const T* b = B + k * ldb;
 #pragma omp simd
             for (int64_t j = 0; j < Np; ++j) c[j] += a * b[j];
         }
     }
 }
-template <typename T>
-inline void gemm(int64_t M, int64_t Np, int64_t K, const T* A, int64_t asi, int64_t ask,
-                 const T* B, int64_t ldb, const T* init, int64_t ldi, T* C, int64_t ldc) {
+template <typename T, class AA>
+inline void gemm_a(int64_t M, int64_t Np, int64_t K, AA A, const T* B, int64_t ldb,
+                   const T* init, int64_t ldi, T* C, int64_t ldc) {
     if (M <= 0 || Np <= 0) return;
 #if FASTATTN_X86
     const int isa = mimn_isa();
     if constexpr (std::is_same_v<T, float>) {
-        if (isa == 2) return simd512::gemm<F512, 6>(M, Np, K, A, asi, ask, B, ldb, init, ldi, C, ldc);
-        if (isa == 1) return simd256::gemm<F256, 3>(M, Np, K, A, asi, ask, B, ldb, init, ldi, C, ldc);
+        if (isa == 2) return simd512::gemm<F512, 6>(M, Np, K, A, B, ldb, init, ldi, C, ldc);
+        if (isa == 1) return simd256::gemm<F256, 3>(M, Np, K, A, B, ldb, init, ldi, C, ldc);
     } else {
-        if (isa == 2) return simd512::gemm<D512, 6>(M, Np, K, A, asi, ask, B, ldb, init, ldi, C, ldc);
-        if (isa == 1) return simd256::gemm<D256, 3>(M, Np, K, A, asi, ask, B, ldb, init, ldi, C, ldc);
+        if (isa == 2) return simd512::gemm<D512, 6>(M, Np, K, A, B, ldb, init, ldi, C, ldc);
+        if (isa == 1) return simd256::gemm<D256, 3>(M, Np, K, A, B, ldb, init, ldi, C, ldc);
     }
 #endif
-    gemm_ref(M, Np, K, A, asi, ask, B, ldb, init, ldi, C, ldc);
+    gemm_ref(M, Np, K, A, B, ldb, init, ldi, C, ldc);
+}
+template <typename T>
+inline void gemm(int64_t M, int64_t Np, int64_t K, const T* A, int64_t asi, int64_t ask,
+                 const T* B, int64_t ldb, const T* init, int64_t ldi, T* C, int64_t ldc) {
+    gemm_a(M, Np, K, StridedA<T>{A, asi, ask}, B, ldb, init, ldi, C, ldc);
+}
+// A given by row pointers: row r of A is A[r] + off.
+template <typename T>
+inline void gemm(int64_t M, int64_t Np, int64_t K, const T* const* A, int64_t off, const T* B,
+                 int64_t ldb, const T* init, int64_t ldi, T* C, int64_t ldc) {
+    gemm_a(M, Np, K, RowsA<T>{A, off}, B, ldb, init, ldi, C, ldc);
 }
 
 // ----------------------------------------------------------------------------- layouts
@@ -527,14 +616,15 @@ struct GruWork {
     void carve(Arena<T>& ar, int64_t rows, int64_t Np) { a = ar.take(rows * Np), b = ar.take(rows * Np); }
 };
 
-// The GRU's elementwise part, row by row: gi, gh (n, Np) gate pre-activations.
+// The GRU's elementwise part, row by row: gi, gh (n, Np) gate pre-activations, hs[r] the
+// hidden state (hout[r] may be hs[r]: in place).
 template <typename T>
-FA_INLINE void gru_gates_fwd_body(int64_t H, int64_t Np, int64_t Hp, int64_t n, const T* gia,
-                                  const T* gha, const T* Hm, T* const* tape, T* const* hout) {
+FA_INLINE void gru_gates_fwd_body(int64_t H, int64_t Np, int64_t n, const T* gia, const T* gha,
+                                  const T* const* hs, T* const* tape, T* const* hout) {
     for (int64_t r = 0; r < n; ++r) {
         const T* gi = gia + r * Np;
         const T* gh = gha + r * Np;
-        const T* h = Hm + r * Hp;
+        const T* h = hs[r];
         T* tp = tape[r];
         T *rg = tp, *z = tp + H, *nn = tp + 2 * H, *ghn = tp + 3 * H;
 #pragma omp simd
@@ -582,15 +672,20 @@ FA_INLINE void gru_gates_bwd_body(int64_t H, int64_t Np, int64_t Hp, int64_t n, 
 }
 FA_ISA_VARIANTS(gru_gates_bwd)
 
-// torch.nn.GRUCell over n rows: X (n, Kp) inputs, Hm (n, Hp) hidden states (contiguous,
-// padded) -> hout[r] (H) for each row; tape[r] (4H) = [r, z, n, W_hn h + b_hn].
+// torch.nn.GRUCell over n rows, its operands read in place through row pointers: the input
+// is [xa[r] (Ka) | xb[r] (K − Ka)] (two products into one accumulator: each element is
+// still summed in k order), the hidden state h[r] (H) -> hout[r] (H, may be h[r]);
+// tape[r] (4H) = [r, z, n, W_hn h + b_hn].
 template <typename T>
-void gru_tile_fwd(const GruP<T>& c, int64_t n, const T* X, const T* Hm, T* const* tape,
-                  T* const* hout, const GruWork<T>& w) {
-    gemm(n, c.Np, c.K, X, c.Kp, 1, c.wih_t.data(), c.Np, c.bih.data(), 0, w.a, c.Np);
-    gemm(n, c.Np, c.H, Hm, c.Hp, 1, c.whh_t.data(), c.Np, c.bhh.data(), 0, w.b, c.Np);
-    gru_gates_fwd(c.H, c.Np, c.Hp, n, static_cast<const T*>(w.a), static_cast<const T*>(w.b),
-                  Hm, tape, hout);
+void gru_tile_fwd(const GruP<T>& c, int64_t n, const T* const* xa, int64_t Ka,
+                  const T* const* xb, const T* const* h, T* const* tape, T* const* hout,
+                  const GruWork<T>& w) {
+    gemm(n, c.Np, Ka, xa, 0, c.wih_t.data(), c.Np, c.bih.data(), 0, w.a, c.Np);
+    gemm(n, c.Np, c.K - Ka, xb, 0, c.wih_t.data() + Ka * c.Np, c.Np,
+         static_cast<const T*>(w.a), c.Np, w.a, c.Np);
+    gemm(n, c.Np, c.H, h, 0, c.whh_t.data(), c.Np, c.bhh.data(), 0, w.b, c.Np);
+    gru_gates_fwd(c.H, c.Np, n, static_cast<const T*>(w.a), static_cast<const T*>(w.b), h,
+                  tape, hout);
 }
 
 // Its backward given dh_out[r] (H): writes dX (n, Kp) and dH (n, Hp) (the gradients of X
@@ -624,16 +719,22 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
     const T nk = std::sqrt(dot(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
-    T mx = -std::numeric_limits<T>::infinity();
+    // per-slot loops vectorised over the m slots (m = 16: one AVX-512 vector)
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
-        mx = std::max(mx, w[i]);
     }
+    T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < m; ++i) mx = std::max(mx, w[i]);
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) w[i] -= mx;
     exp_n(w, m);
     T sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < m; ++i) sum += w[i];
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) w[i] /= sum;
 }
 
@@ -648,19 +749,20 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
     const T nk = rec[0];
     const T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     T sdw = 0;
+#pragma omp simd reduction(+ : sdw)
     for (int64_t i = 0; i < m; ++i) sdw += w[i] * dw[i];
     T dbeta = 0, dnk = 0;
+    // vectorised over the slots (the divisions were most of this function's time)
+#pragma omp simd reduction(+ : dbeta, dnk)
     for (int64_t i = 0; i < m; ++i) {
         const T ds = w[i] * (dw[i] - sdw);
         dbeta += ds * dots[i] / den[i];
         const T dc = ds * beta;
         const T ddot = dc / den[i];
         const T dden = -dc * dots[i] / (den[i] * den[i]);
-        T dnM = 0;
-        if (nk * nM[i] >= T(1e-8)) {
-            dnk += dden * nM[i];
-            dnM = dden * nk;
-        }
+        const bool on = nk * nM[i] >= T(1e-8);
+        dnk += on ? dden * nM[i] : T(0);
+        const T dnM = on ? dden * nk : T(0);
         ddot_out[i] = ddot;
         cM_out[i] = nM[i] > T(0) ? dnM / nM[i] : T(0);
     }
@@ -694,6 +796,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
     T* wd = rec + L.n_wd;
     // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
     ntm_row_dots(M, m, D, kr, kw, nM, rd + 1, wd + 1);
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
     content_fwd(kr, act[D], nM, m, D, rd);
     content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
@@ -703,41 +806,40 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
         T* Pm = rec + L.n_Pm;
-        copy(Pm, mur_b, m);  // Pm += g(k) W[:, k], W transposed: vector over the outputs
-        for (int64_t k = 0; k < m; ++k) {
-            const T gk = g[k];
-            const T* wk = mur_wt + k * m;
+        // Pm(j) = b(j) + Σ_k g(k) W[j, k], W transposed: vectorised over the outputs j, the
+        // sum over k in a register
 #pragma omp simd
-            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
+        for (int64_t j = 0; j < m; ++j) {
+            T acc = mur_b[j];
+            for (int64_t k = 0; k < m; ++k) acc += g[k] * mur_wt[k * m + j];
+            Pm[j] = acc;
         }
         T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
         for (int64_t i = 0; i < m; ++i) mx = std::max(mx, Pm[i]);
+#pragma omp simd
         for (int64_t i = 0; i < m; ++i) Pm[i] -= mx;
         exp_n(Pm, m);
         T s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < m; ++i) s += Pm[i];
-        for (int64_t i = 0; i < m; ++i) Pm[i] /= s;
         T u = 0;
-        for (int64_t i = 0; i < m; ++i) u += (wt[i] = ww[i] * Pm[i]);
+#pragma omp simd reduction(+ : u)
+        for (int64_t i = 0; i < m; ++i) {
+            Pm[i] /= s;
+            wt[i] = ww[i] * Pm[i];
+            u += wt[i];
+        }
         rec[L.n_sum] = u;
+#pragma omp simd
         for (int64_t i = 0; i < m; ++i) wt[i] /= u;
     } else {
         copy(wt, ww, m);
     }
     // read (from M before the write) and write in one pass; in place when M_out = M
-    zero(read, D);
-    for (int64_t i = 0; i < m; ++i) {
-        g_out[i] = g[i] + wt[i];
-        const T c = wt[i], cr = wr[i];
-        const T* Mi = M + i * D;
-        T* Oi = M_out + i * D;
 #pragma omp simd
-        for (int64_t e = 0; e < D; ++e) {
-            const T v = Mi[e];
-            read[e] += cr * v;
-            Oi[e] = v * (T(1) - c * er[e]) + c * ad[e];
-        }
-    }
+    for (int64_t i = 0; i < m; ++i) g_out[i] = g[i] + wt[i];
+    ntm_read_write(M, m, D, wt, wr, er, ad, read, M_out);
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
@@ -775,14 +877,17 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
         const T* Pm = rec + L.n_Pm;
         const T u = rec[L.n_sum];
         T s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < m; ++i) s += dwt[i] * wt[i];
         T sp = 0;
+#pragma omp simd reduction(+ : sp)
         for (int64_t i = 0; i < m; ++i) {
             const T du = (dwt[i] - s) / u;
             dww[i] = du * Pm[i];
             tmp[i] = du * ww[i];  // dP
             sp += tmp[i] * Pm[i];
         }
+#pragma omp simd
         for (int64_t i = 0; i < m; ++i) tmp[i] = Pm[i] * (tmp[i] - sp);  // d logits
         add_to(dmur_b, tmp, m);
         outer_acc(dmur_w, tmp, g, m, m);
@@ -798,26 +903,8 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     T* cw_M = work + 6 * m;
     const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr);
     const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw);
-    for (int64_t i = 0; i < m; ++i) {
-        const T a = cr_dot[i], b = cw_dot[i], c = cr_M[i] + cw_M[i];
-        const T* Mi = M + i * D;
-        T* dMi = dM + i * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) {
-            const T v = Mi[e];
-            dMi[e] += a * kr[e] + b * kw[e] + c * v;
-            dkr[e] += a * v;
-            dkw[e] += b * v;
-        }
-    }
-#pragma omp simd
-    for (int64_t e = 0; e < D; ++e) {
-        dkr[e] += ckr * kr[e];
-        dkw[e] += ckw * kw[e];
-    }
-    // Head activations.
-    for (int64_t e = 0; e < D; ++e) dkr[e] *= T(1) - kr[e] * kr[e];
-    for (int64_t e = 0; e < D; ++e) dkw[e] *= T(1) - kw[e] * kw[e];
+    // ... and the heads' tanh derivatives of dkr, dkw
+    ntm_bwd_pass2(M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, dM, dkr, dkw);
     dhead[D] = dbr * spg[0];
     dhead[2 * D + 1] = dbw * spg[1];
     for (int64_t e = 0; e < D; ++e) de[e] *= er[e] * (T(1) - er[e]);
@@ -873,7 +960,7 @@ struct TileWork {
     std::vector<const T*> q0, q1, q2;        // step-level (R)
     std::vector<T*> p0, p1, p2, p3;
     std::vector<T*> gt, go;                  // GRU-level (Rk)
-    std::vector<const T*> gd;
+    std::vector<const T*> gd, ga, gb, gh;    // GRU-level (Rk): input parts, hidden states
 
     void carve(Arena<T>& a, const Layout& L, const GruP<T>& ctrl, const GruP<T>& miu,
                int64_t Pp, int64_t rows, bool bwd) {
@@ -894,6 +981,7 @@ struct TileWork {
         for (auto* v : {&q0, &q1, &q2}) v->assign(R, nullptr);
         for (auto* v : {&p0, &p1, &p2, &p3}) v->assign(R, nullptr);
         gt.assign(Rk, nullptr), go.assign(Rk, nullptr), gd.assign(Rk, nullptr);
+        ga.assign(Rk, nullptr), gb.assign(Rk, nullptr), gh.assign(Rk, nullptr);
     }
 };
 
@@ -919,16 +1007,17 @@ void miu_tile_fwd(const Layout& L, const GruP<T>& c, int64_t n, const T* const* 
         for (int64_t j = 0; j < ns; ++j, ++q) {
             const int64_t i = w.sel[j];
             rec[r][j] = T(i);
-            T* xr = w.xm + q * c.Kp;
-            copy(xr, Mt[r] + i * D, D);
-            put_row(xr + D, x[r], L.Dx, c.Kp - D);
-            put_row(w.sm + q * c.Hp, S[r] + i * Hs, Hs, c.Hp);
+            // the GRU reads [M(i), x] and S(i) in place; the tape keeps S(i) before the step
             copy(rec[r] + k + 4 * Hs * k + Hs * j, S[r] + i * Hs, Hs);
+            w.ga[q] = Mt[r] + i * D;
+            w.gb[q] = x[r];
+            w.gh[q] = rec[r] + k + 4 * Hs * k + Hs * j;
             w.gt[q] = rec[r] + k + 4 * Hs * j;
             w.go[q] = S_out[r] + i * Hs;
         }
     }
-    gru_tile_fwd(c, q, w.xm, w.sm, w.gt.data(), w.go.data(), w.gm);
+    gru_tile_fwd(c, q, w.ga.data(), D, w.gb.data(), w.gh.data(), w.gt.data(), w.go.data(),
+                 w.gm);
 }
 
 // Its backward: writes dS[r] (m, Hs) (may be dS_out[r]: in place), accumulates dMt[r],
@@ -1053,18 +1142,16 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
                    T* const* s1, T* const* tape, TileWork<T>& w, T* const* Sio = nullptr) {
     const Layout& L = md.L;
     const GruP<T>& c = md.ctrl;
+    // every operand read in place: x_t, r_{t-1} and h_{t-1} of each row
     for (int64_t r = 0; r < n; ++r) {
-        T* xr = w.xc + r * c.Kp;
-        copy(xr, x[r], L.Dx);
-        put_row(xr + L.Dx, s[r] + L.s_r, L.D, c.Kp - L.Dx);
-        put_row(w.hm + r * c.Hp, s[r] + L.s_h, L.Hc, c.Hp);
+        w.gb[r] = s[r] + L.s_r;
+        w.gh[r] = s[r] + L.s_h;
         w.gt[r] = tape[r] + L.t_ctrl;
         w.go[r] = s1[r] + L.s_h;
     }
-    gru_tile_fwd(c, n, w.xc, w.hm, w.gt.data(), w.go.data(), w.gc);
-    for (int64_t r = 0; r < n; ++r) put_row(w.h1 + r * c.Hp, s1[r] + L.s_h, L.Hc, c.Hp);
-    gemm(n, md.Pp, L.Hc, w.h1, c.Hp, 1, md.heads_t.data(), md.Pp, md.heads_bp.data(), 0,
-         w.head, md.Pp);
+    gru_tile_fwd(c, n, x, L.Dx, w.gb.data(), w.gh.data(), w.gt.data(), w.go.data(), w.gc);
+    gemm(n, md.Pp, L.Hc, const_cast<const T* const*>(w.go.data()), 0, md.heads_t.data(), md.Pp,
+         md.heads_bp.data(), 0, w.head, md.Pp);
     for (int64_t r = 0; r < n; ++r)
         ntm_fwd(L, md.mur_wt.data(), md.mur_b, s[r] + L.s_M, s[r] + L.s_g, w.head + r * md.Pp,
                 s1[r] + L.s_r, s1[r] + L.s_M, s1[r] + L.s_g, tape[r] + L.t_ntm);

@@ -508,7 +508,8 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
             leave row b's state unchanged and read zeros.
         params: :class:`MIMNParams` (``MIMNEncoder.params()`` builds it from the modules).
         state0: :class:`MIMNState` to start from (default: :func:`mimn_initial_state`).
-        chunk: steps between the backward's checkpoints (default ceil(sqrt(T))).
+        chunk: steps between the backward's checkpoints (default ceil(sqrt(T)); T, one
+            checkpoint, when no gradient is recorded).
 
     Returns:
         ``(reads (B, T, mem_dim), state)`` with state the final (h, r, M, g, S).
@@ -546,9 +547,14 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
                         "cast the model or use backend='torch'")
     lens = torch.full((B,), T, dtype=torch.int64, device=dev) if lengths is None \
         else lengths.to(torch.int64)
-    chunk = default_chunk(T) if chunk is None else chunk
-    out = torch.ops.fastattn.mimn_scan(x, lens, *kernel_params(params), params.miu_k, *state0,
-                                       chunk, be)
+    ps = kernel_params(params)
+    if chunk is None:
+        # Without a backward to come (inference, serving) one checkpoint, the start, instead
+        # of ceil(sqrt(T)): no checkpoint stores, no (B, sqrt(T), state) allocation.
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, *state0, *ps))
+        chunk = default_chunk(T) if grad else max(T, 1)
+    out = torch.ops.fastattn.mimn_scan(x, lens, *ps, params.miu_k, *state0, chunk, be)
     return out[0], MIMNState(*out[1:6])
 
 
