@@ -250,19 +250,28 @@ struct Shared {
 // Query range r of R: [B·r/R, B·(r+1)/R).
 FA_INLINE int64_t range_begin(int64_t B, int64_t r, int64_t R) { return B * r / R; }
 
+// Calls f(pick) for query range r's picks in their (chunk, query, slot) order, prefetching
+// the row of the pick kAhead further on in `rows` (row_len elements per history row).
+template <typename T, typename F>
+FA_INLINE void for_each_pick(const Shared<T>& a, int64_t r, const T* rows, int64_t row_len,
+                             F&& f) {
+    const int64_t* at = a.at + r * (a.C + 1);
+    for (int64_t i = at[0]; i < at[a.C]; ++i) {
+        if (i + kAhead < at[a.C]) prefetch_row(rows + a.picks[i + kAhead].l * row_len, row_len);
+        f(a.picks[i]);
+    }
+}
+
 // Step 1 for query range r: the scores of its picks. Generic body.
 template <typename T>
 FA_INLINE void shared_scores(const Shared<T>& a, int64_t r) {
     const Problem<T>& p = a.p;
     const int64_t H = p.H, Dh = p.Dh, K = p.K, row = H * Dh;
-    const int64_t* at = a.at + r * (a.C + 1);
-    for (int64_t i = at[0]; i < at[a.C]; ++i) {
-        const Pick& e = a.picks[i];
-        if (i + kAhead < at[a.C]) prefetch_row(p.keys + a.picks[i + kAhead].l * row, row);
+    for_each_pick(a, r, p.keys, row, [&](const Pick& e) {
         for (int64_t h = 0; h < H; ++h)
             a.s[(e.b * H + h) * K + e.j] =
                 p.scale * dot(p.q + (e.b * H + h) * Dh, p.keys + e.l * row + h * Dh, Dh);
-    }
+    });
 }
 
 // Phase 2 for queries [b0, b1): softmax weights over the K slots in place, lse.
@@ -299,14 +308,11 @@ template <typename T>
 FA_INLINE void shared_values(const Shared<T>& a, int64_t r) {
     const Problem<T>& p = a.p;
     const int64_t H = p.H, Dv = p.Dv, K = p.K, row = H * Dv;
-    const int64_t* at = a.at + r * (a.C + 1);
-    for (int64_t i = at[0]; i < at[a.C]; ++i) {
-        const Pick& e = a.picks[i];
-        if (i + kAhead < at[a.C]) prefetch_row(p.values + a.picks[i + kAhead].l * row, row);
+    for_each_pick(a, r, p.values, row, [&](const Pick& e) {
         for (int64_t h = 0; h < H; ++h)
             axpy(a.out + (e.b * H + h) * Dv, a.s[(e.b * H + h) * K + e.j],
                  p.values + e.l * row + h * Dv, Dv);
-    }
+    });
 }
 
 // Steps 1-3 for query range r.
