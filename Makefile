@@ -46,9 +46,9 @@ bench-pytest: $(STAMP)
 # with test AUC per epoch and the retrieval-quality table (retrieval.{csv,json}); then the
 # two variants of the set (long-term interests / the recent window dominate the clicks) at
 # L=200 and 1,000; then BAHE's ablation rows over item token strings at text lengths 1,024
-# and 2,048 (time and memory per sample), then LLM-CTR and BAHE trained to convergence at
-# 2,048 on the text variant in one run (time, memory and AUC: 16 whole users a step, 20,480
-# test samples),
+# and 2,048 (time and memory per sample), then all four rows (LLM-CTR, +FP, +ABE, BAHE)
+# trained to convergence at 2,048 on the text variant in one run (time, memory and AUC: 16
+# whole users a step, 20,480 test samples),
 # then EdgeRec's ablation rows (3 seeds each) and its exported re-ranker's latency.
 train: $(STAMP)
 	$(VENV)/bin/fastattn-train --epoch-auc --retrieval --out bench/results
@@ -57,7 +57,7 @@ train: $(STAMP)
 	$(VENV)/bin/fastattn-train --models llm_ctr,fp,fp_abe,bahe --lengths 64,128 --users 160 \
 		--items 2000 --cats 100 --candidates 8 --max-history 512 --behaviour-types 3 \
 		--epochs 1 --batch-size 64 --embed-dim 32 --threads 1 --out bench/results/train_bahe
-	$(VENV)/bin/fastattn-train --models llm_ctr,bahe --lengths 128 --variant text --users 400 \
+	$(VENV)/bin/fastattn-train --models llm_ctr,fp,fp_abe,bahe --lengths 128 --variant text --users 400 \
 		--items 1000 --cats 5 --candidates 256 --max-history 512 --behaviour-types 3 \
 		--batch-size 4096 --lr 5e-3 --embed-dim 32 --share-histories --epochs 10 --epoch-auc \
 		--threads 1 --out bench/results/train_bahe_auc
