@@ -282,6 +282,31 @@ def test_mimn_state_streams_and_scores():
     assert reg > 0
 
 
+def test_mimn_memory_read_variants():
+    """The issue-18 ablation of the target-keyed memory read: "mean" reads the slots' mean,
+    "none" drops the read from the head; both score and train, bad values are refused."""
+    batch = make_batch([7, 3, 0, 1], 7)
+    state = make_model("mimn").encode(batch)
+    for read in ("mean", "none"):
+        model = make_model("mimn", memory_read=read)
+        logits = model(batch)
+        assert logits.shape == (4,) and torch.isfinite(logits).all()
+        model.loss(batch).backward()
+        assert build(**model.config()).memory_read == read
+    mean = make_model("mimn", memory_read="mean")
+    M = state.M
+    q = mean.read_query(mean.embed(batch.target_item, batch.target_cat))
+    expect = mean.score(mean.embed(batch.target_item, batch.target_cat),
+                        [mean.miu_attn(mean.embed(batch.target_item, batch.target_cat),
+                                       state.S)], [M.mean(1), q * M.mean(1)])
+    torch.testing.assert_close(mean.score_state(state, batch.target_item, batch.target_cat),
+                               expect, **FP64)
+    with pytest.raises(ValueError, match="memory_read"):
+        make_model("mimn", memory_read="slot")
+    with pytest.raises(ValueError, match="memory_read='none'"):
+        make_model("mimn", memory_read="none", miu_k=0)
+
+
 @pytest.mark.parametrize("seed", [5, 6, 7])
 def test_sim_search_picks_most_recent_same_category(seed):
     for backend in ("torch", "cpp", "numba"):    # the tensor forms; the scan kernels

@@ -39,6 +39,10 @@ class MIMN(CTRModel):
     writes per slot (g / length) so that its scale does not grow with the history length. Head features [target, memory
     read r, q ⊙ r with q the target projected to mem_dim, MIU attention a, target ⊙ a].
 
+    ``memory_read``: ``"target"`` (default) reads the memory by content, keyed by the
+    target; ``"mean"`` reads the slots' mean (not keyed; the q ⊙ r feature stays); ``"none"``
+    scores from the MIU attention alone (the issue-18 ablation, DESIGN.md).
+
     ``slots=16`` (was 8; issue 18): on the planted set 8 slots gave the same AUC at L=200
     and L=1,000 (0.595, 0.593), 16 slots gain from the longer history (0.593, 0.612).
     """
@@ -49,7 +53,7 @@ class MIMN(CTRModel):
                  mlp: Sequence[int] = (200, 80), *, backend: Optional[str] = None,
                  heads: int = 1, mem_dim: int = 32, slots: int = 16, ctrl_dim: int = 32,
                  miu_dim: int = 32, mur: bool = True, miu_k: int = 1,
-                 reg_lambda: float = 0.01, dedup: bool = True):
+                 reg_lambda: float = 0.01, memory_read: str = "target", dedup: bool = True):
         # The scan reads every position of the dense (U, L, D) input in order; with
         # ``dedup`` the distinct behaviours are embedded once and gathered into it (the
         # gather's backward one deterministic scatter over distinct rows instead of two
@@ -60,6 +64,11 @@ class MIMN(CTRModel):
                 or not reg_lambda >= 0:
             raise ValueError(f"reg_lambda must be a float >= 0, got {reg_lambda!r}")
         check_positive_int("miu_k", miu_k, allow_zero=True)
+        if memory_read not in ("target", "mean", "none"):
+            raise ValueError(f"memory_read must be 'target', 'mean' or 'none', got {memory_read!r}")
+        if memory_read == "none" and not miu_k:
+            raise ValueError("memory_read='none' with miu_k=0 leaves the head no user feature")
+        self.memory_read = memory_read
         self.encoder = MIMNEncoder(self.dim, mem_dim, slots, ctrl_dim, miu_dim, mur=bool(mur),
                                    miu_k=miu_k, backend=backend)
         self.read_query = nn.Linear(self.dim, mem_dim)
@@ -68,8 +77,10 @@ class MIMN(CTRModel):
         self.reg_lambda = float(reg_lambda)
         del self._config["short_len"]
         self._config.update(mem_dim=mem_dim, slots=slots, ctrl_dim=ctrl_dim, miu_dim=miu_dim,
-                            mur=bool(mur), miu_k=miu_k, reg_lambda=self.reg_lambda)
-        self.build_head(n_matched=1 if miu_k else 0, other_dim=2 * mem_dim)
+                            mur=bool(mur), miu_k=miu_k, reg_lambda=self.reg_lambda,
+                            memory_read=memory_read)
+        self.build_head(n_matched=1 if miu_k else 0,
+                        other_dim=0 if memory_read == "none" else 2 * mem_dim)
 
     def encode(self, batch: Batch) -> MIMNState:
         """The final state (U rows) after each history's ``lengths[u]`` behaviours (padded
@@ -106,14 +117,20 @@ class MIMN(CTRModel):
         B = target_item.shape[0]
         self.check_hist_index(hist_index, B, U)
         target = self.embed(target_item, target_cat)
-        q = self.read_query(target)                                   # (B, mem_dim)
-        M = per_query(state.M, B, hist_index)                         # (B, m, mem_dim)
-        beta = (F.softplus(self.read_sharpness) + 1).expand(B, 1)
-        read = torch.einsum("bm,bmd->bd", content_weights(q, beta, M), M)
+        other = []
+        if self.memory_read != "none":
+            q = self.read_query(target)                               # (B, mem_dim)
+            M = per_query(state.M, B, hist_index)                     # (B, m, mem_dim)
+            if self.memory_read == "target":
+                beta = (F.softplus(self.read_sharpness) + 1).expand(B, 1)
+                read = torch.einsum("bm,bmd->bd", content_weights(q, beta, M), M)
+            else:
+                read = M.mean(1)
+            other = [read, q * read]
         matched = []
         if self.miu_attn is not None:
             matched.append(self.miu_attn(target, state.S, hist_index=hist_index))
-        return self.score(target, matched, [read, q * read])
+        return self.score(target, matched, other)
 
     def logits_and_reg(self, batch: Batch):
         state = self.encode(batch)
