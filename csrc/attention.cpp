@@ -282,7 +282,7 @@ FA_INLINE void shared_softmax(const Shared<T>& a, int64_t b0, int64_t b1) {
         T* s = a.s + bh * K;
         T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < K; ++j) m = std::max(m, s[j]);
+        for (int64_t j = 0; j < K; ++j) m = s[j] > m ? s[j] : m;
         if (m == -std::numeric_limits<T>::infinity()) {  // no valid slot: zeros, lse = -inf
             a.lse[bh] = m;
             continue;
