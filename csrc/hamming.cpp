@@ -538,69 +538,58 @@ struct CollectIndex {
 // Exact selection of count queries from their running top k and the chunk's shared hit list:
 // one stable counting sort over the bins (query, distance), so that entries of equal distance
 // stay in position order (the running entries, all earlier, first). For query j: run[j] holds
-// its running best (take[j] entries (d << 32) | pos in (distance, position) order), every
-// entry has d <= hi[j], and its take = min(k, entries) best go to out + j (k + 1) in
-// (distance, position) order; returns take in take[j]. The placement has no data-dependent
-// branch: bins past the take-th entry's distance start at slot take, and every entry goes to
-// slot min(count++, take), so the dropped ones land in the dump slot out[j (k + 1) + take].
-// count: kMaxQueries * S bins, S >= 64 W + 2.
-FA_INLINE FA_TARGET_AVX512_VPOPCNT void select_hits(const uint32_t* hits, int64_t nh, int64_t c0,
-                           const uint64_t* const* run, int64_t* take, const int64_t* hi,
-                           int count, int64_t k, int64_t S, int32_t* bins, uint64_t* out) {
+// its running best (take[j] entries (d << 32) | pos in (distance, position) order) and every
+// entry has d <= hi[j]. All of a query's entries are sorted, none dropped, into its own region
+// of out (the regions follow each other, query 0 first; out holds 4 k + nh entries), so that
+// a bin counter holds an absolute output slot: placing an entry is one read-modify-write with
+// no clamp. Bin of (query j, distance d): j S + d, S a power of two > 64 W, taken from a hit
+// entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is query j's region and
+// take[j] = min(k, its entries): its first take[j] entries are its running top k.
+// bins: kMaxQueries * S.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2")))
+void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
+                 int64_t* take, const int64_t* hi, int count, int64_t k, int log2S,
+                 int32_t* bins, uint64_t* out, uint64_t** best) {
+    const int64_t S = int64_t(1) << log2S;
     for (int j = 0; j < count; ++j) {
         int32_t* const c = bins + j * S;
         std::fill(c, c + hi[j] + 1, 0);
         for (int64_t s = 0; s < take[j]; ++s) ++c[run[j][s] >> 32];
     }
-    for (int64_t i = 0; i < nh; ++i) ++bins[((hits[i] >> 16) & 3) * S + (hits[i] & 0xFFFF)];
-    int32_t lim[kMaxQueries];
+    const uint32_t field = (3u << 16) | static_cast<uint32_t>(S - 1);  // j << log2S | d
+    for (int64_t i = 0; i < nh; ++i) ++bins[_pext_u32(hits[i], field)];
+    int64_t base = 0;
     for (int j = 0; j < count; ++j) {
         int32_t* const c = bins + j * S;
-        // One vector pass over bins 0..hi: the entry count and the first non-empty bin.
-        __m512i sum = _mm512_setzero_si512();
-        int64_t first = -1;
+        // One vector pass over bins 0..hi: the first non-empty bin (the prefix starts there).
+        int64_t first = hi[j] + 1;
         for (int64_t d = 0; d <= hi[j]; d += 16) {
             const __mmask16 in = d + 16 <= hi[j] + 1 ? __mmask16(0xFFFF)
                                                      : static_cast<__mmask16>((1u << (hi[j] + 1 - d)) - 1);
             const __m512i v = _mm512_maskz_loadu_epi32(in, c + d);
-            sum = _mm512_add_epi32(sum, v);
             const __mmask16 nz = _mm512_test_epi32_mask(v, v);
-            if (first < 0 && nz) first = d + __builtin_ctz(nz);
-        }
-        const int64_t tk = std::min<int64_t>(k, _mm512_reduce_add_epi32(sum));
-        // t = distance of the tk-th entry, below = entries under t; c[d] becomes the first
-        // output slot of distance d (ties at t fill the remaining tk - below slots).
-        int64_t t = std::max<int64_t>(first, 0), below = 0;
-        if (tk > 0) {
-            while (below + c[t] < tk) {
-                const int64_t n = c[t];
-                c[t++] = static_cast<int32_t>(below);
-                below += n;
+            if (nz) {
+                first = d + __builtin_ctz(nz);
+                break;
             }
         }
-        c[t] = static_cast<int32_t>(below);
-        for (int64_t d = t + 1; d <= hi[j]; ++d) c[d] = static_cast<int32_t>(tk);
-        uint64_t* const o = out + j * (k + 1);
-        for (int64_t s = 0; s < take[j]; ++s) {
-            int32_t& slot = c[run[j][s] >> 32];
-            o[std::min<int64_t>(slot, tk)] = run[j][s];
-            ++slot;
+        // c[d] becomes the first output slot of distance d.
+        int64_t offset = base;
+        for (int64_t d = first; d <= hi[j]; ++d) {
+            const int64_t n = c[d];
+            c[d] = static_cast<int32_t>(offset);
+            offset += n;
         }
-        take[j] = tk;
-        lim[j] = static_cast<int32_t>(tk);
+        best[j] = out + base;
+        const int64_t n = offset - base;
+        base = offset;
+        for (int64_t s = 0; s < take[j]; ++s) out[c[run[j][s] >> 32]++] = run[j][s];
+        take[j] = std::min<int64_t>(k, n);
     }
-    uint64_t* base[kMaxQueries];
-    int32_t* bin[kMaxQueries];
-    for (int j = 0; j < kMaxQueries; ++j) base[j] = out + j * (k + 1), bin[j] = bins + j * S;
     for (int64_t i = 0; i < nh; ++i) {
         const uint32_t e = hits[i];
-        const uint32_t j = (e >> 16) & 3;
-        const uint64_t d = e & 0xFFFF;
-        int32_t& slot = bin[j][d];
-        const int32_t s = slot;
-        const int32_t over = lim[j] - s;  // < 0: past the take-th entry
-        base[j][s + (over & (over >> 31))] = (d << 32) | static_cast<uint64_t>(c0 + (e >> 18));
-        slot = s + 1;
+        const int32_t s = bins[_pext_u32(e, field)]++;
+        out[s] = (static_cast<uint64_t>(e & 0xFFFF) << 32) | static_cast<uint64_t>(c0 + (e >> 18));
     }
 }
 
@@ -638,13 +627,15 @@ class TileWorker {
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), S_(64 * W + 2),
-          count_(kMaxQueries * (64 * W + 2)) {
+          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys),
+          log2S_(64 - __builtin_clzll(static_cast<uint64_t>(64 * W + 1))),
+          count_(static_cast<size_t>(kMaxQueries) << log2S_) {
         packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         // every slot of every block, + one vector store
         hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
-        slot_.resize(static_cast<size_t>(kMaxQueries * (topk + 1)));
+        // every running entry and hit of a block of queries
+        slot_.resize(static_cast<size_t>(kMaxQueries * topk + kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         masks_.resize(static_cast<size_t>(nblocks_ + 64));
         run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
@@ -755,10 +746,10 @@ class TileWorker {
                 nh += __builtin_popcount(m1);
             }
         }
-        select_hits(hits, nh, c0, run, take, hi, count, topk_, S_, count_.data(), slot_.data());
+        uint64_t* best[kMaxQueries];
+        select_hits(hits, nh, c0, run, take, hi, count, topk_, log2S_, count_.data(), slot_.data(), best);
         for (int j = 0; j < count; ++j) {
-            const uint64_t* const o = slot_.data() + j * (topk_ + 1);
-            std::copy(o, o + take[j], run_.data() + (r0 + j) * topk_);
+            std::copy(best[j], best[j] + take[j], run_.data() + (r0 + j) * topk_);
             take_[r0 + j] = take[j];
         }
     }
@@ -768,12 +759,12 @@ class TileWorker {
     int32_t* out_dist_;
     int64_t* out_idx_;
     int64_t nblocks_;  // blocks of the longest chunk
-    int64_t S_;        // bins per query in count_
+    int log2S_;        // bins per query in count_: 2^log2S_ > 64 W
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
     CollectIndex collect_;
     AlignedBuffer<uint32_t> hits_;
     AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
-    AlignedBuffer<uint64_t> slot_;  // topk + 1 per query: the selection's output and a dump slot
+    AlignedBuffer<uint64_t> slot_;  // the selection's output: every entry of a block of queries
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
     int64_t take_[kGroupBlocks * kMaxQueries];
     std::vector<int32_t> count_;
