@@ -519,21 +519,8 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 
 // Pass 2 collects the hits (d <= g) of all queries of a block in one list, in position order:
 // entry (id << 16) | d, id = 4 (key - c0) + j for query j (a chunk holds <= 16384 keys, so
-// id < 65536). Word 2e of idx[h] takes slot e + 16 h of a packed vector (its key 8 blk + e / 4,
-// query e % 4), word 2e + 1 the id of that slot (slot[e] + 32 blk).
-struct CollectIndex {
-    alignas(64) uint16_t idx[2][32];
-    alignas(64) uint16_t slot[32];
-    CollectIndex() {
-        for (int h = 0; h < 2; ++h) {
-            for (int e = 0; e < 16; ++e) {
-                idx[h][2 * e] = static_cast<uint16_t>(16 * h + e);           // the distance
-                idx[h][2 * e + 1] = static_cast<uint16_t>(32 + 16 * h + e);  // the id
-            }
-        }
-        for (int e = 0; e < 32; ++e) slot[e] = static_cast<uint16_t>(e);
-    }
-};
+// id < 65536), i.e. key << 18 | j << 16 | d. Slot s of a block's packed vector (its key
+// 8 blk + s / 4, query s % 4) has id 32 blk + s.
 
 // Exact selection of count queries from their running top k and the chunk's shared hit list:
 // one stable counting sort over the bins (query, distance), so that entries of equal distance
@@ -724,8 +711,10 @@ class TileWorker {
         // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
         // leads to them; a visited block's hits, of all queries, are appended in position
         // order by two permutes and two compresses, with no per-query or per-hit branch.
-        const __m512i idx0 = _mm512_load_si512(collect_.idx[0]), idx1 = _mm512_load_si512(collect_.idx[1]);
-        const __m512i ids0 = _mm512_load_si512(collect_.slot);
+        // slot s of a block's packed vector becomes the entry (32 blk + s) << 16 | d: its
+        // uint16 distance zero-extended, ORed with the slot's id and the block's.
+        const __m512i ids0 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
+        const __m512i ids1 = _mm512_add_epi32(ids0, _mm512_set1_epi32(16 << 16));
         uint32_t* const hits = hits_.data();
         int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
@@ -737,12 +726,14 @@ class TileWorker {
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i id = _mm512_add_epi16(ids0, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
+                const __m512i blk = _mm512_set1_epi32(static_cast<int>((b0 + i) << 21));
+                const __m512i e0 = _mm512_ternarylogic_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(p)), ids0, blk, 0xFE);
+                const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(p, 1)), ids1, blk, 0xFE);
                 const uint32_t m = masks[b0 + i];
                 const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, _mm512_permutex2var_epi16(p, idx0, id)));
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, e0));
                 nh += __builtin_popcount(m0);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, _mm512_permutex2var_epi16(p, idx1, id)));
+                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, e1));
                 nh += __builtin_popcount(m1);
             }
         }
@@ -761,7 +752,6 @@ class TileWorker {
     int64_t nblocks_;  // blocks of the longest chunk
     int log2S_;        // bins per query in count_: 2^log2S_ > 64 W
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
-    CollectIndex collect_;
     AlignedBuffer<uint32_t> hits_;
     AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
     AlignedBuffer<uint64_t> slot_;  // the selection's output: every entry of a block of queries
