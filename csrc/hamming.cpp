@@ -710,7 +710,7 @@ class TileWorker {
         // Only ~k keys per query qualify, so most blocks of a long chunk have none: a bitmap
         // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
         // leads to them; a visited block's hits, of all queries, are appended in position
-        // order by two permutes and two compresses, with no per-query or per-hit branch.
+        // order by two compresses, with no per-query or per-hit branch.
         // slot s of a block's packed vector becomes the entry (32 blk + s) << 16 | d: its
         // uint16 distance zero-extended, ORed with the slot's id and the block's.
         const __m512i ids0 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
