@@ -486,17 +486,19 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
             // One masked uint16 increment per vector counts all 4 queries' minima <= mid (a
             // lane's counters stay <= ng); the 64-bit sum over the 8 lanes then holds query
             // j's count in bits 16j..16j+15 (<= 8 ng < 65536: no carry between slots).
-            // (two accumulators, each subtracting the compare's all-ones words: no masked
-            // add with its register copy on one dependency chain)
-            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            // (four accumulators, each a merge-masked add of one: the compare and one add
+            // per vector, no mask-to-vector move)
+            const __m512i one = _mm512_set1_epi16(1);
+            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                            _mm512_setzero_si512()};
             int64_t i = 0;
-            for (; i + 2 <= ng; i += 2) {
-                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
-                acc1 = _mm512_sub_epi16(acc1, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i + 1), mv)));
+            for (; i + 4 <= ng; i += 4) {
+                for (int u = 0; u < 4; ++u)
+                    a[u] = _mm512_mask_add_epi16(a[u], _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i + u), mv), a[u], one);
             }
-            if (i < ng)
-                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
-            const __m512i acc = _mm512_add_epi16(acc0, acc1);
+            for (; i < ng; ++i)
+                a[0] = _mm512_mask_add_epi16(a[0], _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv), a[0], one);
+            const __m512i acc = _mm512_add_epi16(_mm512_add_epi16(a[0], a[1]), _mm512_add_epi16(a[2], a[3]));
             alignas(64) uint64_t lane[kBlockKeys];
             _mm512_store_si512(lane, acc);
             uint64_t sum = 0;
