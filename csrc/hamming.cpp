@@ -839,7 +839,9 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    if (use_avx512_vpopcnt() && W <= kMaxTileW) {
+    // (the selection also takes BMI2's PEXT, present on every CPU with VPOPCNTQ; checked
+    // all the same, a virtual CPU may hide it)
+    if (use_avx512_vpopcnt() && __builtin_cpu_supports("bmi2") && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
