@@ -524,6 +524,15 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 // id < 65536), i.e. key << 18 | j << 16 | d. Slot s of a block's packed vector (its key
 // 8 blk + s / 4, query s % 4) has id 32 blk + s.
 
+// The top-k's selection also takes BMI2 (PEXT) and AVX512-VBMI2 (VPCOMPRESSW), present on
+// every CPU with VPOPCNTQ but Knights Mill (checked at dispatch: that one takes the portable
+// scan).
+#define FA_TARGET_TOPK \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2,avx512vbmi2")))
+alignas(64) constexpr uint16_t kSlotIds[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                               11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                               22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+
 // Exact selection of count queries from their running top k and the chunk's shared hit list:
 // one stable counting sort over the bins (query, distance), so that entries of equal distance
 // stay in position order (the running entries, all earlier, first). For query j: run[j] holds
@@ -535,8 +544,7 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 // entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is query j's region and
 // take[j] = min(k, its entries): its first take[j] entries are its running top k.
 // bins: kMaxQueries * S.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2")))
-void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
+FA_TARGET_TOPK void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
                  int64_t* take, const int64_t* hi, int count, int64_t k, int log2S,
                  int32_t* bins, uint64_t* out, uint64_t** best) {
     const int64_t S = int64_t(1) << log2S;
@@ -623,6 +631,8 @@ class TileWorker {
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         // every slot of every block, + one vector store
         hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
+        hd_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 32));
+        hid_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 32));
         // every running entry and hit of a block of queries
         slot_.resize(static_cast<size_t>(kMaxQueries * topk + kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         masks_.resize(static_cast<size_t>(nblocks_ + 64));
@@ -632,7 +642,7 @@ class TileWorker {
     // Top-k of queries ids[0..nq) (nq <= kGroupBlocks * qb), in blocks of qb <= kMaxQueries,
     // against the first n keys of a tile, or of a history's keys (see scan_packed).
     template <Layout kLayout>
-    FA_TARGET_AVX512_VPOPCNT void run(const uint64_t* keys, const int64_t* rows, int64_t n,
+    FA_TARGET_TOPK void run(const uint64_t* keys, const int64_t* rows, int64_t n,
                                       const int64_t* ids, int64_t nq, int64_t qb) {
         const int64_t nblk = (nq + qb - 1) / qb;
         std::fill(take_, take_ + kGroupBlocks * kMaxQueries, 0);
@@ -656,7 +666,7 @@ class TileWorker {
     // One block of count queries over the n keys of the chunk starting at position c0: merges
     // each query's candidates of the chunk into its running top k (run_ at r0 + j).
     template <Layout kLayout>
-    FA_TARGET_AVX512_VPOPCNT void step(const uint64_t* keys, const int64_t* rows, int64_t c0,
+    FA_TARGET_TOPK void step(const uint64_t* keys, const int64_t* rows, int64_t c0,
                                        int64_t n, const int64_t* ids, int count, int64_t r0) {
         const uint64_t* qs[kMaxQueries];
         for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
@@ -713,10 +723,12 @@ class TileWorker {
         // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
         // leads to them; a visited block's hits, of all queries, are appended in position
         // order by two compresses, with no per-query or per-hit branch.
-        // slot s of a block's packed vector becomes the entry (32 blk + s) << 16 | d: its
-        // uint16 distance zero-extended, ORed with the slot's id and the block's.
-        const __m512i ids0 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
-        const __m512i ids1 = _mm512_add_epi32(ids0, _mm512_set1_epi32(16 << 16));
+        // A visited block appends its hits' uint16 distances and ids (slot s: 32 blk + s) to
+        // two lists by one VPCOMPRESSW each; the entries (id << 16 | d) are then made 16 at
+        // a time (the lists hold a vector of padding).
+        const __m512i slots = _mm512_load_si512(kSlotIds);
+        uint16_t* const hd = hd_.data();
+        uint16_t* const hid = hid_.data();
         uint32_t* const hits = hits_.data();
         int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
@@ -728,16 +740,17 @@ class TileWorker {
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i blk = _mm512_set1_epi32(static_cast<int>((b0 + i) << 21));
-                const __m512i e0 = _mm512_ternarylogic_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(p)), ids0, blk, 0xFE);
-                const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(p, 1)), ids1, blk, 0xFE);
-                const uint32_t m = masks[b0 + i];
-                const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, e0));
-                nh += __builtin_popcount(m0);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, e1));
-                nh += __builtin_popcount(m1);
+                const __m512i id = _mm512_add_epi16(slots, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
+                const __mmask32 m = masks[b0 + i];
+                _mm512_storeu_si512(hd + nh, _mm512_maskz_compress_epi16(m, p));
+                _mm512_storeu_si512(hid + nh, _mm512_maskz_compress_epi16(m, id));
+                nh += __builtin_popcount(m);
             }
+        }
+        for (int64_t i = 0; i < nh; i += 16) {
+            const __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hd + i)));
+            const __m512i id = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hid + i)));
+            _mm512_storeu_si512(hits + i, _mm512_or_si512(_mm512_slli_epi32(id, 16), d));
         }
         uint64_t* best[kMaxQueries];
         select_hits(hits, nh, c0, run, take, hi, count, topk_, log2S_, count_.data(), slot_.data(), best);
@@ -755,6 +768,7 @@ class TileWorker {
     int log2S_;        // bins per query in count_: 2^log2S_ > 64 W
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
     AlignedBuffer<uint32_t> hits_;
+    AlignedBuffer<uint16_t> hd_, hid_;  // the hits' distances and ids, before hits_
     AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
     AlignedBuffer<uint64_t> slot_;  // the selection's output: every entry of a block of queries
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
@@ -839,9 +853,9 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    // (the selection also takes BMI2's PEXT, present on every CPU with VPOPCNTQ; checked
-    // all the same, a virtual CPU may hide it)
-    if (use_avx512_vpopcnt() && __builtin_cpu_supports("bmi2") && W <= kMaxTileW) {
+    // (the selection also takes BMI2 and AVX512-VBMI2, see FA_TARGET_TOPK)
+    if (use_avx512_vpopcnt() && __builtin_cpu_supports("bmi2") &&
+        __builtin_cpu_supports("avx512vbmi2") && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
