@@ -542,11 +542,13 @@ alignas(64) constexpr uint16_t kSlotIds[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8
 // a bin counter holds an absolute output slot: placing an entry is one read-modify-write with
 // no clamp. Bin of (query j, distance d): j S + d, S a power of two > 64 W, taken from a hit
 // entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is query j's region and
-// take[j] = min(k, its entries): its first take[j] entries are its running top k.
+// take[j] = min(k, its entries): its first take[j] entries are its running top k. With raw
+// (only when no query has running entries: a first chunk), the hit entries themselves are
+// placed, in raw at the same slots, and best[j] is their offset in raw (as out + offset).
 // bins: kMaxQueries * S.
 FA_TARGET_TOPK void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
                  int64_t* take, const int64_t* hi, int count, int64_t k, int log2S,
-                 int32_t* bins, uint64_t* out, uint64_t** best) {
+                 int32_t* bins, uint64_t* out, uint64_t** best, uint32_t* raw) {
     const int64_t S = int64_t(1) << log2S;
     for (int j = 0; j < count; ++j) {
         int32_t* const c = bins + j * S;
@@ -583,10 +585,31 @@ FA_TARGET_TOPK void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, co
         for (int64_t s = 0; s < take[j]; ++s) out[c[run[j][s] >> 32]++] = run[j][s];
         take[j] = std::min<int64_t>(k, n);
     }
+    if (raw != nullptr) {  // no running entries: the hits themselves are placed
+        for (int64_t i = 0; i < nh; ++i) {
+            const uint32_t e = hits[i];
+            raw[bins[_pext_u32(e, field)]++] = e;
+        }
+        return;
+    }
     for (int64_t i = 0; i < nh; ++i) {
         const uint32_t e = hits[i];
         const int32_t s = bins[_pext_u32(e, field)]++;
         out[s] = (static_cast<uint64_t>(e & 0xFFFF) << 32) | static_cast<uint64_t>(c0 + (e >> 18));
+    }
+}
+
+// The running entries (d << 32) | (c0 + key) of n raw hit entries key << 18 | j << 16 | d.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void entries_of_hits(const uint32_t* e, int64_t n, int64_t c0,
+                                                        uint64_t* out) {
+    const __m512i c = _mm512_set1_epi64(c0);
+    const __m512i low16 = _mm512_set1_epi64(0xFFFF);
+    for (int64_t i = 0; i < n; i += kBlockKeys) {
+        const __mmask8 in = static_cast<__mmask8>((1u << std::min<int64_t>(kBlockKeys, n - i)) - 1);
+        const __m512i x = _mm512_cvtepu32_epi64(_mm256_maskz_loadu_epi32(in, e + i));
+        const __m512i v = _mm512_or_si512(_mm512_slli_epi64(_mm512_and_si512(x, low16), 32),
+                                          _mm512_add_epi64(_mm512_srli_epi64(x, 18), c));
+        _mm512_mask_storeu_epi64(out + i, in, v);
     }
 }
 
@@ -753,9 +776,15 @@ class TileWorker {
             _mm512_storeu_si512(hits + i, _mm512_or_si512(_mm512_slli_epi32(id, 16), d));
         }
         uint64_t* best[kMaxQueries];
-        select_hits(hits, nh, c0, run, take, hi, count, topk_, log2S_, count_.data(), slot_.data(), best);
+        bool fresh = true;  // no running entries yet: the selection moves 32-bit hits
+        for (int j = 0; j < count; ++j) fresh &= take[j] == 0;
+        uint32_t* const raw = reinterpret_cast<uint32_t*>(slot_.data());
+        select_hits(hits, nh, c0, run, take, hi, count, topk_, log2S_, count_.data(), slot_.data(),
+                    best, fresh ? raw : nullptr);
         for (int j = 0; j < count; ++j) {
-            std::copy(best[j], best[j] + take[j], run_.data() + (r0 + j) * topk_);
+            uint64_t* const r = run_.data() + (r0 + j) * topk_;
+            if (fresh) entries_of_hits(raw + (best[j] - slot_.data()), take[j], c0, r);
+            else std::copy(best[j], best[j] + take[j], r);
             take_[r0 + j] = take[j];
         }
     }
