@@ -486,17 +486,19 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
             // One masked uint16 increment per vector counts all 4 queries' minima <= mid (a
             // lane's counters stay <= ng); the 64-bit sum over the 8 lanes then holds query
             // j's count in bits 16j..16j+15 (<= 8 ng < 65536: no carry between slots).
-            // (two accumulators, each subtracting the compare's all-ones words: no masked
-            // add with its register copy on one dependency chain)
-            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            // (four accumulators, each a merge-masked add of one: the compare and one add
+            // per vector, no mask-to-vector move)
+            const __m512i one = _mm512_set1_epi16(1);
+            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                            _mm512_setzero_si512()};
             int64_t i = 0;
-            for (; i + 2 <= ng; i += 2) {
-                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
-                acc1 = _mm512_sub_epi16(acc1, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i + 1), mv)));
+            for (; i + 4 <= ng; i += 4) {
+                for (int u = 0; u < 4; ++u)
+                    a[u] = _mm512_mask_add_epi16(a[u], _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i + u), mv), a[u], one);
             }
-            if (i < ng)
-                acc0 = _mm512_sub_epi16(acc0, _mm512_movm_epi16(_mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv)));
-            const __m512i acc = _mm512_add_epi16(acc0, acc1);
+            for (; i < ng; ++i)
+                a[0] = _mm512_mask_add_epi16(a[0], _mm512_cmple_epu16_mask(_mm512_load_si512(mins + i), mv), a[0], one);
+            const __m512i acc = _mm512_add_epi16(_mm512_add_epi16(a[0], a[1]), _mm512_add_epi16(a[2], a[3]));
             alignas(64) uint64_t lane[kBlockKeys];
             _mm512_store_si512(lane, acc);
             uint64_t sum = 0;
@@ -519,88 +521,95 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 
 // Pass 2 collects the hits (d <= g) of all queries of a block in one list, in position order:
 // entry (id << 16) | d, id = 4 (key - c0) + j for query j (a chunk holds <= 16384 keys, so
-// id < 65536). Word 2e of idx[h] takes slot e + 16 h of a packed vector (its key 8 blk + e / 4,
-// query e % 4), word 2e + 1 the id of that slot (slot[e] + 32 blk).
-struct CollectIndex {
-    alignas(64) uint16_t idx[2][32];
-    alignas(64) uint16_t slot[32];
-    CollectIndex() {
-        for (int h = 0; h < 2; ++h) {
-            for (int e = 0; e < 16; ++e) {
-                idx[h][2 * e] = static_cast<uint16_t>(16 * h + e);           // the distance
-                idx[h][2 * e + 1] = static_cast<uint16_t>(32 + 16 * h + e);  // the id
-            }
-        }
-        for (int e = 0; e < 32; ++e) slot[e] = static_cast<uint16_t>(e);
-    }
-};
+// id < 65536), i.e. key << 18 | j << 16 | d. Slot s of a block's packed vector (its key
+// 8 blk + s / 4, query s % 4) has id 32 blk + s.
+
+// The top-k's selection also takes BMI2 (PEXT) and AVX512-VBMI2 (VPCOMPRESSW), present on
+// every CPU with VPOPCNTQ but Knights Mill (checked at dispatch: that one takes the portable
+// scan).
+#define FA_TARGET_TOPK \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2,avx512vbmi2")))
+alignas(64) constexpr uint16_t kSlotIds[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                               11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                               22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 
 // Exact selection of count queries from their running top k and the chunk's shared hit list:
 // one stable counting sort over the bins (query, distance), so that entries of equal distance
 // stay in position order (the running entries, all earlier, first). For query j: run[j] holds
-// its running best (take[j] entries (d << 32) | pos in (distance, position) order), every
-// entry has d <= hi[j], and its take = min(k, entries) best go to out + j (k + 1) in
-// (distance, position) order; returns take in take[j]. The placement has no data-dependent
-// branch: bins past the take-th entry's distance start at slot take, and every entry goes to
-// slot min(count++, take), so the dropped ones land in the dump slot out[j (k + 1) + take].
-// count: kMaxQueries * S bins, S >= 64 W + 2.
-FA_INLINE FA_TARGET_AVX512_VPOPCNT void select_hits(const uint32_t* hits, int64_t nh, int64_t c0,
-                           const uint64_t* const* run, int64_t* take, const int64_t* hi,
-                           int count, int64_t k, int64_t S, int32_t* bins, uint64_t* out) {
+// its running best (take[j] entries (d << 32) | pos in (distance, position) order) and every
+// entry has d <= hi[j]. All of a query's entries are sorted, none dropped, into its own region
+// of out (the regions follow each other, query 0 first; out holds 4 k + nh entries), so that
+// a bin counter holds an absolute output slot: placing an entry is one read-modify-write with
+// no clamp. Bin of (query j, distance d): j S + d, S a power of two > 64 W, taken from a hit
+// entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is query j's region and
+// take[j] = min(k, its entries): its first take[j] entries are its running top k. With raw
+// (only when no query has running entries: a first chunk), the hit entries themselves are
+// placed, in raw at the same slots, and best[j] is their offset in raw (as out + offset).
+// bins: kMaxQueries * S.
+FA_TARGET_TOPK void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
+                 int64_t* take, const int64_t* hi, int count, int64_t k, int log2S,
+                 int32_t* bins, uint64_t* out, uint64_t** best, uint32_t* raw) {
+    const int64_t S = int64_t(1) << log2S;
     for (int j = 0; j < count; ++j) {
         int32_t* const c = bins + j * S;
         std::fill(c, c + hi[j] + 1, 0);
         for (int64_t s = 0; s < take[j]; ++s) ++c[run[j][s] >> 32];
     }
-    for (int64_t i = 0; i < nh; ++i) ++bins[((hits[i] >> 16) & 3) * S + (hits[i] & 0xFFFF)];
-    int32_t lim[kMaxQueries];
+    const uint32_t field = (3u << 16) | static_cast<uint32_t>(S - 1);  // j << log2S | d
+    for (int64_t i = 0; i < nh; ++i) ++bins[_pext_u32(hits[i], field)];
+    int64_t base = 0;
     for (int j = 0; j < count; ++j) {
         int32_t* const c = bins + j * S;
-        // One vector pass over bins 0..hi: the entry count and the first non-empty bin.
-        __m512i sum = _mm512_setzero_si512();
-        int64_t first = -1;
+        // One vector pass over bins 0..hi: the first non-empty bin (the prefix starts there).
+        int64_t first = hi[j] + 1;
         for (int64_t d = 0; d <= hi[j]; d += 16) {
             const __mmask16 in = d + 16 <= hi[j] + 1 ? __mmask16(0xFFFF)
                                                      : static_cast<__mmask16>((1u << (hi[j] + 1 - d)) - 1);
             const __m512i v = _mm512_maskz_loadu_epi32(in, c + d);
-            sum = _mm512_add_epi32(sum, v);
             const __mmask16 nz = _mm512_test_epi32_mask(v, v);
-            if (first < 0 && nz) first = d + __builtin_ctz(nz);
-        }
-        const int64_t tk = std::min<int64_t>(k, _mm512_reduce_add_epi32(sum));
-        // t = distance of the tk-th entry, below = entries under t; c[d] becomes the first
-        // output slot of distance d (ties at t fill the remaining tk - below slots).
-        int64_t t = std::max<int64_t>(first, 0), below = 0;
-        if (tk > 0) {
-            while (below + c[t] < tk) {
-                const int64_t n = c[t];
-                c[t++] = static_cast<int32_t>(below);
-                below += n;
+            if (nz) {
+                first = d + __builtin_ctz(nz);
+                break;
             }
         }
-        c[t] = static_cast<int32_t>(below);
-        for (int64_t d = t + 1; d <= hi[j]; ++d) c[d] = static_cast<int32_t>(tk);
-        uint64_t* const o = out + j * (k + 1);
-        for (int64_t s = 0; s < take[j]; ++s) {
-            int32_t& slot = c[run[j][s] >> 32];
-            o[std::min<int64_t>(slot, tk)] = run[j][s];
-            ++slot;
+        // c[d] becomes the first output slot of distance d.
+        int64_t offset = base;
+        for (int64_t d = first; d <= hi[j]; ++d) {
+            const int64_t n = c[d];
+            c[d] = static_cast<int32_t>(offset);
+            offset += n;
         }
-        take[j] = tk;
-        lim[j] = static_cast<int32_t>(tk);
+        best[j] = out + base;
+        const int64_t n = offset - base;
+        base = offset;
+        for (int64_t s = 0; s < take[j]; ++s) out[c[run[j][s] >> 32]++] = run[j][s];
+        take[j] = std::min<int64_t>(k, n);
     }
-    uint64_t* base[kMaxQueries];
-    int32_t* bin[kMaxQueries];
-    for (int j = 0; j < kMaxQueries; ++j) base[j] = out + j * (k + 1), bin[j] = bins + j * S;
+    if (raw != nullptr) {  // no running entries: the hits themselves are placed
+        for (int64_t i = 0; i < nh; ++i) {
+            const uint32_t e = hits[i];
+            raw[bins[_pext_u32(e, field)]++] = e;
+        }
+        return;
+    }
     for (int64_t i = 0; i < nh; ++i) {
         const uint32_t e = hits[i];
-        const uint32_t j = (e >> 16) & 3;
-        const uint64_t d = e & 0xFFFF;
-        int32_t& slot = bin[j][d];
-        const int32_t s = slot;
-        const int32_t over = lim[j] - s;  // < 0: past the take-th entry
-        base[j][s + (over & (over >> 31))] = (d << 32) | static_cast<uint64_t>(c0 + (e >> 18));
-        slot = s + 1;
+        const int32_t s = bins[_pext_u32(e, field)]++;
+        out[s] = (static_cast<uint64_t>(e & 0xFFFF) << 32) | static_cast<uint64_t>(c0 + (e >> 18));
+    }
+}
+
+// The running entries (d << 32) | (c0 + key) of n raw hit entries key << 18 | j << 16 | d.
+FA_INLINE FA_TARGET_AVX512_VPOPCNT void entries_of_hits(const uint32_t* e, int64_t n, int64_t c0,
+                                                        uint64_t* out) {
+    const __m512i c = _mm512_set1_epi64(c0);
+    const __m512i low16 = _mm512_set1_epi64(0xFFFF);
+    for (int64_t i = 0; i < n; i += kBlockKeys) {
+        const __mmask8 in = static_cast<__mmask8>((1u << std::min<int64_t>(kBlockKeys, n - i)) - 1);
+        const __m512i x = _mm512_cvtepu32_epi64(_mm256_maskz_loadu_epi32(in, e + i));
+        const __m512i v = _mm512_or_si512(_mm512_slli_epi64(_mm512_and_si512(x, low16), 32),
+                                          _mm512_add_epi64(_mm512_srli_epi64(x, 18), c));
+        _mm512_mask_storeu_epi64(out + i, in, v);
     }
 }
 
@@ -638,13 +647,17 @@ class TileWorker {
     TileWorker(const int64_t* q, int64_t W, int64_t L, int64_t topk, int32_t* out_dist,
                int64_t* out_idx)
         : q_(q), W_(W), topk_(topk), out_dist_(out_dist), out_idx_(out_idx),
-          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys), S_(64 * W + 2),
-          count_(kMaxQueries * (64 * W + 2)) {
+          nblocks_((std::min(L, kChunkKeys) + kBlockKeys - 1) / kBlockKeys),
+          log2S_(64 - __builtin_clzll(static_cast<uint64_t>(64 * W + 1))),
+          count_(static_cast<size_t>(kMaxQueries) << log2S_) {
         packed_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         mins_.resize(static_cast<size_t>(kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         // every slot of every block, + one vector store
         hits_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 16));
-        slot_.resize(static_cast<size_t>(kMaxQueries * (topk + 1)));
+        hd_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 32));
+        hid_.resize(static_cast<size_t>(kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1) + 32));
+        // every running entry and hit of a block of queries
+        slot_.resize(static_cast<size_t>(kMaxQueries * topk + kMaxQueries * kBlockKeys * std::max<int64_t>(nblocks_, 1)));
         masks_.resize(static_cast<size_t>(nblocks_ + 64));
         run_.resize(static_cast<size_t>(kGroupBlocks * kMaxQueries * topk));
     }
@@ -652,7 +665,7 @@ class TileWorker {
     // Top-k of queries ids[0..nq) (nq <= kGroupBlocks * qb), in blocks of qb <= kMaxQueries,
     // against the first n keys of a tile, or of a history's keys (see scan_packed).
     template <Layout kLayout>
-    FA_TARGET_AVX512_VPOPCNT void run(const uint64_t* keys, const int64_t* rows, int64_t n,
+    FA_TARGET_TOPK void run(const uint64_t* keys, const int64_t* rows, int64_t n,
                                       const int64_t* ids, int64_t nq, int64_t qb) {
         const int64_t nblk = (nq + qb - 1) / qb;
         std::fill(take_, take_ + kGroupBlocks * kMaxQueries, 0);
@@ -676,7 +689,7 @@ class TileWorker {
     // One block of count queries over the n keys of the chunk starting at position c0: merges
     // each query's candidates of the chunk into its running top k (run_ at r0 + j).
     template <Layout kLayout>
-    FA_TARGET_AVX512_VPOPCNT void step(const uint64_t* keys, const int64_t* rows, int64_t c0,
+    FA_TARGET_TOPK void step(const uint64_t* keys, const int64_t* rows, int64_t c0,
                                        int64_t n, const int64_t* ids, int count, int64_t r0) {
         const uint64_t* qs[kMaxQueries];
         for (int j = 0; j < count; ++j) qs[j] = reinterpret_cast<const uint64_t*>(q_) + ids[j] * W_;
@@ -732,9 +745,13 @@ class TileWorker {
         // Only ~k keys per query qualify, so most blocks of a long chunk have none: a bitmap
         // of the non-empty blocks of each batch of 64 (4 vector tests of the stored masks)
         // leads to them; a visited block's hits, of all queries, are appended in position
-        // order by two permutes and two compresses, with no per-query or per-hit branch.
-        const __m512i idx0 = _mm512_load_si512(collect_.idx[0]), idx1 = _mm512_load_si512(collect_.idx[1]);
-        const __m512i ids0 = _mm512_load_si512(collect_.slot);
+        // order by two compresses, with no per-query or per-hit branch.
+        // A visited block appends its hits' uint16 distances and ids (slot s: 32 blk + s) to
+        // two lists by one VPCOMPRESSW each; the entries (id << 16 | d) are then made 16 at
+        // a time (the lists hold a vector of padding).
+        const __m512i slots = _mm512_load_si512(kSlotIds);
+        uint16_t* const hd = hd_.data();
+        uint16_t* const hid = hid_.data();
         uint32_t* const hits = hits_.data();
         int64_t nh = 0;
         for (int64_t b0 = 0; b0 < nblocks; b0 += 64) {
@@ -746,19 +763,28 @@ class TileWorker {
             for (; hit; hit &= hit - 1) {
                 const int64_t i = __builtin_ctzll(hit);
                 const __m512i p = _mm512_load_si512(packed + b0 + i);
-                const __m512i id = _mm512_add_epi16(ids0, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
-                const uint32_t m = masks[b0 + i];
-                const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m0, _mm512_permutex2var_epi16(p, idx0, id)));
-                nh += __builtin_popcount(m0);
-                _mm512_storeu_si512(hits + nh, _mm512_maskz_compress_epi32(m1, _mm512_permutex2var_epi16(p, idx1, id)));
-                nh += __builtin_popcount(m1);
+                const __m512i id = _mm512_add_epi16(slots, _mm512_set1_epi16(static_cast<short>(32 * (b0 + i))));
+                const __mmask32 m = masks[b0 + i];
+                _mm512_storeu_si512(hd + nh, _mm512_maskz_compress_epi16(m, p));
+                _mm512_storeu_si512(hid + nh, _mm512_maskz_compress_epi16(m, id));
+                nh += __builtin_popcount(m);
             }
         }
-        select_hits(hits, nh, c0, run, take, hi, count, topk_, S_, count_.data(), slot_.data());
+        for (int64_t i = 0; i < nh; i += 16) {
+            const __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hd + i)));
+            const __m512i id = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hid + i)));
+            _mm512_storeu_si512(hits + i, _mm512_or_si512(_mm512_slli_epi32(id, 16), d));
+        }
+        uint64_t* best[kMaxQueries];
+        bool fresh = true;  // no running entries yet: the selection moves 32-bit hits
+        for (int j = 0; j < count; ++j) fresh &= take[j] == 0;
+        uint32_t* const raw = reinterpret_cast<uint32_t*>(slot_.data());
+        select_hits(hits, nh, c0, run, take, hi, count, topk_, log2S_, count_.data(), slot_.data(),
+                    best, fresh ? raw : nullptr);
         for (int j = 0; j < count; ++j) {
-            const uint64_t* const o = slot_.data() + j * (topk_ + 1);
-            std::copy(o, o + take[j], run_.data() + (r0 + j) * topk_);
+            uint64_t* const r = run_.data() + (r0 + j) * topk_;
+            if (fresh) entries_of_hits(raw + (best[j] - slot_.data()), take[j], c0, r);
+            else std::copy(best[j], best[j] + take[j], r);
             take_[r0 + j] = take[j];
         }
     }
@@ -768,12 +794,12 @@ class TileWorker {
     int32_t* out_dist_;
     int64_t* out_idx_;
     int64_t nblocks_;  // blocks of the longest chunk
-    int64_t S_;        // bins per query in count_
+    int log2S_;        // bins per query in count_: 2^log2S_ > 64 W
     AlignedBuffer<uint64_t> packed_, mins_;  // one 8-lane vector per block / per group
-    CollectIndex collect_;
     AlignedBuffer<uint32_t> hits_;
+    AlignedBuffer<uint16_t> hd_, hid_;  // the hits' distances and ids, before hits_
     AlignedBuffer<uint32_t> masks_;  // one compare mask per block, + a batch of padding  // the hit list of one block of queries over one chunk
-    AlignedBuffer<uint64_t> slot_;  // topk + 1 per query: the selection's output and a dump slot
+    AlignedBuffer<uint64_t> slot_;  // the selection's output: every entry of a block of queries
     AlignedBuffer<uint64_t> run_;   // the running top k of each query of a group
     int64_t take_[kGroupBlocks * kMaxQueries];
     std::vector<int32_t> count_;
@@ -817,11 +843,13 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
             for (int64_t blk = 0; blk < nblocks; ++blk)
                 tile_block(Keys::of(keys, rows, u, L, W), n, W, blk, shared);
             // Blocks small enough that every thread gets work, up to kMaxQueries; groups of
-            // up to kGroupBlocks blocks share each chunk of keys.
+            // up to kGroupBlocks blocks share each chunk of keys. A history of one chunk stays
+            // in L2 for every group, so there groups are single blocks: the threads' last
+            // tasks then differ by one block, not by a group of 8 (~3% of a call at 2 threads).
             const int64_t nq = g.start[u + 1] - g.start[u];
             const int64_t qb = std::min<int64_t>(kMaxQueries, (nq + nthreads - 1) / nthreads);
             const int64_t nqb = (nq + qb - 1) / qb;
-            const int64_t gb = std::max<int64_t>(1, std::min<int64_t>(kGroupBlocks, nqb / (4 * nthreads)));
+            const int64_t gb = n <= kChunkKeys ? 1 : std::max<int64_t>(1, std::min<int64_t>(kGroupBlocks, nqb / (4 * nthreads)));
             const int64_t ngroups = (nqb + gb - 1) / gb;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < ngroups; ++i) {
@@ -854,7 +882,9 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    if (use_avx512_vpopcnt() && W <= kMaxTileW) {
+    // (the selection also takes BMI2 and AVX512-VBMI2, see FA_TARGET_TOPK)
+    if (use_avx512_vpopcnt() && __builtin_cpu_supports("bmi2") &&
+        __builtin_cpu_supports("avx512vbmi2") && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
