@@ -105,6 +105,14 @@ struct F512 {
     FA_V512 void store_n(T* p, V v, int n) {
         _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
     }
+    // the first n < W elements, the rest `fill`
+    FA_V512 V load_n_or(const T* p, int n, T fill) {
+        return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1),
+                                    p);
+    }
+    // the sum / max of the lanes (a fixed shuffle tree)
+    FA_V512 T hsum(V a) { return _mm512_reduce_add_ps(a); }
+    FA_V512 T hmax(V a) { return _mm512_reduce_max_ps(a); }
     // out[j] = the sum of v[j]'s lanes, j < 16: a transposing shuffle tree (15 shuffle
     // pairs and adds for all 16 sums, instead of a horizontal sum per vector)
     FA_V512 void hsum_rows(const V* v, T* out) {
@@ -172,6 +180,21 @@ struct F256 {
     }
     FA_V256 V load_n(const T* p, int n) { return _mm256_maskload_ps(p, mask_n(n)); }
     FA_V256 void store_n(T* p, V v, int n) { _mm256_maskstore_ps(p, mask_n(n), v); }
+    FA_V256 V load_n_or(const T* p, int n, T fill) {
+        const __m256i m = mask_n(n);
+        return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
+                                _mm256_castsi256_ps(m));
+    }
+    FA_V256 T hsum(V a) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    }
+    FA_V256 T hmax(V a) {
+        __m128 v = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+        return _mm_cvtss_f32(_mm_max_ss(v, _mm_movehdup_ps(v)));
+    }
     // out[j] = the sum of v[j]'s lanes, j < 8 (as F512::hsum_rows)
     FA_V256 void hsum_rows(const V* v, T* out) {
         V t[4], u[2];
@@ -285,6 +308,48 @@ FA_INLINE void exp_n(T* p, int64_t n) {
     }
 #endif
     for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
+}
+
+// p = softmax(p) over [0, n) in place (the max subtracted first). fp32 on AVX-512/AVX2:
+// mimn_simd.inc (its max and sum reduced by a shuffle tree instead of lane by lane).
+template <typename T>
+FA_INLINE void softmax_n(T* p, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::softmax_n<F512>(p, n);
+        if (isa == 1) return simd256::softmax_n<F256>(p, n);
+    }
+#endif
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+    for (int64_t i = 0; i < n; ++i) p[i] -= mx;
+    exp_n(p, n);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += p[i];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) p[i] /= sum;
+}
+// out = a ⊙ b / Σ(a ⊙ b) over [0, n); returns the sum.
+template <typename T>
+FA_INLINE T mul_normalize_n(const T* a, const T* b, T* out, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::mul_normalize_n<F512>(a, b, out, n);
+        if (isa == 1) return simd256::mul_normalize_n<F256>(a, b, out, n);
+    }
+#endif
+    T u = 0;
+#pragma omp simd reduction(+ : u)
+    for (int64_t i = 0; i < n; ++i) {
+        out[i] = a[i] * b[i];
+        u += out[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] /= u;
+    return u;
 }
 
 // The NTM's per-row sums over the memory (mimn_simd.inc: fp32 on AVX-512/AVX2, rows
@@ -725,17 +790,7 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
     }
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < m; ++i) mx = std::max(mx, w[i]);
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) w[i] -= mx;
-    exp_n(w, m);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < m; ++i) sum += w[i];
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) w[i] /= sum;
+    softmax_n(w, m);
 }
 
 // Backward of content_fwd given dw (m), its scalar part: per slot the coefficients of
@@ -806,33 +861,18 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
         T* Pm = rec + L.n_Pm;
-        // Pm(j) = b(j) + Σ_k g(k) W[j, k], W transposed: vectorised over the outputs j, the
-        // sum over k in a register
+        // Pm(j) = b(j) + Σ_k g(k) W[j, k] (k in order), W transposed: broadcast g(k) times
+        // row k of Wᵀ, vectorised over the outputs j
+        copy(Pm, mur_b, m);
+        for (int64_t k = 0; k < m; ++k) {
+            const T gk = g[k];
+            const T* wk = mur_wt + k * m;
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-            T acc = mur_b[j];
-            for (int64_t k = 0; k < m; ++k) acc += g[k] * mur_wt[k * m + j];
-            Pm[j] = acc;
+            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
         }
-        T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 0; i < m; ++i) mx = std::max(mx, Pm[i]);
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) Pm[i] -= mx;
-        exp_n(Pm, m);
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < m; ++i) s += Pm[i];
-        T u = 0;
-#pragma omp simd reduction(+ : u)
-        for (int64_t i = 0; i < m; ++i) {
-            Pm[i] /= s;
-            wt[i] = ww[i] * Pm[i];
-            u += wt[i];
-        }
+        softmax_n(Pm, m);
+        const T u = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
         rec[L.n_sum] = u;
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) wt[i] /= u;
     } else {
         copy(wt, ww, m);
     }
