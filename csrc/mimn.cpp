@@ -310,6 +310,33 @@ FA_INLINE void exp_n(T* p, int64_t n) {
     for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
 }
 
+// Σ a(i) b(i) and Σ p(i) over [0, n) (fp32 on AVX-512/AVX2: mimn_simd.inc dot_n, sum_n).
+template <typename T>
+FA_INLINE T dot_(const T* a, const T* b, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::dot_n<F512>(a, b, n);
+        if (isa == 1) return simd256::dot_n<F256>(a, b, n);
+    }
+#endif
+    return dot(a, b, n);
+}
+template <typename T>
+FA_INLINE T sum_(const T* p, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::sum_n<F512>(p, n);
+        if (isa == 1) return simd256::sum_n<F256>(p, n);
+    }
+#endif
+    T u = 0;
+#pragma omp simd reduction(+ : u)
+    for (int64_t i = 0; i < n; ++i) u += p[i];
+    return u;
+}
+
 // p = softmax(p) over [0, n) in place (the max subtracted first). fp32 on AVX-512/AVX2:
 // mimn_simd.inc (its max and sum reduced by a shuffle tree instead of lane by lane).
 template <typename T>
@@ -781,7 +808,7 @@ void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* X,
 // the dots key·M(i) are in rec already (ntm_fwd computes them with |M(i)| in one pass).
 template <typename T>
 FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t D, T* rec) {
-    const T nk = std::sqrt(dot(key, key, D));
+    const T nk = std::sqrt(dot_(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
     // per-slot loops vectorised over the m slots (m = 16: one AVX-512 vector)
@@ -800,29 +827,28 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
 // As in torch: the clamp passes no gradient below 1e-8 and |v| has gradient 0 at v = 0.
 template <typename T>
 FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int64_t m,
-                             T* ddot_out, T* cM_out, T* ck_out) {
+                             T* ddot_out, T* cM_out, T* ck_out, T* t1, T* t2) {
     const T nk = rec[0];
     const T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
-    T sdw = 0;
-#pragma omp simd reduction(+ : sdw)
-    for (int64_t i = 0; i < m; ++i) sdw += w[i] * dw[i];
-    T dbeta = 0, dnk = 0;
-    // vectorised over the slots (the divisions were most of this function's time)
-#pragma omp simd reduction(+ : dbeta, dnk)
+    const T sdw = dot_(w, dw, m);
+    // vectorised over the slots (the divisions were most of this function's time); the
+    // per-slot terms of dbeta and |key|'s gradient go to t1, t2 and are summed after
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
         const T ds = w[i] * (dw[i] - sdw);
-        dbeta += ds * dots[i] / den[i];
+        t1[i] = ds * dots[i] / den[i];
         const T dc = ds * beta;
         const T ddot = dc / den[i];
         const T dden = -dc * dots[i] / (den[i] * den[i]);
         const bool on = nk * nM[i] >= T(1e-8);
-        dnk += on ? dden * nM[i] : T(0);
+        t2[i] = on ? dden * nM[i] : T(0);
         const T dnM = on ? dden * nk : T(0);
         ddot_out[i] = ddot;
         cM_out[i] = nM[i] > T(0) ? dnM / nM[i] : T(0);
     }
+    const T dnk = sum_(t2, m);
     *ck_out = nk > T(0) ? dnk / nk : T(0);
-    return dbeta;
+    return sum_(t1, m);
 }
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
@@ -883,7 +909,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
-// gradients. d_wr may be null. work: 7m.
+// gradients. d_wr may be null. work: 9m.
 template <typename T>
 FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T* g, const T* rec,
              const T* d_read, const T* d_M_out, const T* d_g_out, const T* d_wr, T* dM, T* dg,
@@ -916,17 +942,16 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     if (L.mur) {
         const T* Pm = rec + L.n_Pm;
         const T u = rec[L.n_sum];
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < m; ++i) s += dwt[i] * wt[i];
-        T sp = 0;
-#pragma omp simd reduction(+ : sp)
+        const T s = dot_(dwt, wt, m);
+        T* t1 = work + 7 * m;
+#pragma omp simd
         for (int64_t i = 0; i < m; ++i) {
             const T du = (dwt[i] - s) / u;
             dww[i] = du * Pm[i];
             tmp[i] = du * ww[i];  // dP
-            sp += tmp[i] * Pm[i];
+            t1[i] = tmp[i] * Pm[i];
         }
+        const T sp = sum_(t1, m);
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) tmp[i] = Pm[i] * (tmp[i] - sp);  // d logits
         add_to(dmur_b, tmp, m);
@@ -941,8 +966,10 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     T* cr_M = work + 4 * m;
     T* cw_dot = work + 5 * m;
     T* cw_M = work + 6 * m;
-    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr);
-    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw);
+    T* t1 = work + 7 * m;
+    T* t2 = work + 8 * m;
+    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr, t1, t2);
+    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw, t1, t2);
     // ... and the heads' tanh derivatives of dkr, dkw
     ntm_bwd_pass2(M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, dM, dkr, dkw);
     dhead[D] = dbr * spg[0];
@@ -1008,7 +1035,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(7 * L.m);
+        ntm = a.take(9 * L.m);
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1352,13 +1379,13 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    Scratch<T> sc(nthreads, L.NT + 7 * L.m + L.D + L.m * L.D + L.m);
+    Scratch<T> sc(nthreads, L.NT + 9 * L.m + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
         T* work = rec + L.NT;
-        T* junk = work + 7 * L.m;  // M_out / read of the recomputation
+        T* junk = work + 9 * L.m;  // M_out / read of the recomputation
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
             const T* Mb = M + b * L.m * L.D;
