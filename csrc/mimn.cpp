@@ -987,12 +987,6 @@ FA_ISA_VARIANTS(ntm_bwd)
 // sort), listed in increasing channel order. Returns how many (min(k, m)). NaN counts as
 // larger than every number (torch.sort's descending order), NaNs tie: the reference and
 // every backend pick the same channels when read weights are NaN.
-template <typename T>
-FA_INLINE bool wr_before(T a, int64_t ia, T b, int64_t ib) {
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na || nb) return na && (!nb || ia < ib);
-    return a > b || (a == b && ia < ib);
-}
 // sel: room for 2m (the second half flags the channels taken).
 template <typename T>
 FA_INLINE int64_t miu_select(const T* wr, int64_t m, int64_t k, int64_t* sel) {
@@ -1001,9 +995,20 @@ FA_INLINE int64_t miu_select(const T* wr, int64_t m, int64_t k, int64_t* sel) {
     for (int64_t j = 0; j < m; ++j) taken[j] = 0;
     const int64_t n = std::min(k, m);
     for (int64_t p = 0; p < n; ++p) {
+        // the first best channel not taken: scanning in index order, channel j beats the
+        // best so far (value b) if wr[j] is NaN and b is not, or wr[j] > b (false for a NaN
+        // b); without branches (the argmax's branches were mispredicted)
         int64_t best = -1;
-        for (int64_t j = 0; j < m; ++j)
-            if (!taken[j] && (best < 0 || wr_before(wr[j], j, wr[best], best))) best = j;
+        T b = T(0);
+        bool bnan = false;
+        for (int64_t j = 0; j < m; ++j) {
+            const T a = wr[j];
+            const bool anan = std::isnan(a);
+            const bool better = !taken[j] & ((best < 0) | (anan ? !bnan : (a > b)));
+            best = better ? j : best;
+            b = better ? a : b;
+            bnan = better ? anan : bnan;
+        }
         taken[best] = 1;
     }
     int64_t c = 0;
