@@ -105,6 +105,14 @@ struct F512 {
     FA_V512 void store_n(T* p, V v, int n) {
         _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
     }
+    // the first n < W elements, the rest `fill`
+    FA_V512 V load_n_or(const T* p, int n, T fill) {
+        return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1),
+                                    p);
+    }
+    // the sum / max of the lanes (a fixed shuffle tree)
+    FA_V512 T hsum(V a) { return _mm512_reduce_add_ps(a); }
+    FA_V512 T hmax(V a) { return _mm512_reduce_max_ps(a); }
     // out[j] = the sum of v[j]'s lanes, j < 16: a transposing shuffle tree (15 shuffle
     // pairs and adds for all 16 sums, instead of a horizontal sum per vector)
     FA_V512 void hsum_rows(const V* v, T* out) {
@@ -172,6 +180,21 @@ struct F256 {
     }
     FA_V256 V load_n(const T* p, int n) { return _mm256_maskload_ps(p, mask_n(n)); }
     FA_V256 void store_n(T* p, V v, int n) { _mm256_maskstore_ps(p, mask_n(n), v); }
+    FA_V256 V load_n_or(const T* p, int n, T fill) {
+        const __m256i m = mask_n(n);
+        return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
+                                _mm256_castsi256_ps(m));
+    }
+    FA_V256 T hsum(V a) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    }
+    FA_V256 T hmax(V a) {
+        __m128 v = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+        return _mm_cvtss_f32(_mm_max_ss(v, _mm_movehdup_ps(v)));
+    }
     // out[j] = the sum of v[j]'s lanes, j < 8 (as F512::hsum_rows)
     FA_V256 void hsum_rows(const V* v, T* out) {
         V t[4], u[2];
@@ -285,6 +308,75 @@ FA_INLINE void exp_n(T* p, int64_t n) {
     }
 #endif
     for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
+}
+
+// Σ a(i) b(i) and Σ p(i) over [0, n) (fp32 on AVX-512/AVX2: mimn_simd.inc dot_n, sum_n).
+template <typename T>
+FA_INLINE T dot_(const T* a, const T* b, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::dot_n<F512>(a, b, n);
+        if (isa == 1) return simd256::dot_n<F256>(a, b, n);
+    }
+#endif
+    return dot(a, b, n);
+}
+template <typename T>
+FA_INLINE T sum_(const T* p, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::sum_n<F512>(p, n);
+        if (isa == 1) return simd256::sum_n<F256>(p, n);
+    }
+#endif
+    T u = 0;
+#pragma omp simd reduction(+ : u)
+    for (int64_t i = 0; i < n; ++i) u += p[i];
+    return u;
+}
+
+// p = softmax(p) over [0, n) in place (the max subtracted first). fp32 on AVX-512/AVX2:
+// mimn_simd.inc (its max and sum reduced by a shuffle tree instead of lane by lane).
+template <typename T>
+FA_INLINE void softmax_n(T* p, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::softmax_n<F512>(p, n);
+        if (isa == 1) return simd256::softmax_n<F256>(p, n);
+    }
+#endif
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+    for (int64_t i = 0; i < n; ++i) p[i] -= mx;
+    exp_n(p, n);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += p[i];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) p[i] /= sum;
+}
+// out = a ⊙ b / Σ(a ⊙ b) over [0, n); returns the sum.
+template <typename T>
+FA_INLINE T mul_normalize_n(const T* a, const T* b, T* out, int64_t n) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<T, float>) {
+        const int isa = mimn_isa();
+        if (isa == 2) return simd512::mul_normalize_n<F512>(a, b, out, n);
+        if (isa == 1) return simd256::mul_normalize_n<F256>(a, b, out, n);
+    }
+#endif
+    T u = 0;
+#pragma omp simd reduction(+ : u)
+    for (int64_t i = 0; i < n; ++i) {
+        out[i] = a[i] * b[i];
+        u += out[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] /= u;
+    return u;
 }
 
 // The NTM's per-row sums over the memory (mimn_simd.inc: fp32 on AVX-512/AVX2, rows
@@ -716,7 +808,7 @@ void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* X,
 // the dots key·M(i) are in rec already (ntm_fwd computes them with |M(i)| in one pass).
 template <typename T>
 FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t D, T* rec) {
-    const T nk = std::sqrt(dot(key, key, D));
+    const T nk = std::sqrt(dot_(key, key, D));
     T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
     rec[0] = nk;
     // per-slot loops vectorised over the m slots (m = 16: one AVX-512 vector)
@@ -725,17 +817,7 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
         den[i] = std::max(nk * nM[i], T(1e-8));
         w[i] = beta * dots[i] / den[i];
     }
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < m; ++i) mx = std::max(mx, w[i]);
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) w[i] -= mx;
-    exp_n(w, m);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < m; ++i) sum += w[i];
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) w[i] /= sum;
+    softmax_n(w, m);
 }
 
 // Backward of content_fwd given dw (m), its scalar part: per slot the coefficients of
@@ -745,29 +827,28 @@ FA_INLINE void content_fwd(const T* key, T beta, const T* nM, int64_t m, int64_t
 // As in torch: the clamp passes no gradient below 1e-8 and |v| has gradient 0 at v = 0.
 template <typename T>
 FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int64_t m,
-                             T* ddot_out, T* cM_out, T* ck_out) {
+                             T* ddot_out, T* cM_out, T* ck_out, T* t1, T* t2) {
     const T nk = rec[0];
     const T *dots = rec + 1, *den = rec + 1 + m, *w = rec + 1 + 2 * m;
-    T sdw = 0;
-#pragma omp simd reduction(+ : sdw)
-    for (int64_t i = 0; i < m; ++i) sdw += w[i] * dw[i];
-    T dbeta = 0, dnk = 0;
-    // vectorised over the slots (the divisions were most of this function's time)
-#pragma omp simd reduction(+ : dbeta, dnk)
+    const T sdw = dot_(w, dw, m);
+    // vectorised over the slots (the divisions were most of this function's time); the
+    // per-slot terms of dbeta and |key|'s gradient go to t1, t2 and are summed after
+#pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
         const T ds = w[i] * (dw[i] - sdw);
-        dbeta += ds * dots[i] / den[i];
+        t1[i] = ds * dots[i] / den[i];
         const T dc = ds * beta;
         const T ddot = dc / den[i];
         const T dden = -dc * dots[i] / (den[i] * den[i]);
         const bool on = nk * nM[i] >= T(1e-8);
-        dnk += on ? dden * nM[i] : T(0);
+        t2[i] = on ? dden * nM[i] : T(0);
         const T dnM = on ? dden * nk : T(0);
         ddot_out[i] = ddot;
         cM_out[i] = nM[i] > T(0) ? dnM / nM[i] : T(0);
     }
+    const T dnk = sum_(t2, m);
     *ck_out = nk > T(0) ? dnk / nk : T(0);
-    return dbeta;
+    return sum_(t1, m);
 }
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
@@ -806,33 +887,18 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
     if (L.mur) {
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
         T* Pm = rec + L.n_Pm;
-        // Pm(j) = b(j) + Σ_k g(k) W[j, k], W transposed: vectorised over the outputs j, the
-        // sum over k in a register
+        // Pm(j) = b(j) + Σ_k g(k) W[j, k] (k in order), W transposed: broadcast g(k) times
+        // row k of Wᵀ, vectorised over the outputs j
+        copy(Pm, mur_b, m);
+        for (int64_t k = 0; k < m; ++k) {
+            const T gk = g[k];
+            const T* wk = mur_wt + k * m;
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-            T acc = mur_b[j];
-            for (int64_t k = 0; k < m; ++k) acc += g[k] * mur_wt[k * m + j];
-            Pm[j] = acc;
+            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
         }
-        T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 0; i < m; ++i) mx = std::max(mx, Pm[i]);
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) Pm[i] -= mx;
-        exp_n(Pm, m);
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < m; ++i) s += Pm[i];
-        T u = 0;
-#pragma omp simd reduction(+ : u)
-        for (int64_t i = 0; i < m; ++i) {
-            Pm[i] /= s;
-            wt[i] = ww[i] * Pm[i];
-            u += wt[i];
-        }
+        softmax_n(Pm, m);
+        const T u = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
         rec[L.n_sum] = u;
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) wt[i] /= u;
     } else {
         copy(wt, ww, m);
     }
@@ -843,7 +909,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, co
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
-// gradients. d_wr may be null. work: 7m.
+// gradients. d_wr may be null. work: 9m.
 template <typename T>
 FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T* g, const T* rec,
              const T* d_read, const T* d_M_out, const T* d_g_out, const T* d_wr, T* dM, T* dg,
@@ -876,17 +942,16 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     if (L.mur) {
         const T* Pm = rec + L.n_Pm;
         const T u = rec[L.n_sum];
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < m; ++i) s += dwt[i] * wt[i];
-        T sp = 0;
-#pragma omp simd reduction(+ : sp)
+        const T s = dot_(dwt, wt, m);
+        T* t1 = work + 7 * m;
+#pragma omp simd
         for (int64_t i = 0; i < m; ++i) {
             const T du = (dwt[i] - s) / u;
             dww[i] = du * Pm[i];
             tmp[i] = du * ww[i];  // dP
-            sp += tmp[i] * Pm[i];
+            t1[i] = tmp[i] * Pm[i];
         }
+        const T sp = sum_(t1, m);
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) tmp[i] = Pm[i] * (tmp[i] - sp);  // d logits
         add_to(dmur_b, tmp, m);
@@ -901,8 +966,10 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
     T* cr_M = work + 4 * m;
     T* cw_dot = work + 5 * m;
     T* cw_M = work + 6 * m;
-    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr);
-    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw);
+    T* t1 = work + 7 * m;
+    T* t2 = work + 8 * m;
+    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr, t1, t2);
+    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw, t1, t2);
     // ... and the heads' tanh derivatives of dkr, dkw
     ntm_bwd_pass2(M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, dM, dkr, dkw);
     dhead[D] = dbr * spg[0];
@@ -920,12 +987,6 @@ FA_ISA_VARIANTS(ntm_bwd)
 // sort), listed in increasing channel order. Returns how many (min(k, m)). NaN counts as
 // larger than every number (torch.sort's descending order), NaNs tie: the reference and
 // every backend pick the same channels when read weights are NaN.
-template <typename T>
-FA_INLINE bool wr_before(T a, int64_t ia, T b, int64_t ib) {
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na || nb) return na && (!nb || ia < ib);
-    return a > b || (a == b && ia < ib);
-}
 // sel: room for 2m (the second half flags the channels taken).
 template <typename T>
 FA_INLINE int64_t miu_select(const T* wr, int64_t m, int64_t k, int64_t* sel) {
@@ -934,9 +995,20 @@ FA_INLINE int64_t miu_select(const T* wr, int64_t m, int64_t k, int64_t* sel) {
     for (int64_t j = 0; j < m; ++j) taken[j] = 0;
     const int64_t n = std::min(k, m);
     for (int64_t p = 0; p < n; ++p) {
+        // the first best channel not taken: scanning in index order, channel j beats the
+        // best so far (value b) if wr[j] is NaN and b is not, or wr[j] > b (false for a NaN
+        // b); without branches (the argmax's branches were mispredicted)
         int64_t best = -1;
-        for (int64_t j = 0; j < m; ++j)
-            if (!taken[j] && (best < 0 || wr_before(wr[j], j, wr[best], best))) best = j;
+        T b = T(0);
+        bool bnan = false;
+        for (int64_t j = 0; j < m; ++j) {
+            const T a = wr[j];
+            const bool anan = std::isnan(a);
+            const bool better = !taken[j] & ((best < 0) | (anan ? !bnan : (a > b)));
+            best = better ? j : best;
+            b = better ? a : b;
+            bnan = better ? anan : bnan;
+        }
         taken[best] = 1;
     }
     int64_t c = 0;
@@ -968,7 +1040,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(7 * L.m);
+        ntm = a.take(9 * L.m);
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1312,13 +1384,13 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    Scratch<T> sc(nthreads, L.NT + 7 * L.m + L.D + L.m * L.D + L.m);
+    Scratch<T> sc(nthreads, L.NT + 9 * L.m + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
         T* work = rec + L.NT;
-        T* junk = work + 7 * L.m;  // M_out / read of the recomputation
+        T* junk = work + 9 * L.m;  // M_out / read of the recomputation
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
             const T* Mb = M + b * L.m * L.D;
