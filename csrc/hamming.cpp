@@ -843,13 +843,11 @@ void hamming_topk_avx512(const int64_t* q, const int64_t* k, const int64_t* rows
             for (int64_t blk = 0; blk < nblocks; ++blk)
                 tile_block(Keys::of(keys, rows, u, L, W), n, W, blk, shared);
             // Blocks small enough that every thread gets work, up to kMaxQueries; groups of
-            // up to kGroupBlocks blocks share each chunk of keys. A history of one chunk stays
-            // in L2 for every group, so there groups are single blocks: the threads' last
-            // tasks then differ by one block, not by a group of 8 (~3% of a call at 2 threads).
+            // up to kGroupBlocks blocks share each chunk of keys.
             const int64_t nq = g.start[u + 1] - g.start[u];
             const int64_t qb = std::min<int64_t>(kMaxQueries, (nq + nthreads - 1) / nthreads);
             const int64_t nqb = (nq + qb - 1) / qb;
-            const int64_t gb = n <= kChunkKeys ? 1 : std::max<int64_t>(1, std::min<int64_t>(kGroupBlocks, nqb / (4 * nthreads)));
+            const int64_t gb = std::max<int64_t>(1, std::min<int64_t>(kGroupBlocks, nqb / (4 * nthreads)));
             const int64_t ngroups = (nqb + gb - 1) / gb;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < ngroups; ++i) {
