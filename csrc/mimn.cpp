@@ -270,6 +270,19 @@ FA_INLINE T softplus_grad(T x) {
     return x > T(20) ? T(1) : sigmoid(x);
 }
 
+// fp32 on x86: return mimn_simd.inc's NAME(args...) for the ISA mimn_isa() picked; fp64,
+// other ISAs and other architectures fall through to the caller's portable loop.
+#if FASTATTN_X86
+#define FA_MIMN_SIMD(NAME, ...)                                                              \
+    if constexpr (std::is_same_v<T, float>) {                                                \
+        const int isa = mimn_isa();                                                          \
+        if (isa == 2) return simd512::NAME<F512>(__VA_ARGS__);                               \
+        if (isa == 1) return simd256::NAME<F256>(__VA_ARGS__);                               \
+    }
+#else
+#define FA_MIMN_SIMD(NAME, ...)
+#endif
+
 // In-place activations over p[0, n). fp32 on AVX-512/AVX2: the vector functions of
 // mimn_simd.inc (bounds, against double-precision libm: exp 2 ulp on [-87, 88], sigmoid
 // 1.2e-7 absolute, tanh 4.3e-7 relative; measured over 44M floats sampled across all bit
@@ -277,60 +290,30 @@ FA_INLINE T softplus_grad(T x) {
 // the default path: libm.
 template <typename T>
 FA_INLINE void sigmoid_n(T* p, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::sigmoid_n<F512>(p, n);
-        if (isa == 1) return simd256::sigmoid_n<F256>(p, n);
-    }
-#endif
+    FA_MIMN_SIMD(sigmoid_n, p, n);
     for (int64_t i = 0; i < n; ++i) p[i] = sigmoid(p[i]);
 }
 template <typename T>
 FA_INLINE void tanh_n(T* p, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::tanh_n<F512>(p, n);
-        if (isa == 1) return simd256::tanh_n<F256>(p, n);
-    }
-#endif
+    FA_MIMN_SIMD(tanh_n, p, n);
     for (int64_t i = 0; i < n; ++i) p[i] = tanh_(p[i]);
 }
 
 template <typename T>
 FA_INLINE void exp_n(T* p, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::exp_n<F512>(p, n);
-        if (isa == 1) return simd256::exp_n<F256>(p, n);
-    }
-#endif
+    FA_MIMN_SIMD(exp_n, p, n);
     for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
 }
 
 // Σ a(i) b(i) and Σ p(i) over [0, n) (fp32 on AVX-512/AVX2: mimn_simd.inc dot_n, sum_n).
 template <typename T>
 FA_INLINE T dot_(const T* a, const T* b, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::dot_n<F512>(a, b, n);
-        if (isa == 1) return simd256::dot_n<F256>(a, b, n);
-    }
-#endif
+    FA_MIMN_SIMD(dot_n, a, b, n);
     return dot(a, b, n);
 }
 template <typename T>
 FA_INLINE T sum_(const T* p, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::sum_n<F512>(p, n);
-        if (isa == 1) return simd256::sum_n<F256>(p, n);
-    }
-#endif
+    FA_MIMN_SIMD(sum_n, p, n);
     T u = 0;
 #pragma omp simd reduction(+ : u)
     for (int64_t i = 0; i < n; ++i) u += p[i];
@@ -341,13 +324,7 @@ FA_INLINE T sum_(const T* p, int64_t n) {
 // mimn_simd.inc (its max and sum reduced by a shuffle tree instead of lane by lane).
 template <typename T>
 FA_INLINE void softmax_n(T* p, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::softmax_n<F512>(p, n);
-        if (isa == 1) return simd256::softmax_n<F256>(p, n);
-    }
-#endif
+    FA_MIMN_SIMD(softmax_n, p, n);
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
     for (int64_t i = 0; i < n; ++i) p[i] -= mx;
@@ -361,13 +338,7 @@ FA_INLINE void softmax_n(T* p, int64_t n) {
 // out = a ⊙ b / Σ(a ⊙ b) over [0, n); returns the sum.
 template <typename T>
 FA_INLINE T mul_normalize_n(const T* a, const T* b, T* out, int64_t n) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::mul_normalize_n<F512>(a, b, out, n);
-        if (isa == 1) return simd256::mul_normalize_n<F256>(a, b, out, n);
-    }
-#endif
+    FA_MIMN_SIMD(mul_normalize_n, a, b, out, n);
     T u = 0;
 #pragma omp simd reduction(+ : u)
     for (int64_t i = 0; i < n; ++i) {
@@ -384,13 +355,7 @@ FA_INLINE T mul_normalize_n(const T* a, const T* b, T* out, int64_t n) {
 template <typename T>
 FA_INLINE void ntm_row_dots(const T* M, int64_t m, int64_t D, const T* kr, const T* kw, T* nn,
                             T* dr, T* dw) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::ntm_row_dots<F512>(M, m, D, kr, kw, nn, dr, dw);
-        if (isa == 1) return simd256::ntm_row_dots<F256>(M, m, D, kr, kw, nn, dr, dw);
-    }
-#endif
+    FA_MIMN_SIMD(ntm_row_dots, M, m, D, kr, kw, nn, dr, dw);
     for (int64_t i = 0; i < m; ++i) {
         const T* Mi = M + i * D;
         T a = 0, b = 0, c = 0;
@@ -408,17 +373,7 @@ template <typename T>
 FA_INLINE void ntm_bwd_pass1(const T* M, const T* G, int64_t m, int64_t D, const T* wt,
                              const T* wr, const T* er, const T* ad, const T* d_read, T* dM,
                              T* de, T* da, T* s, T* q) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2)
-            return simd512::ntm_bwd_pass1<F512>(M, G, m, D, wt, wr, er, ad, d_read, dM, de, da,
-                                                s, q);
-        if (isa == 1)
-            return simd256::ntm_bwd_pass1<F256>(M, G, m, D, wt, wr, er, ad, d_read, dM, de, da,
-                                                s, q);
-    }
-#endif
+    FA_MIMN_SIMD(ntm_bwd_pass1, M, G, m, D, wt, wr, er, ad, d_read, dM, de, da, s, q);
     for (int64_t i = 0; i < m; ++i) {
         const T c = wt[i], cr = wr[i];
         const T* Mi = M + i * D;
@@ -440,13 +395,7 @@ FA_INLINE void ntm_bwd_pass1(const T* M, const T* G, int64_t m, int64_t D, const
 template <typename T>
 FA_INLINE void ntm_read_write(const T* M, int64_t m, int64_t D, const T* wt, const T* wr,
                               const T* er, const T* ad, T* read, T* M_out) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2) return simd512::ntm_read_write<F512>(M, m, D, wt, wr, er, ad, read, M_out);
-        if (isa == 1) return simd256::ntm_read_write<F256>(M, m, D, wt, wr, er, ad, read, M_out);
-    }
-#endif
+    FA_MIMN_SIMD(ntm_read_write, M, m, D, wt, wr, er, ad, read, M_out);
     std::fill(read, read + D, T(0));
     for (int64_t i = 0; i < m; ++i) {
         const T c = wt[i], cr = wr[i];
@@ -466,17 +415,7 @@ template <typename T>
 FA_INLINE void ntm_bwd_pass2(const T* M, int64_t m, int64_t D, const T* ca, const T* cb,
                              const T* cc1, const T* cc2, const T* kr, const T* kw, T ckr, T ckw,
                              T* dM, T* dkr, T* dkw) {
-#if FASTATTN_X86
-    if constexpr (std::is_same_v<T, float>) {
-        const int isa = mimn_isa();
-        if (isa == 2)
-            return simd512::ntm_bwd_pass2<F512>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
-                                                dkr, dkw);
-        if (isa == 1)
-            return simd256::ntm_bwd_pass2<F256>(M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM,
-                                                dkr, dkw);
-    }
-#endif
+    FA_MIMN_SIMD(ntm_bwd_pass2, M, m, D, ca, cb, cc1, cc2, kr, kw, ckr, ckw, dM, dkr, dkw);
     std::fill(dkr, dkr + D, T(0));
     std::fill(dkw, dkw + D, T(0));
     for (int64_t i = 0; i < m; ++i) {
