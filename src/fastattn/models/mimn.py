@@ -65,7 +65,8 @@ class MIMN(CTRModel):
             raise ValueError(f"reg_lambda must be a float >= 0, got {reg_lambda!r}")
         check_positive_int("miu_k", miu_k, allow_zero=True)
         if memory_read not in ("target", "mean", "none"):
-            raise ValueError(f"memory_read must be 'target', 'mean' or 'none', got {memory_read!r}")
+            raise ValueError("memory_read must be 'target', 'mean' or 'none', "
+                             f"got {memory_read!r}")
         if memory_read == "none" and not miu_k:
             raise ValueError("memory_read='none' with miu_k=0 leaves the head no user feature")
         self.memory_read = memory_read
