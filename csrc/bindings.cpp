@@ -966,6 +966,8 @@ py::dict cpu_features() {
     d["avx512bw"] = f.avx512bw;
     d["avx512vl"] = f.avx512vl;
     d["avx512_vpopcntdq"] = f.avx512vpopcntdq;
+    d["bmi2"] = f.bmi2;
+    d["avx512_vbmi2"] = f.avx512vbmi2;
     d["avx512_bf16"] = f.avx512bf16;
     d["amx_bf16"] = f.amx_bf16;
     d["isa_cap"] = f.isa_cap.empty() ? py::object(py::none()) : py::object(py::str(f.isa_cap));

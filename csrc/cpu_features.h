@@ -21,6 +21,9 @@
 // Hamming kernels: VPOPCNTQ on 8 words at once.
 #define FA_TARGET_AVX512_VPOPCNT \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
+// hamming_topk's AVX-512 selection: VPOPCNTQ plus PEXT (BMI2) and VPCOMPRESSW (VBMI2).
+#define FA_TARGET_TOPK \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2,avx512vbmi2")))
 // SimHash microkernel: FMA and compare-into-mask only need AVX-512F.
 #define FA_TARGET_AVX512F __attribute__((target("avx512f,fma")))
 #define FA_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
@@ -70,6 +73,8 @@ struct CpuFeatures {
     bool avx512bw = false;
     bool avx512vl = false;
     bool avx512vpopcntdq = false;
+    bool bmi2 = false;
+    bool avx512vbmi2 = false;
     bool avx512bf16 = false;
     // AMX-BF16 tiles usable: CPUID, the OS saves the tile state (XCR0) and, on Linux, it
     // granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM).
@@ -126,6 +131,8 @@ inline const CpuFeatures& cpu_features() {
         f.avx512bw = __builtin_cpu_supports("avx512bw");
         f.avx512vl = __builtin_cpu_supports("avx512vl");
         f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+        f.bmi2 = __builtin_cpu_supports("bmi2");
+        f.avx512vbmi2 = __builtin_cpu_supports("avx512vbmi2");
         f.amx_bf16 = detect_amx_bf16(&f.avx512bf16);
 #endif
         const char* cap = std::getenv("FASTATTN_CPU_ISA");
@@ -140,8 +147,9 @@ inline const CpuFeatures& cpu_features() {
             }
             if (level < 4) f.amx_bf16 = false;
             if (level < 3)
-                f.avx512f = f.avx512bw = f.avx512vl = f.avx512vpopcntdq = f.avx512bf16 = false;
-            if (level < 2) f.avx2 = f.fma = false;
+                f.avx512f = f.avx512bw = f.avx512vl = f.avx512vpopcntdq = f.avx512vbmi2 =
+                    f.avx512bf16 = false;
+            if (level < 2) f.avx2 = f.fma = f.bmi2 = false;
             if (level < 1) f.popcnt = false;
         }
         return f;
@@ -152,6 +160,11 @@ inline const CpuFeatures& cpu_features() {
 inline bool use_avx512_vpopcnt() {
     const CpuFeatures& f = cpu_features();
     return f.avx512f && f.avx512bw && f.avx512vl && f.avx512vpopcntdq && f.popcnt;
+}
+// Every CPU with VPOPCNTQ has BMI2 and AVX512-VBMI2 but Knights Mill (portable scan there).
+inline bool use_avx512_topk() {
+    const CpuFeatures& f = cpu_features();
+    return use_avx512_vpopcnt() && f.bmi2 && f.avx512vbmi2;
 }
 inline bool use_avx512f() { return cpu_features().avx512f && cpu_features().fma; }
 inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma && cpu_features().popcnt; }

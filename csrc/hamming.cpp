@@ -524,11 +524,8 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
 // id < 65536), i.e. key << 18 | j << 16 | d. Slot s of a block's packed vector (its key
 // 8 blk + s / 4, query s % 4) has id 32 blk + s.
 
-// The top-k's selection also takes BMI2 (PEXT) and AVX512-VBMI2 (VPCOMPRESSW), present on
-// every CPU with VPOPCNTQ but Knights Mill (checked at dispatch: that one takes the portable
-// scan).
-#define FA_TARGET_TOPK \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi2,avx512vbmi2")))
+// The top-k's selection also takes BMI2 (PEXT) and AVX512-VBMI2 (VPCOMPRESSW):
+// FA_TARGET_TOPK, dispatched by use_avx512_topk() (cpu_features.h).
 alignas(64) constexpr uint16_t kSlotIds[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
                                                11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
                                                22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
@@ -880,9 +877,7 @@ void hamming_topk_impl(const int64_t* q, const int64_t* k, const int64_t* rows,
                        int nthreads) {
     if (B == 0 || topk == 0) return;
 #if FASTATTN_X86
-    // (the selection also takes BMI2 and AVX512-VBMI2, see FA_TARGET_TOPK)
-    if (use_avx512_vpopcnt() && __builtin_cpu_supports("bmi2") &&
-        __builtin_cpu_supports("avx512vbmi2") && W <= kMaxTileW) {
+    if (use_avx512_topk() && W <= kMaxTileW) {
         hamming_topk_avx512<Keys>(q, k, rows, lengths, hist_index, B, U, L, W, topk, out_dist,
                                   out_idx, nthreads);
         return;
