@@ -258,9 +258,8 @@ FA_INLINE float tanh_(float x) {
     const double e = std::exp(2.0 * xd);
     return static_cast<float>((e - 1.0) / (e + 1.0));
 }
-// torch.nn.functional.softplus (beta 1, threshold 20): the identity above the threshold.
-// Scalar on every path: two per row-step (the betas), against ~3·(Hc + Hs) + 3D vector
-// activations.
+// torch.nn.functional.softplus (beta 1, threshold 20): the identity above the threshold
+// (fp64 and the default path; softplus_n below vectorises the fp32 betas of a tile).
 template <typename T>
 FA_INLINE T softplus(T x) {
     return x > T(20) ? x : std::log1p(std::exp(x));
@@ -299,6 +298,14 @@ FA_INLINE void tanh_n(T* p, int64_t n) {
     for (int64_t i = 0; i < n; ++i) p[i] = tanh_(p[i]);
 }
 
+// out = softplus(x), grad = softplus'(x) over [0, n) (fp32 on AVX-512/AVX2: mimn_simd.inc
+// vsoftplus, bound 3 ulp; libm's log1pf was ~3% of the forward as two scalar calls per
+// row-step).
+template <typename T>
+FA_INLINE void softplus_n(const T* x, T* out, T* grad, int64_t n) {
+    FA_MIMN_SIMD(softplus_n, x, out, grad, n);
+    for (int64_t i = 0; i < n; ++i) out[i] = softplus(x[i]), grad[i] = softplus_grad(x[i]);
+}
 template <typename T>
 FA_INLINE void exp_n(T* p, int64_t n) {
     FA_MIMN_SIMD(exp_n, p, n);
@@ -792,59 +799,84 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
-// One row. M_out and g_out may alias M and g (in place: M and g are read in full before
-// the write). rec: the NTM record (L.NT); wr = rec + L.n_rd + 1 + 2m. mur_wt: the MUR
-// weight transposed (m, m).
+// The first n rows of a tile (n <= kTileRows): row r's head is head + r * ldh, its
+// record rec[r] (L.NT). M_out[r] and g_out[r] may alias M[r] and g[r] (in place: a row's M
+// and g are read in full before its write). Each stage is a loop over the rows: a row's
+// stages are short dependency chains (horizontal max and sum, divisions), and independent
+// rows back to back let them overlap instead of each waiting on the one before.
+// mur_wt: the MUR weight transposed (m, m).
 template <typename T>
-FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, const T* M, const T* g,
-             const T* head, T* read, T* M_out, T* g_out, T* rec) {
+FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, int64_t n,
+                            const T* const* M, const T* const* g, const T* head, int64_t ldh,
+                            T* const* read, T* const* M_out, T* const* g_out, T* const* rec) {
     const int64_t D = L.D, m = L.m;
-    T* act = rec + L.n_act;
-    T* spg = rec + L.n_spg;
-    T* nM = rec + L.n_nM;
-    copy(act, head, L.P);
-    tanh_n(act, D);
-    act[D] = softplus(head[D]) + T(1);
-    spg[0] = softplus_grad(head[D]);
-    tanh_n(act + D + 1, D);
-    act[2 * D + 1] = softplus(head[2 * D + 1]) + T(1);
-    spg[1] = softplus_grad(head[2 * D + 1]);
-    sigmoid_n(act + 2 * D + 2, D);
-    tanh_n(act + 3 * D + 2, D);
-    const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
-    T* rd = rec + L.n_rd;
-    T* wd = rec + L.n_wd;
+    // the activated heads; the two betas of every row through one vector softplus
+    T beta[2 * kTileRows], sp[2 * kTileRows], spg[2 * kTileRows];
+    for (int64_t r = 0; r < n; ++r) {
+        const T* hd = head + r * ldh;
+        T* act = rec[r] + L.n_act;
+        copy(act, hd, L.P);
+        tanh_n(act, D);
+        tanh_n(act + D + 1, D);
+        sigmoid_n(act + 2 * D + 2, D);
+        tanh_n(act + 3 * D + 2, D);
+        beta[2 * r] = hd[D], beta[2 * r + 1] = hd[2 * D + 1];
+    }
+    softplus_n(beta, sp, spg, 2 * n);
+    for (int64_t r = 0; r < n; ++r) {
+        T* act = rec[r] + L.n_act;
+        act[D] = sp[2 * r] + T(1);
+        act[2 * D + 1] = sp[2 * r + 1] + T(1);
+        rec[r][L.n_spg] = spg[2 * r];
+        rec[r][L.n_spg + 1] = spg[2 * r + 1];
+    }
     // |M(i)|, kʳ·M(i) and kʷ·M(i) in one pass over the memory
-    ntm_row_dots(M, m, D, kr, kw, nM, rd + 1, wd + 1);
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        T* nM = rec[r] + L.n_nM;
+        ntm_row_dots(M[r], m, D, act, act + D + 1, nM, rec[r] + L.n_rd + 1,
+                     rec[r] + L.n_wd + 1);
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
-    content_fwd(kr, act[D], nM, m, D, rd);
-    content_fwd(kw, act[2 * D + 1], nM, m, D, wd);
-    const T* wr = rd + 1 + 2 * m;
-    const T* ww = wd + 1 + 2 * m;
-    T* wt = rec + L.n_wt;
-    if (L.mur) {
+        for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        content_fwd(act, act[D], rec[r] + L.n_nM, m, D, rec[r] + L.n_rd);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        content_fwd(act + D + 1, act[2 * D + 1], rec[r] + L.n_nM, m, D, rec[r] + L.n_wd);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+        const T* ww = rec[r] + L.n_wd + 1 + 2 * m;
+        T* wt = rec[r] + L.n_wt;
+        if (!L.mur) {
+            copy(wt, ww, m);
+            continue;
+        }
         // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
-        T* Pm = rec + L.n_Pm;
+        T* Pm = rec[r] + L.n_Pm;
         // Pm(j) = b(j) + Σ_k g(k) W[j, k] (k in order), W transposed: broadcast g(k) times
         // row k of Wᵀ, vectorised over the outputs j
         copy(Pm, mur_b, m);
         for (int64_t k = 0; k < m; ++k) {
-            const T gk = g[k];
+            const T gk = g[r][k];
             const T* wk = mur_wt + k * m;
 #pragma omp simd
             for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
         }
         softmax_n(Pm, m);
-        const T u = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
-        rec[L.n_sum] = u;
-    } else {
-        copy(wt, ww, m);
+        rec[r][L.n_sum] = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
     }
     // read (from M before the write) and write in one pass; in place when M_out = M
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        const T* wt = rec[r] + L.n_wt;
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) g_out[i] = g[i] + wt[i];
-    ntm_read_write(M, m, D, wt, wr, er, ad, read, M_out);
+        for (int64_t i = 0; i < m; ++i) g_out[r][i] = g[r][i] + wt[i];
+        ntm_read_write(M[r], m, D, wt, rec[r] + L.n_rd + 1 + 2 * m, act + 2 * D + 2,
+                       act + 3 * D + 2, read[r], M_out[r]);
+    }
 }
 
 // Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
@@ -919,6 +951,13 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
 
 FA_ISA_VARIANTS(ntm_fwd)
 FA_ISA_VARIANTS(ntm_bwd)
+
+// ntm_fwd for one row (the per-row NTM ops).
+template <typename T>
+inline void ntm_fwd_row(const Layout& L, const T* mur_wt, const T* mur_b, const T* M,
+                        const T* g, const T* head, T* read, T* M_out, T* g_out, T* rec) {
+    ntm_fwd(L, mur_wt, mur_b, int64_t(1), &M, &g, head, L.P, &read, &M_out, &g_out, &rec);
+}
 
 // ----------------------------------------------------------------------------- MIU (step 7)
 
@@ -1163,9 +1202,14 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
     gru_tile_fwd(c, n, x, L.Dx, w.gb.data(), w.gh.data(), w.gt.data(), w.go.data(), w.gc);
     gemm(n, md.Pp, L.Hc, const_cast<const T* const*>(w.go.data()), 0, md.heads_t.data(), md.Pp,
          md.heads_bp.data(), 0, w.head, md.Pp);
-    for (int64_t r = 0; r < n; ++r)
-        ntm_fwd(L, md.mur_wt.data(), md.mur_b, s[r] + L.s_M, s[r] + L.s_g, w.head + r * md.Pp,
-                s1[r] + L.s_r, s1[r] + L.s_M, s1[r] + L.s_g, tape[r] + L.t_ntm);
+    for (int64_t r = 0; r < n; ++r) {
+        w.q0[r] = s[r] + L.s_M, w.q1[r] = s[r] + L.s_g;
+        w.p0[r] = s1[r] + L.s_r, w.p1[r] = s1[r] + L.s_M, w.p2[r] = s1[r] + L.s_g;
+        w.p3[r] = tape[r] + L.t_ntm;
+    }
+    ntm_fwd(L, md.mur_wt.data(), md.mur_b, n, w.q0.data(), w.q1.data(),
+            static_cast<const T*>(w.head), md.Pp, w.p0.data(), w.p1.data(), w.p2.data(),
+            w.p3.data());
     if (L.k == 0) {
         if (!Sio)
             for (int64_t r = 0; r < n; ++r)
@@ -1309,8 +1353,9 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
         T* rec = sc.buf[omp_get_thread_num()].data();
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
-            ntm_fwd(L, mur_wt.data(), mur_b, M + b * L.m * L.D, g + b * L.m, head + b * L.P,
-                    read + b * L.D, M_out + b * L.m * L.D, g_out + b * L.m, rec);
+            ntm_fwd_row(L, mur_wt.data(), mur_b, M + b * L.m * L.D, g + b * L.m,
+                        head + b * L.P, read + b * L.D, M_out + b * L.m * L.D, g_out + b * L.m,
+                        rec);
             copy(wr + b * L.m, rec + L.n_rd + 1 + 2 * L.m, L.m);
         }
     }
@@ -1334,8 +1379,8 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
         for (int64_t b = 0; b < d.B; ++b) {
             const T* Mb = M + b * L.m * L.D;
             const T* gb = g + b * L.m;
-            ntm_fwd(L, mur_wt.data(), mur_b, Mb, gb, head + b * L.P, junk, junk + L.D,
-                    junk + L.D + L.m * L.D, rec);
+            ntm_fwd_row(L, mur_wt.data(), mur_b, Mb, gb, head + b * L.P, junk, junk + L.D,
+                        junk + L.D + L.m * L.D, rec);
             T* dmw = L.mur ? dmur_w_rows + b * L.m * L.m : nullptr;
             T* dmb = L.mur ? dmur_b_rows + b * L.m : nullptr;
             if (L.mur) {
