@@ -879,42 +879,52 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, in
     }
 }
 
-// Backward of one row's ntm_fwd. Writes dM (m, D), dg (m), dhead (P); accumulates the MUR
-// gradients. d_wr may be null. work: 9m.
+// One row of ntm_bwd: its inputs (the state before the step, its NTM record, the
+// gradients of the step's outputs; d_wr may be null) and outputs (dM (m, D), dg (m),
+// dhead (P)).
 template <typename T>
-FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T* g, const T* rec,
-             const T* d_read, const T* d_M_out, const T* d_g_out, const T* d_wr, T* dM, T* dg,
-             T* dhead, T* dmur_w, T* dmur_b, T* work) {
+struct NtmBwdRow {
+    const T *M, *g, *rec, *d_read, *d_M_out, *d_g_out, *d_wr;
+    T *dM, *dg, *dhead;
+};
+
+// Backward of ntm_fwd for n rows (n <= kTileRows), stage by stage over the rows as the
+// forward; the MUR gradients are accumulated over the rows in row order. work: 9m per row.
+template <typename T>
+FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, int64_t n, const NtmBwdRow<T>* rows,
+                            T* dmur_w, T* dmur_b, T* work) {
     const int64_t D = L.D, m = L.m;
-    const T* act = rec + L.n_act;
-    const T* spg = rec + L.n_spg;
-    const T* nM = rec + L.n_nM;
-    const T* rd = rec + L.n_rd;
-    const T* wd = rec + L.n_wd;
-    const T* wt = rec + L.n_wt;
-    const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
-    T* dwt = work;
-    T* dww = work + m;
-    T* dwr = work + 2 * m;
-    T* tmp = work + 3 * m;
-    zero(dhead, L.P);
-    T *dkr = dhead, *dkw = dhead + D + 1, *de = dhead + 2 * D + 2, *da = dhead + 3 * D + 2;
     // Write (M_out = M ⊙ (1 - w~ eᵀ) + w~ aᵀ, g_out = g + w~) and read (read = Σ_i wr(i)
     // M(i)) in one pass over the memory: dM, de, da and the per-slot sums s(i) (into dwt)
     // and d_read·M(i) (into dwr).
-    const T* wr = rd + 1 + 2 * m;
-    ntm_bwd_pass1(M, d_M_out, m, D, wt, wr, er, ad, d_read, dM, de, da, dwt, dwr);
-    for (int64_t i = 0; i < m; ++i) {
-        dwt[i] += d_g_out[i];
-        dg[i] = d_g_out[i];
-        if (d_wr) dwr[i] += d_wr[i];
+    for (int64_t r = 0; r < n; ++r) {
+        const NtmBwdRow<T>& q = rows[r];
+        const T* act = q.rec + L.n_act;
+        T* wk = work + r * 9 * m;
+        T *dwt = wk, *dwr = wk + 2 * m;
+        zero(q.dhead, L.P);
+        ntm_bwd_pass1(q.M, q.d_M_out, m, D, q.rec + L.n_wt, q.rec + L.n_rd + 1 + 2 * m,
+                      act + 2 * D + 2, act + 3 * D + 2, q.d_read, q.dM, q.dhead + 2 * D + 2,
+                      q.dhead + 3 * D + 2, dwt, dwr);
+        for (int64_t i = 0; i < m; ++i) {
+            dwt[i] += q.d_g_out[i];
+            q.dg[i] = q.d_g_out[i];
+            if (q.d_wr) dwr[i] += q.d_wr[i];
+        }
     }
-    const T* ww = wd + 1 + 2 * m;
-    if (L.mur) {
-        const T* Pm = rec + L.n_Pm;
-        const T u = rec[L.n_sum];
-        const T s = dot_(dwt, wt, m);
-        T* t1 = work + 7 * m;
+    for (int64_t r = 0; r < n; ++r) {
+        const NtmBwdRow<T>& q = rows[r];
+        T* wk = work + r * 9 * m;
+        T *dwt = wk, *dww = wk + m, *tmp = wk + 3 * m;
+        const T* ww = q.rec + L.n_wd + 1 + 2 * m;
+        if (!L.mur) {
+            copy(dww, dwt, m);
+            continue;
+        }
+        const T* Pm = q.rec + L.n_Pm;
+        const T u = q.rec[L.n_sum];
+        const T s = dot_(dwt, q.rec + L.n_wt, m);
+        T* t1 = wk + 7 * m;
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) {
             const T du = (dwt[i] - s) / u;
@@ -926,27 +936,35 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, const T* M, const T
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) tmp[i] = Pm[i] * (tmp[i] - sp);  // d logits
         add_to(dmur_b, tmp, m);
-        outer_acc(dmur_w, tmp, g, m, m);
-        matvec_t_acc(mur_w, tmp, m, m, dg);
-    } else {
-        copy(dww, dwt, m);
+        outer_acc(dmur_w, tmp, q.g, m, m);
+        matvec_t_acc(mur_w, tmp, m, m, q.dg);
     }
     // Both content addressings: scalar coefficients, then one pass over the memory.
-    T ckr, ckw;
-    T* cr_dot = tmp;       // tmp's dP is consumed above
-    T* cr_M = work + 4 * m;
-    T* cw_dot = work + 5 * m;
-    T* cw_M = work + 6 * m;
-    T* t1 = work + 7 * m;
-    T* t2 = work + 8 * m;
-    const T dbr = content_bwd_coef(dwr, rd, act[D], nM, m, cr_dot, cr_M, &ckr, t1, t2);
-    const T dbw = content_bwd_coef(dww, wd, act[2 * D + 1], nM, m, cw_dot, cw_M, &ckw, t1, t2);
-    // ... and the heads' tanh derivatives of dkr, dkw
-    ntm_bwd_pass2(M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, dM, dkr, dkw);
-    dhead[D] = dbr * spg[0];
-    dhead[2 * D + 1] = dbw * spg[1];
-    for (int64_t e = 0; e < D; ++e) de[e] *= er[e] * (T(1) - er[e]);
-    for (int64_t e = 0; e < D; ++e) da[e] *= T(1) - ad[e] * ad[e];
+    for (int64_t r = 0; r < n; ++r) {
+        const NtmBwdRow<T>& q = rows[r];
+        const T* act = q.rec + L.n_act;
+        const T* spg = q.rec + L.n_spg;
+        const T* nM = q.rec + L.n_nM;
+        const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
+        T* wk = work + r * 9 * m;
+        T *dww = wk + m, *dwr = wk + 2 * m;
+        T* cr_dot = wk + 3 * m;  // tmp's dP is consumed above
+        T *cr_M = wk + 4 * m, *cw_dot = wk + 5 * m, *cw_M = wk + 6 * m;
+        T *t1 = wk + 7 * m, *t2 = wk + 8 * m;
+        T ckr, ckw;
+        const T dbr = content_bwd_coef(dwr, q.rec + L.n_rd, act[D], nM, m, cr_dot, cr_M, &ckr,
+                                       t1, t2);
+        const T dbw = content_bwd_coef(dww, q.rec + L.n_wd, act[2 * D + 1], nM, m, cw_dot,
+                                       cw_M, &ckw, t1, t2);
+        // ... and the heads' tanh derivatives of dkr, dkw
+        T *dkr = q.dhead, *dkw = q.dhead + D + 1, *de = q.dhead + 2 * D + 2,
+          *da = q.dhead + 3 * D + 2;
+        ntm_bwd_pass2(q.M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, q.dM, dkr, dkw);
+        dkr[D] = dbr * spg[0];
+        dkw[D] = dbw * spg[1];
+        for (int64_t e = 0; e < D; ++e) de[e] *= er[e] * (T(1) - er[e]);
+        for (int64_t e = 0; e < D; ++e) da[e] *= T(1) - ad[e] * ad[e];
+    }
 }
 
 FA_ISA_VARIANTS(ntm_fwd)
@@ -1018,7 +1036,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(9 * L.m);
+        ntm = a.take(R * 9 * L.m);  // ntm_bwd's work, 9m per row
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1253,10 +1271,11 @@ void tile_step_bwd(const Model<T>& md, const TileAcc<T>& acc, int64_t n, const T
     } else if (!dSio) {
         for (int64_t r = 0; r < n; ++r) copy(gs0[r] + L.s_S, gs[r] + L.s_S, L.m * L.Hs);
     }
+    NtmBwdRow<T> q[kTileRows];
     for (int64_t r = 0; r < n; ++r)
-        ntm_bwd(L, md.mur_w, s[r] + L.s_M, s[r] + L.s_g, tape[r] + L.t_ntm, gs[r] + L.s_r,
-                gs[r] + L.s_M, gs[r] + L.s_g, static_cast<const T*>(nullptr), gs0[r] + L.s_M,
-                gs0[r] + L.s_g, w.dhead + r * L.P, acc.mur_w, acc.mur_b, w.ntm);
+        q[r] = {s[r] + L.s_M, s[r] + L.s_g, tape[r] + L.t_ntm, gs[r] + L.s_r, gs[r] + L.s_M,
+                gs[r] + L.s_g, nullptr, gs0[r] + L.s_M, gs0[r] + L.s_g, w.dhead + r * L.P};
+    ntm_bwd(L, md.mur_w, n, static_cast<const NtmBwdRow<T>*>(q), acc.mur_w, acc.mur_b, w.ntm);
     // heads Linear: dh = gs.h + dhead W, dW += dheadᵀ h1
     for (int64_t r = 0; r < n; ++r) {
         put_row(w.dhc + r * c.Hp, gs[r] + L.s_h, L.Hc, c.Hp);
@@ -1387,9 +1406,17 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                 zero(dmw, L.m * L.m);
                 zero(dmb, L.m);
             }
-            ntm_bwd(L, mur_w, Mb, gb, rec, d_read + b * L.D, d_M_out + b * L.m * L.D,
-                    d_g_out + b * L.m, d_wr ? d_wr + b * L.m : nullptr, dM + b * L.m * L.D,
-                    dg + b * L.m, dhead + b * L.P, dmw, dmb, work);
+            const NtmBwdRow<T> q{Mb,
+                                 gb,
+                                 rec,
+                                 d_read + b * L.D,
+                                 d_M_out + b * L.m * L.D,
+                                 d_g_out + b * L.m,
+                                 d_wr ? d_wr + b * L.m : nullptr,
+                                 dM + b * L.m * L.D,
+                                 dg + b * L.m,
+                                 dhead + b * L.P};
+            ntm_bwd(L, mur_w, int64_t(1), &q, dmw, dmb, work);
         }
     }
 }
