@@ -8,7 +8,8 @@
 // columns) whose weights stay in L1 across the tile, done by an explicitly vectorised
 // register-blocked kernel (mimn_simd.inc; AVX-512 or AVX2 picked at run time). The
 // elementwise sigmoid/tanh of the GRUs and heads are vectorised too (fp32; fp64 keeps the
-// libm functions). The addressing and read/write (O(m·D) per row) stay per row.
+// libm functions). The addressing and read/write (O(m·D) per row) stay per row, run stage
+// by stage over the tile's rows.
 //
 // Every GEMM sums each output element in a fixed order that does not depend on the other
 // rows of the tile, and tiles are formed from the sorted row order alone: results are
