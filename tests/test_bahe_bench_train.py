@@ -41,7 +41,7 @@ def test_train_rows(tmp_path, capsys):
     assert rows[0]["epoch_s"] == ""                   # the id models' rows are unchanged
     for r in rows[1:]:
         assert float(r["epoch_s"]) > 0 and float(r["peak_step_mib"]) >= 0
-        assert r["text_len"] == str(6 * 16)
+        assert r["text_len"] == str(6 * 16) and "peak_sample_mib" not in r
     assert rows[1]["distinct_ratio"] == "" and 0 < float(rows[4]["distinct_ratio"]) <= 1
     # bootstrap standard errors; the ablation rows' paired difference to LLM-CTR
     assert float(rows[1]["auc_se"]) > 0 and rows[1]["auc_vs_llm_ctr"] == ""
@@ -69,6 +69,8 @@ def test_train_rows_text_variant_shared_histories(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "train.csv")))
     assert [r["model"] for r in rows] == ["llm_ctr", "bahe"]
     assert float(rows[1]["auc_vs_llm_ctr_se"]) >= 0
+    # whole-user steps: the peak of a per-sample step too (the paper's layout)
+    assert all(float(r["peak_sample_mib"]) >= 0 for r in rows)
     table = capsys.readouterr().out.split("| row |")[1]
-    assert "AUC after each epoch |" in table
+    assert "AUC after each epoch |" in table and "peak MiB / 64 samples |" in table
     assert f"| {float(rows[1]['auc']):.3f} |" in table      # one epoch: the final AUC

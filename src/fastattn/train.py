@@ -19,7 +19,9 @@ model's hit rate on the generator's planted interests (:mod:`fastattn.bench.retr
 
 The BAHE rows (``--models llm_ctr,fp,fp_abe,bahe``: LLM-CTR, +FP, +ABE and BAHE, see
 :mod:`fastattn.models.bahe`) read the items' token strings; their rows add the time per
-training epoch, the peak memory of a training step and the distinct-behaviour ratio, and
+training epoch, the peak memory of a training step (with ``--share-histories`` also of
+one step over 64 samples in the per-sample layout, ``peak_sample_mib``: the paper's, each
+sample its own history) and the distinct-behaviour ratio, and
 each row's bootstrap standard error of the test AUC and its difference to the LLM-CTR row of
 the same length (paired: both scored on the same resamples of test users); on synthetic
 data the oracle AUC (the generator's click probabilities) too. ``--variant text`` draws
@@ -145,6 +147,11 @@ def evaluate(model: nn.Module, data: CTRDataset, max_len: Optional[int],
     return {"auc": float(auc(s, y)), "logloss": float(log_loss(s, y, logits=True))}
 
 
+# Samples of the per-sample peak (``peak_sample_mib``) of text rows trained as whole users:
+# the batch of the per-sample BAHE rows (make train's train_bahe).
+PEAK_SAMPLE_BATCH = 64
+
+
 class TrainConfig(argparse.Namespace):
     """Hyper-parameters of one training run (the CLI's arguments)."""
 
@@ -195,7 +202,7 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
     torch.manual_seed(cfg.seed)
     model = _build(name, train, max_len, cfg).to(cfg.device)
     text = name in ABLATIONS
-    peak, behaviours, distinct = None, 0, 0
+    peak, peak_sample, behaviours, distinct = None, None, 0, 0
     wrapped = LossOf(model)
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
@@ -219,6 +226,15 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
                     # steps and without an optimizer step (train_step zeroes the gradients)
                     from .bench.measure import peak_extra_bytes
                     peak = peak_extra_bytes(lambda: wrapped(batch).backward()) or 0
+                    if cfg.share_histories:
+                        # and in the paper's layout: samples of different users, each with
+                        # its own history (whole-user steps are dominated by the item tower
+                        # over all their candidates' tokens, which only ABE deduplicates)
+                        one = next(iter(train.batches(PEAK_SAMPLE_BATCH, max_len=max_len,
+                                                      shuffle=True, seed=cfg.seed)))
+                        one = one.to(cfg.device)
+                        peak_sample = peak_extra_bytes(lambda: wrapped(one).backward()) or 0
+                        del one
                 t0, c0 = time.perf_counter(), time.process_time()
                 losses.append(train_step(wrapped, opt, batch))
                 train_s += time.perf_counter() - t0
@@ -250,6 +266,7 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
         row.update(text_len=max_len * model.K, epoch_s=train_s / cfg.epochs,
                    epoch_cpu_s=cpu_s / cfg.epochs,
                    peak_step_mib=None if peak is None else peak / 2**20,
+                   **({} if peak_sample is None else {"peak_sample_mib": peak_sample / 2**20}),
                    distinct_ratio=distinct / behaviours if behaviours else None)
     return row
 
@@ -325,16 +342,22 @@ def markdown(rows: Sequence[Dict[str, object]], oracle_auc: Optional[float] = No
     text = [r for r in rows if "epoch_s" in r]
     if text:
         by_epoch = any("auc_by_epoch" in r for r in text)   # --epoch-auc: the AUC curve too
+        per_sample = any("peak_sample_mib" in r for r in text)  # whole-user steps
         out += ["", "| row | L (text length) | s / epoch | CPU s / epoch | peak MiB / step | "
-                "AUC (± SE) | vs LLM-CTR (± SE) | distinct ratio |"
+                + (f"peak MiB / {PEAK_SAMPLE_BATCH} samples | " if per_sample else "")
+                + "AUC (± SE) | vs LLM-CTR (± SE) | distinct ratio |"
                 + (" AUC after each epoch |" if by_epoch else ""),
-                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if by_epoch else "")]
+                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if per_sample else "")
+                + ("---|" if by_epoch else "")]
         for r in text:
             mib = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
             ratio = "-" if r["distinct_ratio"] is None else f"{r['distinct_ratio']:.3f}"
             se = f" ± {r['auc_se']:.4f}" if "auc_se" in r else ""
             diff = (f"{r['auc_vs_llm_ctr']:+.4f} ± {r['auc_vs_llm_ctr_se']:.4f}"
                     if "auc_vs_llm_ctr" in r else "–")
+            if per_sample:
+                mib += " | " + (f"{r['peak_sample_mib']:.0f}" if "peak_sample_mib" in r
+                                else "-")
             out.append(f"| {r['model']} | {r['max_len']} ({r['text_len']}) | "
                        f"{r['epoch_s']:.1f} | {r['epoch_cpu_s']:.1f} | {mib} | "
                        f"{r['auc']:.4f}{se} | {diff} | {ratio} |"
