@@ -1407,16 +1407,9 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                 zero(dmw, L.m * L.m);
                 zero(dmb, L.m);
             }
-            const NtmBwdRow<T> q{Mb,
-                                 gb,
-                                 rec,
-                                 d_read + b * L.D,
-                                 d_M_out + b * L.m * L.D,
-                                 d_g_out + b * L.m,
-                                 d_wr ? d_wr + b * L.m : nullptr,
-                                 dM + b * L.m * L.D,
-                                 dg + b * L.m,
-                                 dhead + b * L.P};
+            const NtmBwdRow<T> q{Mb, gb, rec, d_read + b * L.D, d_M_out + b * L.m * L.D,
+                                 d_g_out + b * L.m, d_wr ? d_wr + b * L.m : nullptr,
+                                 dM + b * L.m * L.D, dg + b * L.m, dhead + b * L.P};
             ntm_bwd(L, mur_w, int64_t(1), &q, dmw, dmb, work);
         }
     }
