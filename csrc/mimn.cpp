@@ -45,6 +45,8 @@ namespace {
 constexpr int64_t kTileRows = 16;
 // Smaller batches (a serving step: B = 1) use one tile of B rows.
 inline int64_t tile_rows(int64_t B) { return std::min<int64_t>(kTileRows, std::max<int64_t>(B, 1)); }
+// The work of ntm_address: 3 m vectors of up to 16 lanes.
+inline int64_t kAddrWork(int64_t m) { return 3 * m * 16; }
 
 // The A operand of the tile GEMMs (mimn_simd.inc gemm): A(i, k) of a strided matrix, or of
 // rows given by pointers (states and inputs read in place, no packing copy).
@@ -110,6 +112,31 @@ struct F512 {
     FA_V512 V load_n_or(const T* p, int n, T fill) {
         return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1),
                                     p);
+    }
+    // Lane l <- / -> p[l][off] for l < n, through the rows' pointers as 64-bit gather and
+    // scatter addresses (base 0, scale 1); the lanes from n on read as 0 and are not written.
+    FA_V512 __m512i addr8(const T* const* p, int n, int64_t off) {
+        const __m512i a = _mm512_maskz_loadu_epi64(static_cast<__mmask8>((1u << n) - 1), p);
+        return _mm512_add_epi64(a, _mm512_set1_epi64(off * int64_t(sizeof(T))));
+    }
+    FA_V512 V gather(const T* const* p, int n, int64_t off) {
+        const __m256 lo = _mm512_mask_i64gather_ps(
+            _mm256_setzero_ps(), static_cast<__mmask8>((1u << std::min(n, 8)) - 1),
+            addr8(p, std::min(n, 8), off), nullptr, 1);
+        const __m256 hi = n <= 8 ? _mm256_setzero_ps()
+                                 : _mm512_mask_i64gather_ps(
+                                       _mm256_setzero_ps(), static_cast<__mmask8>((1u << (n - 8)) - 1),
+                                       addr8(p + 8, n - 8, off), nullptr, 1);
+        return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                                   _mm256_castps_pd(hi), 1));
+    }
+    FA_V512 void scatter(T* const* p, int n, int64_t off, V v) {
+        _mm512_mask_i64scatter_ps(nullptr, static_cast<__mmask8>((1u << std::min(n, 8)) - 1),
+                                  addr8(p, std::min(n, 8), off), _mm512_castps512_ps256(v), 1);
+        if (n > 8)
+            _mm512_mask_i64scatter_ps(
+                nullptr, static_cast<__mmask8>((1u << (n - 8)) - 1), addr8(p + 8, n - 8, off),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), 1);
     }
     // the sum / max of the lanes (a fixed shuffle tree)
     FA_V512 T hsum(V a) { return _mm512_reduce_add_ps(a); }
@@ -186,6 +213,24 @@ struct F256 {
         return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
                                 _mm256_castsi256_ps(m));
     }
+    // as F512::gather / scatter (AVX2 has no scatter: the lanes are stored one by one)
+    FA_V256 __m128 gather4(const T* const* p, int n, int64_t off) {
+        const __m256i lanes = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+        const __m256i a = _mm256_add_epi64(_mm256_maskload_epi64(reinterpret_cast<const long long*>(p), lanes),
+                                           _mm256_set1_epi64x(off * int64_t(sizeof(T))));
+        const __m128 m4 = _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)));
+        return _mm256_mask_i64gather_ps(_mm_setzero_ps(), static_cast<const float*>(nullptr), a, m4, 1);
+    }
+    FA_V256 V gather(const T* const* p, int n, int64_t off) {
+        const __m128 lo = gather4(p, std::min(n, 4), off);
+        const __m128 hi = n <= 4 ? _mm_setzero_ps() : gather4(p + 4, n - 4, off);
+        return _mm256_set_m128(hi, lo);
+    }
+    FA_V256 void scatter(T* const* p, int n, int64_t off, V v) {
+        alignas(32) T lane[8];
+        _mm256_store_ps(lane, v);
+        for (int l = 0; l < n; ++l) p[l][off] = lane[l];
+    }
     FA_V256 T hsum(V a) {
         __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         v = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -221,6 +266,12 @@ struct D256 {
 };
 #undef FA_V512
 #undef FA_V256
+
+// Where mimn_simd.inc's ntm_address reads and writes in an NTM record (Layout's fields).
+struct NtmAddr {
+    int64_t m, D, act, beta_r, beta_w, nM, rd, wd, Pm, sum, wt;
+    bool mur;
+};
 
 #define FA_SIMD_ATTR FA_TARGET_AVX512F
 namespace simd512 {
@@ -307,11 +358,6 @@ FA_INLINE void softplus_n(const T* x, T* out, T* grad, int64_t n) {
     FA_MIMN_SIMD(softplus_n, x, out, grad, n);
     for (int64_t i = 0; i < n; ++i) out[i] = softplus(x[i]), grad[i] = softplus_grad(x[i]);
 }
-template <typename T>
-FA_INLINE void exp_n(T* p, int64_t n) {
-    FA_MIMN_SIMD(exp_n, p, n);
-    for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
-}
 
 // Σ a(i) b(i) and Σ p(i) over [0, n) (fp32 on AVX-512/AVX2: mimn_simd.inc dot_n, sum_n).
 template <typename T>
@@ -328,15 +374,14 @@ FA_INLINE T sum_(const T* p, int64_t n) {
     return u;
 }
 
-// p = softmax(p) over [0, n) in place (the max subtracted first). fp32 on AVX-512/AVX2:
-// mimn_simd.inc (its max and sum reduced by a shuffle tree instead of lane by lane).
+// p = softmax(p) over [0, n) in place (the max subtracted first), and the MUR's
+// normalisation below: ntm_address's row-by-row path (fp64, the default ISA; fp32 on
+// AVX-512/AVX2 runs mimn_simd.inc's with one row per lane).
 template <typename T>
 FA_INLINE void softmax_n(T* p, int64_t n) {
-    FA_MIMN_SIMD(softmax_n, p, n);
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
-    for (int64_t i = 0; i < n; ++i) p[i] -= mx;
-    exp_n(p, n);
+    for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i] - mx);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) sum += p[i];
@@ -346,7 +391,6 @@ FA_INLINE void softmax_n(T* p, int64_t n) {
 // out = a ⊙ b / Σ(a ⊙ b) over [0, n); returns the sum.
 template <typename T>
 FA_INLINE T mul_normalize_n(const T* a, const T* b, T* out, int64_t n) {
-    FA_MIMN_SIMD(mul_normalize_n, a, b, out, n);
     T u = 0;
 #pragma omp simd reduction(+ : u)
     for (int64_t i = 0; i < n; ++i) {
@@ -800,6 +844,48 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
+// ntm_fwd's addressing stage for n rows: both content addressings and the MUR
+// re-weighting, into the rows' records (fp32 on AVX-512/AVX2: mimn_simd.inc ntm_address,
+// one row per lane; work: kAddrWork(m)). Here, row by row.
+template <typename T>
+FA_INLINE void ntm_address(const Layout& L, const T* mur_wt, const T* mur_b, int64_t n,
+                           const T* const* g, T* const* rec, T* work) {
+    FA_MIMN_SIMD(ntm_address, NtmAddr{L.m, L.D, L.n_act, L.n_act + L.D, L.n_act + 2 * L.D + 1,
+                                      L.n_nM, L.n_rd, L.n_wd, L.n_Pm, L.n_sum, L.n_wt, L.mur},
+                 n, mur_wt, mur_b, g, rec, work);
+    const int64_t D = L.D, m = L.m;
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        content_fwd(act, act[D], rec[r] + L.n_nM, m, D, rec[r] + L.n_rd);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        content_fwd(act + D + 1, act[2 * D + 1], rec[r] + L.n_nM, m, D, rec[r] + L.n_wd);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+        const T* ww = rec[r] + L.n_wd + 1 + 2 * m;
+        T* wt = rec[r] + L.n_wt;
+        if (!L.mur) {
+            copy(wt, ww, m);
+            continue;
+        }
+        // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
+        T* Pm = rec[r] + L.n_Pm;
+        // Pm(j) = b(j) + Σ_k g(k) W[j, k] (k in order), W transposed: broadcast g(k) times
+        // row k of Wᵀ, vectorised over the outputs j
+        copy(Pm, mur_b, m);
+        for (int64_t k = 0; k < m; ++k) {
+            const T gk = g[r][k];
+            const T* wk = mur_wt + k * m;
+#pragma omp simd
+            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
+        }
+        softmax_n(Pm, m);
+        rec[r][L.n_sum] = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
+    }
+}
+
+
 // The first n rows of a tile (n <= kTileRows): row r's head is head + r * ldh, its
 // record rec[r] (L.NT). M_out[r] and g_out[r] may alias M[r] and g[r] (in place: a row's M
 // and g are read in full before its write). Each stage is a loop over the rows: a row's
@@ -809,7 +895,8 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
 template <typename T>
 FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, int64_t n,
                             const T* const* M, const T* const* g, const T* head, int64_t ldh,
-                            T* const* read, T* const* M_out, T* const* g_out, T* const* rec) {
+                            T* const* read, T* const* M_out, T* const* g_out, T* const* rec,
+                            T* work) {
     const int64_t D = L.D, m = L.m;
     // the activated heads; the two betas of every row through one vector softplus
     T beta[2 * kTileRows], sp[2 * kTileRows], spg[2 * kTileRows];
@@ -840,35 +927,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, in
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
     }
-    for (int64_t r = 0; r < n; ++r) {
-        const T* act = rec[r] + L.n_act;
-        content_fwd(act, act[D], rec[r] + L.n_nM, m, D, rec[r] + L.n_rd);
-    }
-    for (int64_t r = 0; r < n; ++r) {
-        const T* act = rec[r] + L.n_act;
-        content_fwd(act + D + 1, act[2 * D + 1], rec[r] + L.n_nM, m, D, rec[r] + L.n_wd);
-    }
-    for (int64_t r = 0; r < n; ++r) {
-        const T* ww = rec[r] + L.n_wd + 1 + 2 * m;
-        T* wt = rec[r] + L.n_wt;
-        if (!L.mur) {
-            copy(wt, ww, m);
-            continue;
-        }
-        // P = softmax(mur_w g + mur_b); w~ = (ww ⊙ P) / Σ(ww ⊙ P)
-        T* Pm = rec[r] + L.n_Pm;
-        // Pm(j) = b(j) + Σ_k g(k) W[j, k] (k in order), W transposed: broadcast g(k) times
-        // row k of Wᵀ, vectorised over the outputs j
-        copy(Pm, mur_b, m);
-        for (int64_t k = 0; k < m; ++k) {
-            const T gk = g[r][k];
-            const T* wk = mur_wt + k * m;
-#pragma omp simd
-            for (int64_t j = 0; j < m; ++j) Pm[j] += gk * wk[j];
-        }
-        softmax_n(Pm, m);
-        rec[r][L.n_sum] = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
-    }
+    ntm_address(L, mur_wt, mur_b, n, g, rec, work);
     // read (from M before the write) and write in one pass; in place when M_out = M
     for (int64_t r = 0; r < n; ++r) {
         const T* act = rec[r] + L.n_act;
@@ -971,11 +1030,13 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, int64_t n, const Nt
 FA_ISA_VARIANTS(ntm_fwd)
 FA_ISA_VARIANTS(ntm_bwd)
 
-// ntm_fwd for one row (the per-row NTM ops).
+// ntm_fwd for one row (the per-row NTM ops); work: kAddrWork(m).
 template <typename T>
 inline void ntm_fwd_row(const Layout& L, const T* mur_wt, const T* mur_b, const T* M,
-                        const T* g, const T* head, T* read, T* M_out, T* g_out, T* rec) {
-    ntm_fwd(L, mur_wt, mur_b, int64_t(1), &M, &g, head, L.P, &read, &M_out, &g_out, &rec);
+                        const T* g, const T* head, T* read, T* M_out, T* g_out, T* rec,
+                        T* work) {
+    ntm_fwd(L, mur_wt, mur_b, int64_t(1), &M, &g, head, L.P, &read, &M_out, &g_out, &rec,
+            work);
 }
 
 // ----------------------------------------------------------------------------- MIU (step 7)
@@ -1037,7 +1098,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(R * 9 * L.m);  // ntm_bwd's work, 9m per row
+        ntm = a.take(std::max(R * 9 * L.m, kAddrWork(L.m)));  // ntm_bwd's (9m per row), ntm_fwd's
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1228,7 +1289,7 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
     }
     ntm_fwd(L, md.mur_wt.data(), md.mur_b, n, w.q0.data(), w.q1.data(),
             static_cast<const T*>(w.head), md.Pp, w.p0.data(), w.p1.data(), w.p2.data(),
-            w.p3.data());
+            w.p3.data(), w.ntm);
     if (L.k == 0) {
         if (!Sio)
             for (int64_t r = 0; r < n; ++r)
@@ -1366,7 +1427,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
                         int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    Scratch<T> sc(nthreads, L.NT);
+    Scratch<T> sc(nthreads, L.NT + kAddrWork(L.m));
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
@@ -1375,7 +1436,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
         for (int64_t b = 0; b < d.B; ++b) {
             ntm_fwd_row(L, mur_wt.data(), mur_b, M + b * L.m * L.D, g + b * L.m,
                         head + b * L.P, read + b * L.D, M_out + b * L.m * L.D, g_out + b * L.m,
-                        rec);
+                        rec, rec + L.NT);
             copy(wr + b * L.m, rec + L.n_rd + 1 + 2 * L.m, L.m);
         }
     }
@@ -1388,19 +1449,20 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    Scratch<T> sc(nthreads, L.NT + 9 * L.m + L.D + L.m * L.D + L.m);
+    const int64_t nwork = std::max(9 * L.m, kAddrWork(L.m));  // ntm_bwd's, ntm_fwd's
+    Scratch<T> sc(nthreads, L.NT + nwork + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
         T* rec = sc.buf[omp_get_thread_num()].data();
         T* work = rec + L.NT;
-        T* junk = work + 9 * L.m;  // M_out / read of the recomputation
+        T* junk = work + nwork;  // M_out / read of the recomputation
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.B; ++b) {
             const T* Mb = M + b * L.m * L.D;
             const T* gb = g + b * L.m;
             ntm_fwd_row(L, mur_wt.data(), mur_b, Mb, gb, head + b * L.P, junk, junk + L.D,
-                        junk + L.D + L.m * L.D, rec);
+                        junk + L.D + L.m * L.D, rec, work);
             T* dmw = L.mur ? dmur_w_rows + b * L.m * L.m : nullptr;
             T* dmb = L.mur ? dmur_b_rows + b * L.m : nullptr;
             if (L.mur) {
