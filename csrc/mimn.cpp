@@ -47,6 +47,9 @@ constexpr int64_t kTileRows = 16;
 inline int64_t tile_rows(int64_t B) { return std::min<int64_t>(kTileRows, std::max<int64_t>(B, 1)); }
 // The work of ntm_address: 3 m vectors of up to 16 lanes.
 inline int64_t kAddrWork(int64_t m) { return 3 * m * 16; }
+// ntm_bwd's work per row: [dwt, dww, dwr, cr_dot, cr_M, cw_dot, cw_M, dlog, t1, t2] (m
+// each) and [ckr, ckw, dβr, dβw].
+inline int64_t ntm_bwd_work(int64_t m) { return 10 * m + 4; }
 
 // The A operand of the tile GEMMs (mimn_simd.inc gemm): A(i, k) of a strided matrix, or of
 // rows given by pointers (states and inputs read in place, no packing copy).
@@ -847,12 +850,14 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
 // ntm_fwd's addressing stage for n rows: both content addressings and the MUR
 // re-weighting, into the rows' records (fp32 on AVX-512/AVX2: mimn_simd.inc ntm_address,
 // one row per lane; work: kAddrWork(m)). Here, row by row.
+inline NtmAddr ntm_addr(const Layout& L) {
+    return {L.m, L.D, L.n_act, L.n_act + L.D, L.n_act + 2 * L.D + 1, L.n_nM, L.n_rd, L.n_wd,
+            L.n_Pm, L.n_sum, L.n_wt, L.mur};
+}
 template <typename T>
 FA_INLINE void ntm_address(const Layout& L, const T* mur_wt, const T* mur_b, int64_t n,
                            const T* const* g, T* const* rec, T* work) {
-    FA_MIMN_SIMD(ntm_address, NtmAddr{L.m, L.D, L.n_act, L.n_act + L.D, L.n_act + 2 * L.D + 1,
-                                      L.n_nM, L.n_rd, L.n_wd, L.n_Pm, L.n_sum, L.n_wt, L.mur},
-                 n, mur_wt, mur_b, g, rec, work);
+    FA_MIMN_SIMD(ntm_address, ntm_addr(L), n, mur_wt, mur_b, g, rec, work);
     const int64_t D = L.D, m = L.m;
     for (int64_t r = 0; r < n; ++r) {
         const T* act = rec[r] + L.n_act;
@@ -948,19 +953,61 @@ struct NtmBwdRow {
     T *dM, *dg, *dhead;
 };
 
+// ntm_bwd's scalar stage for n rows: the MUR re-weighting's backward and both content
+// addressings' coefficients, from and into the rows' work wk[r] (ntm_bwd_work layout; fp32
+// on AVX-512/AVX2: mimn_simd.inc ntm_address_bwd, one row per lane). Here, row by row.
+template <typename T>
+FA_INLINE void ntm_address_bwd(const Layout& L, int64_t n, const T* const* recs,
+                               T* const* wks) {
+    FA_MIMN_SIMD(ntm_address_bwd, ntm_addr(L), n, recs, wks);
+    const int64_t D = L.D, m = L.m;
+    for (int64_t r = 0; r < n; ++r) {
+        const T* rec = recs[r];
+        T* wk = wks[r];
+        T *dwt = wk, *dww = wk + m, *dwr = wk + 2 * m, *dlog = wk + 7 * m, *t1 = wk + 8 * m,
+          *t2 = wk + 9 * m, *sc = wk + 10 * m;
+        const T* ww = rec + L.n_wd + 1 + 2 * m;
+        if (!L.mur) {
+            copy(dww, dwt, m);
+        } else {
+            const T* Pm = rec + L.n_Pm;
+            const T u = rec[L.n_sum];
+            const T s = dot_(dwt, rec + L.n_wt, m);
+            for (int64_t i = 0; i < m; ++i) {
+                const T du = (dwt[i] - s) / u;
+                dww[i] = du * Pm[i];
+                dlog[i] = du * ww[i];  // dP
+                t1[i] = dlog[i] * Pm[i];
+            }
+            const T sp = sum_(t1, m);
+            for (int64_t i = 0; i < m; ++i) dlog[i] = Pm[i] * (dlog[i] - sp);
+        }
+        const T* act = rec + L.n_act;
+        const T* nM = rec + L.n_nM;
+        sc[2] = content_bwd_coef(dwr, rec + L.n_rd, act[D], nM, m, wk + 3 * m, wk + 4 * m,
+                                 &sc[0], t1, t2);
+        sc[3] = content_bwd_coef(dww, rec + L.n_wd, act[2 * D + 1], nM, m, wk + 5 * m,
+                                 wk + 6 * m, &sc[1], t1, t2);
+    }
+}
+
 // Backward of ntm_fwd for n rows (n <= kTileRows), stage by stage over the rows as the
-// forward; the MUR gradients are accumulated over the rows in row order. work: 9m per row.
+// forward; the MUR gradients are accumulated over the rows in row order. work:
+// ntm_bwd_work(m) per row.
 template <typename T>
 FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, int64_t n, const NtmBwdRow<T>* rows,
                             T* dmur_w, T* dmur_b, T* work) {
-    const int64_t D = L.D, m = L.m;
+    const int64_t D = L.D, m = L.m, ws = ntm_bwd_work(m);
     // Write (M_out = M ⊙ (1 - w~ eᵀ) + w~ aᵀ, g_out = g + w~) and read (read = Σ_i wr(i)
     // M(i)) in one pass over the memory: dM, de, da and the per-slot sums s(i) (into dwt)
     // and d_read·M(i) (into dwr).
+    const T* recs[kTileRows];
+    T* wks[kTileRows];
     for (int64_t r = 0; r < n; ++r) {
         const NtmBwdRow<T>& q = rows[r];
         const T* act = q.rec + L.n_act;
-        T* wk = work + r * 9 * m;
+        T* wk = work + r * ws;
+        recs[r] = q.rec, wks[r] = wk;
         T *dwt = wk, *dwr = wk + 2 * m;
         zero(q.dhead, L.P);
         ntm_bwd_pass1(q.M, q.d_M_out, m, D, q.rec + L.n_wt, q.rec + L.n_rd + 1 + 2 * m,
@@ -972,56 +1019,29 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, int64_t n, const Nt
             if (q.d_wr) dwr[i] += q.d_wr[i];
         }
     }
-    for (int64_t r = 0; r < n; ++r) {
-        const NtmBwdRow<T>& q = rows[r];
-        T* wk = work + r * 9 * m;
-        T *dwt = wk, *dww = wk + m, *tmp = wk + 3 * m;
-        const T* ww = q.rec + L.n_wd + 1 + 2 * m;
-        if (!L.mur) {
-            copy(dww, dwt, m);
-            continue;
+    ntm_address_bwd(L, n, recs, wks);
+    // MUR's parameter gradients, in row order, and its part of dg
+    if (L.mur)
+        for (int64_t r = 0; r < n; ++r) {
+            const T* dlog = wks[r] + 7 * m;
+            add_to(dmur_b, dlog, m);
+            outer_acc(dmur_w, dlog, rows[r].g, m, m);
+            matvec_t_acc(mur_w, dlog, m, m, rows[r].dg);
         }
-        const T* Pm = q.rec + L.n_Pm;
-        const T u = q.rec[L.n_sum];
-        const T s = dot_(dwt, q.rec + L.n_wt, m);
-        T* t1 = wk + 7 * m;
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {
-            const T du = (dwt[i] - s) / u;
-            dww[i] = du * Pm[i];
-            tmp[i] = du * ww[i];  // dP
-            t1[i] = tmp[i] * Pm[i];
-        }
-        const T sp = sum_(t1, m);
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) tmp[i] = Pm[i] * (tmp[i] - sp);  // d logits
-        add_to(dmur_b, tmp, m);
-        outer_acc(dmur_w, tmp, q.g, m, m);
-        matvec_t_acc(mur_w, tmp, m, m, q.dg);
-    }
-    // Both content addressings: scalar coefficients, then one pass over the memory.
+    // Both content addressings in one pass over the memory, and the heads' activations
     for (int64_t r = 0; r < n; ++r) {
         const NtmBwdRow<T>& q = rows[r];
         const T* act = q.rec + L.n_act;
         const T* spg = q.rec + L.n_spg;
-        const T* nM = q.rec + L.n_nM;
         const T *kr = act, *kw = act + D + 1, *er = act + 2 * D + 2, *ad = act + 3 * D + 2;
-        T* wk = work + r * 9 * m;
-        T *dww = wk + m, *dwr = wk + 2 * m;
-        T* cr_dot = wk + 3 * m;  // tmp's dP is consumed above
-        T *cr_M = wk + 4 * m, *cw_dot = wk + 5 * m, *cw_M = wk + 6 * m;
-        T *t1 = wk + 7 * m, *t2 = wk + 8 * m;
-        T ckr, ckw;
-        const T dbr = content_bwd_coef(dwr, q.rec + L.n_rd, act[D], nM, m, cr_dot, cr_M, &ckr,
-                                       t1, t2);
-        const T dbw = content_bwd_coef(dww, q.rec + L.n_wd, act[2 * D + 1], nM, m, cw_dot,
-                                       cw_M, &ckw, t1, t2);
-        // ... and the heads' tanh derivatives of dkr, dkw
+        const T* wk = wks[r];
+        const T* sc = wk + 10 * m;  // ckr, ckw, dβr, dβw
         T *dkr = q.dhead, *dkw = q.dhead + D + 1, *de = q.dhead + 2 * D + 2,
           *da = q.dhead + 3 * D + 2;
-        ntm_bwd_pass2(q.M, m, D, cr_dot, cw_dot, cr_M, cw_M, kr, kw, ckr, ckw, q.dM, dkr, dkw);
-        dkr[D] = dbr * spg[0];
-        dkw[D] = dbw * spg[1];
+        ntm_bwd_pass2(q.M, m, D, wk + 3 * m, wk + 5 * m, wk + 4 * m, wk + 6 * m, kr, kw,
+                      sc[0], sc[1], q.dM, dkr, dkw);
+        dkr[D] = sc[2] * spg[0];
+        dkw[D] = sc[3] * spg[1];
         for (int64_t e = 0; e < D; ++e) de[e] *= er[e] * (T(1) - er[e]);
         for (int64_t e = 0; e < D; ++e) da[e] *= T(1) - ad[e] * ad[e];
     }
@@ -1098,7 +1118,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(std::max(R * 9 * L.m, kAddrWork(L.m)));  // ntm_bwd's (9m per row), ntm_fwd's
+        ntm = a.take(std::max(R * ntm_bwd_work(L.m), kAddrWork(L.m)));  // ntm_bwd's, ntm_fwd's
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1449,7 +1469,7 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    const int64_t nwork = std::max(9 * L.m, kAddrWork(L.m));  // ntm_bwd's, ntm_fwd's
+    const int64_t nwork = std::max(ntm_bwd_work(L.m), kAddrWork(L.m));  // ntm_bwd's, ntm_fwd's
     Scratch<T> sc(nthreads, L.NT + nwork + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
