@@ -46,7 +46,7 @@ constexpr int64_t kTileRows = 16;
 // Smaller batches (a serving step: B = 1) use one tile of B rows.
 inline int64_t tile_rows(int64_t B) { return std::min<int64_t>(kTileRows, std::max<int64_t>(B, 1)); }
 // The work of ntm_address: 3 m vectors of up to 16 lanes.
-inline int64_t kAddrWork(int64_t m) { return 3 * m * 16; }
+inline int64_t addr_work(int64_t m) { return 3 * m * 16; }
 // ntm_bwd's work per row: [dwt, dww, dwr, cr_dot, cr_M, cw_dot, cw_M, dlog, t1, t2] (m
 // each) and [ckr, ckw, dβr, dβw].
 inline int64_t ntm_bwd_work(int64_t m) { return 10 * m + 4; }
@@ -126,10 +126,11 @@ struct F512 {
         const __m256 lo = _mm512_mask_i64gather_ps(
             _mm256_setzero_ps(), static_cast<__mmask8>((1u << std::min(n, 8)) - 1),
             addr8(p, std::min(n, 8), off), nullptr, 1);
-        const __m256 hi = n <= 8 ? _mm256_setzero_ps()
-                                 : _mm512_mask_i64gather_ps(
-                                       _mm256_setzero_ps(), static_cast<__mmask8>((1u << (n - 8)) - 1),
-                                       addr8(p + 8, n - 8, off), nullptr, 1);
+        const __m256 hi =
+            n <= 8 ? _mm256_setzero_ps()
+                   : _mm512_mask_i64gather_ps(_mm256_setzero_ps(),
+                                              static_cast<__mmask8>((1u << (n - 8)) - 1),
+                                              addr8(p + 8, n - 8, off), nullptr, 1);
         return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
                                                    _mm256_castps_pd(hi), 1));
     }
@@ -218,11 +219,15 @@ struct F256 {
     }
     // as F512::gather / scatter (AVX2 has no scatter: the lanes are stored one by one)
     FA_V256 __m128 gather4(const T* const* p, int n, int64_t off) {
-        const __m256i lanes = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-        const __m256i a = _mm256_add_epi64(_mm256_maskload_epi64(reinterpret_cast<const long long*>(p), lanes),
-                                           _mm256_set1_epi64x(off * int64_t(sizeof(T))));
-        const __m128 m4 = _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)));
-        return _mm256_mask_i64gather_ps(_mm_setzero_ps(), static_cast<const float*>(nullptr), a, m4, 1);
+        const __m256i lanes =
+            _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+        const __m256i a =
+            _mm256_add_epi64(_mm256_maskload_epi64(reinterpret_cast<const long long*>(p), lanes),
+                             _mm256_set1_epi64x(off * int64_t(sizeof(T))));
+        const __m128 m4 =
+            _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)));
+        return _mm256_mask_i64gather_ps(_mm_setzero_ps(), static_cast<const float*>(nullptr), a,
+                                        m4, 1);
     }
     FA_V256 V gather(const T* const* p, int n, int64_t off) {
         const __m128 lo = gather4(p, std::min(n, 4), off);
@@ -847,13 +852,14 @@ FA_INLINE T content_bwd_coef(const T* dw, const T* rec, T beta, const T* nM, int
 
 // ----------------------------------------------------------------------------- NTM (steps 3-6)
 
-// ntm_fwd's addressing stage for n rows: both content addressings and the MUR
-// re-weighting, into the rows' records (fp32 on AVX-512/AVX2: mimn_simd.inc ntm_address,
-// one row per lane; work: kAddrWork(m)). Here, row by row.
+// The record offsets that mimn_simd.inc's ntm_address and ntm_address_bwd read.
 inline NtmAddr ntm_addr(const Layout& L) {
     return {L.m, L.D, L.n_act, L.n_act + L.D, L.n_act + 2 * L.D + 1, L.n_nM, L.n_rd, L.n_wd,
             L.n_Pm, L.n_sum, L.n_wt, L.mur};
 }
+// ntm_fwd's addressing stage for n rows: both content addressings and the MUR
+// re-weighting, into the rows' records (fp32 on AVX-512/AVX2: mimn_simd.inc ntm_address,
+// one row per lane; work: addr_work(m)). Here, row by row.
 template <typename T>
 FA_INLINE void ntm_address(const Layout& L, const T* mur_wt, const T* mur_b, int64_t n,
                            const T* const* g, T* const* rec, T* work) {
@@ -889,7 +895,6 @@ FA_INLINE void ntm_address(const Layout& L, const T* mur_wt, const T* mur_b, int
         rec[r][L.n_sum] = mul_normalize_n(ww, static_cast<const T*>(Pm), wt, m);
     }
 }
-
 
 // The first n rows of a tile (n <= kTileRows): row r's head is head + r * ldh, its
 // record rec[r] (L.NT). M_out[r] and g_out[r] may alias M[r] and g[r] (in place: a row's M
@@ -1050,7 +1055,7 @@ FA_INLINE void ntm_bwd_body(const Layout& L, const T* mur_w, int64_t n, const Nt
 FA_ISA_VARIANTS(ntm_fwd)
 FA_ISA_VARIANTS(ntm_bwd)
 
-// ntm_fwd for one row (the per-row NTM ops); work: kAddrWork(m).
+// ntm_fwd for one row (the per-row NTM ops); work: addr_work(m).
 template <typename T>
 inline void ntm_fwd_row(const Layout& L, const T* mur_wt, const T* mur_b, const T* M,
                         const T* g, const T* head, T* read, T* M_out, T* g_out, T* rec,
@@ -1118,7 +1123,7 @@ struct TileWork {
         xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
         xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
-        ntm = a.take(std::max(R * ntm_bwd_work(L.m), kAddrWork(L.m)));  // ntm_bwd's, ntm_fwd's
+        ntm = a.take(std::max(R * ntm_bwd_work(L.m), addr_work(L.m)));  // ntm_bwd's, ntm_fwd's
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
@@ -1447,7 +1452,7 @@ void ntm_read_write_fwd(const MimnDims& d, const T* M, const T* g, const T* head
                         int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    Scratch<T> sc(nthreads, L.NT + kAddrWork(L.m));
+    Scratch<T> sc(nthreads, L.NT + addr_work(L.m));
 #pragma omp parallel num_threads(nthreads)
     {
         const FlushDenormals ftz;  // per thread: see cpu_features.h
@@ -1469,7 +1474,7 @@ void ntm_read_write_bwd(const MimnDims& d, const T* d_read, const T* d_M_out, co
                         T* dmur_b_rows, int nthreads) {
     const Layout L(d);
     const std::vector<T> mur_wt = transposed(mur_w, L.m, L.mur);
-    const int64_t nwork = std::max(ntm_bwd_work(L.m), kAddrWork(L.m));  // ntm_bwd's, ntm_fwd's
+    const int64_t nwork = std::max(ntm_bwd_work(L.m), addr_work(L.m));  // ntm_bwd's, ntm_fwd's
     Scratch<T> sc(nthreads, L.NT + nwork + L.D + L.m * L.D + L.m);
 #pragma omp parallel num_threads(nthreads)
     {
