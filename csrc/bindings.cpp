@@ -543,6 +543,14 @@ fastattn::MimnDims scan_dims(const char* fn, Kind kind, const py::array& x,
     return d;
 }
 
+// The forward's stored tapes: empty (0,) for none, else (B, T, mimn_tape_floats).
+bool has_tapes(const py::array& tapes, const fastattn::MimnDims& d, const char* fn, Kind kind,
+               bool output) {
+    if (tapes.ndim() == 1 && tapes.shape(0) == 0) return false;
+    need(tapes, fn, "tapes", kind, {d.B, d.T, fastattn::mimn_tape_floats(d)}, output);
+    return true;
+}
+
 void mimn_scan_fwd(const py::array& x, const py::array& lengths, const py::array& ctrl_w_ih,
                    const py::array& ctrl_w_hh, const py::array& ctrl_b_ih,
                    const py::array& ctrl_b_hh, const py::array& heads_w,
@@ -553,7 +561,7 @@ void mimn_scan_fwd(const py::array& x, const py::array& lengths, const py::array
                    const py::array& M0, const py::array& g0, const py::array& S0, int64_t chunk,
                    py::array& reads, py::array& h, py::array& r, py::array& M, py::array& g,
                    py::array& S, py::array& ck_h, py::array& ck_r, py::array& ck_M,
-                   py::array& ck_g, py::array& ck_S, int nthreads) {
+                   py::array& ck_g, py::array& ck_S, py::array& tapes, int nthreads) {
     const char* fn = "mimn_scan_fwd";
     check_threads(nthreads, fn);
     const Kind kind = float_kind(x);
@@ -570,17 +578,20 @@ void mimn_scan_fwd(const py::array& x, const py::array& lengths, const py::array
     check_states(s1, d, fn, kind, "", true);
     check_states(ck, d, fn, kind, "ck_", true, NC);
     need(reads, fn, "reads", kind, {d.B, d.T, d.D}, true);
+    const bool keep = has_tapes(tapes, d, fn, kind, true);
     py::gil_scoped_release release;
     if (kind == Kind::f64) {
         fastattn::mimn_scan_fwd<double>(d, cptr<double>(x), cptr<int64_t>(lengths),
                                         mimn_weights<double>(p, d), states_of<const double>(s0),
                                         chunk, ptr<double>(reads), states_of<double>(s1),
-                                        states_of<double>(ck), nthreads);
+                                        states_of<double>(ck),
+                                        keep ? ptr<double>(tapes) : nullptr, nthreads);
     } else {
         fastattn::mimn_scan_fwd<float>(d, cptr<float>(x), cptr<int64_t>(lengths),
                                        mimn_weights<float>(p, d), states_of<const float>(s0),
                                        chunk, ptr<float>(reads), states_of<float>(s1),
-                                       states_of<float>(ck), nthreads);
+                                       states_of<float>(ck),
+                                       keep ? ptr<float>(tapes) : nullptr, nthreads);
     }
 }
 
@@ -650,7 +661,7 @@ void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::arr
                    const py::array& miu_b_ih, const py::array& miu_b_hh, bool has_mur,
                    int64_t miu_k, int64_t chunk, const py::array& ck_h, const py::array& ck_r,
                    const py::array& ck_M, const py::array& ck_g, const py::array& ck_S,
-                   py::array& dx, py::array& dh0, py::array& dr0, py::array& dM0,
+                   const py::array& tapes, py::array& dx, py::array& dh0, py::array& dr0, py::array& dM0,
                    py::array& dg0, py::array& dS0, py::array& dctrl_w_ih,
                    py::array& dctrl_w_hh, py::array& dctrl_b_ih, py::array& dctrl_b_hh,
                    py::array& dheads_w, py::array& dheads_b, py::array& dmur_w,
@@ -680,13 +691,15 @@ void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::arr
     check_states(dfin, d, fn, kind, "d_", false);
     check_states(ck, d, fn, kind, "ck_", false, NC);
     check_states(ds0, d, fn, kind, "d", true);
+    const bool kept = has_tapes(tapes, d, fn, kind, false);
     py::gil_scoped_release release;
     if (kind == Kind::f64) {
         fastattn::mimn_scan_bwd<double>(d, has_d_reads ? cptr<double>(d_reads) : nullptr,
                                         states_of<const double>(dfin),
                                         cptr<double>(x), cptr<int64_t>(lengths),
                                         mimn_weights<double>(p, d), chunk,
-                                        states_of<const double>(ck), ptr<double>(dx),
+                                        states_of<const double>(ck),
+                                        kept ? cptr<double>(tapes) : nullptr, ptr<double>(dx),
                                         states_of<double>(ds0), mimn_weight_grads<double>(dp, d),
                                         nthreads);
     } else {
@@ -694,7 +707,8 @@ void mimn_scan_bwd(const py::array& d_reads, const py::array& d_h, const py::arr
                                        states_of<const float>(dfin),
                                        cptr<float>(x), cptr<int64_t>(lengths),
                                        mimn_weights<float>(p, d), chunk,
-                                       states_of<const float>(ck), ptr<float>(dx),
+                                       states_of<const float>(ck),
+                                       kept ? cptr<float>(tapes) : nullptr, ptr<float>(dx),
                                        states_of<float>(ds0), mimn_weight_grads<float>(dp, d),
                                        nthreads);
     }
@@ -1136,8 +1150,20 @@ PYBIND11_MODULE(_C, m) {
           py::arg("r").noconvert(), py::arg("M").noconvert(), py::arg("g").noconvert(),
           py::arg("S").noconvert(), py::arg("ck_h").noconvert(), py::arg("ck_r").noconvert(),
           py::arg("ck_M").noconvert(), py::arg("ck_g").noconvert(), py::arg("ck_S").noconvert(),
-          py::arg("nthreads"),
-          "MIMN steps 1-7 over all T steps; reads, final state and chunk checkpoints in place.");
+          py::arg("tapes").noconvert(), py::arg("nthreads"),
+          "MIMN steps 1-7 over all T steps; reads, final state, chunk checkpoints and (unless "
+          "tapes is empty) every valid step's tape in place.");
+    m.def("mimn_tape_floats",
+          [](int64_t x_dim, int64_t mem_dim, int64_t slots, int64_t ctrl_dim, int64_t miu_dim,
+             int64_t miu_k) {
+              fastattn::MimnDims d;
+              d.Dx = x_dim, d.D = mem_dim, d.m = slots, d.Hc = ctrl_dim, d.Hs = miu_dim;
+              d.miu_k = miu_k;
+              return fastattn::mimn_tape_floats(d);
+          },
+          py::arg("x_dim"), py::arg("mem_dim"), py::arg("slots"), py::arg("ctrl_dim"),
+          py::arg("miu_dim"), py::arg("miu_k"),
+          "Floats per step of mimn_scan_fwd's stored tapes (the last axis of `tapes`).");
     m.def("mimn_scan_bwd", &mimn_scan_bwd,
           py::arg("d_reads").noconvert(), py::arg("d_h").noconvert(), py::arg("d_r").noconvert(),
           py::arg("d_M").noconvert(), py::arg("d_g").noconvert(), py::arg("d_S").noconvert(),
@@ -1150,7 +1176,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("miu_b_ih").noconvert(), py::arg("miu_b_hh").noconvert(), py::arg("has_mur"),
           py::arg("miu_k"), py::arg("chunk"), py::arg("ck_h").noconvert(),
           py::arg("ck_r").noconvert(), py::arg("ck_M").noconvert(), py::arg("ck_g").noconvert(),
-          py::arg("ck_S").noconvert(), py::arg("dx").noconvert(), py::arg("dh0").noconvert(),
+          py::arg("ck_S").noconvert(), py::arg("tapes").noconvert(), py::arg("dx").noconvert(),
+          py::arg("dh0").noconvert(),
           py::arg("dr0").noconvert(), py::arg("dM0").noconvert(), py::arg("dg0").noconvert(),
           py::arg("dS0").noconvert(), py::arg("dctrl_w_ih").noconvert(),
           py::arg("dctrl_w_hh").noconvert(), py::arg("dctrl_b_ih").noconvert(),
@@ -1159,7 +1186,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dmur_b").noconvert(), py::arg("dmiu_w_ih").noconvert(),
           py::arg("dmiu_w_hh").noconvert(), py::arg("dmiu_b_ih").noconvert(),
           py::arg("dmiu_b_hh").noconvert(), py::arg("nthreads"),
-          "BPTT of mimn_scan_fwd by chunked recomputation; parameter-gradient partial sums.");
+          "BPTT of mimn_scan_fwd by chunked recomputation (from its tapes, unless empty); "
+          "parameter-gradient totals.");
     py::class_<MimnStepperPy>(m, "MimnStepper",
                               "MIMN parameters packed once; step() = one step for every row.")
         .def(py::init<const py::array&, const py::array&, const py::array&, const py::array&,

@@ -303,6 +303,36 @@ inline int mimn_isa() {
 #endif
 }
 
+// dst[0, n) = src[0, n) with non-temporal stores on AVX-512 (the 64-byte lines of dst
+// written whole, without reading them first; the unaligned ends copied as usual): for the
+// stored tapes, written once per step and read back only by the backward, after hundreds
+// of MB of others. stream_fence() after the last one, before other threads read.
+#if FASTATTN_X86
+FA_TARGET_AVX512F inline void stream_bytes_avx512(char* d, const char* s, size_t n) {
+    size_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63;
+    head = std::min(head, n);
+    std::memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= 64; d += 64, s += 64, n -= 64)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+    std::memcpy(d, s, n);
+}
+#endif
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+#if FASTATTN_X86
+    if (mimn_isa() == 2)
+        return stream_bytes_avx512(reinterpret_cast<char*>(dst),
+                                   reinterpret_cast<const char*>(src), n * sizeof(T));
+#endif
+    std::memcpy(dst, src, n * sizeof(T));
+}
+inline void stream_fence() {
+#if FASTATTN_X86
+    if (mimn_isa() == 2) _mm_sfence();
+#endif
+}
+
 // ----------------------------------------------------------------------------- math helpers
 
 template <typename T>
@@ -623,6 +653,9 @@ struct Layout {
     // before the step (Hs each)], so that S can be updated in place (the backward reads
     // S_{t-1} of the chosen channels from here, not from a per-step copy of all m channels)
     int64_t t_ctrl, t_ntm, t_miu, TS;
+    // a stored tape (the forward's, kept for the backward): [tape | h after the step (Hc)],
+    // padded to a multiple of 16
+    int64_t t_h1, TSt;
 
     explicit Layout(const MimnDims& d) {
         Dx = d.Dx, D = d.D, m = d.m, Hc = d.Hc, Hs = d.Hs, P = 4 * d.D + 2;
@@ -633,6 +666,7 @@ struct Layout {
         n_act = 0, n_spg = P, n_nM = P + 2, n_rd = n_nM + m, n_wd = n_rd + rec;
         n_Pm = n_wd + rec, n_sum = n_Pm + m, n_wt = n_sum + 1, NT = n_wt + m;
         t_ctrl = 0, t_ntm = 4 * Hc, t_miu = t_ntm + NT, TS = t_miu + k * (1 + 5 * Hs);
+        t_h1 = TS, TSt = (TS + Hc + 15) / 16 * 16;  // whole 64-byte lines (fp32)
     }
 };
 
@@ -896,6 +930,26 @@ FA_INLINE void ntm_address(const Layout& L, const T* mur_wt, const T* mur_b, int
     }
 }
 
+// ntm_fwd's last stage for n rows, from their records: g_out = g + w~, the read (from M
+// before the write) and the write in one pass; in place when M_out = M. Its own ISA
+// variants too: the backward's replay from stored tapes (tile_step_from_tape) runs only
+// this stage and gets the very M, read and g of the forward.
+template <typename T>
+FA_INLINE void ntm_write_body(const Layout& L, int64_t n, const T* const* M, const T* const* g,
+                              const T* const* rec, T* const* read, T* const* M_out,
+                              T* const* g_out) {
+    const int64_t D = L.D, m = L.m;
+    for (int64_t r = 0; r < n; ++r) {
+        const T* act = rec[r] + L.n_act;
+        const T* wt = rec[r] + L.n_wt;
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) g_out[r][i] = g[r][i] + wt[i];
+        ntm_read_write(M[r], m, D, wt, rec[r] + L.n_rd + 1 + 2 * m, act + 2 * D + 2,
+                       act + 3 * D + 2, read[r], M_out[r]);
+    }
+}
+FA_ISA_VARIANTS(ntm_write)
+
 // The first n rows of a tile (n <= kTileRows): row r's head is head + r * ldh, its
 // record rec[r] (L.NT). M_out[r] and g_out[r] may alias M[r] and g[r] (in place: a row's M
 // and g are read in full before its write). Each stage is a loop over the rows: a row's
@@ -938,15 +992,7 @@ FA_INLINE void ntm_fwd_body(const Layout& L, const T* mur_wt, const T* mur_b, in
         for (int64_t i = 0; i < m; ++i) nM[i] = std::sqrt(nM[i]);
     }
     ntm_address(L, mur_wt, mur_b, n, g, rec, work);
-    // read (from M before the write) and write in one pass; in place when M_out = M
-    for (int64_t r = 0; r < n; ++r) {
-        const T* act = rec[r] + L.n_act;
-        const T* wt = rec[r] + L.n_wt;
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) g_out[r][i] = g[r][i] + wt[i];
-        ntm_read_write(M[r], m, D, wt, rec[r] + L.n_rd + 1 + 2 * m, act + 2 * D + 2,
-                       act + 3 * D + 2, read[r], M_out[r]);
-    }
+    ntm_write_body<T>(L, n, M, g, rec, read, M_out, g_out);
 }
 
 // One row of ntm_bwd: its inputs (the state before the step, its NTM record, the
@@ -1337,6 +1383,23 @@ void tile_step_fwd(const Model<T>& md, int64_t n, const T* const* x, const T* co
                  w.p1.data(), w);
 }
 
+// The state after one valid step from the step's stored tape (the backward's replay when
+// the forward kept its tapes): h from the tape, r, M and g through ntm_fwd's last stage.
+// Bitwise the forward's state: the same stage on the same inputs. S is not replayed (the
+// backward reads the chosen channels' previous states from the tape).
+template <typename T>
+void tile_step_from_tape(const Layout& L, int64_t n, const T* const* s, T* const* s1,
+                         const T* const* tape, TileWork<T>& w) {
+    for (int64_t r = 0; r < n; ++r) {
+        copy(s1[r] + L.s_h, tape[r] + L.t_h1, L.Hc);
+        w.q0[r] = s[r] + L.s_M, w.q1[r] = s[r] + L.s_g, w.q2[r] = tape[r] + L.t_ntm;
+        w.p0[r] = s1[r] + L.s_r, w.p1[r] = s1[r] + L.s_M, w.p2[r] = s1[r] + L.s_g;
+    }
+    ntm_write(L, n, static_cast<const T* const*>(w.q0.data()),
+              static_cast<const T* const*>(w.q1.data()),
+              static_cast<const T* const*>(w.q2.data()), w.p0.data(), w.p1.data(), w.p2.data());
+}
+
 // Backward of one valid step for the first n rows: gs[r] holds the gradients of the state
 // after the step (its r slot already includes d_reads[t]; its M slot is modified); writes
 // the gradients of the state before the step into gs0[r], accumulates dx[r] and the
@@ -1616,10 +1679,12 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
 namespace {
 // The scan forward with a packed model. lengths null: all T steps; ck.h null: no
 // checkpoints.
+// tapes null: each step's tape goes to a per-thread scratch; else (B, T, L.TSt), every valid
+// step's stored tape (for the backward; padded steps are not written).
 template <typename T>
 void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64_t* lengths,
                   MimnStates<const T> state0, int64_t chunk, T* reads,
-                  MimnStates<T> final_state, MimnStates<T> ck, int nthreads) {
+                  MimnStates<T> final_state, MimnStates<T> ck, T* tapes, int nthreads) {
     const Layout& L = md.L;
     const int64_t NC = (d.T + chunk - 1) / chunk;
     const int64_t R = tile_rows(d.B), ntiles = (d.B + R - 1) / R;
@@ -1627,7 +1692,7 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, ntiles)));
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, md.ctrl, md.miu, md.Pp, R, false);
-    count.take(R * L.SS), count.take(R * L.TS);  // as carved below
+    count.take(R * L.SS), count.take(R * (tapes ? L.TSt : L.TS));  // as carved below
     Scratch<T> sc(nthreads, count.used);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1637,10 +1702,11 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
         wk.carve(a, L, md.ctrl, md.miu, md.Pp, R, false);
         // one state per row, stepped in place (tile_step_fwd with s1 = s)
         T* sA = a.take(R * L.SS);
-        T* tape = a.take(R * L.TS);
+        const int64_t TS = tapes ? L.TSt : L.TS;
+        T* tape = a.take(R * TS);
         std::vector<T*> cur(R), tp(R);
         std::vector<const T*> xp(R);
-        for (int64_t r = 0; r < R; ++r) tp[r] = tape + r * L.TS;
+        for (int64_t r = 0; r < R; ++r) tp[r] = tape + r * TS;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < ntiles; ++ti) {
             const int64_t* rows = order.data() + ti * R;
@@ -1661,9 +1727,15 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
                 tile_step_fwd(md, n, xp.data(), cur.data(), cur.data(), tp.data(), wk);
                 for (int64_t r = 0; r < n; ++r)
                     copy(reads + (rows[r] * d.T + t) * L.D, cur[r] + L.s_r, L.D);
+                // the step's tape, built in the scratch, stored with h after the step
+                for (int64_t r = 0; tapes && r < n; ++r) {
+                    copy(tp[r] + L.t_h1, cur[r] + L.s_h, L.Hc);
+                    stream_copy(tapes + (rows[r] * d.T + t) * L.TSt, tp[r], L.TSt);
+                }
             }
             for (int64_t r = 0; r < nr; ++r) store_state(L, cur[r], final_state, rows[r]);
         }
+        if (tapes) stream_fence();
     }
 }
 }  // namespace
@@ -1671,12 +1743,15 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
 template <typename T>
 void mimn_scan_fwd(const MimnDims& d, const T* x, const int64_t* lengths,
                    const MimnWeights<T>& w, MimnStates<const T> state0, int64_t chunk,
-                   T* reads, MimnStates<T> final_state, MimnStates<T> ck, int nthreads) {
+                   T* reads, MimnStates<T> final_state, MimnStates<T> ck, T* tapes,
+                   int nthreads) {
     check_lengths(lengths, d.B, d.T, "mimn_scan_fwd");
     if (chunk < 1) throw std::invalid_argument("mimn_scan_fwd: chunk must be >= 1");
     const Model<T> md(d, w);
-    scan_fwd_run(md, d, x, lengths, state0, chunk, reads, final_state, ck, nthreads);
+    scan_fwd_run(md, d, x, lengths, state0, chunk, reads, final_state, ck, tapes, nthreads);
 }
+
+int64_t mimn_tape_floats(const MimnDims& d) { return Layout(d).TSt; }
 
 // The stepper owns copies of the twelve arrays (the packed model keeps raw pointers to the
 // MUR ones) and the model packed from them.
@@ -1719,7 +1794,7 @@ void MimnStepper<T>::step(int64_t B, const T* x, MimnStates<const T> s, T* reads
     d.B = B, d.T = 1;
     const MimnStates<T> none{nullptr, nullptr, nullptr, nullptr, nullptr};
     scan_fwd_run(impl_->md, d, x, static_cast<const int64_t*>(nullptr), s, 1, reads, out, none,
-                 nthreads);
+                 static_cast<T*>(nullptr), nthreads);
 }
 
 // Parameter gradients: each row tile accumulates into its own slot of a buffer of tile
@@ -1728,7 +1803,7 @@ void MimnStepper<T>::step(int64_t B, const T* x, MimnStates<const T> s, T* reads
 template <typename T>
 void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_final,
                    const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,
-                   MimnStates<const T> ck, T* dx, MimnStates<T> d_state0,
+                   MimnStates<const T> ck, const T* tapes, T* dx, MimnStates<T> d_state0,
                    const MimnWeightGrads<T>& dw, int nthreads) {
     check_lengths(lengths, d.B, d.T, "mimn_scan_bwd");
     if (chunk < 1) throw std::invalid_argument("mimn_scan_bwd: chunk must be >= 1");
@@ -1739,10 +1814,12 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
     const int64_t R = tile_rows(d.B), ntiles = (d.B + R - 1) / R;
     const std::vector<int64_t> order = rows_by_length(lengths, d.B);
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, ntiles)));
-    // a chunk's states (C + 1) and tapes (C) per tile row, two gradient carries, work, sums
+    // a chunk's states (C + 1) and tapes (C, unless stored) per tile row, two gradient
+    // carries, work, sums
+    const int64_t CT = tapes ? 0 : C;
     Arena<T> count{nullptr};
     TileWork<T>().carve(count, L, md.ctrl, md.miu, md.Pp, R, true);
-    count.take((C + 1) * R * L.SS), count.take(C * R * L.TS);  // as carved below
+    count.take((C + 1) * R * L.SS), count.take(CT * R * L.TS);  // as carved below
     count.take(R * L.SS), count.take(R * L.SS);
     Scratch<T> sc(nthreads, count.used);
     Arena<T> acc_count{nullptr};
@@ -1757,7 +1834,7 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
         TileWork<T> wk;
         wk.carve(a, L, md.ctrl, md.miu, md.Pp, R, true);
         T* states = a.take((C + 1) * R * L.SS);
-        T* tapes = a.take(C * R * L.TS);
+        T* scratch_tapes = a.take(CT * R * L.TS);
         T* gA = a.take(R * L.SS);
         T* gB = a.take(R * L.SS);
         std::vector<T*> gc(R), gn(R), dxp(R), s1p(R), tp(R), Sio(R), dSio(R);
@@ -1789,25 +1866,44 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                 if (t1 <= t0) continue;
                 for (int64_t r = 0; r < nr; ++r)
                     load_state(L, ck, rows[r] * NC + c, states + r * L.SS);
-                // replay the chunk's valid steps from its checkpoint, then run them backward
+                // replay the chunk's valid steps from its checkpoint (from the stored tapes:
+                // only the memory's write), then run them backward
                 auto point = [&](int64_t t, int64_t n) {
                     const int64_t j = t - t0;
                     for (int64_t r = 0; r < n; ++r) {
                         xp[r] = x + (rows[r] * d.T + t) * L.Dx;
                         sp[r] = states + (j * R + r) * L.SS;
                         s1p[r] = states + ((j + 1) * R + r) * L.SS;
-                        tp[r] = tapes + (j * R + r) * L.TS;
+                        tp[r] = tapes ? const_cast<T*>(tapes + (rows[r] * d.T + t) * L.TSt)
+                                      : scratch_tapes + (j * R + r) * L.TS;
+                    }
+                };
+                // the stored tapes come from memory: each step fetches the next one's
+                // (the hardware prefetcher follows a row's stream only so far ahead)
+                auto fetch = [&](int64_t t) {
+                    if (!tapes || t < t0 || t >= t1) return;
+                    const int64_t n = running(lengths, rows, nr, t);
+                    for (int64_t r = 0; r < n; ++r) {
+                        const char* p =
+                            reinterpret_cast<const char*>(tapes + (rows[r] * d.T + t) * L.TSt);
+                        for (size_t b = 0; b < L.TSt * sizeof(T); b += 64)
+                            __builtin_prefetch(p + b);
                     }
                 };
                 for (int64_t t = t0; t < t1; ++t) {
                     const int64_t n = running(lengths, rows, nr, t);
                     point(t, n);
-                    tile_step_fwd(md, n, xp.data(), sp.data(), s1p.data(), tp.data(), wk,
-                                  Sio.data());
+                    fetch(t + 1);
+                    if (tapes)
+                        tile_step_from_tape(L, n, sp.data(), s1p.data(), tp.data(), wk);
+                    else
+                        tile_step_fwd(md, n, xp.data(), sp.data(), s1p.data(), tp.data(), wk,
+                                      Sio.data());
                 }
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     const int64_t n = running(lengths, rows, nr, t);
                     point(t, n);
+                    fetch(t - 1);
                     for (int64_t r = 0; r < n; ++r) {
                         if (d_reads)
                             add_to(gc[r] + L.s_r, d_reads + (rows[r] * d.T + t) * L.D, L.D);
@@ -1848,10 +1944,10 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                                         const T*, T*, T*, T*, T*, T*, T*, T*, int);             \
     template void mimn_scan_fwd<T>(const MimnDims&, const T*, const int64_t*,                  \
                                    const MimnWeights<T>&, MimnStates<const T>, int64_t, T*,     \
-                                   MimnStates<T>, MimnStates<T>, int);                          \
+                                   MimnStates<T>, MimnStates<T>, T*, int);                      \
     template void mimn_scan_bwd<T>(const MimnDims&, const T*, MimnStates<const T>, const T*,   \
                                    const int64_t*, const MimnWeights<T>&, int64_t,              \
-                                   MimnStates<const T>, T*, MimnStates<T>,                      \
+                                   MimnStates<const T>, const T*, T*, MimnStates<T>,            \
                                    const MimnWeightGrads<T>&, int);
 
 FASTATTN_MIMN_INSTANTIATE(float)

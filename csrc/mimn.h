@@ -66,16 +66,22 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
 
 // Steps 1-7 over all T steps. x (B, T, Dx), lengths (B,) in [0, T]. Writes reads (B, T, D),
 // the final state and the checkpoints (the state at the start of every chunk, NC chunks).
+// tapes: null, or (B, T, mimn_tape_floats(d)) for every valid step's intermediates, which
+// the backward then reads instead of recomputing them (padded steps are not written).
 template <typename T>
 void mimn_scan_fwd(const MimnDims& d, const T* x, const int64_t* lengths,
                    const MimnWeights<T>& w, MimnStates<const T> state0, int64_t chunk,
-                   T* reads, MimnStates<T> final_state, MimnStates<T> ck, int nthreads);
-// Backpropagation through time by chunked recomputation from the checkpoints. d_reads may
-// be null (no gradient on the reads); dw receives the totals.
+                   T* reads, MimnStates<T> final_state, MimnStates<T> ck, T* tapes,
+                   int nthreads);
+// Floats per step of the forward's stored tapes.
+int64_t mimn_tape_floats(const MimnDims& d);
+// Backpropagation through time by chunked recomputation from the checkpoints (with the
+// forward's tapes, non-null: only the memory's write is recomputed). d_reads may be null
+// (no gradient on the reads); dw receives the totals.
 template <typename T>
 void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_final,
                    const T* x, const int64_t* lengths, const MimnWeights<T>& w, int64_t chunk,
-                   MimnStates<const T> ck, T* dx, MimnStates<T> d_state0,
+                   MimnStates<const T> ck, const T* tapes, T* dx, MimnStates<T> d_state0,
                    const MimnWeightGrads<T>& dw_rows, int nthreads);
 
 // The serving update: the twelve parameters copied and packed once (for ops.mimn.bind_step),

@@ -210,6 +210,11 @@ def test_opcheck(kernel_backend):
     torch.library.opcheck(torch.ops.fastattn.mimn_scan.default,
                           (x, lens, *fastattn.ops.mimn.kernel_params(p),
                            p.miu_k, *st, 2, backend))
+    # with the stored tapes (cpp; their entries at padded steps are unspecified, so every
+    # step valid here)
+    torch.library.opcheck(torch.ops.fastattn.mimn_scan.default,
+                          (x, torch.tensor([4, 4]), *fastattn.ops.mimn.kernel_params(p),
+                           p.miu_k, *st, 3, backend, True))
     M = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     g = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
     head = torch.randn(2, 18, dtype=torch.float64, requires_grad=True)

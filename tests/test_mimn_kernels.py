@@ -54,9 +54,14 @@ for scale, mur, miu_k in ((1.0, True, 2), (6.0, False, 1), (1.0, True, 0)):
         x = (torch.randn(37, 9, 5) * scale).to(dtype).requires_grad_()
         lengths = torch.randint(0, 10, (37,))
         lengths[:3] = torch.tensor([0, 9, 1])
-        reads, st = e(x, lengths)
-        loss = reads.sum() + st.M.square().sum() + st.S.sum() + st.h.sum() + e.reg_loss(st)
-        out[be, dtype] = [reads, *st, *torch.autograd.grad(loss, [x] + list(e.parameters()))]
+        for tapes in ((True, False) if be == "cpp" else (None,)):
+            reads, st = fastattn.mimn_scan(x, lengths, e.params(), backend=be,
+                                           save_tapes=tapes)
+            loss = reads.sum() + st.M.square().sum() + st.S.sum() + st.h.sum() + e.reg_loss(st)
+            got = [reads, *st, *torch.autograd.grad(loss, [x] + list(e.parameters()))]
+            if tapes is False:      # the stored-tape backward is bitwise the recomputing one
+                assert all(torch.equal(a, b) for a, b in zip(got, out[be, dtype]))
+            out[be, dtype] = got
     truth = out["torch", torch.float64]
     for dtype, tol in ((torch.float32, dict(rtol=1e-4, atol=1e-4)),
                        (torch.float64, dict(rtol=1e-10, atol=1e-12))):
@@ -115,6 +120,109 @@ def test_cpp_rows_independent_of_tiles_and_threads(cpu_kernel_backend):
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def _scan_grads(enc, x, lengths, save_tapes, chunk, reads_loss=True):
+    x = x.detach().clone().requires_grad_()
+    reads, st_ = fastattn.mimn_scan(x, lengths, enc.params(), backend="cpp", chunk=chunk,
+                                    save_tapes=save_tapes)
+    loss = st_.M.square().sum() + st_.S.sum() + st_.h.sum() + enc.reg_loss(st_)
+    if reads_loss:
+        loss = loss + (reads * torch.linspace(-1, 1, reads.shape[-1], dtype=x.dtype)).sum()
+    return [reads, *st_, *torch.autograd.grad(loss, [x] + list(enc.parameters()))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_stored_tapes_equal_recomputation(dtype, cpp_backend):
+    """With the forward's tapes kept (save_tapes) the backward recomputes only the memory's
+    write, through the forward's own code: every output and gradient is bitwise the
+    recomputing backward's. Odd sizes, empty and full rows, chunks that do not divide T,
+    a loss with and without the reads, MUR on and off, miu_k 0 (this process's ISA; the
+    ISA-path test checks the others)."""
+    x = torch.randn(37, 11, 5, dtype=dtype)
+    lengths = torch.randint(0, 12, (37,))
+    lengths[:3] = torch.tensor([0, 11, 1])
+    for mur, miu_k, chunk, reads_loss in ((True, 2, 4, True), (False, 1, 3, False),
+                                          (True, 0, 11, True)):
+        enc = _encoder(mur=mur, miu_k=miu_k, dtype=dtype)
+        kept = _scan_grads(enc, x, lengths, True, chunk, reads_loss)
+        again = _scan_grads(enc, x, lengths, False, chunk, reads_loss)
+        assert all(torch.equal(a, b) for a, b in zip(kept, again))
+
+
+def test_stored_tapes_op_output_and_checks(cpp_backend):
+    """The scan op's last output is the (B, T, tape_floats) tapes with save_tapes on the
+    cpp backend and empty otherwise; mimn_scan keeps them only with a gradient to come and
+    within TAPE_BUDGET; the backward op rejects tapes of the wrong shape or backend."""
+    import fastattn.ops.mimn as om
+    from fastattn.ops._common import kernels
+    enc = _encoder(dtype=torch.float32)
+    x = torch.randn(3, 4, 5)
+    lens = torch.tensor([4, 1, 0])
+    op = torch.ops.fastattn.mimn_scan
+    out = op(*_op_args(enc, x, lens, 2, "cpp"), True)
+    want = (3, 4, om.tape_floats(5, 7, 6, 11, 9, 2))
+    assert tuple(out[11].shape) == want and want[2] % 16 == 0
+    for dims in ((5, 7, 6, 11, 9, 2), (32, 32, 16, 32, 32, 1), (3, 1, 1, 1, 0, 0),
+                 (4, 18, 17, 5, 7, 17)):
+        assert om.tape_floats(*dims) == kernels("cpp").mimn_tape_floats(*dims)
+    assert out[11].data_ptr() % 64 == 0
+    assert op(*_op_args(enc, x, lens, 2, "cpp"))[11].shape == (0,)
+    assert op(*_op_args(enc, x, lens, 2, "numba"), True)[11].shape == (0,)
+
+    taken = []
+    real = om._TAPE_POOL.take
+    try:
+        om._TAPE_POOL.take = lambda *a: taken.append(a) or real(*a)
+        xg = x.clone().requires_grad_()
+        fastattn.mimn_scan(xg, lens, enc.params(), backend="cpp")
+        assert len(taken) == 1
+        with torch.no_grad():
+            fastattn.mimn_scan(xg, lens, enc.params(), backend="cpp")
+        budget, om.TAPE_BUDGET = om.TAPE_BUDGET, 100
+        try:
+            fastattn.mimn_scan(xg, lens, enc.params(), backend="cpp")
+        finally:
+            om.TAPE_BUDGET = budget
+        assert len(taken) == 1
+    finally:
+        om._TAPE_POOL.take = real
+
+    p = enc.params()
+    zeros = [torch.zeros_like(t) for t in enc.initial_state(3)]
+    back = (torch.zeros(3, 4, 7), *zeros, x, lens, *kernel_params(p), p.miu_k, 2, *out[6:11])
+    with pytest.raises(ValueError, match=r"tapes must be torch.float32 of shape \(3, 4, "):
+        torch.ops.fastattn.mimn_scan_backward(*back, "cpp", out[11][:, :3])
+    with pytest.raises(ValueError, match="tapes are the cpp backend's"):
+        torch.ops.fastattn.mimn_scan_backward(*back, "numba", out[11])
+    res = torch.ops.fastattn.mimn_scan_backward(*back, "cpp", out[11])
+    ref_ = torch.ops.fastattn.mimn_scan_backward(*back, "cpp")
+    assert all(torch.equal(a, b) for a, b in zip(res, ref_))
+
+
+def test_host_buffer_pool_reuses_only_released_buffers():
+    """A pooled buffer is handed out again only once no tensor (or view of one) holds it;
+    views start on a 64-byte line; free buffers beyond `keep` bytes are dropped."""
+    from fastattn.ops._common import HostBufferPool
+    pool = HostBufferPool(keep=1 << 20)
+    a = pool.take((5, 7), torch.float32)
+    assert a.shape == (5, 7) and a.data_ptr() % 64 == 0 and a.is_contiguous()
+    v = a[1:]
+    del a
+    b = pool.take((5, 7), torch.float32)          # v still holds the first buffer
+    assert b.data_ptr() != v.data_ptr() - 28 and len(pool._bufs) == 2
+    ptr_b = b.data_ptr()
+    del b
+    c = pool.take((3, 7), torch.float32)          # the smallest free fit: b's
+    assert c.data_ptr() == ptr_b
+    d = pool.take((2,), torch.float64)            # another dtype: a buffer of its own
+    assert d.dtype == torch.float64 and len(pool._bufs) == 3
+    del v, c, d
+    pool.take((1 << 19,), torch.float32)          # 2 MB taken: the free ones fit in `keep`
+    assert len(pool._bufs) == 4
+    pool.keep = 0
+    pool.take((1,), torch.float32)
+    assert len(pool._bufs) == 1
 
 
 def test_nan_read_weights_pick_the_same_channels(backend):

@@ -8,7 +8,9 @@ through its torch ops, so that the oracle stays the plain equations.
 The scan's backward recomputes instead of storing every step: the forward keeps the state
 at the start of each chunk of ``chunk ≈ sqrt(T)`` steps, and the backward replays one chunk
 at a time. At B=256, T=1000, D=32, m=8, Hc=Hs=32 (fp32) that is 32 checkpoints of 584
-floats per row, 19 MB, instead of 600 MB for every step's state.
+floats per row, 19 MB, instead of 600 MB for every step's state. The C++ scan can also keep
+each step's intermediates (``save_tapes``, on by default within ``TAPE_BUDGET``), so that the
+replay only re-runs the memory's write.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from torch import Tensor
 from .. import reference as ref
 from ..backends import cpu_threads
 from ..reference import MIMNParams, MIMNState
-from ._common import (FLOAT_DTYPES, backend_for, check_same_device, check_tensor, cpu_call,
-                      kernels, set_numba_threads)
+from ._common import (FLOAT_DTYPES, HostBufferPool, backend_for, check_same_device,
+                      check_tensor, cpu_call, kernels, set_numba_threads)
 
 __all__ = ["ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step", "mimn_reg_loss",
            "mimn_initial_state", "bind_step", "BoundStep", "KERNEL_PARAMS", "MIMNParams",
@@ -289,10 +291,13 @@ def _mimn_scan(x: Tensor, lengths: Tensor, ctrl_w_ih: Tensor, ctrl_w_hh: Tensor,
                mur_w: Optional[Tensor], mur_b: Optional[Tensor], miu_w_ih: Optional[Tensor],
                miu_w_hh: Optional[Tensor], miu_b_ih: Optional[Tensor],
                miu_b_hh: Optional[Tensor], miu_k: int, h0: Tensor, r0: Tensor, M0: Tensor,
-               g0: Tensor, S0: Tensor, chunk: int, backend: str
+               g0: Tensor, S0: Tensor, chunk: int, backend: str, save_tapes: bool = False
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                          Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns reads, the final (h, r, M, g, S), and the five checkpoint arrays."""
+                          Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns reads, the final (h, r, M, g, S), the five checkpoint arrays and the tapes:
+    with ``save_tapes`` on the cpp backend (B, T, tape_floats), every valid step's
+    intermediates for the backward (entries at padded steps are unspecified), else an
+    empty (0,) tensor."""
     _check_scan_op("fastattn::mimn_scan", x, lengths,
                    (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
                     miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh), miu_k, (h0, r0, M0, g0, S0), chunk)
@@ -302,9 +307,12 @@ def _mimn_scan(x: Tensor, lengths: Tensor, ctrl_w_ih: Tensor, ctrl_w_hh: Tensor,
     state0 = _c(h0, r0, M0, g0, S0)
     x, lengths = _c(x, lengths)
     has_mur = mur_w is not None
+    # uninitialised: the kernel writes the valid steps
+    tapes = _TAPE_POOL.take(_tapes_shape(x, r0, M0, S0, ctrl_w_hh, miu_k), x.dtype) \
+        if save_tapes and backend == "cpp" else x.new_empty(0)
     if backend == "triton":
-        return tuple(kernels("triton").mimn_scan_fwd(x, lengths, *params, has_mur, miu_k,
-                                                      *state0, chunk))
+        return (*kernels("triton").mimn_scan_fwd(x, lengths, *params, has_mur, miu_k,
+                                                  *state0, chunk), tapes)
     D = r0.shape[1]
     NC = -(-T // chunk)
     # the C++ kernel writes every element (zeros at padded steps): no fill needed
@@ -312,9 +320,33 @@ def _mimn_scan(x: Tensor, lengths: Tensor, ctrl_w_ih: Tensor, ctrl_w_hh: Tensor,
     final = [torch.empty_like(s) for s in state0]
     ckpts = [s.new_empty(B, NC, *s.shape[1:]) for s in state0]
     if B:
+        tail = (tapes,) if backend == "cpp" else ()
         cpu_call(backend, "mimn_scan_fwd", x, lengths, *params, has_mur, miu_k, *state0, chunk,
-                 reads, *final, *ckpts)
-    return (reads, *final, *ckpts)
+                 reads, *final, *ckpts, *tail)
+    return (reads, *final, *ckpts, tapes)
+
+
+def tape_floats(x_dim: int, mem_dim: int, slots: int, ctrl_dim: int, miu_dim: int,
+                miu_k: int) -> int:
+    """Floats per step of the C++ scan's stored tapes: the controller's gates (4·ctrl_dim),
+    the NTM record (heads, norms, both addressings, MUR), the MIU record and h after the
+    step, padded to 16. Plain arithmetic (torch.compile traces it) mirroring csrc/mimn.cpp
+    Layout::TSt, which the kernel checks and a test holds equal to this."""
+    k = min(miu_k, slots)
+    ntm = (4 * mem_dim + 2) + 5 + 9 * slots
+    return -(-(4 * ctrl_dim + ntm + k * (1 + 5 * miu_dim) + ctrl_dim) // 16) * 16
+
+
+# The tapes' memory, reused across training steps (see HostBufferPool): up to two
+# budgets' worth of free buffers kept.
+_TAPE_POOL = HostBufferPool(keep=2 * (1 << 30))
+
+
+def _tapes_shape(x: Tensor, r0: Tensor, M0: Tensor, S0: Tensor, ctrl_w_hh: Tensor,
+                 miu_k: int) -> Tuple[int, int, int]:
+    B, T, Dx = x.shape
+    return B, T, tape_floats(Dx, r0.shape[1], M0.shape[1], ctrl_w_hh.shape[1], S0.shape[2],
+                             miu_k)
 
 
 # Shapes of the empty arrays that stand for absent optional parameters (MUR, MIU), by
@@ -329,12 +361,15 @@ def _scan_params(like: Tensor, *params: Optional[Tensor]) -> Tuple[Tensor, ...]:
 
 @_mimn_scan.register_fake
 def _(x, lengths, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
-      miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh, miu_k, h0, r0, M0, g0, S0, chunk, backend):
+      miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh, miu_k, h0, r0, M0, g0, S0, chunk, backend,
+      save_tapes=False):
     B, T, _ = x.shape
     NC = -(-T // chunk)
     state0 = (h0, r0, M0, g0, S0)
+    tapes = x.new_empty(_tapes_shape(x, r0, M0, S0, ctrl_w_hh, miu_k)) \
+        if save_tapes and backend == "cpp" else x.new_empty(0)
     return ((x.new_empty(B, T, r0.shape[1]),) + tuple(torch.empty_like(s) for s in state0)
-            + tuple(s.new_empty(B, NC, *s.shape[1:]) for s in state0))
+            + tuple(s.new_empty(B, NC, *s.shape[1:]) for s in state0) + (tapes,))
 
 
 @torch.library.custom_op("fastattn::mimn_scan_backward", mutates_args=())
@@ -345,10 +380,13 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
                         miu_w_ih: Optional[Tensor], miu_w_hh: Optional[Tensor],
                         miu_b_ih: Optional[Tensor], miu_b_hh: Optional[Tensor], miu_k: int,
                         chunk: int, ck_h: Tensor, ck_r: Tensor, ck_M: Tensor, ck_g: Tensor,
-                        ck_S: Tensor, backend: str) -> list[Tensor]:
+                        ck_S: Tensor, backend: str, tapes: Optional[Tensor] = None
+                        ) -> list[Tensor]:
     """Returns dx, d(h0, r0, M0, g0, S0) and the twelve parameter gradients (empty for absent
     optional parameters). ``d_reads`` is (B, T, mem_dim), or an empty (0,) tensor for no
-    gradient on the reads (a model that reads only the final state)."""
+    gradient on the reads (a model that reads only the final state). ``tapes``: the
+    forward's stored tapes (cpp), which the backward reads instead of recomputing each
+    step; None or empty: recompute."""
     _check_scan_op("fastattn::mimn_scan_backward", x, lengths,
                    (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
                     miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh), miu_k, (d_h, d_r, d_M, d_g, d_S),
@@ -366,6 +404,19 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
         raise ValueError("fastattn::mimn_scan_backward: d_reads must be (B, T, mem_dim) or "
                          f"empty (0,), with x's dtype and device, got {d_reads.dtype} "
                          f"{tuple(d_reads.shape)}")
+    if tapes is None or tapes.numel() == 0:
+        tapes = x.new_empty(0)
+    elif backend != "cpp":
+        raise ValueError("fastattn::mimn_scan_backward: tapes are the cpp backend's; "
+                         f"backend {backend!r} recomputes (pass None)")
+    else:
+        want = _tapes_shape(x, d_r, d_M, d_S, ctrl_w_hh, miu_k)
+        if tuple(tapes.shape) != want or tapes.dtype != x.dtype or \
+                tapes.device != x.device:
+            raise ValueError(f"fastattn::mimn_scan_backward: tapes must be {x.dtype} of shape "
+                             f"{tuple(want)} on {x.device} (the forward's), got {tapes.dtype} "
+                             f"{tuple(tapes.shape)} on {tapes.device}")
+        tapes = tapes.contiguous()
     if d_reads.numel() == 0 and backend != "cpp":     # only the C++ kernel skips them itself
         d_reads = x.new_zeros(x.shape[0], x.shape[1], d_r.shape[1])
     params = _scan_params(x, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b,
@@ -386,7 +437,7 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
         dparams = [torch.zeros_like(p) for p in params]
         if B:
             cpu_call(backend, "mimn_scan_bwd", *grads, x, lengths, *params, has_mur, miu_k,
-                     chunk, *ckpts, dx, *dstate0, *dparams)
+                     chunk, *ckpts, tapes, dx, *dstate0, *dparams)
         return [dx, *dstate0, *dparams]
     dx = torch.zeros_like(x)
     dstate0 = [torch.zeros_like(g) for g in grads[1:]]
@@ -400,7 +451,7 @@ def _mimn_scan_backward(d_reads: Tensor, d_h: Tensor, d_r: Tensor, d_M: Tensor, 
 @_mimn_scan_backward.register_fake
 def _(d_reads, d_h, d_r, d_M, d_g, d_S, x, lengths, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh,
       heads_w, heads_b, mur_w, mur_b, miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh, miu_k, chunk,
-      ck_h, ck_r, ck_M, ck_g, ck_S, backend):
+      ck_h, ck_r, ck_M, ck_g, ck_S, backend, tapes=None):
     params = (ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_w, heads_b, mur_w, mur_b,
               miu_w_ih, miu_w_hh, miu_b_ih, miu_b_hh)
     out = [torch.empty_like(x)] + [torch.empty_like(g) for g in (d_h, d_r, d_M, d_g, d_S)]
@@ -409,20 +460,21 @@ def _(d_reads, d_h, d_r, d_M, d_g, d_S, x, lengths, ctrl_w_ih, ctrl_w_hh, ctrl_b
 
 
 def _scan_setup(ctx, inputs, output):
-    (x, lengths, *params12, miu_k, h0, r0, M0, g0, S0, chunk, backend) = inputs
-    ckpts = output[6:]
+    x, lengths, params12 = inputs[0], inputs[1], inputs[2:14]
+    miu_k, chunk, backend = inputs[14], inputs[20], inputs[21]
+    ckpts, tapes = output[6:11], output[11]
     # unused outputs (the reads of a model that reads only the final state, the
     # checkpoints) reach the backward as None, not as materialised zeros: at B=128, T=1000
     # that was a 16 MB fill and read of d_reads plus two checkpoint-sized fills per step
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, lengths, *params12, *ckpts)
+    ctx.save_for_backward(x, lengths, *params12, *ckpts, tapes)
     ctx.miu_k, ctx.chunk, ctx.backend = miu_k, chunk, backend
     ctx.present = [p is not None for p in params12]
 
 
-def _scan_backward(ctx, d_reads, d_h, d_r, d_M, d_g, d_S, *_ckpt_grads):
+def _scan_backward(ctx, d_reads, d_h, d_r, d_M, d_g, d_S, *_ckpt_and_tape_grads):
     x, lengths, *rest = ctx.saved_tensors
-    params12, ckpts = rest[:12], rest[12:]
+    params12, ckpts, tapes = rest[:12], rest[12:17], rest[17]
     outs = (d_reads, d_h, d_r, d_M, d_g, d_S)
     B, T, _ = x.shape
     shapes = [(B, T, ckpts[1].shape[2])] + [(B, *c.shape[2:]) for c in ckpts]
@@ -430,10 +482,10 @@ def _scan_backward(ctx, d_reads, d_h, d_r, d_M, d_g, d_S, *_ckpt_grads):
     if d_reads is None:       # a model that reads only the final state: no (B, T, D) zeros
         grads[0] = x.new_zeros(0)
     res = torch.ops.fastattn.mimn_scan_backward(*grads, x, lengths, *params12, ctx.miu_k,
-                                                ctx.chunk, *ckpts, ctx.backend)
+                                                ctx.chunk, *ckpts, ctx.backend, tapes)
     dx, dstate0, dparams = res[0], res[1:6], res[6:]
     dparams = [d if present else None for d, present in zip(dparams, ctx.present)]
-    return (dx, None, *dparams, None, *dstate0, None, None)
+    return (dx, None, *dparams, None, *dstate0, None, None, None)
 
 
 torch.library.register_autograd("fastattn::mimn_scan", _scan_backward, setup_context=_scan_setup)
@@ -497,9 +549,16 @@ def mimn_initial_state(params: MIMNParams, batch: int) -> MIMNState:
     return ref.mimn_initial_state(params, batch, Hs)
 
 
+# The most memory ``mimn_scan(save_tapes=None)`` spends on stored tapes (bytes). At the
+# MIMN model's sizes (x_dim 32, mem_dim 32, 16 slots, ctrl_dim = miu_dim = 32, miu_k 1) a
+# step's tape is 601 floats: B=128, T=1000 keeps 308 MB.
+TAPE_BUDGET = 1 << 30
+
+
 def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
               state0: Optional[MIMNState] = None, *, backend: Optional[str] = None,
-              chunk: Optional[int] = None) -> Tuple[Tensor, MIMNState]:
+              chunk: Optional[int] = None, save_tapes: Optional[bool] = None
+              ) -> Tuple[Tensor, MIMNState]:
     """MIMN steps 1–7 fused over a whole sequence (one kernel call).
 
     Args:
@@ -510,6 +569,10 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
         state0: :class:`MIMNState` to start from (default: :func:`mimn_initial_state`).
         chunk: steps between the backward's checkpoints (default ceil(sqrt(T)); T, one
             checkpoint, when no gradient is recorded).
+        save_tapes: (cpp backend) keep every step's intermediates from the forward, so that
+            the backward reads them instead of recomputing the steps (forward+backward
+            ~1.3x faster, at B·T·tape_floats(...) floats). None: when a gradient is
+            recorded and they fit in ``TAPE_BUDGET`` bytes. Other backends recompute.
 
     Returns:
         ``(reads (B, T, mem_dim), state)`` with state the final (h, r, M, g, S).
@@ -548,13 +611,17 @@ def mimn_scan(x: Tensor, lengths: Optional[Tensor], params: MIMNParams,
     lens = torch.full((B,), T, dtype=torch.int64, device=dev) if lengths is None \
         else lengths.to(torch.int64)
     ps = kernel_params(params)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *state0, *ps))
     if chunk is None:
         # Without a backward to come (inference, serving) one checkpoint, the start, instead
         # of ceil(sqrt(T)): no checkpoint stores, no (B, sqrt(T), state) allocation.
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, *state0, *ps))
         chunk = default_chunk(T) if grad else max(T, 1)
-    out = torch.ops.fastattn.mimn_scan(x, lens, *ps, params.miu_k, *state0, chunk, be)
+    if save_tapes is None:
+        save_tapes = grad and be == "cpp" and B * T * tape_floats(
+            Dx, D, m, Hc, Hs, params.miu_k) * x.element_size() <= TAPE_BUDGET
+    out = torch.ops.fastattn.mimn_scan(x, lens, *ps, params.miu_k, *state0, chunk, be,
+                                       bool(save_tapes))
     return out[0], MIMNState(*out[1:6])
 
 
