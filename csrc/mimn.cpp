@@ -813,26 +813,53 @@ void gru_tile_fwd(const GruP<T>& c, int64_t n, const T* const* xa, int64_t Ka,
                   tape, hout);
 }
 
-// Its backward given dh_out[r] (H): writes dX (n, Kp) and dH (n, Hp) (the gradients of X
-// and Hm) and accumulates the parameter gradients into acc.
+// The backward's weight gradients of one Linear map, dW (N, ldx) += Σ_rows dy(row)ᵀ x(row),
+// over the rows of several steps at once: the steps' (dy (N, ld ldy), x (ld ldx, padded))
+// rows are gathered here and summed by one GEMM per batch (K = up to kGradSteps tiles of
+// rows) instead of one per step (K = a tile's rows), so that the (N, ldx) accumulator is
+// loaded and stored once per batch, not once per step (it was most of those GEMMs' cost).
+// Each element is still summed in a fixed order (rows in step order, then tile order).
+constexpr int64_t kGradSteps = 8;
 template <typename T>
-void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* X, const T* Hm,
-                  const T* const* tape, const T* const* dh_out, T* dX, T* dH,
-                  const GruWork<T>& w) {
+struct WGradBatch {
+    T *dy = nullptr, *x = nullptr;
+    int64_t N = 0, ldy = 0, ldx = 0, cap = 0, q = 0;
+    void carve(Arena<T>& a, int64_t rows, int64_t N_, int64_t ldy_, int64_t ldx_) {
+        N = N_, ldy = ldy_, ldx = ldx_, cap = rows, q = 0;
+        dy = a.take(rows * ldy), x = a.take(rows * ldx);
+    }
+    // room for n more rows (flushing into W first if they would not fit)
+    void reserve(int64_t n, T* W) {
+        if (q + n > cap) flush(W);
+    }
+    T* dy_at() const { return dy + q * ldy; }
+    T* x_at() const { return x + q * ldx; }
+    // W += dyᵀ x over the gathered rows: A(j, r) = dy[r, j]
+    void flush(T* W) {
+        if (q > 0) gemm(N, ldx, q, dy, 1, ldy, x, ldx, W, ldx, W, ldx);
+        q = 0;
+    }
+};
+
+// Its backward given dh_out[r] (H) for n rows whose inputs X (n, Kp) and hidden states Hm
+// (n, Hp) the caller packed at ih.x_at() and hh.x_at() (after reserving n rows in both):
+// writes dX (n, Kp) and dH (n, Hp) (the gradients of X and Hm), the bias gradients into
+// acc, and leaves the gate gradients in the batches for the weight gradients.
+template <typename T>
+void gru_tile_bwd(const GruP<T>& c, const GruAcc<T>& acc, int64_t n, const T* const* tape,
+                  const T* const* dh_out, T* dX, T* dH, WGradBatch<T>& ih, WGradBatch<T>& hh) {
     const int64_t Np = c.Np, Hp = c.Hp;
-    T* dgi = w.a;
-    T* dgh = w.b;
-    gru_gates_bwd(c.H, Np, Hp, n, Hm, tape, dh_out, dgi, dgh, dH);
+    T* dgi = ih.dy_at();
+    T* dgh = hh.dy_at();
+    gru_gates_bwd(c.H, Np, Hp, n, static_cast<const T*>(hh.x_at()), tape, dh_out, dgi, dgh, dH);
     gemm(n, c.Kp, c.N, dgi, Np, 1, c.wih.data(), c.Kp, static_cast<const T*>(nullptr), 0, dX,
          c.Kp);
     gemm(n, Hp, c.N, dgh, Np, 1, c.whh.data(), Hp, dH, Hp, dH, Hp);
-    // dW += dGᵀ X: A(j, r) = dG[r, j]
-    gemm(c.N, c.Kp, n, dgi, 1, Np, X, c.Kp, acc.w_ih, c.Kp, acc.w_ih, c.Kp);
-    gemm(c.N, Hp, n, dgh, 1, Np, Hm, Hp, acc.w_hh, Hp, acc.w_hh, Hp);
     for (int64_t r = 0; r < n; ++r) {
         add_to(acc.b_ih, dgi + r * Np, c.N);
         add_to(acc.b_hh, dgh + r * Np, c.N);
     }
+    ih.q += n, hh.q += n;
 }
 
 // ----------------------------------------------------------------------------- addressing
@@ -1185,12 +1212,12 @@ FA_INLINE int64_t miu_select(const T* wr, int64_t m, int64_t k, int64_t* sel) {
 template <typename T>
 struct TileWork {
     int64_t R = 0, Rk = 0;
-    T *xc = nullptr, *hm = nullptr, *h1 = nullptr, *head = nullptr, *xm = nullptr,
-      *sm = nullptr, *ntm = nullptr;
+    T *head = nullptr, *ntm = nullptr;
     GruWork<T> gc, gm;
-    // backward only
-    T *dhead = nullptr, *dhc = nullptr, *dXc = nullptr, *dHc = nullptr, *dXm = nullptr,
-      *dHm = nullptr;
+    // backward only: the weight-gradient batches (controller GRU, MIU GRU, heads; their x
+    // parts hold the packed GEMM inputs) and the per-step gradients
+    WGradBatch<T> c_ih, c_hh, m_ih, m_hh, hw;
+    T *dhc = nullptr, *dXc = nullptr, *dHc = nullptr, *dXm = nullptr, *dHm = nullptr;
     std::vector<int64_t> sel;
     std::vector<const T*> q0, q1, q2;        // step-level (R)
     std::vector<T*> p0, p1, p2, p3;
@@ -1200,14 +1227,16 @@ struct TileWork {
     void carve(Arena<T>& a, const Layout& L, const GruP<T>& ctrl, const GruP<T>& miu,
                int64_t Pp, int64_t rows, bool bwd) {
         R = rows, Rk = rows * std::max<int64_t>(L.k, 1);
-        xc = a.take(R * ctrl.Kp), hm = a.take(R * ctrl.Hp), h1 = a.take(R * ctrl.Hp);
         head = a.take(R * Pp);
-        xm = a.take(Rk * miu.Kp), sm = a.take(Rk * miu.Hp);
         ntm = a.take(std::max(R * ntm_bwd_work(L.m), addr_work(L.m)));  // ntm_bwd's, ntm_fwd's
         gc.carve(a, R, ctrl.Np);
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
-            dhead = a.take(R * L.P), dhc = a.take(R * ctrl.Hp);
+            const int64_t Rc = ctrl.N ? kGradSteps * R : 0, Rm = miu.N ? kGradSteps * Rk : 0;
+            c_ih.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Kp), c_hh.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Hp);
+            m_ih.carve(a, Rm, miu.N, miu.Np, miu.Kp), m_hh.carve(a, Rm, miu.N, miu.Np, miu.Hp);
+            hw.carve(a, Rc, L.P, L.P, ctrl.Hp);
+            dhc = a.take(R * ctrl.Hp);
             dXc = a.take(R * ctrl.Kp), dHc = a.take(R * ctrl.Hp);
             dXm = a.take(Rk * miu.Kp), dHm = a.take(Rk * miu.Hp);
         }
@@ -1263,20 +1292,23 @@ void miu_tile_bwd(const Layout& L, const GruP<T>& c, const GruAcc<T>& acc, int64
                   const T* const* dS_out, T* const* dMt, T* const* dx, T* const* dS,
                   TileWork<T>& w) {
     const int64_t D = L.D, Hs = L.Hs, k = L.k;
+    w.m_ih.reserve(n * k, acc.w_ih), w.m_hh.reserve(n * k, acc.w_hh);
+    T* xm = w.m_ih.x_at();
+    T* sm = w.m_hh.x_at();
     int64_t q = 0;
     for (int64_t r = 0; r < n; ++r) {
         if (dS[r] != dS_out[r]) copy(dS[r], dS_out[r], L.m * Hs);
         for (int64_t j = 0; j < k; ++j, ++q) {
             const int64_t i = static_cast<int64_t>(rec[r][j]);
-            T* xr = w.xm + q * c.Kp;
+            T* xr = xm + q * c.Kp;
             copy(xr, Mt[r] + i * D, D);
             put_row(xr + D, x[r], L.Dx, c.Kp - D);
-            put_row(w.sm + q * c.Hp, rec[r] + k + 4 * Hs * k + Hs * j, Hs, c.Hp);
+            put_row(sm + q * c.Hp, rec[r] + k + 4 * Hs * k + Hs * j, Hs, c.Hp);
             w.gt[q] = const_cast<T*>(rec[r] + k + 4 * Hs * j);
             w.gd[q] = dS_out[r] + i * Hs;
         }
     }
-    gru_tile_bwd(c, acc, q, w.xm, w.sm, w.gt.data(), w.gd.data(), w.dXm, w.dHm, w.gm);
+    gru_tile_bwd(c, acc, q, w.gt.data(), w.gd.data(), w.dXm, w.dHm, w.m_ih, w.m_hh);
     q = 0;
     for (int64_t r = 0; r < n; ++r) {
         for (int64_t j = 0; j < k; ++j, ++q) {
@@ -1455,29 +1487,35 @@ void tile_step_bwd(const Model<T>& md, const TileAcc<T>& acc, int64_t n, const T
     } else if (!dSio) {
         for (int64_t r = 0; r < n; ++r) copy(gs0[r] + L.s_S, gs[r] + L.s_S, L.m * L.Hs);
     }
+    w.hw.reserve(n, acc.heads_w);
+    T* dhead = w.hw.dy_at();
     NtmBwdRow<T> q[kTileRows];
     for (int64_t r = 0; r < n; ++r)
         q[r] = {s[r] + L.s_M, s[r] + L.s_g, tape[r] + L.t_ntm, gs[r] + L.s_r, gs[r] + L.s_M,
-                gs[r] + L.s_g, nullptr, gs0[r] + L.s_M, gs0[r] + L.s_g, w.dhead + r * L.P};
+                gs[r] + L.s_g, nullptr, gs0[r] + L.s_M, gs0[r] + L.s_g, dhead + r * L.P};
     ntm_bwd(L, md.mur_w, n, static_cast<const NtmBwdRow<T>*>(q), acc.mur_w, acc.mur_b, w.ntm);
-    // heads Linear: dh = gs.h + dhead W, dW += dheadᵀ h1
+    // heads Linear: dh = gs.h + dhead W; dW += dheadᵀ h1 (batched), db += dhead
+    T* h1 = w.hw.x_at();
     for (int64_t r = 0; r < n; ++r) {
         put_row(w.dhc + r * c.Hp, gs[r] + L.s_h, L.Hc, c.Hp);
-        put_row(w.h1 + r * c.Hp, s1[r] + L.s_h, L.Hc, c.Hp);
+        put_row(h1 + r * c.Hp, s1[r] + L.s_h, L.Hc, c.Hp);
     }
-    gemm(n, c.Hp, L.P, w.dhead, L.P, 1, md.heads_wp.data(), c.Hp, w.dhc, c.Hp, w.dhc, c.Hp);
-    gemm(L.P, c.Hp, n, w.dhead, 1, L.P, w.h1, c.Hp, acc.heads_w, c.Hp, acc.heads_w, c.Hp);
-    for (int64_t r = 0; r < n; ++r) add_to(acc.heads_b, w.dhead + r * L.P, L.P);
+    gemm(n, c.Hp, L.P, dhead, L.P, 1, md.heads_wp.data(), c.Hp, w.dhc, c.Hp, w.dhc, c.Hp);
+    for (int64_t r = 0; r < n; ++r) add_to(acc.heads_b, dhead + r * L.P, L.P);
+    w.hw.q += n;
     // controller GRU on [x_t, r_{t-1}]
+    w.c_ih.reserve(n, acc.ctrl.w_ih), w.c_hh.reserve(n, acc.ctrl.w_hh);
+    T* xc = w.c_ih.x_at();
+    T* hm = w.c_hh.x_at();
     for (int64_t r = 0; r < n; ++r) {
-        T* xr = w.xc + r * c.Kp;
+        T* xr = xc + r * c.Kp;
         copy(xr, x[r], L.Dx);
         put_row(xr + L.Dx, s[r] + L.s_r, L.D, c.Kp - L.Dx);
-        put_row(w.hm + r * c.Hp, s[r] + L.s_h, L.Hc, c.Hp);
+        put_row(hm + r * c.Hp, s[r] + L.s_h, L.Hc, c.Hp);
         w.gt[r] = const_cast<T*>(tape[r] + L.t_ctrl);
         w.gd[r] = w.dhc + r * c.Hp;
     }
-    gru_tile_bwd(c, acc.ctrl, n, w.xc, w.hm, w.gt.data(), w.gd.data(), w.dXc, w.dHc, w.gc);
+    gru_tile_bwd(c, acc.ctrl, n, w.gt.data(), w.gd.data(), w.dXc, w.dHc, w.c_ih, w.c_hh);
     for (int64_t r = 0; r < n; ++r) {
         add_to(dx[r], w.dXc + r * c.Kp, L.Dx);
         copy(gs0[r] + L.s_r, w.dXc + r * c.Kp + L.Dx, L.D);
@@ -1699,6 +1737,7 @@ void miu_gather_gru_bwd(const MimnDims& d, const T* d_S_out, const T* M, const T
             acc.clear(c);
             miu_tile_bwd(L, c, acc, n, pM.data(), px.data(), pr.data(), pdo.data(),
                          pdM.data(), pdx.data(), pdS.data(), w);
+            w.m_ih.flush(acc.w_ih), w.m_hh.flush(acc.w_hh);
             acc.store(c, dw_ih_rows + ti * G * K, dw_hh_rows + ti * G * L.Hs,
                       db_ih_rows + ti * G, db_hh_rows + ti * G);
         }
@@ -1944,6 +1983,10 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                     for (int64_t r = 0; r < n; ++r) std::swap(gc[r], gn[r]);
                 }
             }
+            // the tile's last weight-gradient batches
+            wk.c_ih.flush(acc.ctrl.w_ih), wk.c_hh.flush(acc.ctrl.w_hh);
+            wk.m_ih.flush(acc.miu.w_ih), wk.m_hh.flush(acc.miu.w_hh);
+            wk.hw.flush(acc.heads_w);
             for (int64_t r = 0; r < nr; ++r) {
                 if (gc[r] + L.s_S != dSio[r]) copy(gc[r] + L.s_S, dSio[r], L.m * L.Hs);
                 store_state(L, gc[r], d_state0, rows[r]);
