@@ -1152,7 +1152,8 @@ inline void ntm_fwd_row(const Layout& L, const T* mur_wt, const T* mur_b, const 
 #if FASTATTN_X86
 // fp32, m <= 16 on AVX-512: the m weights in one vector, each pass a masked compare for
 // NaNs, else a max and the first lane equal to it (±0 compare equal: the first wins, as in
-// the scalar scan); the scalar scan was a dependent chain per slot, ~3% of the forward.
+// the scalar scan); the scalar scan was a dependent chain per slot, ~7% of the forward
+// at slots = 16.
 FA_TARGET_AVX512F inline int64_t miu_select_avx512(const float* wr, int64_t m, int64_t k,
                                                   int64_t* sel) {
     __mmask16 avail = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
@@ -1233,8 +1234,10 @@ struct TileWork {
         gm.carve(a, Rk, miu.Np);
         if (bwd) {
             const int64_t Rc = ctrl.N ? kGradSteps * R : 0, Rm = miu.N ? kGradSteps * Rk : 0;
-            c_ih.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Kp), c_hh.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Hp);
-            m_ih.carve(a, Rm, miu.N, miu.Np, miu.Kp), m_hh.carve(a, Rm, miu.N, miu.Np, miu.Hp);
+            c_ih.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Kp);
+            c_hh.carve(a, Rc, ctrl.N, ctrl.Np, ctrl.Hp);
+            m_ih.carve(a, Rm, miu.N, miu.Np, miu.Kp);
+            m_hh.carve(a, Rm, miu.N, miu.Np, miu.Hp);
             hw.carve(a, Rc, L.P, L.P, ctrl.Hp);
             dhc = a.take(R * ctrl.Hp);
             dXc = a.take(R * ctrl.Kp), dHc = a.take(R * ctrl.Hp);
@@ -1772,6 +1775,7 @@ void scan_fwd_run(const Model<T>& md, const MimnDims& d, const T* x, const int64
         T* sA = a.take(R * L.SS);
         const int64_t TS = tapes ? L.TSt : L.TS;
         T* tape = a.take(R * TS);
+        zero(tape, R * TS);  // the stored tapes' padding: copied, never otherwise written
         std::vector<T*> cur(R), tp(R);
         std::vector<const T*> xp(R);
         for (int64_t r = 0; r < R; ++r) tp[r] = tape + r * TS;

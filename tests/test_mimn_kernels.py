@@ -168,7 +168,8 @@ def test_stored_tapes_op_output_and_checks(cpp_backend):
         assert om.tape_floats(*dims) == kernels("cpp").mimn_tape_floats(*dims)
     assert out[11].data_ptr() % 64 == 0
     assert op(*_op_args(enc, x, lens, 2, "cpp"))[11].shape == (0,)
-    assert op(*_op_args(enc, x, lens, 2, "numba"), True)[11].shape == (0,)
+    if fastattn.backends().get("numba"):
+        assert op(*_op_args(enc, x, lens, 2, "numba"), True)[11].shape == (0,)
 
     taken = []
     real = om._TAPE_POOL.take
@@ -194,7 +195,7 @@ def test_stored_tapes_op_output_and_checks(cpp_backend):
     with pytest.raises(ValueError, match=r"tapes must be torch.float32 of shape \(3, 4, "):
         torch.ops.fastattn.mimn_scan_backward(*back, "cpp", out[11][:, :3])
     with pytest.raises(ValueError, match="tapes are the cpp backend's"):
-        torch.ops.fastattn.mimn_scan_backward(*back, "numba", out[11])
+        torch.ops.fastattn.mimn_scan_backward(*back, "torch", out[11])
     res = torch.ops.fastattn.mimn_scan_backward(*back, "cpp", out[11])
     ref_ = torch.ops.fastattn.mimn_scan_backward(*back, "cpp")
     assert all(torch.equal(a, b) for a, b in zip(res, ref_))
