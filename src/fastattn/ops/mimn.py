@@ -29,7 +29,7 @@ from ._common import (FLOAT_DTYPES, HostBufferPool, backend_for, check_same_devi
 
 __all__ = ["ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step", "mimn_reg_loss",
            "mimn_initial_state", "bind_step", "BoundStep", "KERNEL_PARAMS", "MIMNParams",
-           "MIMNState"]
+           "MIMNState", "TAPE_BUDGET", "tape_floats"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
