@@ -73,13 +73,8 @@ FA_INLINE int64_t collect(const Problem<T>& p, int64_t b, Scratch<T>& sc) {
 }
 
 // Rows are scattered through the history, so the hardware prefetcher cannot guess them:
-// ask for a whole row (all heads) ahead of its use instead of paying one miss per row.
-template <typename T>
-FA_INLINE void prefetch_row(const T* row, int64_t n) {
-    const char* p = reinterpret_cast<const char*>(row);
-    for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
-        __builtin_prefetch(p + off);
-}
+// prefetch_row (common.h) asks for a whole row (all heads) ahead of its use instead of
+// paying one miss per row.
 
 // One query vector against four rows: four independent FMA chains hide the FMA latency
 // (and the cache misses of four random rows) that a single dot product would expose.

@@ -111,4 +111,12 @@ inline void check_range(const int64_t* a, int64_t n, int64_t lo, int64_t hi, con
     }
 }
 
+// Prefetches the n elements of row[0, n), one request per 64-byte line.
+template <typename T>
+FA_INLINE void prefetch_row(const T* row, int64_t n) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
+        __builtin_prefetch(p + off);
+}
+
 }  // namespace fastattn

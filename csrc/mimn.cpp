@@ -1955,12 +1955,8 @@ void mimn_scan_bwd(const MimnDims& d, const T* d_reads, MimnStates<const T> d_fi
                 auto fetch = [&](int64_t t) {
                     if (!tapes || t < t0 || t >= t1) return;
                     const int64_t n = running(lengths, rows, nr, t);
-                    for (int64_t r = 0; r < n; ++r) {
-                        const char* p =
-                            reinterpret_cast<const char*>(tapes + (rows[r] * d.T + t) * L.TSt);
-                        for (size_t b = 0; b < L.TSt * sizeof(T); b += 64)
-                            __builtin_prefetch(p + b);
-                    }
+                    for (int64_t r = 0; r < n; ++r)
+                        prefetch_row(tapes + (rows[r] * d.T + t) * L.TSt, L.TSt);
                 };
                 for (int64_t t = t0; t < t1; ++t) {
                     const int64_t n = running(lengths, rows, nr, t);

@@ -314,7 +314,7 @@ class HostBufferPool:
             fits = [a for a in free if a.dtype == npdt and a.size >= n]
             buf = min(fits, key=lambda a: a.size) if fits else None
             if buf is None:
-                buf = np.empty(max(n, 1), dtype=npdt)
+                buf = np.empty(n, dtype=npdt)
                 self._bufs.append(buf)
             # drop free buffers beyond `keep` bytes, largest first (not the one handed out)
             spare = sorted((a for a in free if a is not buf), key=lambda a: a.nbytes)
