@@ -137,11 +137,48 @@ def test_kernel_backends_match_reference(name, kernel_backend):
             torch.testing.assert_close(got[n], want[n], **FP64, msg=f"{name} grad of {n}")
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "mimn"])   # MIMN reads dense x
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "mimn"])   # MIMN: below
 def test_dedup_equals_dense(name, backend):
     """The indexed path (each distinct behaviour embedded, projected and hashed once; the
     default) gives the dense path's loss and every gradient, in fp64, in every backend."""
     dedup_matches_dense(make_model(name, backend=backend, dedup=False))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "numba"])
+def test_mimn_dedup_equals_dense(backend):
+    """MIMN embeds each distinct behaviour once and gathers the embeddings into the scan's
+    dense input, padded positions (row -1) reading row 0 with no gradient: the dense
+    path's loss and gradients. (The gather is backend-independent; the triton scan under
+    the interpreter would take minutes here, and test_mimn covers it.)"""
+    dedup_matches_dense(make_model("mimn", backend=backend, dedup=False))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "numba"])
+def test_lookup_padding(backend):
+    """_Lookup: values and table gradient of nn.Embedding with its padding_idx (None or a
+    row), and with padding_idx -1, ids of -1 read row 0 and add nothing to its gradient."""
+    from fastattn.models.base import _Lookup
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (4, 7), generator=g)
+    ids[0, 0] = ids[1, 3] = 0
+    up = torch.randn(4, 7, 3, dtype=torch.float64, generator=g)
+    for pad in (None, 0, 5):
+        w = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        w2 = w.detach().clone().requires_grad_()
+        out = _Lookup.apply(w, ids, pad, backend)
+        want = torch.nn.functional.embedding(ids, w2, padding_idx=pad)
+        torch.testing.assert_close(out, want, **FP64)
+        (out * up).sum().backward(), (want * up).sum().backward()
+        torch.testing.assert_close(w.grad, w2.grad, **FP64)
+    w = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    neg = torch.where(ids % 3 == 0, -1, ids)
+    out = _Lookup.apply(w, neg, -1, backend)
+    torch.testing.assert_close(out, w.detach()[neg.clamp(min=0)], **FP64)
+    (out * up).sum().backward()
+    keep = (neg >= 0)[..., None]
+    want = torch.zeros_like(w).index_add_(0, neg.clamp(min=0).reshape(-1),
+                                          (up * keep).reshape(-1, 3))
+    torch.testing.assert_close(w.grad, want, **FP64)
 
 
 def dedup_matches_dense(dense):

@@ -89,19 +89,26 @@ class _Lookup(torch.autograd.Function):
     """``nn.Embedding`` lookup (rows of ``weight``; no gradient to ``padding_idx``) whose
     backward is the package's deterministic row scatter: ATen's embedding backward costs
     ~4x more on CPU at the sizes these models train (thousands of ids, 16-wide rows), and
-    it runs for every lookup of every step."""
+    it runs for every lookup of every step. ``padding_idx`` None: every id gets its
+    gradient; -1: ids of -1 (the indexed form's positions past a history's length) read
+    row 0 and get no gradient, so that the backward skips them instead of adding their
+    (zero) gradients to row 0."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int, backend: str) -> Tensor:
+    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: Optional[int],
+                backend: str) -> Tensor:
         flat = ids.reshape(-1)
         ctx.save_for_backward(flat)
         ctx.shape, ctx.padding_idx, ctx.backend = weight.shape, padding_idx, backend
-        return weight.index_select(0, flat).view(*ids.shape, weight.shape[1])
+        rows = flat.clamp(min=0) if padding_idx == -1 else flat
+        return weight.index_select(0, rows).view(*ids.shape, weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
-        idx = torch.where(flat != ctx.padding_idx, flat, -1)       # padding ids are skipped
+        pad = ctx.padding_idx
+        # the scatter skips ids of -1: padding ids become -1
+        idx = flat if pad is None or pad == -1 else torch.where(flat != pad, flat, -1)
         rows, dim = ctx.shape
         return _row_grad(grad.reshape(-1, dim), idx, rows, ctx.backend), None, None, None
 
@@ -132,8 +139,7 @@ class _LookupCat(torch.autograd.Function):
 
 def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Tensor:
     """``emb(ids)`` with a faster backward (same values and gradients, see :class:`_Lookup`)."""
-    pad = -1 if emb.padding_idx is None else emb.padding_idx
-    return _Lookup.apply(emb.weight, ids, pad, backend_for(ids.device, backend))
+    return _Lookup.apply(emb.weight, ids, emb.padding_idx, backend_for(ids.device, backend))
 
 
 def lookup_cat(embs: Sequence[nn.Embedding], ids: Tensor,

@@ -90,9 +90,9 @@ class MIMN(CTRModel):
         if h.hist_rows is None:
             x = self.embed(h.items, h.cats)
         else:
-            # padded positions (row -1) read row 0: the scan never reads them and gives
-            # them a zero gradient
-            x = _Lookup.apply(self.embed(h.items, h.cats), h.hist_rows.clamp(min=0), -1,
+            # padded positions (row -1) read row 0 and get no gradient (the scan never
+            # reads them)
+            x = _Lookup.apply(self.embed(h.items, h.cats), h.hist_rows, -1,
                               backend_for(h.hist_rows.device, self.backend))
         return self.encoder(x, batch.lengths)[1]
 
