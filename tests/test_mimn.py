@@ -28,7 +28,7 @@ CONFIGS = [  # mur, miu_k, lengths, T
     (True, 1, [7, 3, 0], 7),
     (False, 2, None, 5),
     (True, 0, [1, 4, 4], 4),
-    (True, 5, [6, 6, 2], 6),      # every channel updated
+    (True, 5, [4, 4, 2], 4),      # every channel updated
     (False, 0, [0, 0, 0], 3),     # all padding
     (True, 1, None, 0),           # empty sequences
 ]
