@@ -26,9 +26,14 @@ install: $(STAMP)
 # OMP_WAIT_POLICY=passive: the tests alternate between three OpenMP thread teams (torch's,
 # the C++ extension's and numba's); spinning idle teams take the cores the next kernel needs
 # (measured: tests/test_gather.py 41 -> 30 CPU-s on a busy 2-core machine).
+# TEST_JOBS pytest-xdist workers, one test file each at a time (module fixtures stay in one
+# process; the Redis tests each use their own key prefix): much of the suite is single-threaded
+# (the Triton interpreter, numba compiles, subprocesses), so 2 workers on 2 cores measured
+# 6:09 against 8:48-12:41 for one.
+TEST_JOBS ?= 2
 test: $(STAMP)
 	OMP_WAIT_POLICY=passive FASTATTN_REQUIRE_REDIS=1 FASTATTN_REQUIRE_BACKENDS=cpp,numba,triton \
-		.ci/with-redis $(PY) -m pytest -q -p no:cacheprovider tests
+		.ci/with-redis $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
 
 # The UIC sweep also measures the Redis store (skipped, with the reason, without one).
 bench: $(STAMP)
