@@ -64,6 +64,29 @@ def test_eta_bf16(backend):
     torch.testing.assert_close(out.double(), want, **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_where_they_cancel(backend, dtype):
+    """Every valid slot on the one row of its history: the output is that row and the q and
+    keys gradients are exactly 0. Each backend accumulates in fp32; in half arithmetic
+    g·v_j − g·out stops cancelling."""
+    B, U, K = 4, 3, 32
+    g = torch.Generator().manual_seed(17)  # a draw the torch backend failed computing in bf16
+    q = torch.randn(B, 1, 5, generator=g).to(dtype)
+    keys = torch.randn(U, 1, 1, 5, generator=g).to(dtype)
+    values = torch.randn(U, 1, 1, 4, generator=g).to(dtype)
+    hist = torch.tensor([1, 0, 2, 1])
+    idx = torch.randint(-1, 1, (B, K), generator=g)
+    idx[:, 0] = 0
+    leaves = [t.double().requires_grad_() for t in (q, keys, values)]
+    out, _ = ref.topk_attention(*leaves, idx, hist, None)
+    want = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    got_leaves = [t.clone().requires_grad_() for t in (q, keys, values)]
+    got = fastattn.topk_attention(*got_leaves, idx, hist_index=hist, backend=backend)
+    torch.testing.assert_close(got.double(), out.detach(), **TOL[dtype])
+    for a, b in zip(torch.autograd.grad(got, got_leaves, torch.ones_like(got)), want):
+        torch.testing.assert_close(a.double(), b, **TOL[dtype])
+
+
 def test_only_selected_rows_get_gradient(backend):
     q, keys, values, qs, ks = _inputs(2, 1, 50, None, 4, 4)
     keys.requires_grad_()

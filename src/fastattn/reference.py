@@ -251,6 +251,11 @@ def default_scale(head_dim: int) -> float:
     return head_dim ** -0.5
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64, fp32 for everything else (fp32 and the half types)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _masked_softmax(s: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
     """Softmax over the last dim restricted to ``valid``; rows with no valid entry give
     zeros (and logsumexp -inf) instead of NaN, in value and in gradient."""
@@ -272,18 +277,22 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
 
     q (B, H, Dh), keys (U, L, H, Dh), values (U, L, H, Dv), idx (B, K) with -1 for empty
     slots -> (out (B, H, Dv), lse (B, H)): out = Σ_j softmax_j(scale·q·k_j)·v_j over the
-    slots with idx >= 0; a query with none gets zeros and lse = -inf.
+    slots with idx >= 0; a query with none gets zeros and lse = -inf. out has q's dtype, lse
+    the accumulation dtype (fp32 for fp32 and half inputs, fp64 for fp64).
     """
     B, H, Dh = q.shape
     U, L = keys.shape[:2]
     Dv = values.shape[-1]
     scale = default_scale(Dh) if scale is None else scale
     K = idx.shape[1]
-    kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh)
-    vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv)
-    s = torch.einsum("bhd,bkhd->bhk", q, kg) * scale
+    # Half inputs accumulate in fp32 (the kernels' and the backward's type): in bf16 the
+    # weights miss 1 by ~2^-8 and the backward's g·v_j − g·out no longer cancels.
+    acc = _accumulation_dtype(q.dtype)
+    kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh).to(acc)
+    vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv).to(acc)
+    s = torch.einsum("bhd,bkhd->bhk", q.to(acc), kg) * scale
     p, lse = _masked_softmax(s, (idx >= 0).unsqueeze(1))
-    return torch.einsum("bhk,bkhd->bhd", p, vg), lse
+    return torch.einsum("bhk,bkhd->bhd", p, vg).to(q.dtype), lse
 
 
 def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig: Tensor, k: int,
@@ -340,7 +349,7 @@ def topk_attention_backward_slots(grad_out: Tensor, q: Tensor, keys: Tensor, val
     U, L = keys.shape[:2]
     Dv = values.shape[-1]
     K = idx.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(q.dtype)
     g, q, keys, values, out, lse = (t.to(acc) for t in (grad_out, q, keys, values, out, lse))
     kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh)
     vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv)
