@@ -251,8 +251,9 @@ def default_scale(head_dim: int) -> float:
     return head_dim ** -0.5
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64, fp32 for everything else (fp32 and the half types)."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The contract's accumulation type (DESIGN §7): fp64 for fp64, fp32 for everything else
+    (fp32 and the half types)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -287,7 +288,7 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor,
     K = idx.shape[1]
     # Half inputs accumulate in fp32 (the kernels' and the backward's type): in bf16 the
     # weights miss 1 by ~2^-8 and the backward's g·v_j − g·out no longer cancels.
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh).to(acc)
     vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv).to(acc)
     s = torch.einsum("bhd,bkhd->bhk", q.to(acc), kg) * scale
@@ -349,7 +350,7 @@ def topk_attention_backward_slots(grad_out: Tensor, q: Tensor, keys: Tensor, val
     U, L = keys.shape[:2]
     Dv = values.shape[-1]
     K = idx.shape[1]
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     g, q, keys, values, out, lse = (t.to(acc) for t in (grad_out, q, keys, values, out, lse))
     kg = topk_gather(keys.reshape(U, L, H * Dh), idx, hist_index).reshape(B, K, H, Dh)
     vg = topk_gather(values.reshape(U, L, H * Dv), idx, hist_index).reshape(B, K, H, Dv)

@@ -26,10 +26,6 @@ from .gather import scatter_add_rows, slot_layout
 __all__ = ["topk_attention", "eta_attention", "target_attention"]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # Per-slot gradients of one backward call are bounded to this many elements per tensor: a
 # backward over many slots (dense attention over an indexed history has K = L) runs in slot
 # chunks. Exact: the softmax of a chunk needs only the global lse and g·out.
@@ -54,14 +50,13 @@ def _topk_attention_impl(q: Tensor, keys: Tensor, values: Optional[Tensor], idx:
                                  checked=checked)
     keys, values = keys.reshape(U, L, H, Dh), values.reshape(U, L, H, Dv)
     if backend == "torch":
-        out, lse = ref.topk_attention(q, keys, values, ix, hist, scale)
-        return out, lse.to(_acc_dtype(q.dtype))
+        return ref.topk_attention(q, keys, values, ix, hist, scale)  # lse: accumulation dtype
     ix = ix.contiguous()
     if backend == "triton":
         return kernels("triton").topk_attention_fwd(q.contiguous(), keys.contiguous(),
                                                      values.contiguous(), ix, hist, scale)
     # CPU kernels compute in fp32/fp64: half inputs are widened (one copy of the history).
-    acc = _acc_dtype(q.dtype)
+    acc = ref.accumulation_dtype(q.dtype)
     qc, kc, vc = (t.to(acc).contiguous() for t in (q, keys, values))
     if backend == "cpp" and B and H:  # the C++ kernel writes every element
         out, lse = torch.empty(B, H, Dv, dtype=acc), torch.empty(B, H, dtype=acc)
@@ -84,7 +79,7 @@ def _topk_attention(q: Tensor, keys: Tensor, values: Optional[Tensor], idx: Tens
 def _(q, keys, values, idx, hist_index, hist_rows, scale, backend):
     B, H, _ = q.shape
     return (q.new_empty(B, H, (keys if values is None else values).shape[-1]),
-            q.new_empty(B, H, dtype=_acc_dtype(q.dtype)))
+            q.new_empty(B, H, dtype=ref.accumulation_dtype(q.dtype)))
 
 
 def _backward_slots(backend: str, g: Tensor, q: Tensor, keys: Tensor, values: Tensor,
@@ -104,7 +99,7 @@ def _backward_slots(backend: str, g: Tensor, q: Tensor, keys: Tensor, values: Te
                 g.contiguous(), q.contiguous(), keys.contiguous(), values.contiguous(), ix,
                 hist, out.contiguous(), lse.contiguous(), scale)
         return (dq, dk_slots.add_(dv_slots), None) if tied else (dq, dk_slots, dv_slots)
-    acc = _acc_dtype(q.dtype)
+    acc = ref.accumulation_dtype(q.dtype)
     gc, qc, kc, oc = (t.to(acc).contiguous() for t in (g, q, keys, out))
     vc = kc if tied else values.to(acc).contiguous()
     # The C++ kernel writes every element (zeros for empty slots); numba adds into zeros.
