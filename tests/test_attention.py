@@ -154,6 +154,28 @@ def test_topk_attention_with_external_idx(backend):
     assert (out[1] == 0).all()
 
 
+def test_topk_attention_direct_eager_call(backend):
+    """A plain eager CPU call without grad runs the op's forward directly (no dispatcher,
+    as hamming_topk does), with the same output as torch.ops.fastattn.topk_attention, and
+    still checks idx and hist_index; with grad it goes through the op (and its backward)."""
+    q, keys, values, _, _ = _inputs(4, 2, 12, None, 4, 4)
+    idx = torch.tensor([[0, 5, -1], [-1, -1, -1], [11, 3, 3], [2, 2, 7]])
+    hist = torch.tensor([1, 0, 1, 0])
+    got = fastattn.topk_attention(q, keys, values, idx, hist_index=hist, backend=backend)
+    want, _ = torch.ops.fastattn.topk_attention(q.unsqueeze(1), keys.unsqueeze(2),
+                                                values.unsqueeze(2), idx, hist, None,
+                                                4 ** -0.5, backend)
+    assert torch.equal(got, want.squeeze(1))
+    with pytest.raises(ValueError, match="idx"):
+        fastattn.topk_attention(q, keys, values, idx.masked_fill(idx == 7, 12),
+                                hist_index=hist, backend=backend)
+    with pytest.raises(ValueError, match="hist_index"):
+        fastattn.topk_attention(q, keys, values, idx, hist_index=hist + 1, backend=backend)
+    qg = q.clone().requires_grad_()
+    fastattn.topk_attention(qg, keys, values, idx, hist_index=hist, backend=backend).sum().backward()
+    assert qg.grad is not None and qg.grad[1].abs().sum() == 0
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_topk_attention_own_rows(backend, tied):
     """Rows gathered per query beforehand (U = B, L = K, idx[b, j] in {j, -1}, as

@@ -267,10 +267,14 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
     check_hist_index(hist_index, q3.shape[0], _histories(k4, hist_rows)[0])
     dev = check_same_device(q=q, keys=keys, values=values, idx=idx, hist_index=hist_index,
                             hist_rows=hist_rows)
-    out, _ = torch.ops.fastattn.topk_attention(q3, k4, _untied(keys, values, v4), idx,
-                                               hist_index, hist_rows,
-                                               _scale(scale, q3.shape[-1]),
-                                               backend_for(dev, backend))
+    args = (q3, k4, _untied(keys, values, v4), idx, hist_index, hist_rows,
+            _scale(scale, q3.shape[-1]), backend_for(dev, backend))
+    # Plain eager CPU tensors, no grad: the op's forward itself, without the dispatcher's
+    # per-call cost (as for the retrieval, see hamming.topk_op).
+    if eager_plain(q, keys, values, idx, hist_index, hist_rows):
+        out, _ = _topk_attention_impl(*args)
+    else:
+        out, _ = torch.ops.fastattn.topk_attention(*args)
     return out.squeeze(1) if single else out
 
 
