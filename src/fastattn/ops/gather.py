@@ -88,7 +88,7 @@ def scatter_add_rows(grad: Tensor, idx: Tensor, hist: Tensor, U: int, L: int,
         new = kernels("triton").scatter_add_rows(grad.contiguous(), idx.contiguous(), hist, U, L)
     else:
         # The CPU kernels accumulate in fp32/fp64; half grads are widened, then narrowed.
-        acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        acc = ref.accumulation_dtype(grad.dtype)
         g = grad.to(acc).contiguous()
         dst = torch.zeros(U, L, R, dtype=acc) if out is None else out
         if g.numel() and dst.numel():

@@ -32,11 +32,6 @@ def _check(x: Tensor, mask: Tensor, x_name: str = "x", x_shape: str = "(N, K, D)
     check_same_device(**{x_name: x, "mask": mask})
 
 
-def _cpu_dtype(t: Tensor) -> torch.dtype:
-    # The CPU kernels run in fp32/fp64; half inputs are widened, then the result narrowed.
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 @torch.library.custom_op("fastattn::masked_mean", mutates_args=())
 def _masked_mean(x: Tensor, mask: Tensor, backend: str) -> Tensor:
     _check(x, mask)
@@ -46,7 +41,8 @@ def _masked_mean(x: Tensor, mask: Tensor, backend: str) -> Tensor:
     m = mask.contiguous().view(torch.uint8)
     if backend == "triton":
         return kernels("triton").masked_mean_fwd(x.contiguous(), m)
-    xw = x.to(_cpu_dtype(x)).contiguous()
+    # The CPU kernels run in fp32/fp64: half inputs are widened, then the result narrowed.
+    xw = x.to(ref.accumulation_dtype(x.dtype)).contiguous()
     # the kernels write every element
     out = torch.empty(N, D, dtype=xw.dtype) if K else torch.zeros(N, D, dtype=xw.dtype)
     if out.numel() and K:
@@ -70,7 +66,7 @@ def _masked_mean_backward(grad: Tensor, mask: Tensor, backend: str) -> Tensor:
     m = mask.contiguous().view(torch.uint8)
     if backend == "triton":
         return kernels("triton").masked_mean_bwd(grad.contiguous(), m)
-    gw = grad.to(_cpu_dtype(grad)).contiguous()
+    gw = grad.to(ref.accumulation_dtype(grad.dtype)).contiguous()
     dx = torch.empty(N, K, D, dtype=gw.dtype)
     if dx.numel():
         cpu_call(backend, "masked_mean_bwd", gw, m, dx)
