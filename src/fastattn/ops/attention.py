@@ -239,6 +239,17 @@ def _scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def _attend(args: tuple, tensors: tuple, checked: bool = False) -> Tensor:
+    """out of ``fastattn::topk_attention(*args)``. For plain eager CPU ``tensors`` without
+    grad (:func:`._common.eager_plain`) the op's forward runs directly, without the
+    dispatcher's per-call cost (as the retrieval does, :func:`.hamming.topk_op`);
+    ``checked``: idx and hist_index were checked by the caller's retrieval (direct path
+    only; the op itself always checks). Shared by topk_attention and eta_attention."""
+    if eager_plain(*tensors):
+        return _topk_attention_impl(*args, checked=checked)[0]
+    return torch.ops.fastattn.topk_attention(*args)[0]
+
+
 def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
                    hist_index: Optional[Tensor] = None, hist_rows: Optional[Tensor] = None,
                    scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
@@ -269,12 +280,7 @@ def topk_attention(q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, *,
                             hist_rows=hist_rows)
     args = (q3, k4, _untied(keys, values, v4), idx, hist_index, hist_rows,
             _scale(scale, q3.shape[-1]), backend_for(dev, backend))
-    # Plain eager CPU tensors, no grad: the op's forward itself, without the dispatcher's
-    # per-call cost (as for the retrieval, see hamming.topk_op).
-    if eager_plain(q, keys, values, idx, hist_index, hist_rows):
-        out, _ = _topk_attention_impl(*args)
-    else:
-        out, _ = torch.ops.fastattn.topk_attention(*args)
+    out = _attend(args, (q, keys, values, idx, hist_index, hist_rows))
     return out.squeeze(1) if single else out
 
 
@@ -320,13 +326,8 @@ def eta_attention(q: Tensor, keys: Tensor, values: Tensor, q_sig: Tensor, k_sig:
         q_sig, k_sig, k, lengths, hist_index, hist_rows, be)
     args = (q3, k4, _untied(keys, values, v4), idx, hist_index, hist_rows,
             _scale(scale, q3.shape[-1]), be)
-    if eager_plain(q, keys, values, hist_index, hist_rows):
-        # Plain eager CPU tensors, no grad: the op's forward itself, without the
-        # dispatcher, and without checking again the idx and hist_index the retrieval
-        # produced and checked (the same direct path as the retrieval's, topk_op).
-        out, _ = _topk_attention_impl(*args, checked=True)
-    else:
-        out, _ = torch.ops.fastattn.topk_attention(*args)
+    # idx and hist_index come from the retrieval, which checked them.
+    out = _attend(args, (q, keys, values, hist_index, hist_rows), checked=True)
     return out.squeeze(1) if single else out
 
 
