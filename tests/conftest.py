@@ -8,7 +8,8 @@ before triton is first imported, and which excludes compiled kernels in the same
 The ``backend`` fixtures give each test its backend; for ``triton`` on a GPU machine they
 also make CUDA the default device for the test's duration, so the same differential tests,
 gradchecks, opchecks and torch.compile tests run on CUDA tensors (tests that build tensors
-through :func:`device_of` or with no explicit device follow it).
+through :func:`device_of` or with no explicit device follow it; draws seeded by a CPU
+generator are made on the host and moved, :class:`helpers.HostSeededDraws`).
 """
 import os
 
@@ -31,6 +32,8 @@ else:
 import pytest  # noqa: E402
 
 from fastattn import backends as fa_backends  # noqa: E402
+
+from helpers import HostSeededDraws  # noqa: E402
 
 ALL_BACKENDS = ("torch", "numba", "cpp", "triton")
 # `make test` sets this so a backend that failed to install fails the run instead of skipping.
@@ -67,7 +70,8 @@ def _on_device(name):
     prev = torch.get_default_device()
     torch.set_default_device(dev)
     try:
-        yield name
+        with HostSeededDraws(dev):   # CPU-seeded draws: the same data as on the CPU
+            yield name
     finally:
         # None, not "cpu": a CPU default device would leave a device mode on the torch
         # function stack, which sends later eager calls through the dispatcher.

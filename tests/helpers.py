@@ -1,5 +1,7 @@
-"""Test helpers: random signatures with controllable tie density, tolerance table."""
+"""Test helpers: random signatures with controllable tie density, tolerance table, and
+host-seeded random draws on another default device."""
 import torch
+from torch.overrides import TorchFunctionMode
 
 # DESIGN.md §6
 TOL = {
@@ -20,3 +22,29 @@ def random_sigs(*shape, nbits=None, generator=None):
             mask[j // 64] |= (1 << (j % 64)) if j % 64 < 63 else -(2**63)
         words = words & mask
     return words
+
+
+class HostSeededDraws(TorchFunctionMode):
+    """Random factories seeded by a CPU ``torch.Generator`` draw on the host, then move to
+    ``device``.
+
+    Tests seed their data with ``torch.Generator()`` (CPU) and build tensors on the default
+    device, which the backend fixtures make CUDA for Triton on a GPU machine. There, a
+    factory without ``device=`` would draw on CUDA and refuse the CPU generator ("Expected a
+    'cuda' device type for generator"); under this mode it draws the same numbers as on
+    the CPU and moves them. Calls with an explicit device, or with no generator, are left
+    alone (the default device still applies to them)."""
+
+    FACTORIES = frozenset({torch.rand, torch.randn, torch.randint, torch.randperm})
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        gen = kwargs.get("generator")
+        if (func in self.FACTORIES and gen is not None and gen.device.type == "cpu"
+                and kwargs.get("device") is None):
+            return func(*args, **{**kwargs, "device": "cpu"}).to(self.device)
+        return func(*args, **kwargs)

@@ -12,7 +12,7 @@ from fastattn import reference as ref
 from fastattn.ops import _common
 
 from conftest import device_of
-from helpers import TOL, random_sigs
+from helpers import TOL, HostSeededDraws, random_sigs
 
 
 # --------------------------------------------------------------------------- top-k tiling
@@ -49,6 +49,25 @@ def test_triton_topk_tiles_and_splits(triton_device, case):
     got = tk.hamming_topk_rows(q, table, rows, lens, hist, topk, block_b=bb, splits=sp)
     want = ref.hamming_topk(q, table, topk, lens, hist, hist_rows=rows)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), (got, want)
+
+
+def test_host_seeded_draws():
+    """The backend fixtures make CUDA the default device for Triton on a GPU machine, where a
+    draw seeded by a CPU generator would fail; HostSeededDraws makes it on the host instead.
+    Here the default device is meta and the mode moves draws to the CPU, so the intercepted
+    draw can be compared with a plain CPU one."""
+    want = torch.randint(0, 100, (5,), generator=torch.Generator().manual_seed(3))
+    prev = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        with HostSeededDraws("cpu"):
+            got = torch.randint(0, 100, (5,), generator=torch.Generator().manual_seed(3))
+            unseeded = torch.randn(2)                       # no generator: the default device
+            explicit = torch.randn(2, generator=torch.Generator(), device="meta")
+    finally:
+        torch.set_default_device(None if prev.type == "cpu" else prev)
+    assert torch.equal(got, want)
+    assert unseeded.device.type == "meta" and explicit.device.type == "meta"
 
 
 def test_topk_plan():

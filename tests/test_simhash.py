@@ -82,6 +82,23 @@ def test_make_planes_seeded():
         fastattn.make_planes(8, 0)
 
 
+def test_make_planes_seeded_follow_the_target_device():
+    """A seeded CPU generator draws the planes on the host, then moves them: a module built
+    under another default device (CUDA for a GPU user; meta stands in here) gets its planes
+    there, from the same draw, where drawing on that device would refuse a CPU generator."""
+    def planes(**kw):
+        return fastattn.make_planes(8, 20, torch.Generator().manual_seed(3), orthogonal=True,
+                                    **kw)
+    want = planes()
+    assert torch.equal(planes(device="cpu"), want)
+    with torch.device("meta"):
+        on_meta = planes()
+        eta = fastattn.nn.ETAAttention(8, hash_bits=20)
+    assert on_meta.device.type == "meta" and on_meta.shape == want.shape
+    assert planes(device="meta").device.type == "meta"
+    assert eta.planes.device.type == "meta"
+
+
 def test_make_planes_are_exact_bf16():
     for dtype in (torch.float32, torch.float64):
         planes = fastattn.make_planes(40, 70, torch.Generator().manual_seed(1), dtype=dtype)

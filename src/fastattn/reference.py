@@ -114,8 +114,15 @@ def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = Non
     groups of D, are orthogonalised (QR of each group), keeping each column's Gaussian
     length. Each column is still a uniformly random direction, so every bit is a SimHash
     bit; within a group the bits are decorrelated, which lowers the variance of the
-    Hamming-distance estimate of the angle."""
-    planes = torch.randn(dim, nbits, generator=generator, dtype=torch.float32, device=device)
+    Hamming-distance estimate of the angle.
+
+    With a ``generator`` the planes are drawn (and orthogonalised) on the generator's device
+    and then moved to ``device`` (default: the default device), so one seed gives the same
+    planes everywhere: a model built under ``torch.device("cuda")`` with a CPU generator
+    signs exactly like its CPU copy (and does not fail on the generator's device)."""
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    planes = torch.randn(dim, nbits, generator=generator, dtype=torch.float32,
+                         device=generator.device if generator is not None else target)
     if orthogonal:
         for lo in range(0, nbits, dim):
             g = planes[:, lo:lo + dim]
@@ -123,7 +130,7 @@ def make_planes(dim: int, nbits: int, generator: Optional[torch.Generator] = Non
             d = torch.diagonal(r).sign()
             d = torch.where(d == 0, 1.0, d)
             planes[:, lo:lo + dim] = (q * d * g.double().norm(dim=0)).float()
-    return planes.to(torch.bfloat16).to(dtype)
+    return planes.to(torch.bfloat16).to(dtype=dtype, device=target)
 
 
 # Bit weights 2**j for j in [0, 64) as int64 (bit 63 is the sign bit: -2**63).
