@@ -484,7 +484,8 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
     int step[kMaxQueries];
     bool above[kMaxQueries], below[kMaxQueries];
     for (int j = 0; j < kMaxQueries; ++j) {
-        mid[j] = guess ? std::clamp(guess, lo[j], hi[j]) : static_cast<uint16_t>((lo[j] + hi[j]) / 2);
+        mid[j] = guess ? std::clamp(guess, lo[j], hi[j])
+                       : static_cast<uint16_t>((lo[j] + hi[j]) / 2);
         step[j] = 1;
         above[j] = below[j] = guess == 0;
     }
@@ -533,9 +534,11 @@ FA_TARGET_AVX512_VPOPCNT void bounds(const __m512i* mins, int64_t ng, int64_t k,
             }
             if (above[j] && below[j]) {
                 mid[j] = static_cast<uint16_t>((lo[j] + hi[j]) / 2);
+            } else if (above[j]) {
+                mid[j] = static_cast<uint16_t>(std::max(int(lo[j]), hi[j] - step[j]));
+                step[j] *= 2;
             } else {
-                mid[j] = static_cast<uint16_t>(above[j] ? std::max(int(lo[j]), hi[j] - step[j])
-                                                        : std::min(int(hi[j]), lo[j] - 1 + step[j]));
+                mid[j] = static_cast<uint16_t>(std::min(int(hi[j]), lo[j] - 1 + step[j]));
                 step[j] *= 2;
             }
         }
@@ -559,14 +562,14 @@ alignas(64) constexpr uint16_t kSlotIds[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8
 // stay in position order (the running entries, all earlier, first). For query j: run[j] holds
 // its running best (take[j] entries (d << 32) | pos in (distance, position) order) and every
 // entry has lo[j] <= d <= hi[j]. All of a query's entries are sorted, none dropped, into its
-// own region of out (the regions follow each other, query 0 first; out holds 4 k + nh entries), so that
-// a bin counter holds an absolute output slot: placing an entry is one read-modify-write with
-// no clamp. Bin of (query j, distance d): j S + d, S a power of two > 64 W, taken from a hit
-// entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is query j's region and
-// take[j] = min(k, its entries): its first take[j] entries are its running top k. With raw
-// (only when no query has running entries: a first chunk), the hit entries themselves are
-// placed, in raw at the same slots, and best[j] is their offset in raw (as out + offset).
-// bins: kMaxQueries * S.
+// own region of out (the regions follow each other, query 0 first; out holds 4 k + nh
+// entries), so that a bin counter holds an absolute output slot: placing an entry is one
+// read-modify-write with no clamp. Bin of (query j, distance d): j S + d, S a power of two
+// > 64 W, taken from a hit entry (key << 18 | j << 16 | d) by one PEXT. On return best[j] is
+// query j's region and take[j] = min(k, its entries): its first take[j] entries are its
+// running top k. With raw (only when no query has running entries: a first chunk), the hit
+// entries themselves are placed, in raw at the same slots, and best[j] is their offset in
+// raw (as out + offset). bins: kMaxQueries * S.
 FA_TARGET_TOPK void select_hits(const uint32_t* hits, int64_t nh, int64_t c0, const uint64_t* const* run,
                  int64_t* take, const int64_t* lo, const int64_t* hi, int count, int64_t k,
                  int log2S, int32_t* bins, uint64_t* out, uint64_t** best, uint32_t* raw) {
@@ -675,8 +678,9 @@ FA_INLINE FA_TARGET_AVX512_VPOPCNT void write_row_hits(const uint32_t* e, int64_
         _mm512_mask_storeu_epi64(oi + s, static_cast<__mmask8>(in),
                                  _mm512_mask_mov_epi64(empty_i, static_cast<__mmask8>(full), lo));
         if (n > 8) {
+            const __mmask8 full_hi = static_cast<__mmask8>(full >> 8);
             _mm512_mask_storeu_epi64(oi + s + 8, static_cast<__mmask8>(in >> 8),
-                                     _mm512_mask_mov_epi64(empty_i, static_cast<__mmask8>(full >> 8), hi));
+                                     _mm512_mask_mov_epi64(empty_i, full_hi, hi));
         }
     }
 }
