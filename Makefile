@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-pytest train install clean gpu-check
+.PHONY: test bench bench-quick bench-pytest train install clean gpu-check gpu-install gpu-test gpu-bench
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,35 +68,52 @@ train: $(STAMP)
 		--threads 1 --out bench/results/train_bahe_auc
 	$(PY) -m fastattn.bench.edgerec_sweeps --seeds 3 --epochs 3 --threads 1 --out bench/results
 
-# One command for a fresh machine with one NVIDIA GPU (H100/H200; about 8 minutes): install a
-# CUDA build of torch (it brings Triton), run the Triton tests on CUDA tensors, the quick
-# sweeps on the GPU (bench/results/*_cuda.*), and fill the README's GPU block. Each step
-# runs even if an earlier one failed (a failing test must not cost the figures); the target
-# fails if any did. `make -n gpu-check` shows the commands. The tests selected are those with
-# a triton parameter or a Triton/CUDA subject, the fuzz tests and the property test.
+# One command for a machine with one NVIDIA GPU (H100/H200): install, run the Triton tests on
+# CUDA tensors, the quick sweeps on the GPU (bench/results/*_cuda.*), and fill the README's
+# GPU block. `gpu-test` and `gpu-bench` are its two halves (each under 10 minutes, for a
+# session that runs them as separate commands; each installs first unless fastattn imports). A python3 that already has a CUDA torch (a
+# GPU image with no package registry) is used as it is, fastattn installed into it without
+# dependencies; otherwise a CUDA torch and fastattn go into .venv-gpu. Each step runs even
+# if an earlier one failed (a failing test must not cost the figures); the target fails if
+# any did. The tests selected are those with a triton parameter or a Triton/CUDA subject,
+# the fuzz tests and the property test, on 8 xdist workers (Triton compiles in parallel:
+# the MIMN scan's backward takes ~2 minutes to compile on one core).
 GPU_TORCH_SPEC ?= torch>=2.8
 GPU_VENV       ?= .venv-gpu
-GPU_PY         := $(GPU_VENV)/bin/python
+GPU_PICK        = if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+                  2>/dev/null; then py=python3; else py=$(GPU_VENV)/bin/python; fi
 GPU_TESTS      := tests/test_gpu_readiness.py tests/test_fuzz.py tests/test_hamming.py \
                   tests/test_gather.py tests/test_attention.py tests/test_indexed.py \
                   tests/test_library.py tests/test_simhash.py tests/test_mimn.py \
                   tests/test_nn_attention.py
-gpu-check:
-	test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_PY) -m pip install -q --upgrade pip
-	$(GPU_PY) -m pip install -q "$(GPU_TORCH_SPEC)"
-	$(GPU_PY) -m pip install -q -e ".[test,bench]"
-	$(GPU_PY) -c "import torch, fastattn; assert torch.cuda.is_available(), 'no CUDA device'; \
+gpu-install:
+	@$(GPU_PICK); \
+	if $$py -c "import fastattn" 2>/dev/null; then \
+		echo "fastattn is installed in $$py"; \
+	elif [ "$$py" = python3 ]; then \
+		python3 -m pip install -q --no-deps --no-build-isolation -e .; \
+	else \
+		test -x $$py || $(PYTHON) -m venv $(GPU_VENV); \
+		$$py -m pip install -q --upgrade pip && $$py -m pip install -q "$(GPU_TORCH_SPEC)" && \
+		$$py -m pip install -q -e ".[test,bench]"; \
+	fi; \
+	$$py -c "import torch, fastattn; assert torch.cuda.is_available(), 'no CUDA device'; \
 		print(torch.cuda.get_device_name(), fastattn.backends())"
-	status=0; \
-	FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout 180 \
-		$(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or cuda or fuzz or property" $(GPU_TESTS) \
+
+gpu-test: gpu-install
+	$(GPU_PICK); FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout 420 \
+		$$py -m pytest -q -n 8 -p no:cacheprovider -k "triton or cuda or fuzz or property" \
+		$(GPU_TESTS)
+
+gpu-bench: gpu-install
+	$(GPU_PICK); status=0; \
+	timeout 300 $$py -m fastattn.bench.cli --device cuda --quick --out bench/results || status=1; \
+	$$py -m fastattn.bench.cli --markdown --device cuda --out bench/results --readme README.md \
 		|| status=1; \
-	timeout 240 $(GPU_VENV)/bin/fastattn-bench --device cuda --quick --out bench/results \
-		|| status=1; \
-	$(GPU_VENV)/bin/fastattn-bench --markdown --device cuda --out bench/results \
-		--readme README.md || status=1; \
 	exit $$status
+
+gpu-check: gpu-install
+	status=0; $(MAKE) gpu-test || status=1; $(MAKE) gpu-bench || status=1; exit $$status
 
 clean:
 	rm -rf build $(VENV) src/fastattn/*.so src/*.egg-info

@@ -877,6 +877,15 @@ def _ptr(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else t.new_zeros(1)
 
 
+# One software-pipeline stage for every MIMN launch. Their time loops read the same
+# weights, biases and inputs at every step, and Triton's NVIDIA default (3 stages) stages
+# those loads in multi-buffered shared memory: compiled for sm_90 without a GPU (Triton
+# 3.6), the scan needed 741 KB of shared memory at D = 64 and 2.9 MB at D = 128 against
+# 227 KB a block, so it would fail at launch, and it compiled ~2.7x slower. With 1 stage:
+# 6-74 KB. (2026-12-02, not yet run on a GPU.)
+_STAGES = 1
+
+
 def _warps(*tile_elems: int) -> int:
     """num_warps from the largest register tile (the tile's memory M (BLOCK_B, m, D) or a
     gate's weight block). Not tuned on a GPU yet (none was available): 8 warps from 1024
@@ -912,7 +921,8 @@ def ntm_read_write_fwd(M, g, head, mur_w, mur_b, has_mur):
         _ntm_fwd_kernel[(_tiles(B),)](_ptr(M), g, _ptr(head), _ptr(mur_w), _ptr(mur_b),
                                       _ptr(read), _ptr(M_out), g_out, wr, B, D, m, BB=BLOCK_B,
                                       DP=DP, MP=MP, HAS_MUR=bool(has_mur), ACC=_acc(M.dtype),
-                                      num_warps=_warps(BLOCK_B * MP * DP, MP * MP))
+                                      num_warps=_warps(BLOCK_B * MP * DP, MP * MP),
+                               num_stages=_STAGES)
     return read, M_out, g_out, wr
 
 
@@ -932,7 +942,8 @@ def ntm_read_write_bwd(d_read, d_M_out, d_g_out, d_wr, M, g, head, mur_w, mur_b,
                                _ptr(mur_w), _ptr(mur_b), _ptr(dM), _ptr(dg), _ptr(dhead),
                                _ptr(tiles[0]), _ptr(tiles[1]), B, D, m, BB=BLOCK_B, DP=DP,
                                MP=MP, HAS_MUR=has_mur, ACC=_acc(M.dtype),
-                               num_warps=_warps(BLOCK_B * MP * DP, MP * MP))
+                               num_warps=_warps(BLOCK_B * MP * DP, MP * MP),
+                               num_stages=_STAGES)
     return (dM, dg, dhead, *_rows_sum(tiles, M))
 
 
@@ -955,7 +966,8 @@ def miu_gather_gru_fwd(M, x, S, wr, miu_k, w_ih, w_hh, b_ih, b_hh):
     with device_guard(M):
         _miu_fwd_kernel[(_tiles(B),)](_ptr(M), _ptr(x), S, wr, K, _ptr(w_ih), _ptr(w_hh),
                                       _ptr(b_ih), _ptr(b_hh), S_out, B, D, Dx, m, Hs,
-                                      BB=BLOCK_B, **pads, ACC=_acc(M.dtype), num_warps=warps)
+                                      BB=BLOCK_B, **pads, ACC=_acc(M.dtype), num_warps=warps,
+                                      num_stages=_STAGES)
     return S_out
 
 
@@ -972,7 +984,7 @@ def miu_gather_gru_bwd(d_S_out, M, x, S, wr, miu_k, w_ih, w_hh, b_ih, b_hh):
                                _ptr(w_hh), _ptr(b_ih), _ptr(b_hh),
                                *[_ptr(t) for t in (dM, dx, dS)], *[_ptr(r) for r in tiles],
                                B, D, Dx, m, Hs, BB=BLOCK_B, **pads, ACC=_acc(M.dtype),
-                               num_warps=warps)
+                               num_warps=warps, num_stages=_STAGES)
     return (dM, dx, dS, *_rows_sum(tiles, M))
 
 
@@ -1011,7 +1023,7 @@ def mimn_scan_fwd(x, lengths, ctrl_w_ih, ctrl_w_hh, ctrl_b_ih, ctrl_b_hh, heads_
                                        *[_ptr(t) for t in (h0, r0, M0, g0, S0, reads, *final,
                                                            *ckpts)],
                                        B, T, NC, chunk, K, Dx, D, m, Hc, Hs, BB=BLOCK_B,
-                                       **pads, **flags, num_warps=warps)
+                                       **pads, **flags, num_warps=warps, num_stages=_STAGES)
     return (reads, *final, *ckpts)
 
 
@@ -1041,5 +1053,5 @@ def mimn_scan_bwd(d_reads, d_h, d_r, d_M, d_g, d_S, x, lengths, ctrl_w_ih, ctrl_
                                 *[_ptr(s) for s in scratch], _ptr(dx),
                                 *[_ptr(s) for s in dstate0], *[_ptr(r) for r in tiles],
                                 B, T, NC, chunk, SC, K, Dx, D, m, Hc, Hs, BB=BLOCK_B, **pads,
-                                **flags, num_warps=warps)
+                                **flags, num_warps=warps, num_stages=_STAGES)
     return (dx, *dstate0, *_rows_sum(tiles, x))
