@@ -43,8 +43,8 @@ class HostSeededDraws(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        gen = kwargs.get("generator")
-        if (func in self.FACTORIES and gen is not None and gen.device.type == "cpu"
+        gen = kwargs.get("generator")   # (None first: ops in compiled code take no generator)
+        if (gen is not None and func in self.FACTORIES and gen.device.type == "cpu"
                 and kwargs.get("device") is None):
             return func(*args, **{**kwargs, "device": "cpu"}).to(self.device)
         return func(*args, **kwargs)

@@ -922,7 +922,7 @@ def ntm_read_write_fwd(M, g, head, mur_w, mur_b, has_mur):
                                       _ptr(read), _ptr(M_out), g_out, wr, B, D, m, BB=BLOCK_B,
                                       DP=DP, MP=MP, HAS_MUR=bool(has_mur), ACC=_acc(M.dtype),
                                       num_warps=_warps(BLOCK_B * MP * DP, MP * MP),
-                               num_stages=_STAGES)
+                                      num_stages=_STAGES)
     return read, M_out, g_out, wr
 
 
