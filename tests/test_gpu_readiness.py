@@ -68,6 +68,12 @@ def test_host_seeded_draws():
         torch.set_default_device(None if prev.type == "cpu" else prev)
     assert torch.equal(got, want)
     assert unseeded.device.type == "meta" and explicit.device.type == "meta"
+    # the compile tests run under the mode on a GPU: it must not break a fullgraph trace
+    q, k = random_sigs(5, 4), random_sigs(1, 30, 4)
+    with HostSeededDraws("cpu"):
+        got = torch.compile(lambda q, k: fastattn.hamming_topk(q, k, 4), fullgraph=True)(q, k)
+    want = ref.hamming_topk(q, k, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_topk_plan():
