@@ -723,6 +723,8 @@ class TileWorker {
         const int64_t nblk = (nq + qb - 1) / qb;
         std::fill(take_, take_ + kGroupBlocks * kMaxQueries, 0);
         guess_ = 0;  // (a run reads one history; a guess from another may be far off)
+        // A history of one chunk: step writes the output rows itself (no running lists).
+        const bool one_chunk = n > 0 && n <= kChunkKeys;
         for (int64_t c0 = 0; c0 < n; c0 += kChunkKeys) {
             const int64_t nc = std::min(kChunkKeys, n - c0);
             const uint64_t* ck = kLayout == Layout::kTable ? keys : keys + c0 * W_;
@@ -730,10 +732,10 @@ class TileWorker {
             for (int64_t b = 0; b < nblk; ++b) {
                 step<kLayout>(ck, cr, c0, nc, ids + b * qb,
                               static_cast<int>(std::min(qb, nq - b * qb)), b * kMaxQueries,
-                              nc == n);
+                              one_chunk);
             }
         }
-        if (n > 0 && n <= kChunkKeys) return;  // one chunk: step wrote the output rows
+        if (one_chunk) return;
         for (int64_t i = 0; i < nq; ++i) {
             const int64_t r = (i / qb) * kMaxQueries + i % qb;
             write_row(run_.data() + r * topk_, take_[r], topk_, 64 * W_ + 1,
