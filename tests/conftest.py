@@ -45,6 +45,17 @@ def device_of(backend: str) -> str:
     return DEVICE if backend == "triton" else "cpu"
 
 
+def checks_values_on_host(backend: str) -> bool:
+    """Whether a bad value (a length, an index, a row) given to ``backend`` raises ValueError.
+
+    On the CPU, yes. On CUDA the op checks values with a device-side assert instead (no host
+    sync, DESIGN §7). Such an assert is sticky: every later CUDA call in that process fails.
+    So tests feed bad values only where this holds. test_gpu_readiness checks the CUDA
+    assert in a subprocess.
+    """
+    return device_of(backend) == "cpu"
+
+
 def _usable(name):
     info = fa_backends()
     if info["available"][name]:

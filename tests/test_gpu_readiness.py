@@ -4,6 +4,11 @@ and bad inputs of the attention wrappers and modules.
 
 The Triton tests run on CUDA tensors with a GPU and through the interpreter without one
 (``triton_device`` fixture, conftest.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -85,6 +90,9 @@ def test_topk_plan():
     bb, s = topk_plan(1, 1, 100_000, 4, 64, sms)                    # one query, long history
     assert bb == 1 and s > 1 and 100_000 // s >= 2048
     assert topk_plan(8, 8, 1000, 4, 64, sms) == (1, 1)             # too short to split
+    # W = 128: four rows of 16384 bins would not fit in shared memory, so no query tiles
+    assert topk_plan(4096, 1, 1024, 127, 64, sms) == (4, 1)
+    assert topk_plan(4096, 1, 1024, 128, 64, sms) == (1, 1)
     with pytest.raises(ValueError, match="shared history"):
         topk_plan(64, 2, 100, 1, 4, sms, block_b=4)
 
@@ -194,6 +202,26 @@ def test_device_side_checks(monkeypatch):
     monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not reads, "a device-side check read a value on the host"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_value_checks_assert_on_the_device():
+    """On CUDA a bad value stops the stream with a device-side assert before any kernel
+    reads out of bounds. That assert poisons the whole process, so it runs in a child."""
+    code = textwrap.dedent("""
+        import torch, fastattn
+        q = torch.zeros(2, 1, dtype=torch.int64, device="cuda")
+        k = torch.zeros(1, 8, 1, dtype=torch.int64, device="cuda")
+        fastattn.hamming_topk(q, k, 2, lengths=torch.tensor([9], device="cuda"),
+                              backend="triton")
+        torch.cuda.synchronize()
+        print("no assert")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode != 0 and "no assert" not in r.stdout, r.stdout + r.stderr
+    assert "assert" in r.stderr.lower(), r.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")

@@ -6,6 +6,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastattn
 from fastattn import reference as ref
 
+from conftest import checks_values_on_host
 from helpers import TOL
 
 
@@ -142,10 +143,12 @@ def test_bad_input(backend):
     def call(x=x, lengths=torch.tensor([4, 1]), w=w, h0=h0.detach()):
         return fastattn.gru_scan(x, lengths, *w, h0, backend=backend)
     call()
-    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\].*\[-1, 4\]"):
-        call(lengths=torch.tensor([4, -1]))
-    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):
-        call(lengths=torch.tensor([5, 1]))
+    host = checks_values_on_host(backend)
+    if host:
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\].*\[-1, 4\]"):
+            call(lengths=torch.tensor([4, -1]))
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):
+            call(lengths=torch.tensor([5, 1]))
     with pytest.raises(ValueError, match=r"lengths must have shape \(B,\)=\(2,\)"):
         call(lengths=torch.tensor([4]))
     with pytest.raises(TypeError, match="lengths must have dtype int32, int64"):
@@ -163,8 +166,9 @@ def test_bad_input(backend):
     with pytest.raises(TypeError, match="x must have dtype float32, float64"):
         call(x=x.half())
     if backend != "torch":   # direct op calls are checked by the op itself
-        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):
-            op(x, torch.tensor([9, 1]), *w, None, backend)
+        if host:
+            with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):
+                op(x, torch.tensor([9, 1]), *w, None, backend)
         with pytest.raises(ValueError, match=r"w_hh must have shape \(15, 5\)"):
             op(x, torch.tensor([4, 1]), w[0], w[1][:-1], *w[2:], None, backend)
 

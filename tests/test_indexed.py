@@ -10,6 +10,7 @@ import torch
 import fastattn
 from fastattn import reference as ref
 
+from conftest import checks_values_on_host, device_of
 from helpers import TOL, random_sigs
 
 
@@ -208,8 +209,12 @@ def test_gradcheck_indexed(backend):
         "gather": lambda q, k, v: fastattn.topk_gather(v.flatten(1), idx, hist_rows=rows,
                                                        backend=backend),
     }
+    # On CUDA the table gradient is summed with atomics: two backwards may differ in the
+    # last bit, which gradcheck's reentrancy test would otherwise call a failure.
+    tol = 1e-12 if device_of(backend) == "cuda" else 0.0
     for name, f in fns.items():
-        assert torch.autograd.gradcheck(f, leaves(q, keys, values), fast_mode=True), name
+        assert torch.autograd.gradcheck(f, leaves(q, keys, values), fast_mode=True,
+                                        nondet_tol=tol), name
 
 
 def test_cpu_backward_is_deterministic(cpu_kernel_backend):
@@ -305,6 +310,8 @@ def test_compile_fullgraph_retrieve_then_gather(backend):
 # --------------------------------------------------------------------------- bad input
 
 def test_bad_rows_raise(backend):
+    if not checks_values_on_host(backend):
+        pytest.skip("bad rows are a device-side assert on CUDA (test_gpu_readiness)")
     q, keys, values, qs, ks, rows, lengths, hist, topk = _attn_inputs(ATTN_CASES[1],
                                                                       torch.float32)
     N = keys.shape[0]

@@ -24,6 +24,7 @@ fp32, which would cost fp64 inputs ~1e-8 relative error; hi + lo carries ~48 bit
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -35,8 +36,10 @@ __all__ = ["topk_attention_fwd", "topk_attention_bwd"]
 
 def _split_scale(scale: float):
     """scale -> (hi, lo) fp32-representable floats with hi + lo == scale to ~2**-48."""
-    hi = float(torch.tensor(float(scale), dtype=torch.float32))
-    lo = float(torch.tensor(float(scale) - hi, dtype=torch.float32))
+    # numpy rounds on the host: a torch.tensor here would land on the default device (a
+    # host-to-device copy per call, which also breaks CUDA-graph capture).
+    hi = float(np.float32(scale))
+    lo = float(np.float32(float(scale) - hi))
     return hi, lo
 
 

@@ -25,6 +25,9 @@ comparison, which is why pass 2 uses a smaller block than pass 1).
 ``hamming_topk_rows`` is the same kernel over *indexed* histories (``INDEXED`` constexpr):
 position l of history u has signature k[rows[u, l]] of an (N, W) table, so one table
 serves histories that share items without materialising the (U, L, W) gather.
+
+Very wide signatures (W >= 512 words, 32768 bits) have more distance bins than a program's
+histogram can hold (:data:`MAX_BINS`); they take :func:`_topk_by_distances` instead.
 """
 from __future__ import annotations
 
@@ -37,6 +40,12 @@ import triton.language as tl
 from ._bits import device_guard, next_pow2, popcount64, use_hw_popcount
 
 __all__ = ["hamming_distance", "hamming_topk", "hamming_topk_rows"]
+
+# The most histogram bins (BLOCK_B·NBINS int32) one top-k program holds: 128 KB, which fits
+# the 227 KB of shared memory a block may use on H100/H200 next to its cumsum. Beyond it
+# (W >= 512 at BLOCK_B = 1; query tiles stop at W >= 128) compiling still succeeds but the
+# launch fails for lack of shared memory.
+MAX_BINS = 32768
 
 
 @triton.jit
@@ -228,7 +237,8 @@ def topk_plan(B: int, U: int, L: int, W: int, topk: int, sms: int,
     the interpreter; a split is still capped so each chunk has at least one position).
     """
     if block_b is None:
-        block_b = 4 if U == 1 and B >= 4 * 4 * sms else 1
+        tile = U == 1 and B >= 4 * 4 * sms and 4 * next_pow2(64 * W + 1) <= MAX_BINS
+        block_b = 4 if tile else 1
     if block_b > 1 and U != 1:
         raise ValueError("query tiles need one shared history (U == 1)")
     programs = triton.cdiv(B, block_b) if B else 1
@@ -254,6 +264,8 @@ def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed, block_b=None
         return (torch.full((B, topk), empty, dtype=torch.int32, device=dev),
                 torch.full((B, topk), -1, dtype=torch.int64, device=dev))
     U = lengths.shape[0]
+    if next_pow2(64 * W + 1) > MAX_BINS:
+        return _topk_by_distances(q, k, rows, lengths, hist_index, topk, L, indexed)
     BLOCK_B, S = topk_plan(B, U, L, W, topk, _sm_count(dev), block_b, splits)
     WP = next_pow2(W)
     NBINS = next_pow2(64 * W + 1)
@@ -281,6 +293,36 @@ def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed, block_b=None
                       torch.iinfo(torch.int64).max)
     order = torch.topk(key, topk, dim=1, largest=False, sorted=True).indices
     return dist.gather(1, order), idx.gather(1, order)
+
+
+def _topk_by_distances(q, k, rows, lengths, hist_index, topk, L, indexed):
+    """The top-k of signatures too wide for the histogram (> MAX_BINS bins): distances of
+    chunks of L from the distance kernel, merged chunk by chunk with ``torch.topk`` on the
+    key distance·(L+1) + position, as the L split's partial lists are. The key orders by
+    (distance, position) exactly; memory stays O(B·chunk) (plus a (U, chunk, W) gather of
+    the indexed form), never (B, L)."""
+    B, W = q.shape
+    dev = q.device
+    U = lengths.shape[0]
+    never = torch.iinfo(torch.int64).max          # no position: sorts after every key
+    best = torch.full((B, topk), never, dtype=torch.int64, device=dev)
+    qi = torch.arange(B, device=dev)
+    n_valid = lengths[hist_index]
+    chunk = max(1, min(L, (1 << 22) // B, (1 << 24) // max(U * W, 1)))
+    for c0 in range(0, L, chunk):
+        pos = torch.arange(c0, min(L, c0 + chunk), device=dev)
+        if indexed:          # rows past a length may hold anything: read row 0 there
+            r = torch.where(pos < lengths[:, None], rows[:, c0:c0 + chunk], 0)
+            sig = k[r]
+        else:
+            sig = k[:, c0:c0 + chunk].contiguous()
+        d = hamming_distance(q, sig, qi, hist_index)             # (B, chunk)
+        key = torch.where(pos < n_valid[:, None], d.to(torch.int64) * (L + 1) + pos, never)
+        best = torch.topk(torch.cat([best, key], 1), topk, dim=1, largest=False,
+                          sorted=True).values
+    empty = best == never
+    dist = torch.where(empty, 64 * W + 1, best // (L + 1)).to(torch.int32)
+    return dist, torch.where(empty, -1, best % (L + 1))
 
 
 def hamming_topk(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,

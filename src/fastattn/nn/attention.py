@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import reference as ref
 from ..ops import hamming_topk, make_planes, simhash_sign, target_attention, topk_attention
 from ..ops._common import (check_hist_rows, check_lengths, check_signature, check_tensor,
-                           checked_lengths, checked_rows, layout)
+                           checked_lengths, checked_rows, layout, require)
 
 __all__ = ["TargetAttention", "ETAAttention", "log_soft_count"]
 
@@ -395,9 +395,9 @@ class ETAAttention(TargetAttention):
                                  f"of the same shape, got {getattr(ids, 'dtype', type(ids))} "
                                  f"{tuple(getattr(ids, 'shape', ()))}")
             P = position[1].shape[0]
-            if ((idx >= 0) & ((ids < 0) | (ids >= P))).any():
-                raise ValueError(f"position_ids must return rows of position_table in "
-                                 f"[0, {P}) at every retrieved position")
+            what = f"position_ids must return rows of position_table in [0, {P}) at every "\
+                "retrieved position"
+            require(~((idx >= 0) & ((ids < 0) | (ids >= P))).any(), what, lambda: what)
         ok = idx >= 0
         if self.heads == 1:             # attend in the input space (attend_inputs' halves)
             s, mixed = _attend_with_ids(self.input_query(q), k_in, v_in, ok, ids,

@@ -15,10 +15,11 @@ from ._common import (backend_for, check_hist_index, check_hist_rows, check_k, c
 __all__ = ["hamming_distance", "hamming_topk"]
 
 
-def _broadcast_rows(shape, lead) -> Tensor:
-    """Row of the contiguous (prod(shape), ...) view that each row of the broadcast uses."""
+def _broadcast_rows(shape, lead, device) -> Tensor:
+    """Row of the contiguous (prod(shape), ...) view that each row of the broadcast uses
+    (built on ``device``: no host-to-device copy per call)."""
     n = math.prod(shape)
-    rows = torch.arange(n, dtype=torch.int64).reshape(shape).expand(lead)
+    rows = torch.arange(n, dtype=torch.int64, device=device).reshape(shape).expand(lead)
     return rows.reshape(-1).contiguous()  # reshape may keep stride 0; kernels index densely
 
 
@@ -30,8 +31,8 @@ def _hamming_distance(q_sig: Tensor, k_sig: Tensor, backend: str) -> Tensor:
     L = k_sig.shape[-2]
     lead = torch.broadcast_shapes(q_sig.shape[:-1], k_sig.shape[:-2])
     # Broadcasting goes through row maps, so an expanded side is never copied.
-    qi = _broadcast_rows(q_sig.shape[:-1], lead).to(q_sig.device)
-    ki = _broadcast_rows(k_sig.shape[:-2], lead).to(q_sig.device)
+    qi = _broadcast_rows(q_sig.shape[:-1], lead, q_sig.device)
+    ki = _broadcast_rows(k_sig.shape[:-2], lead, q_sig.device)
     q = q_sig.contiguous().reshape(math.prod(q_sig.shape[:-1]), W)
     k = k_sig.contiguous().reshape(math.prod(k_sig.shape[:-2]), L, W)
     if backend == "triton":

@@ -25,7 +25,7 @@ from .. import reference as ref
 from ..backends import cpu_threads
 from ..reference import MIMNParams, MIMNState
 from ._common import (FLOAT_DTYPES, HostBufferPool, backend_for, check_same_device,
-                      check_tensor, cpu_call, kernels, set_numba_threads)
+                      check_tensor, cpu_call, kernels, require_range, set_numba_threads)
 
 __all__ = ["ntm_read_write", "miu_gather_gru", "mimn_scan", "mimn_step", "mimn_reg_loss",
            "mimn_initial_state", "bind_step", "BoundStep", "KERNEL_PARAMS", "MIMNParams",
@@ -263,12 +263,8 @@ def _check_scan_op(fn: str, x: Tensor, lengths: Tensor, params, miu_k: int, stat
 def _check_lengths(fn: str, lengths: Tensor, T: int, device) -> None:
     if lengths.device != device:
         raise ValueError(f"{fn}: lengths is on {lengths.device}, x on {device}")
-    if lengths.numel():
-        lo, hi = torch.aminmax(lengths)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi > T:
-            raise ValueError(f"{fn}: lengths must lie in [0, T={T}], got values in "
-                             f"[{lo}, {hi}]")
+    # ValueError on the host for CPU tensors; on CUDA a device-side assert (no sync).
+    require_range(f"{fn}: lengths", lengths, 0, T, f"[0, T={T}]")
 
 
 @torch.library.custom_op("fastattn::mimn_check_lengths", mutates_args=())
