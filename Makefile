@@ -101,13 +101,13 @@ gpu-install:
 		print(torch.cuda.get_device_name(), fastattn.backends())"
 
 gpu-test: gpu-install
-	$(GPU_PICK); FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout 420 \
+	$(GPU_PICK); FASTATTN_TEST_DEVICE=cuda FASTATTN_REQUIRE_BACKENDS=triton timeout -s INT -k 30 420 \
 		$$py -m pytest -q -n 8 -p no:cacheprovider -k "triton or cuda or fuzz or property" \
 		$(GPU_TESTS)
 
 gpu-bench: gpu-install
 	$(GPU_PICK); status=0; \
-	timeout 300 $$py -m fastattn.bench.cli --device cuda --quick --out bench/results || status=1; \
+	timeout -s INT -k 30 300 $$py -m fastattn.bench.cli --device cuda --quick --out bench/results || status=1; \
 	$$py -m fastattn.bench.cli --markdown --device cuda --out bench/results --readme README.md \
 		|| status=1; \
 	exit $$status

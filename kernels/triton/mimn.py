@@ -617,7 +617,7 @@ def _head_part(hp, o0, n, ok, offs, ACC: tl.constexpr):
     return tl.load(hp[:, None] + o0 + offs[None, :], mask=msk, other=0.0).to(ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _ntm_fwd_kernel(M_ptr, g_ptr, head_ptr, murw, murb, read_ptr, Mo_ptr, go_ptr, wr_ptr,
                     B, D, m, BB: tl.constexpr, DP: tl.constexpr, MP: tl.constexpr,
                     HAS_MUR: tl.constexpr, ACC: tl.constexpr):
@@ -642,7 +642,7 @@ def _ntm_fwd_kernel(M_ptr, g_ptr, head_ptr, murw, murb, read_ptr, Mo_ptr, go_ptr
     _str(wr_ptr, rows, ok, m, offs_m, wr)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _ntm_bwd_kernel(dread_ptr, dMo_ptr, dgo_ptr, dwr_ptr, M_ptr, g_ptr, head_ptr, murw, murb,
                     dM_ptr, dg_ptr, dhead_ptr, dmurw_tiles, dmurb_tiles,
                     B, D, m, BB: tl.constexpr, DP: tl.constexpr, MP: tl.constexpr,
@@ -688,7 +688,7 @@ def _str_part(ptr, rows, ok, ld, o0, n, offs, v):
              mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K"])
 def _miu_fwd_kernel(M_ptr, x_ptr, S_ptr, wr_ptr, K, wi, wh, bi, bh, So_ptr, B, D, Dx, m, Hs,
                     BB: tl.constexpr, DP: tl.constexpr, DXP: tl.constexpr, MP: tl.constexpr,
                     HSP: tl.constexpr, ACC: tl.constexpr):
@@ -708,7 +708,7 @@ def _miu_fwd_kernel(M_ptr, x_ptr, S_ptr, wr_ptr, K, wi, wh, bi, bh, So_ptr, B, D
     _str3(So_ptr, rows, ok, m, Hs, offs_m, offs_hs, S_new)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K"])
 def _miu_bwd_kernel(dSo_ptr, M_ptr, x_ptr, S_ptr, wr_ptr, K, wi, wh, bi, bh,
                     dM_ptr, dx_ptr, dS_ptr, dwi_tiles, dwh_tiles, dbi_tiles, dbh_tiles,
                     B, D, Dx, m, Hs, BB: tl.constexpr, DP: tl.constexpr, DXP: tl.constexpr,
@@ -736,7 +736,7 @@ def _miu_bwd_kernel(dSo_ptr, M_ptr, x_ptr, S_ptr, wr_ptr, K, wi, wh, bi, bh,
     _str3(dS_ptr, rows, ok, m, Hs, offs_m, offs_hs, dS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T", "NC", "chunk", "miu_k"])
 def _scan_fwd_kernel(x_ptr, len_ptr, cwi, cwh, cbi, cbh, hw, hb, murw, murb, mwi, mwh, mbi, mbh,
                      h0p, r0p, M0p, g0p, S0p, reads_ptr, hTp, rTp, MTp, gTp, STp,
                      ckh, ckr, ckM, ckg, ckS, B, T, NC, chunk, miu_k, Dx, D, m, Hc, Hs,
@@ -776,7 +776,7 @@ def _scan_fwd_kernel(x_ptr, len_ptr, cwi, cwh, cbi, cbh, hw, hb, murw, murb, mwi
                  offs_m, offs_hc, offs_hs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T", "NC", "chunk", "SC", "miu_k"])
 def _scan_bwd_kernel(dreads_ptr, dhp, drp, dMp, dgp, dSp, x_ptr, len_ptr,
                      cwi, cwh, cbi, cbh, hw, hb, murw, murb, mwi, mwh, mbi, mbh,
                      ckh, ckr, ckM, ckg, ckS, sch, scr, scM, scg, scS,
