@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Tuple
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -217,6 +218,23 @@ def layout(B: int, U: int, L: int, lengths: Optional[Tensor], hist_index: Option
             checked_hist_index(hist_index, B, U, device))
 
 
+def host_layout(B: int, U: int, L: int, lengths: Optional[Tensor],
+                hist_index: Optional[Tensor]) -> Tuple["numpy.ndarray", "numpy.ndarray"]:
+    """:func:`layout` for the CPU kernels: (lengths (U,), hist_index (B,)) as int64 numpy
+    arrays, values checked. A default is built in numpy: as a torch tensor plus its numpy
+    view it would cost ~5 µs, a visible share of a small retrieval (~40 µs in all)."""
+    if lengths is None:
+        lens = numpy.full(U, L, dtype=numpy.int64)
+    else:
+        lens = np(checked_lengths(lengths, U, L, None))
+    if hist_index is None and U in (B, 1):
+        hist = (numpy.arange(B, dtype=numpy.int64) if U == B
+                else numpy.zeros(B, dtype=numpy.int64))
+    else:                            # an explicit one, or no default (which raises there)
+        hist = np(checked_hist_index(hist_index, B, U, "cpu"))
+    return lens, hist
+
+
 def eager_plain(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may skip the ``torch.ops`` dispatcher and run an op's implementation
     directly: eager mode (no torch.compile tracing, no functorch transform), no Python
@@ -228,8 +246,10 @@ def eager_plain(*tensors: Optional[Tensor]) -> bool:
             or torch._C._len_torch_function_stack()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type == "cpu"
-                             and not t.requires_grad) for t in tensors)
+    for t in tensors:        # a loop, not all(genexpr), and is_cpu: this runs on every call
+        if t is not None and (type(t) is not Tensor or not t.is_cpu or t.requires_grad):
+            return False
+    return True
 
 
 def backend_for(device, backend: Optional[str]) -> str:

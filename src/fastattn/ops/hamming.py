@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy
 import torch
 from torch import Tensor
 
 from .. import reference as ref
 from ._common import (backend_for, check_hist_index, check_hist_rows, check_k, check_lengths,
                       check_same_device, check_signature, checked_rows, cpu_call, eager_plain,
-                      kernels, layout)
+                      host_layout, kernels, layout)
 
 __all__ = ["hamming_distance", "hamming_topk"]
 
@@ -82,7 +83,9 @@ def _hamming_topk_impl(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[T
                        backend: str) -> Tuple[Tensor, Tensor]:
     B, W = q_sig.shape
     U, L = k_sig.shape[:2] if hist_rows is None else hist_rows.shape
-    lens, hist = layout(B, U, L, lengths, hist_index, q_sig.device)
+    host = backend in ("cpp", "numba")       # numpy layout and outputs: no torch allocation
+    lens, hist = (host_layout(B, U, L, lengths, hist_index) if host
+                  else layout(B, U, L, lengths, hist_index, q_sig.device))
     q, ks, rows = q_sig.contiguous(), k_sig.contiguous(), None
     if hist_rows is None:
         name, args = "hamming_topk", (q, ks, lens, hist)
@@ -90,17 +93,17 @@ def _hamming_topk_impl(q_sig: Tensor, k_sig: Tensor, k: int, lengths: Optional[T
         # The C++ kernel checks the rows itself (in parallel, before reading any of them);
         # with no query it is not called, and the rows are checked here like elsewhere.
         rows = (hist_rows.to(torch.int64).contiguous() if backend == "cpp" and B
-                else checked_rows(hist_rows, lens, k_sig.shape[0]))
+                else checked_rows(hist_rows, torch.as_tensor(lens), k_sig.shape[0]))
         name, args = "hamming_topk_rows", (q, ks, rows, lens, hist)
     if backend == "torch":
         return ref.hamming_topk(q_sig, k_sig, k, lens, hist, hist_rows=rows)
     if backend == "triton":
         return getattr(kernels("triton"), name)(*args, k)
-    dist = torch.empty(B, k, dtype=torch.int32)
-    idx = torch.empty(B, k, dtype=torch.int64)
+    dist = numpy.empty((B, k), dtype=numpy.int32)    # ~0.3 µs each against ~3 for torch.empty
+    idx = numpy.empty((B, k), dtype=numpy.int64)
     if B:
         cpu_call(backend, name, *args, k, dist, idx)
-    return dist, idx
+    return torch.from_numpy(dist), torch.from_numpy(idx)
 
 
 _hamming_topk = torch.library.custom_op("fastattn::hamming_topk", mutates_args=())(
