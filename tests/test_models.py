@@ -546,3 +546,20 @@ def test_eta_share_feature():
         assert got["long_attn.k_proj.weight"].abs().sum() > 0
     with pytest.raises(TypeError, match="share_feature"):
         make_model("eta", share_feature=1)
+
+
+def test_sdim_hash_codes_equal_bit_by_bit_reading():
+    """hash_codes (one shift and mask per code, straddling codes from two words) equals
+    reading the DESIGN bit order one bit at a time, for every width and code count."""
+    def by_bits(sig, n_hashes, width):
+        j = torch.arange(n_hashes * width)
+        bits = (sig[..., j // 64] >> (j % 64)) & 1
+        return (bits.unflatten(-1, (n_hashes, width)) << torch.arange(width)).sum(-1)
+    g = torch.Generator().manual_seed(0)
+    for W in (1, 2, 3):
+        sig = torch.randint(-2**63, 2**63 - 1, (4, 2, W), generator=g)
+        sig[0, 0] = -1                                   # every bit set, the sign bit too
+        for width in (1, 3, 7, 13, 16):
+            for n in range(1, 64 * W // width + 1):
+                assert torch.equal(hash_codes(sig, n, width), by_bits(sig, n, width)), \
+                    (W, width, n)
