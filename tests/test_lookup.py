@@ -114,3 +114,24 @@ def test_weighted_rows_in_chunks(cpp_backend):
     want = torch.autograd.grad(torch.nn.functional.embedding_bag(
         rows, table, per_sample_weights=weights, mode="sum"), table, grad)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup_cat_pieces(backend):
+    """With ``sizes`` the rows come back as one output per piece, each equal to its own
+    lookup; the table gradients are those of the pieces used (a piece without a gradient
+    adds nothing), as if each had been looked up on its own."""
+    items, cats, ids = _tables()
+    flat = ids.reshape(-1, 2)
+    sizes = [4, 0, 6, 5]
+    pieces = lookup_cat((items, cats), flat, backend, sizes)
+    assert [p.shape for p in pieces] == [(n, 8) for n in sizes]
+    starts = [0, 4, 4, 10]
+    for p, a, n in zip(pieces, starts, sizes):
+        assert torch.equal(p, _reference(items, cats, flat[a:a + n]))
+    used = pieces[0].square().sum() + (pieces[3] * 2).sum()          # pieces 1, 2 unused
+    want = (_reference(items, cats, flat[:4]).square().sum()
+            + (_reference(items, cats, flat[10:]) * 2).sum())
+    for a, b in zip(torch.autograd.grad(used, (items.weight, cats.weight)),
+                    torch.autograd.grad(want, (items.weight, cats.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -176,18 +176,23 @@ class _Lookup(torch.autograd.Function):
 
 class _LookupCat(torch.autograd.Function):
     """Several equally wide tables looked up into one row each: ``ids`` (..., k) ->
-    (..., k·D), feature block j = ``weights[j][ids[..., j]]``. One gather from the tables
-    stacked row-wise and one scatter in the backward, instead of k lookups, their
-    concatenation and k scatters. ``skip`` (..., k) bool: ids whose row gets no gradient
-    (padding)."""
+    (..., k·D), feature block j = ``weights[j][ids[..., j]]``. One gather per table and one
+    scatter in the backward, instead of k lookups, their concatenation and k scatters.
+    ``skip`` (..., k) bool: ids whose row gets no gradient (padding). ``sizes``: None (one
+    output), or the row counts of consecutive pieces of ``ids`` (n, k), returned as one
+    output each (:meth:`CTRModel.embed_many`): the backward scatters each piece's gradient
+    as it comes, where a split of one output would first concatenate them (a copy of every
+    gradient row, and zeros for a piece without one)."""
 
     @staticmethod
-    def forward(ctx, ids: Tensor, skip: Tensor, backend: str, *weights: Tensor) -> Tensor:
+    def forward(ctx, ids: Tensor, skip: Tensor, backend: str, sizes: Optional[List[int]],
+                *weights: Tensor):
         rows = [w.shape[0] for w in weights]
         offset = torch.tensor([0] + rows[:-1], device=ids.device).cumsum(0)
         flat = (ids + offset).reshape(-1)
         ctx.save_for_backward(torch.where(skip.reshape(-1), -1, flat))
-        ctx.rows, ctx.dim, ctx.backend = rows, weights[0].shape[1], backend
+        ctx.rows, ctx.dim, ctx.backend, ctx.sizes = rows, weights[0].shape[1], backend, sizes
+        ctx.set_materialize_grads(False)          # a piece nobody used has no gradient
         # Each table gathers straight into its feature block: stacking the tables first
         # would copy them whole (64 MB, ~20 ms, for a 1,000,000-row table) on every call.
         k = ids.shape[-1]
@@ -199,13 +204,27 @@ class _LookupCat(torch.autograd.Function):
             out = weights[0].new_empty(by_table.shape[0], k, ctx.dim)
             for j, w in enumerate(weights):
                 torch.index_select(w, 0, by_table[:, j], out=out[:, j])
-        return out.view(*ids.shape[:-1], k * ctx.dim)
+        if sizes is None:
+            return out.view(*ids.shape[:-1], k * ctx.dim)
+        return tuple(out.view(-1, k * ctx.dim).split(sizes))
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, *grads: Optional[Tensor]):
         (flat,) = ctx.saved_tensors
-        g = _row_grad(grad.reshape(flat.shape[0], ctx.dim), flat, sum(ctx.rows), ctx.backend)
-        return (None, None, None, *g.split(ctx.rows))
+        R, D = sum(ctx.rows), ctx.dim
+        k = len(ctx.rows)
+        first = next(x for x in grads if x is not None)
+        g = _dense_grad(R, first.reshape(-1, D), ctx.backend)
+        g = first.new_zeros(1, R, D) if g is None else g
+        hist = torch.zeros(1, dtype=torch.int64, device=flat.device)
+        start = 0
+        for grad, n in zip(grads, ctx.sizes or [flat.shape[0] // k]):
+            if grad is not None:
+                part = flat[start * k:(start + n) * k].view(1, -1)
+                scatter_add_rows(grad.reshape(1, n * k, D), part, hist, 1, R, ctx.backend,
+                                 out=g)
+            start += n
+        return (None, None, None, None, *g.view(R, D).split(ctx.rows))
 
 
 def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -213,17 +232,19 @@ def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Ten
     return _Lookup.apply(emb.weight, ids, emb.padding_idx, backend_for(ids.device, backend))
 
 
-def lookup_cat(embs: Sequence[nn.Embedding], ids: Tensor,
-               backend: Optional[str] = None) -> Tensor:
+def lookup_cat(embs: Sequence[nn.Embedding], ids: Tensor, backend: Optional[str] = None,
+               sizes: Optional[List[int]] = None):
     """``torch.cat([embs[j](ids[..., j]) for j], -1)`` (..., k·D) of k tables of one width D,
-    ``ids`` (..., k) int64, in one gather and one scatter (same values and gradients)."""
+    ``ids`` (..., k) int64, in one gather per table and one scatter (same values and
+    gradients). With ``sizes`` (row counts summing to ``ids``' n rows, ids (n, k)): the
+    consecutive pieces of those rows, a tuple of (size, k·D) tensors."""
     widths = {e.embedding_dim for e in embs}
     if len(widths) != 1 or ids.shape[-1] != len(embs):
         raise ValueError(f"lookup_cat needs tables of one width and ids (..., {len(embs)}), "
                          f"got widths {sorted(widths)} and ids {tuple(ids.shape)}")
     pads = torch.tensor([-1 if e.padding_idx is None else e.padding_idx for e in embs],
                         device=ids.device)
-    return _LookupCat.apply(ids, ids == pads, backend_for(ids.device, backend),
+    return _LookupCat.apply(ids, ids == pads, backend_for(ids.device, backend), sizes,
                             *(e.weight for e in embs))
 
 
@@ -348,10 +369,12 @@ class CTRModel(nn.Module):
         sizes of one training step, so a model embeds everything a step reads at once."""
         if len(ids) == 1:
             return [self.embed(*ids[0])]
-        sizes = [i.numel() for i, _ in ids]
-        flat = self.embed(torch.cat([i.reshape(-1) for i, _ in ids]),
-                          torch.cat([c.reshape(-1) for _, c in ids]))
-        return [e.view(*i.shape, self.dim) for e, (i, _) in zip(flat.split(sizes), ids)]
+        items = torch.cat([i.reshape(-1) for i, _ in ids])
+        cats = torch.cat([c.reshape(-1) for _, c in ids]).to(items.dtype)
+        # one output per id set (not a split of one): see _LookupCat
+        pieces = lookup_cat((self.item_emb, self.cat_emb), torch.stack([items, cats], -1),
+                            self._backend, [i.numel() for i, _ in ids])
+        return [e.view(*i.shape, self.dim) for e, (i, _) in zip(pieces, ids)]
 
     def histories(self, items: Tensor, cats: Tensor, lengths: Tensor) -> Histories:
         """The behaviours ``items``/``cats`` (U, L) with valid ``lengths`` (U,), to embed:
