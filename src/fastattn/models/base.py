@@ -383,7 +383,8 @@ class CTRModel(nn.Module):
         if not self.dedup or items.numel() < self.dedup_min_positions:
             return Histories(items, cats, None, lengths)
         base = self.n_cats + 1
-        key = items.to(torch.int64) * base + cats.to(torch.int64)
+        # one (U, L) temporary, not two (items · base, then + cats)
+        key = torch.add(cats.to(torch.int64), items.to(torch.int64), alpha=base)
         uniq, rows = unique_rows(key, lengths, backend=self._backend)
         return Histories(uniq // base, uniq % base, rows, lengths)
 
