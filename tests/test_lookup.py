@@ -135,3 +135,32 @@ def test_lookup_cat_pieces(backend):
     for a, b in zip(torch.autograd.grad(used, (items.weight, cats.weight)),
                     torch.autograd.grad(want, (items.weight, cats.weight))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numba", "cpp"])
+def test_half_tables(backend):
+    """bf16 tables: the CPU kernels sum the table gradient in fp32 and hand back bf16, for
+    one output and for pieces, and weighted_rows too."""
+    items, cats, ids = _tables(torch.float32)
+    half = [nn.Embedding.from_pretrained(t.weight.detach().bfloat16(), freeze=False,
+                                         padding_idx=0) for t in (items, cats)]
+    flat = ids.reshape(-1, 2)
+    grad = torch.randn(flat.shape[0], 8)
+    for out, sizes in ((lambda: lookup_cat(half, flat, backend), None),
+                       (lambda: torch.cat(lookup_cat(half, flat, backend, [5, 10]), 0),
+                        [5, 10])):
+        got = torch.autograd.grad(out(), [h.weight for h in half], grad.bfloat16())
+        want = torch.autograd.grad(_reference(items, cats, flat), (items.weight, cats.weight),
+                                   grad.bfloat16().float())
+        for a, b in zip(got, want):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+    rows = torch.randint(0, 50, (3, 6))
+    w = torch.rand(3, 6)
+    t = half[0].weight
+    g = torch.autograd.grad(weighted_rows(t, rows, w.bfloat16(), backend), t,
+                            torch.ones(3, 4, dtype=torch.bfloat16))[0]
+    want = torch.zeros(50, 4).index_add_(0, rows.reshape(-1),
+                                         w.bfloat16().float().reshape(-1, 1).expand(-1, 4))
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), want, rtol=2e-2, atol=2e-2)

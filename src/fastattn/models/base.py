@@ -80,16 +80,18 @@ def _check_ids(name: str, t, ndim: int, shape: str, high: Optional[int] = None,
 _GRAD_POOL = HostBufferPool(keep=1 << 30)
 
 
-def _dense_grad(rows: int, like: Tensor, backend: str) -> Optional[Tensor]:
-    """A zeroed (1, rows, D) table gradient to scatter into, or None (the scatter makes
-    its own). On the CPU kernels it comes from a buffer pool and is zeroed in place: a
-    fresh tensor faults in every page, 18 ms for the 64 MB of a 1,000,000 × 16 fp32 table
+def _dense_grad(rows: int, like: Tensor, backend: str) -> Tensor:
+    """A zeroed (1, rows, D) table gradient to scatter rows of ``like`` (..., D) into (cast
+    it to ``like``'s dtype after). On the CPU kernels it is in their accumulation dtype
+    (fp32 for the half types) and comes from a buffer pool, zeroed in place: a fresh
+    tensor faults in every page, 18 ms for the 64 MB of a 1,000,000 × 16 fp32 table
     against ~3 ms to zero warm memory, every step. The buffer is free again once the
     gradient is dropped (``zero_grad(set_to_none=True)``, or added into an existing
-    ``.grad`` by autograd). ``like`` (..., D) gives D, the dtype and the device."""
-    if backend in ("cpp", "numba") and like.dtype in (torch.float32, torch.float64):
-        return _GRAD_POOL.take((1, rows, like.shape[-1]), like.dtype).zero_()
-    return None
+    ``.grad`` by autograd)."""
+    if backend in ("cpp", "numba"):
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return _GRAD_POOL.take((1, rows, like.shape[-1]), acc).zero_()
+    return like.new_zeros(1, rows, like.shape[-1])
 
 
 def _row_grad(grad: Tensor, ids: Tensor, rows: int, backend: str) -> Tensor:
@@ -100,7 +102,7 @@ def _row_grad(grad: Tensor, ids: Tensor, rows: int, backend: str) -> Tensor:
     # the table as one history of `rows` rows, each id a slot
     return scatter_add_rows(grad.reshape(1, *grad.shape), ids.view(1, -1), hist, 1, rows,
                             backend, out=_dense_grad(rows, grad, backend)
-                            ).view(rows, grad.shape[-1])
+                            ).view(rows, grad.shape[-1]).to(grad.dtype)
 
 
 class _WeightedRows(torch.autograd.Function):
@@ -123,14 +125,13 @@ class _WeightedRows(torch.autograd.Function):
         d_table = d_weights = None
         step = max(1, (1 << 22) // max(B * D, 1))      # (B, step, D) weighted rows at a time
         if ctx.needs_input_grad[0]:
-            out = _dense_grad(N, grad, ctx.backend)
-            d_table = grad.new_zeros(1, N, D) if out is None else out
+            d_table = _dense_grad(N, grad, ctx.backend)
             hist = torch.zeros(1, dtype=torch.int64, device=rows.device)
             for c0 in range(0, L, step):
                 part = (weights[:, c0:c0 + step, None] * grad[:, None, :]).reshape(1, -1, D)
                 scatter_add_rows(part, rows[:, c0:c0 + step].reshape(1, -1), hist, 1, N,
                                  ctx.backend, out=d_table)
-            d_table = d_table.view(N, D)
+            d_table = d_table.view(N, D).to(table.dtype)
         if ctx.needs_input_grad[2]:
             d_weights = torch.cat([(table[rows[:, c0:c0 + step]] * grad[:, None, :]).sum(-1)
                                    for c0 in range(0, L, step)], 1) if L else weights.clone()
@@ -215,7 +216,6 @@ class _LookupCat(torch.autograd.Function):
         k = len(ctx.rows)
         first = next(x for x in grads if x is not None)
         g = _dense_grad(R, first.reshape(-1, D), ctx.backend)
-        g = first.new_zeros(1, R, D) if g is None else g
         hist = torch.zeros(1, dtype=torch.int64, device=flat.device)
         start = 0
         for grad, n in zip(grads, ctx.sizes or [flat.shape[0] // k]):
@@ -224,7 +224,7 @@ class _LookupCat(torch.autograd.Function):
                 scatter_add_rows(grad.reshape(1, n * k, D), part, hist, 1, R, ctx.backend,
                                  out=g)
             start += n
-        return (None, None, None, None, *g.view(R, D).split(ctx.rows))
+        return (None, None, None, None, *g.view(R, D).to(first.dtype).split(ctx.rows))
 
 
 def lookup(emb: nn.Embedding, ids: Tensor, backend: Optional[str] = None) -> Tensor:
