@@ -200,6 +200,21 @@ def test_eta_training_impls_run_and_agree(monkeypatch):
     assert 0 < sweep.points[0].params["distinct_rows"] <= 300
 
 
+def test_model_training_impls_run(monkeypatch):
+    """The model_training sweep's steps (dedup, dense, sparse table gradients) run for every
+    model on a tiny vocabulary, the sparse ones leaving sparse table gradients."""
+    monkeypatch.setattr(training_sweeps, "N_ITEMS", 300)
+    monkeypatch.setattr(training_sweeps, "B", 3)
+    impls = training_sweeps.model_training_sweep(True).points[0].build()
+    assert {f"{m}_{v}" for m in training_sweeps.MODEL_NAMES
+            for v in ("dedup", "dense", "sparse")} == set(impls)
+    for name, fn in impls.items():
+        fn()
+        step = fn if name.endswith("_dedup") else fn.__defaults__[0]   # (the variants wrap it)
+        model = step.__defaults__[0]                                  # its bound model
+        assert model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
+
+
 def test_sum_load_run_paces_open_loop_clients():
     """The SUM sweep's load generator: every client sends its share at its scheduled times
     (rate honoured within the run) and every request's latency is counted."""

@@ -164,3 +164,40 @@ def test_half_tables(backend):
                                          w.bfloat16().float().reshape(-1, 1).expand(-1, 4))
     assert g.dtype == torch.bfloat16
     torch.testing.assert_close(g.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_table_gradients(backend):
+    """Tables with ``sparse`` set get nn.Embedding(sparse=True)'s gradient: a sparse COO
+    tensor of the looked-up rows (padding skipped) that sums to the dense one; for one
+    output, for pieces (one without a gradient), with one table sparse and one dense, and
+    for lookup."""
+    items, cats, ids = _tables()
+    flat = ids.reshape(-1, 2)
+    grad = torch.randn(flat.shape[0], 8, dtype=torch.float64)
+    want = torch.autograd.grad(_reference(items, cats, flat), (items.weight, cats.weight),
+                               grad)
+    for sparse in ((True, True), (True, False)):
+        items.sparse, cats.sparse = sparse
+        for pieces in (False, True):
+            if pieces:          # piece 1 (rows 4..9) unused: its gradient is None
+                p = lookup_cat((items, cats), flat, backend, [4, 6, 5])
+                out, g = (p[0], p[2]), (grad[:4], grad[10:])
+                w = torch.autograd.grad(
+                    (_reference(items, cats, flat[:4]), _reference(items, cats, flat[10:])),
+                    (items.weight, cats.weight), g)
+            else:
+                out, g, w = lookup_cat((items, cats), flat, backend), grad, want
+            got = torch.autograd.grad(out, (items.weight, cats.weight), g)
+            for a, b, s in zip(got, w, sparse):
+                assert a.is_sparse == s
+                if s:                                    # no entry for a padding id
+                    assert (a.coalesce().indices() > 0).all()
+                b = b.to_dense() if b.is_sparse else b       # (the reference is sparse too)
+                torch.testing.assert_close(a.to_dense(), b, rtol=1e-12, atol=1e-12)
+    items.sparse = True
+    got = torch.autograd.grad(lookup(items, flat[:, 0], backend), items.weight,
+                              grad[:, :4])[0]
+    assert got.is_sparse
+    torch.testing.assert_close(got.to_dense(), torch.autograd.grad(
+        items(flat[:, 0]), items.weight, grad[:, :4])[0].to_dense(), rtol=1e-12, atol=1e-12)

@@ -563,3 +563,36 @@ def test_sdim_hash_codes_equal_bit_by_bit_reading():
             for n in range(1, 64 * W // width + 1):
                 assert torch.equal(hash_codes(sig, n, width), by_bits(sig, n, width)), \
                     (W, width, n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_embeddings(name):
+    """``sparse_embeddings``: the item and category tables get sparse gradients that sum to
+    the dense ones (the other parameters' are unchanged), dedup on and off, and a step of
+    SparseAdam (tables) + Adam (the rest) trains."""
+    dense = make_model(name, seed=5)
+    sparse = copy.deepcopy(dense)
+    assert not sparse.sparse_embeddings
+    sparse.sparse_embeddings = True
+    assert sparse.sparse_embeddings and sparse.item_emb.sparse and sparse.cat_emb.sparse
+    for dedup_min in (1 << 15, 0):
+        dense.dedup_min_positions = sparse.dedup_min_positions = dedup_min
+        batch = make_batch([37, 12, 0, 30], 37)
+        want_loss, want = grads(dense, batch)
+        loss, got = grads(sparse, batch)
+        torch.testing.assert_close(loss, want_loss, **FP64)
+        assert got.keys() == want.keys()
+        for n in want:
+            assert got[n].is_sparse == (n in ("item_emb.weight", "cat_emb.weight")), n
+            torch.testing.assert_close(got[n].to_dense(), want[n], **FP64, msg=n)
+    tables = [sparse.item_emb.weight, sparse.cat_emb.weight]
+    rest = [p for p in sparse.parameters() if all(p is not t for t in tables)]
+    opts = [torch.optim.SparseAdam(tables, lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]
+    before = sparse.item_emb.weight.detach().clone()
+    for _ in range(2):
+        for o in opts:
+            o.zero_grad()
+        sparse.loss(batch).backward()
+        for o in opts:
+            o.step()
+    assert not torch.equal(before, sparse.item_emb.weight)

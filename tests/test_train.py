@@ -122,3 +122,26 @@ def test_model_arg_reaches_the_constructor(tmp_path):
     for bad in ("eta:time_buckets", "nope:x=1", "eta:x=not a literal", "time_buckets=3"):
         with pytest.raises(SystemExit):
             main(["--models", "eta", "--model-arg", bad, "--out", str(tmp_path)])
+
+
+def test_sparse_embeddings_train(tmp_path):
+    """--sparse-embeddings: the item and category tables train by SparseAdam (the rest by
+    Adam, one JointOptimizer), end to end."""
+    import torch
+
+    from fastattn.models import build
+    from fastattn.train import JointOptimizer, make_optimizer
+    assert main(TINY + ["--models", "din,eta", "--sparse-embeddings",
+                        "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "train.json").read_text())["config"]
+    assert config["sparse_embeddings"] is True
+    model = build("din", 60, 6, embed_dim=4)
+    assert isinstance(make_optimizer(model, 1e-3), torch.optim.Adam)
+    model.sparse_embeddings = True
+    opt = make_optimizer(model, 1e-3)
+    assert isinstance(opt, JointOptimizer)
+    sparse_adam, adam = opt.parts
+    assert isinstance(sparse_adam, torch.optim.SparseAdam)
+    tables = {id(model.item_emb.weight), id(model.cat_emb.weight)}
+    assert {id(p) for g in sparse_adam.param_groups for p in g["params"]} == tables
+    assert not tables & {id(p) for g in adam.param_groups for p in g["params"]}

@@ -58,7 +58,7 @@ from .models import MODELS, build
 from .models.bahe import ABLATIONS
 
 __all__ = ["TrainConfig", "setup_distributed", "shard", "LossOf", "make_optimizer",
-           "train_step", "evaluate", "train_model", "main"]
+           "JointOptimizer", "train_step", "evaluate", "train_model", "main"]
 
 DEFAULT_LENGTHS = (50, 200, 1000)
 
@@ -107,16 +107,37 @@ class LossOf(nn.Module):
         return self.model.loss(batch)
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+class JointOptimizer:
+    """Several optimisers over disjoint parameters, stepped and zeroed as one (what
+    :func:`train_step` calls)."""
+
+    def __init__(self, parts: Sequence[torch.optim.Optimizer]):
+        self.parts = list(parts)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+
+def make_optimizer(model: nn.Module, lr: float):
     """Adam, fused where this torch and device have it (one kernel for all parameters: on
-    CPU about 4x cheaper per step than the per-tensor loop, same update)."""
+    CPU about 4x cheaper per step than the per-tensor loop, same update). Embedding tables
+    with sparse gradients (``CTRModel.sparse_embeddings``) get ``torch.optim.SparseAdam``
+    instead, which updates only the rows a step looked up (a :class:`JointOptimizer`)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    rest = [p for p in model.parameters() if all(p is not t for t in tables)]
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        adam = torch.optim.Adam(rest, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):      # no fused Adam for this device
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        adam = torch.optim.Adam(rest, lr=lr)
+    return JointOptimizer([torch.optim.SparseAdam(tables, lr=lr), adam]) if tables else adam
 
 
-def train_step(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+def train_step(loss_fn: nn.Module, optimizer, batch: Batch) -> float:
     """One optimisation step; ``loss_fn`` is a :class:`LossOf`, possibly wrapped in DDP."""
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(batch)
@@ -163,6 +184,7 @@ class TrainConfig(argparse.Namespace):
     device: str = "cpu"
     backend: Optional[str] = None
     dedup: bool = True
+    sparse_embeddings: bool = False
     share_histories: bool = False
     bootstrap: int = 1000
     epoch_auc: bool = False
@@ -174,8 +196,10 @@ class TrainConfig(argparse.Namespace):
 
 def _build(name: str, train: CTRDataset, max_len: int, cfg: TrainConfig) -> nn.Module:
     if name not in ABLATIONS:
-        return build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
-                     backend=cfg.backend, dedup=cfg.dedup, **cfg.model_args.get(name, {}))
+        model = build(name, train.n_items, train.n_cats, embed_dim=cfg.embed_dim,
+                      backend=cfg.backend, dedup=cfg.dedup, **cfg.model_args.get(name, {}))
+        model.sparse_embeddings = cfg.sparse_embeddings
+        return model
     if train.item_tokens is None:
         raise ValueError(f"model {name!r} reads item token strings: the data has none (a CSV "
                          "log needs a tokens column)")
@@ -196,6 +220,9 @@ def train_model(name: str, train: CTRDataset, test: CTRDataset, max_len: int,
     set's hidden variables, and ``cfg.retrieval_bits``). ``scores_out``: a list that gets
     the test logits (S,). ``cfg.share_histories``: batches of whole users, each history
     encoded once per batch (single process only)."""
+    if cfg.sparse_embeddings and world > 1:
+        raise ValueError("sparse_embeddings trains in a single process (DDP is not set up "
+                         "for sparse gradients here)")
     if cfg.share_histories and world > 1:
         raise ValueError("share_histories trains on batches of whole users: single process "
                          "only (the ranks' shards would split the shared rows)")
@@ -406,6 +433,10 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
                    help="embed every history position (the dense path) instead of each "
                         "distinct behaviour of a batch once")
+    p.add_argument("--sparse-embeddings", action="store_true",
+                   help="sparse gradients for the item and category tables, trained by "
+                        "SparseAdam (the rest by Adam): only the rows a step looked up are "
+                        "written and updated (models with those tables; single process)")
     p.add_argument("--share-histories", action="store_true",
                    help="training batches of whole users (shuffled by user) whose candidates "
                         "share one history row: each history encoded once per batch (same "
