@@ -145,3 +145,13 @@ def test_sparse_embeddings_train(tmp_path):
     tables = {id(model.item_emb.weight), id(model.cat_emb.weight)}
     assert {id(p) for g in sparse_adam.param_groups for p in g["params"]} == tables
     assert not tables & {id(p) for g in adam.param_groups for p in g["params"]}
+
+
+def test_sparse_embeddings_refuse_several_processes():
+    """Sparse table gradients train in one process: a world of 2 is refused up front."""
+    from fastattn.train import TrainConfig, train_model
+    data = make_synthetic(n_users=10, n_items=40, n_cats=5, min_len=3, max_len=10, seed=1)
+    cfg = TrainConfig()
+    cfg.sparse_embeddings = True
+    with pytest.raises(ValueError, match="single process"):
+        train_model("din", data, data, 10, cfg, rank=0, world=2)
