@@ -215,6 +215,23 @@ def test_model_training_impls_run(monkeypatch):
         assert model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
 
 
+def test_model_optimizer_impls_run(monkeypatch):
+    """The model_optimizer sweep's steps run for every model on a tiny vocabulary: the
+    dense form's tables train by Adam, the sparse form's by SparseAdam (sparse gradients),
+    and one step moves the looked-up rows either way."""
+    monkeypatch.setattr(training_sweeps, "N_ITEMS", 300)
+    monkeypatch.setattr(training_sweeps, "B", 3)
+    impls = training_sweeps.model_optimizer_sweep(True).points[0].build()
+    assert {f"{m}_{v}" for m in training_sweeps.MODEL_NAMES
+            for v in ("dense", "sparse")} == set(impls)
+    for name, fn in impls.items():
+        model = fn.__defaults__[0]                                  # the step's bound model
+        before = model.item_emb.weight.detach().clone()
+        fn()
+        assert model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
+        assert not torch.equal(before, model.item_emb.weight), name
+
+
 def test_sum_load_run_paces_open_loop_clients():
     """The SUM sweep's load generator: every client sends its share at its scheduled times
     (rate honoured within the run) and every request's latency is counted."""

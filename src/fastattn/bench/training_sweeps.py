@@ -15,6 +15,8 @@ fewer distinct items N. Each point records N and the distinct-row ratio N / (B·
 * ``unique_rows``: the dedup itself against ``torch.unique(return_inverse=True)``.
 * ``model_training``: samples/s of a training step (forward + backward) of each reference
   model that reads long histories, deduplicated (the default) vs dense.
+* ``model_optimizer``: the same step with its optimiser step, the item and category
+  tables' gradients dense (Adam) vs sparse (SparseAdam).
 """
 from __future__ import annotations
 
@@ -188,6 +190,18 @@ def unique_rows_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
 # --------------------------------------------------------------------------- model_training
 
+def _model_batch(L: int, params: Dict[str, float], device: str):
+    """The training sweeps' batch: B histories of L behaviours Zipf over N_ITEMS items (id 0
+    is padding), each item's category its id mod N_CATS, and a target per row."""
+    from ..data.batch import Batch
+    items = zipf_ids(N_ITEMS, (B, L + 1), seed=L) + 1
+    _record_distinct(params, items[:, :L])
+    cats = items % N_CATS + 1
+    g = torch.Generator().manual_seed(L)
+    return Batch(items[:, :L], cats[:, :L], torch.full((B,), L), items[:, L], cats[:, L],
+                 torch.randint(0, 2, (B,), generator=g).float()).to(device)
+
+
 MODEL_NAMES = ("din", "eta", "sim", "sdim")
 N_CATS, EMBED_DIM = 1000, 16
 
@@ -209,15 +223,8 @@ def model_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
     def build(L: int, params: Dict[str, float]):
         def make() -> Dict[str, Callable[[], object]]:
-            from ..data.batch import Batch
             from ..models import build as build_model
-            items = zipf_ids(N_ITEMS, (B, L + 1), seed=L) + 1          # id 0 is padding
-            _record_distinct(params, items[:, :L])
-            cats = items % N_CATS + 1
-            g = torch.Generator().manual_seed(L)
-            batch = Batch(items[:, :L], cats[:, :L], torch.full((B,), L), items[:, L],
-                          cats[:, L], torch.randint(0, 2, (B,), generator=g).float()
-                          ).to(device)
+            batch = _model_batch(L, params, device)
             impls = {}
             for name in MODEL_NAMES:
                 torch.manual_seed(0)
@@ -243,8 +250,53 @@ def model_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
     return sweep
 
 
+def model_optimizer_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """A whole training step, the optimiser's included (``fastattn.train.make_optimizer``),
+    of each model with the item and category tables' gradients dense (Adam over every
+    parameter: it reads and writes all N_ITEMS rows and their two moments every step) vs
+    sparse (``CTRModel.sparse_embeddings``: SparseAdam over the rows a step looked up, Adam
+    for the rest). Both deduplicate the histories."""
+    from ..train import make_optimizer
+    lengths = [1000] if quick else [1000, 4000]
+    sweep = Sweep("model_optimizer", f"training step with its optimiser step (Adam; SparseAdam "
+                  f"for sparse tables) of B={B} samples, histories Zipf({ZIPF_S}) over "
+                  f"{N_ITEMS:,} items, embed_dim={EMBED_DIM}: dense vs sparse table gradients",
+                  x="L", baseline="eta_dense",
+                  baseline_of=lambda impl: impl.rsplit("_", 1)[0] + "_dense", memory=True,
+                  device=device, rate="samples/s", info=["distinct_rows", "distinct_ratio"])
+
+    def build(L: int, params: Dict[str, float]):
+        def make() -> Dict[str, Callable[[], object]]:
+            from ..models import build as build_model
+            batch = _model_batch(L, params, device)
+            impls = {}
+            for name in MODEL_NAMES:
+                for grads in ("dense", "sparse"):
+                    torch.manual_seed(0)
+                    model = build_model(name, N_ITEMS, N_CATS, embed_dim=EMBED_DIM).to(device)
+                    model.sparse_embeddings = grads == "sparse"
+                    opt = make_optimizer(model, 1e-3)
+
+                    def step(model=model, opt=opt):
+                        opt.zero_grad(set_to_none=True)
+                        model.loss(batch).backward()
+                        opt.step()
+                    impls[f"{name}_{grads}"] = step
+            return impls
+        return make
+
+    for L in lengths:
+        params: Dict[str, float] = {"L": L, "B": B}
+        # per model and form the table, its gradient and Adam's two moments
+        sweep.points.append(Point(params, build(L, params), pairs=B,
+                                  mem_bytes=len(MODEL_NAMES) * 2 * 4 * F32 * N_ITEMS * EMBED_DIM
+                                  + 24 * F32 * B * L * 2 * EMBED_DIM))
+    return sweep
+
+
 TRAINING_SWEEPS: Dict[str, Callable[..., Sweep]] = {
     "eta_training": eta_training_sweep,
     "unique_rows": unique_rows_sweep,
     "model_training": model_training_sweep,
+    "model_optimizer": model_optimizer_sweep,
 }

@@ -450,12 +450,14 @@ class CTRModel(nn.Module):
     def sparse_embeddings(self) -> bool:
         """Whether the item and category tables get sparse gradients (off by default).
 
-        A dense table gradient is zeroed and written whole every step: 64 MB for
-        1,000,000 items × 16 (DIN's step at that vocabulary is about half that). Sparse, it is
-        an uncoalesced COO tensor of the looked-up rows, as ``nn.Embedding(sparse=True)``
+        A dense table gradient is zeroed and written whole every step (64 MB for 1,000,000
+        items × 16), and a dense optimiser then updates every row. Sparse, it is an
+        uncoalesced COO tensor of the looked-up rows, as ``nn.Embedding(sparse=True)``
         gives: train those two tables with an optimiser that takes sparse gradients (e.g.
-        ``torch.optim.SparseAdam``) and the rest as before. The values and the summed
-        gradients are the same."""
+        ``torch.optim.SparseAdam``; ``fastattn.train.make_optimizer`` does) and the rest as
+        before. The values and the summed gradients are the same. It pays where a step looks
+        up few rows of a large table (DIN, SIM); with tens of thousands of distinct rows a
+        step (ETA-Net, SDIM) SparseAdam costs more than fused Adam (docs/DESIGN.md)."""
         return bool(getattr(self, "item_emb", None) is not None and self.item_emb.sparse)
 
     @sparse_embeddings.setter
