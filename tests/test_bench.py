@@ -210,9 +210,7 @@ def test_model_training_impls_run(monkeypatch):
             for v in ("dedup", "dense", "sparse")} == set(impls)
     for name, fn in impls.items():
         fn()
-        step = fn if name.endswith("_dedup") else fn.__defaults__[0]   # (the variants wrap it)
-        model = step.__defaults__[0]                                  # its bound model
-        assert model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
+        assert fn.model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
 
 
 def test_model_optimizer_impls_run(monkeypatch):
@@ -225,11 +223,10 @@ def test_model_optimizer_impls_run(monkeypatch):
     assert {f"{m}_{v}" for m in training_sweeps.MODEL_NAMES
             for v in ("dense", "sparse")} == set(impls)
     for name, fn in impls.items():
-        model = fn.__defaults__[0]                                  # the step's bound model
-        before = model.item_emb.weight.detach().clone()
+        before = fn.model.item_emb.weight.detach().clone()
         fn()
-        assert model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
-        assert not torch.equal(before, model.item_emb.weight), name
+        assert fn.model.item_emb.weight.grad.is_sparse == name.endswith("_sparse"), name
+        assert not torch.equal(before, fn.model.item_emb.weight), name
 
 
 def test_sum_load_run_paces_open_loop_clients():

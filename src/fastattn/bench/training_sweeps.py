@@ -190,9 +190,13 @@ def unique_rows_sweep(quick: bool, device: str = "cpu") -> Sweep:
 
 # --------------------------------------------------------------------------- model_training
 
+MODEL_NAMES = ("din", "eta", "sim", "sdim")
+N_CATS, EMBED_DIM = 1000, 16
+
+
 def _model_batch(L: int, params: Dict[str, float], device: str):
-    """The training sweeps' batch: B histories of L behaviours Zipf over N_ITEMS items (id 0
-    is padding), each item's category its id mod N_CATS, and a target per row."""
+    """The model sweeps' batch: B histories of L behaviours Zipf over N_ITEMS items (id 0 is
+    padding), each item's category its id mod N_CATS, and a target per row."""
     from ..data.batch import Batch
     items = zipf_ids(N_ITEMS, (B, L + 1), seed=L) + 1
     _record_distinct(params, items[:, :L])
@@ -202,52 +206,67 @@ def _model_batch(L: int, params: Dict[str, float], device: str):
                  torch.randint(0, 2, (B,), generator=g).float()).to(device)
 
 
-MODEL_NAMES = ("din", "eta", "sim", "sdim")
-N_CATS, EMBED_DIM = 1000, 16
-
-
-def model_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
-    """A training step (forward + backward) of each model that reads long histories, with
-    each distinct behaviour of the batch embedded, projected and hashed once (``dedup``,
-    the default) vs every position (dense); ``sparse``: dedup with sparse gradients for the
-    item and category tables (``CTRModel.sparse_embeddings``; the optimiser step, which
-    they make far cheaper, is not timed here). MIMN reads the dense sequence (no dedup
-    form)."""
-    lengths = [1000] if quick else [1000, 4000, 16000]
-    sweep = Sweep("model_training", f"training step (forward + backward) of B={B} samples, "
-                  f"histories Zipf({ZIPF_S}) over {N_ITEMS:,} items, embed_dim={EMBED_DIM}: "
-                  "deduplicated (and with sparse table gradients) vs dense", x="L",
+def _models_sweep(name: str, title: str, versus: str, lengths, device: str,
+                  impls_of: Callable[[str, object], Dict[str, Callable[[], object]]],
+                  table_copies: int) -> Sweep:
+    """A sweep over L of every model of MODEL_NAMES on :func:`_model_batch`.
+    ``impls_of(model name, batch)`` gives that model's impls, named ``<model>_<form>``,
+    each with a ``.model`` attribute (the model it steps); speed-ups are against
+    ``<model>_dense``. ``table_copies``: (N_ITEMS, EMBED_DIM) tensors held per model name
+    (the tables, gradients and optimiser moments of all its forms), for the memory
+    estimate."""
+    sweep = Sweep(name, f"{title} of B={B} samples, histories Zipf({ZIPF_S}) over "
+                  f"{N_ITEMS:,} items, embed_dim={EMBED_DIM}: {versus}", x="L",
                   baseline="eta_dense",
                   baseline_of=lambda impl: impl.rsplit("_", 1)[0] + "_dense", memory=True,
                   device=device, rate="samples/s", info=["distinct_rows", "distinct_ratio"])
 
     def build(L: int, params: Dict[str, float]):
         def make() -> Dict[str, Callable[[], object]]:
-            from ..models import build as build_model
             batch = _model_batch(L, params, device)
-            impls = {}
-            for name in MODEL_NAMES:
-                torch.manual_seed(0)
-                model = build_model(name, N_ITEMS, N_CATS, embed_dim=EMBED_DIM).to(device)
-
-                def step(model=model, dedup=True, sparse=False):
-                    model.dedup, model.sparse_embeddings = dedup, sparse
-                    model.zero_grad(set_to_none=True)
-                    model.loss(batch).backward()
-
-                impls[f"{name}_dedup"] = step
-                impls[f"{name}_dense"] = lambda step=step: step(dedup=False)
-                impls[f"{name}_sparse"] = lambda step=step: step(sparse=True)
+            impls: Dict[str, Callable[[], object]] = {}
+            for model_name in MODEL_NAMES:
+                impls.update(impls_of(model_name, batch))
             return impls
         return make
 
     for L in lengths:
         params: Dict[str, float] = {"L": L, "B": B}
-        # per model the embedding and its gradient; the dense paths' (B, L, ·) activations
+        # the tables per model and form; the dense paths' (B, L, ·) activations
         sweep.points.append(Point(params, build(L, params), pairs=B,
-                                  mem_bytes=len(MODEL_NAMES) * 2 * F32 * N_ITEMS * EMBED_DIM
-                                  + 24 * F32 * B * L * 2 * EMBED_DIM))
+                                  mem_bytes=len(MODEL_NAMES) * table_copies * F32 * N_ITEMS
+                                  * EMBED_DIM + 24 * F32 * B * L * 2 * EMBED_DIM))
     return sweep
+
+
+def _new_model(name: str, device: str):
+    from ..models import build as build_model
+    torch.manual_seed(0)
+    return build_model(name, N_ITEMS, N_CATS, embed_dim=EMBED_DIM).to(device)
+
+
+def model_training_sweep(quick: bool, device: str = "cpu") -> Sweep:
+    """A training step (forward + backward) of each model that reads long histories, with
+    each distinct behaviour of the batch embedded, projected and hashed once (``dedup``,
+    the default) vs every position (dense); ``sparse``: dedup with sparse gradients for the
+    item and category tables (``CTRModel.sparse_embeddings``; the optimiser step is
+    :func:`model_optimizer_sweep`'s). MIMN reads the dense sequence (no dedup form)."""
+    def impls_of(name: str, batch) -> Dict[str, Callable[[], object]]:
+        model = _new_model(name, device)
+
+        def step(dedup: bool = True, sparse: bool = False) -> None:
+            model.dedup, model.sparse_embeddings = dedup, sparse
+            model.zero_grad(set_to_none=True)
+            model.loss(batch).backward()
+        impls = {f"{name}_dedup": step, f"{name}_dense": lambda: step(dedup=False),
+                 f"{name}_sparse": lambda: step(sparse=True)}
+        for fn in impls.values():
+            fn.model = model
+        return impls
+    return _models_sweep("model_training", "training step (forward + backward)",
+                         "deduplicated (and with sparse table gradients) vs dense",
+                         [1000] if quick else [1000, 4000, 16000], device, impls_of,
+                         table_copies=2)
 
 
 def model_optimizer_sweep(quick: bool, device: str = "cpu") -> Sweep:
@@ -257,41 +276,24 @@ def model_optimizer_sweep(quick: bool, device: str = "cpu") -> Sweep:
     sparse (``CTRModel.sparse_embeddings``: SparseAdam over the rows a step looked up, Adam
     for the rest). Both deduplicate the histories."""
     from ..train import make_optimizer
-    lengths = [1000] if quick else [1000, 4000]
-    sweep = Sweep("model_optimizer", f"training step with its optimiser step (Adam; SparseAdam "
-                  f"for sparse tables) of B={B} samples, histories Zipf({ZIPF_S}) over "
-                  f"{N_ITEMS:,} items, embed_dim={EMBED_DIM}: dense vs sparse table gradients",
-                  x="L", baseline="eta_dense",
-                  baseline_of=lambda impl: impl.rsplit("_", 1)[0] + "_dense", memory=True,
-                  device=device, rate="samples/s", info=["distinct_rows", "distinct_ratio"])
 
-    def build(L: int, params: Dict[str, float]):
-        def make() -> Dict[str, Callable[[], object]]:
-            from ..models import build as build_model
-            batch = _model_batch(L, params, device)
-            impls = {}
-            for name in MODEL_NAMES:
-                for grads in ("dense", "sparse"):
-                    torch.manual_seed(0)
-                    model = build_model(name, N_ITEMS, N_CATS, embed_dim=EMBED_DIM).to(device)
-                    model.sparse_embeddings = grads == "sparse"
-                    opt = make_optimizer(model, 1e-3)
+    def impls_of(name: str, batch) -> Dict[str, Callable[[], object]]:
+        impls = {}
+        for grads in ("dense", "sparse"):
+            model = _new_model(name, device)
+            model.sparse_embeddings = grads == "sparse"
+            opt = make_optimizer(model, 1e-3)
 
-                    def step(model=model, opt=opt):
-                        opt.zero_grad(set_to_none=True)
-                        model.loss(batch).backward()
-                        opt.step()
-                    impls[f"{name}_{grads}"] = step
-            return impls
-        return make
-
-    for L in lengths:
-        params: Dict[str, float] = {"L": L, "B": B}
-        # per model and form the table, its gradient and Adam's two moments
-        sweep.points.append(Point(params, build(L, params), pairs=B,
-                                  mem_bytes=len(MODEL_NAMES) * 2 * 4 * F32 * N_ITEMS * EMBED_DIM
-                                  + 24 * F32 * B * L * 2 * EMBED_DIM))
-    return sweep
+            def step(model=model, opt=opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                model.loss(batch).backward()
+                opt.step()
+            step.model = model
+            impls[f"{name}_{grads}"] = step
+        return impls
+    return _models_sweep("model_optimizer", "training step with its optimiser step (Adam; "
+                         "SparseAdam for sparse tables)", "dense vs sparse table gradients",
+                         [1000] if quick else [1000, 4000], device, impls_of, table_copies=8)
 
 
 TRAINING_SWEEPS: Dict[str, Callable[..., Sweep]] = {
