@@ -71,9 +71,10 @@ train: $(STAMP)
 # One command for a machine with one NVIDIA GPU (H100/H200): install, run the Triton tests on
 # CUDA tensors, the quick sweeps on the GPU (bench/results/*_cuda.*), and fill the README's
 # GPU block. `gpu-test` and `gpu-bench` are its two halves (each under 10 minutes, for a
-# session that runs them as separate commands; each installs first unless fastattn imports). A python3 that already has a CUDA torch (a
-# GPU image with no package registry) is used as it is, fastattn installed into it without
-# dependencies; otherwise a CUDA torch and fastattn go into .venv-gpu. Each step runs even
+# session that runs them as separate commands; each installs first unless fastattn
+# imports). A python3 that already has a CUDA torch (a GPU image with no package registry)
+# is used as it is, fastattn installed into it without dependencies; otherwise a CUDA
+# torch and fastattn go into .venv-gpu. Each step runs even
 # if an earlier one failed (a failing test must not cost the figures); the target fails if
 # any did. The tests selected are those with a triton parameter or a Triton/CUDA subject,
 # the fuzz tests and the property test, on 8 xdist workers (Triton compiles in parallel:

@@ -287,25 +287,32 @@ def _topk_launch(q, k, rows, lengths, hist_index, topk, L, indexed, block_b=None
     if S == 1:
         return dist.view(B, topk), idx.view(B, topk)
     # Merge: each chunk's list is ordered by (distance, position) and positions are unique,
-    # so the key distance·(L+1) + position orders the union exactly; empty slots last.
+    # so the order key orders the union exactly; empty slots last.
     dist, idx = dist.view(B, S * topk), idx.view(B, S * topk)
-    key = torch.where(idx >= 0, dist.to(torch.int64) * (L + 1) + idx,
-                      torch.iinfo(torch.int64).max)
+    key = _order_key(dist, idx, idx >= 0, L)
     order = torch.topk(key, topk, dim=1, largest=False, sorted=True).indices
     return dist.gather(1, order), idx.gather(1, order)
 
 
+_NEVER = torch.iinfo(torch.int64).max      # the key of no position: after every real one
+
+
+def _order_key(dist: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+               L: int) -> torch.Tensor:
+    """int64 key distance·(L+1) + position where ``valid`` (``_NEVER`` elsewhere): its
+    ascending order is the contract's (distance, position) order."""
+    return torch.where(valid, dist.to(torch.int64) * (L + 1) + pos, _NEVER)
+
+
 def _topk_by_distances(q, k, rows, lengths, hist_index, topk, L, indexed):
     """The top-k of signatures too wide for the histogram (> MAX_BINS bins): distances of
-    chunks of L from the distance kernel, merged chunk by chunk with ``torch.topk`` on the
-    key distance·(L+1) + position, as the L split's partial lists are. The key orders by
-    (distance, position) exactly; memory stays O(B·chunk) (plus a (U, chunk, W) gather of
-    the indexed form), never (B, L)."""
+    chunks of L from the distance kernel, merged chunk by chunk with ``torch.topk`` on
+    :func:`_order_key`, as the L split's partial lists are. Memory stays O(B·chunk) (plus a
+    (U, chunk, W) copy of the histories' chunk), never (B, L)."""
     B, W = q.shape
     dev = q.device
     U = lengths.shape[0]
-    never = torch.iinfo(torch.int64).max          # no position: sorts after every key
-    best = torch.full((B, topk), never, dtype=torch.int64, device=dev)
+    best = torch.full((B, topk), _NEVER, dtype=torch.int64, device=dev)
     qi = torch.arange(B, device=dev)
     n_valid = lengths[hist_index]
     chunk = max(1, min(L, (1 << 22) // B, (1 << 24) // max(U * W, 1)))
@@ -317,10 +324,10 @@ def _topk_by_distances(q, k, rows, lengths, hist_index, topk, L, indexed):
         else:
             sig = k[:, c0:c0 + chunk].contiguous()
         d = hamming_distance(q, sig, qi, hist_index)             # (B, chunk)
-        key = torch.where(pos < n_valid[:, None], d.to(torch.int64) * (L + 1) + pos, never)
+        key = _order_key(d, pos, pos < n_valid[:, None], L)
         best = torch.topk(torch.cat([best, key], 1), topk, dim=1, largest=False,
                           sorted=True).values
-    empty = best == never
+    empty = best == _NEVER
     dist = torch.where(empty, 64 * W + 1, best // (L + 1)).to(torch.int32)
     return dist, torch.where(empty, -1, best % (L + 1))
 

@@ -241,15 +241,10 @@ class _LookupCat(torch.autograd.Function):
             return (None,) * 5 + tuple(g.view(R, D).to(first.dtype).split(ctx.rows))
         out, offset = [], 0
         for j, (n_rows, sparse) in enumerate(zip(ctx.rows, ctx.sparse)):
-            ids = [torch.where(i[j::k] >= 0, i[j::k] - offset, -1) for i, _ in parts]
-            rows = [r[j::k] for _, r in parts]                      # table j's ids, rows
-            if sparse:
-                out.append(_sparse_grad(torch.cat(rows), torch.cat(ids), n_rows))
-            else:
-                g = _dense_grad(n_rows, first.reshape(-1, D), ctx.backend)
-                for i, r in zip(ids, rows):
-                    scatter_add_rows(r[None], i[None], hist, 1, n_rows, ctx.backend, out=g)
-                out.append(g.view(n_rows, D).to(first.dtype))
+            ids = torch.cat([i[j::k] for i, _ in parts])           # table j's ids and rows
+            g = _sparse_grad(torch.cat([r[j::k] for _, r in parts]),
+                             torch.where(ids >= 0, ids - offset, -1), n_rows)
+            out.append(g if sparse else g.to_dense())   # (a dense table among sparse ones)
             offset += n_rows
         return (None,) * 5 + tuple(out)
 
